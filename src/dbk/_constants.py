@@ -1,0 +1,49 @@
+"""Names of the slots dbk writes. One place for every key, so none is a scattered string literal."""
+
+from __future__ import annotations
+
+# SpatialData element names
+TILES_KEY = "dbk_tiles"  # sdata.shapes[...] and sdata.tables[...]
+CELLS_KEY = "cells"
+TRANSCRIPTS_KEY = "transcripts"
+SPOTS_KEY = "spots"
+TABLE_KEY = "table"
+TISSUE_KEY = "dbk_tissue"
+IMAGE_KEY = "he"
+
+# coordinate systems: images live in "global" with an identity transform (H&E pixels); "um" is micrometres
+PIXEL_CS = "global"
+UM_CS = "um"
+
+# AnnData slots
+COUNTS_LAYER = "counts"
+MEASURED_LAYER = "measured"  # 1 where a gene was measured on a tile's slide, 0 where absent from the panel
+SPATIAL_KEY = "spatial"
+PRED_KEY = "dbk_pred"
+DIFF_FEATURES_KEY = "X_dbk_diff"
+UNS_KEY = "dbk"
+
+# obs columns
+SAMPLE_COL = "sample"
+N_CELLS_COL = "n_cells"
+N_TRANSCRIPTS_COL = "n_transcripts"
+TISSUE_FRACTION_COL = "tissue_fraction"
+REGION_COL = "region"
+INSTANCE_COL = "instance_id"
+CELL_TYPE_COL = "cell_type"
+
+# transcripts columns (Xenium / HEST naming)
+GENE_COL = "feature_name"
+QV_COL = "qv"
+CELL_ID_COL = "cell_id"
+
+# probes that are not genes (Xenium naming); excluded from pseudo-bulk by default
+CONTROL_PREFIXES = (
+    "NegControlProbe_",
+    "NegControlCodeword_",
+    "BLANK_",
+    "UnassignedCodeword_",
+    "DeprecatedCodeword_",
+    "Intergenic_Region_",
+    "antisense_",
+)

@@ -1,0 +1,154 @@
+"""Shared helpers for the H&E image of a SpatialData object: which image, its pyramid levels, its pixel size.
+
+Convention (DESIGN.md §3): an H&E image lives in the coordinate system ``"global"`` with an identity transform
+(so ``"global"`` is H&E level-0 pixels) and carries a ``Scale`` transform to the coordinate system ``"um"``
+(micrometres). The pixel size is read back from that transform. Data made elsewhere (``spatialdata_io``) can be
+given a pixel size with :func:`dbk.io.set_pixel_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+from spatialdata import SpatialData
+from spatialdata.transformations import (
+    Identity,
+    Scale,
+    get_transformation,
+    get_transformation_between_coordinate_systems,
+    set_transformation,
+)
+
+from ._constants import PIXEL_CS, UM_CS
+
+
+def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
+    """Return ``image_key`` if it names an image of ``sdata``, or the only image when ``image_key`` is ``None``."""
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"Expected a SpatialData object, got {type(sdata).__name__}.")
+    keys = list(sdata.images.keys())
+    if image_key is not None:
+        if image_key not in sdata.images:
+            raise KeyError(f"No image {image_key!r} in sdata.images; available: {keys}.")
+        return image_key
+    if not keys:
+        raise ValueError("sdata has no image; dbk needs the H&E image (sdata.images is empty).")
+    if len(keys) > 1:
+        raise ValueError(f"sdata has several images {keys}; pass image_key= to say which one is the H&E.")
+    return keys[0]
+
+
+@dataclass(frozen=True)
+class ImageLevel:
+    """One level of an image pyramid: the lazy ``(c, y, x)`` array and its downsampling from level 0."""
+
+    data: xr.DataArray
+    downsample_y: float
+    downsample_x: float
+
+    @property
+    def shape_yx(self) -> tuple[int, int]:
+        return int(self.data.sizes["y"]), int(self.data.sizes["x"])
+
+
+def image_levels(sdata: SpatialData, image_key: str | None = None) -> list[ImageLevel]:
+    """Pyramid levels of an image, finest first (a single-scale image gives one level)."""
+    key = resolve_image_key(sdata, image_key)
+    element = sdata.images[key]
+    if isinstance(element, xr.DataArray):
+        arrays = [element]
+    else:
+        arrays = [next(iter(element[name].values())) for name in sorted(element.children, key=_scale_index)]
+    for a in arrays:
+        if set(a.dims) != {"c", "y", "x"}:
+            raise ValueError(f"Image {key!r} must have dims (c, y, x), got {a.dims}.")
+    h0, w0 = int(arrays[0].sizes["y"]), int(arrays[0].sizes["x"])
+    return [ImageLevel(a, h0 / int(a.sizes["y"]), w0 / int(a.sizes["x"])) for a in arrays]
+
+
+def _scale_index(name: str) -> int:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def image_shape(sdata: SpatialData, image_key: str | None = None) -> tuple[int, int, int]:
+    """``(c, y, x)`` shape of level 0."""
+    lvl = image_levels(sdata, image_key)[0].data
+    return int(lvl.sizes["c"]), int(lvl.sizes["y"]), int(lvl.sizes["x"])
+
+
+def get_pixel_size(sdata: SpatialData, image_key: str | None = None) -> float:
+    """Pixel size of the image's level 0 in µm, read from its transform to the ``"um"`` coordinate system.
+
+    Raises
+    ------
+    ValueError
+        If the image has no ``"um"`` coordinate system or its scale is not isotropic.
+    """
+    key = resolve_image_key(sdata, image_key)
+    transforms = get_transformation(sdata.images[key], get_all=True)
+    if UM_CS not in transforms:
+        raise ValueError(
+            f"Image {key!r} has no pixel size (no transform to the {UM_CS!r} coordinate system; it has "
+            f"{sorted(transforms)}). Set it with dbk.io.set_pixel_size(sdata, {key!r}, pixel_size_um=...)."
+        )
+    m = np.asarray(transforms[UM_CS].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+    sx, sy = float(np.hypot(m[0, 0], m[1, 0])), float(np.hypot(m[0, 1], m[1, 1]))
+    if not np.isclose(sx, sy, rtol=1e-3):
+        raise ValueError(f"Image {key!r} has anisotropic pixels ({sx:g} x {sy:g} µm); dbk needs square pixels.")
+    return sx
+
+
+def set_pixel_size(
+    sdata: SpatialData,
+    image_key: str | None = None,
+    *,
+    pixel_size_um: float,
+    elements: list[str] | None = None,
+) -> None:
+    """Record the pixel size of an image (µm per level-0 pixel) as a ``Scale`` transform to ``"um"``.
+
+    The image's transform to ``"global"`` is kept if it has one, otherwise set to identity.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object; changed in place.
+    image_key
+        The H&E image; the only image when ``None``.
+    pixel_size_um
+        Micrometres per pixel of the image's level 0 (e.g. 0.2125 for Xenium morphology, ~0.25–0.5 for H&E scans).
+    elements
+        Other elements whose intrinsic coordinates are the image's pixels (points, shapes) and should get the same
+        transform.
+    """
+    if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
+        raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}.")
+    key = resolve_image_key(sdata, image_key)
+    for name in [key, *(elements or [])]:
+        element = sdata[name]
+        existing = get_transformation(element, get_all=True)
+        if PIXEL_CS not in existing:
+            set_transformation(element, Identity(), to_coordinate_system=PIXEL_CS)
+        set_transformation(element, Scale([pixel_size_um, pixel_size_um], axes=("y", "x")), to_coordinate_system=UM_CS)
+
+
+def affine_to_image_pixels(sdata: SpatialData, element_key: str, image_key: str | None = None) -> np.ndarray:
+    """3x3 affine matrix (x, y, 1) mapping an element's intrinsic coordinates to the image's level-0 pixels.
+
+    Raises a clear error when the element and the image share no coordinate system.
+    """
+    key = resolve_image_key(sdata, image_key)
+    element = sdata[element_key]
+    shared = set(get_transformation(element, get_all=True)) & set(get_transformation(sdata.images[key], get_all=True))
+    if not shared:
+        raise ValueError(
+            f"Element {element_key!r} and image {key!r} share no coordinate system "
+            f"({sorted(get_transformation(element, get_all=True))} vs "
+            f"{sorted(get_transformation(sdata.images[key], get_all=True))}); add a transformation (e.g. an "
+            "alignment affine) that maps the element into the image's coordinate system."
+        )
+    t = get_transformation_between_coordinate_systems(sdata, element, sdata.images[key])
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
