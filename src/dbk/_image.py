@@ -17,7 +17,6 @@ from spatialdata.transformations import (
     Identity,
     Scale,
     get_transformation,
-    get_transformation_between_coordinate_systems,
     set_transformation,
 )
 
@@ -150,5 +149,11 @@ def affine_to_image_pixels(sdata: SpatialData, element_key: str, image_key: str 
             f"{sorted(get_transformation(sdata.images[key], get_all=True))}); add a transformation (e.g. an "
             "alignment affine) that maps the element into the image's coordinate system."
         )
-    t = get_transformation_between_coordinate_systems(sdata, element, sdata.images[key])
+    cs = PIXEL_CS if PIXEL_CS in shared else sorted(shared)[0]
+    to_cs = _affine(get_transformation(element, cs))
+    image_to_cs = _affine(get_transformation(sdata.images[key], cs))
+    return np.linalg.inv(image_to_cs) @ to_cs
+
+
+def _affine(t) -> np.ndarray:
     return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)

@@ -1,0 +1,73 @@
+"""Small shared utilities."""
+
+from __future__ import annotations
+
+import copy as _copy
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from spatialdata import SpatialData
+
+
+def copy_sdata(sdata: SpatialData) -> SpatialData:
+    """Copy for ``copy=True``: tables, shapes and labels are deep-copied; images and points are shared.
+
+    Images and points are lazy (dask) and dbk never writes into them, so sharing them is safe and keeps a copy of a
+    whole-slide object cheap. Their transformations are copied so that changing them on the copy leaves the input
+    untouched.
+    """
+    out = SpatialData(
+        images={k: _with_own_attrs(v) for k, v in sdata.images.items()},
+        labels={k: v.copy(deep=True) for k, v in sdata.labels.items()},
+        points={k: _with_own_attrs(v) for k, v in sdata.points.items()},
+        shapes={k: v.copy(deep=True) for k, v in sdata.shapes.items()},
+        tables={k: v.copy() for k, v in sdata.tables.items()},
+        attrs=_copy.deepcopy(dict(sdata.attrs)),
+    )
+    return out
+
+
+def _with_own_attrs(element):
+    new = element.copy(deep=False)
+    new.attrs = _copy.deepcopy(dict(element.attrs))
+    if hasattr(element, "children"):  # DataTree: per-scale arrays carry transforms too
+        for name in element.children:
+            for var in new[name].data_vars:
+                new[name][var].attrs = _copy.deepcopy(dict(element[name][var].attrs))
+    return new
+
+
+def check_random_state(random_state: int | None) -> np.random.Generator:
+    """A numpy Generator from an int seed, or from ``dbk.settings.seed`` when ``None``."""
+    from ._settings import settings
+
+    return np.random.default_rng(settings.seed if random_state is None else random_state)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on one file system).
+
+    Works for files and folders. If the body raises, the temporary is removed and ``path`` is left as it was.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(target, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

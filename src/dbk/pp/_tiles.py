@@ -1,0 +1,206 @@
+"""Square tiles over tissue (grid) or centred on spots, sized in µm."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from spatialdata import SpatialData
+from spatialdata.models import ShapesModel
+from spatialdata.transformations import get_transformation
+
+from .._constants import PIXEL_CS, SPOTS_KEY, TILES_KEY, TISSUE_FRACTION_COL, TISSUE_KEY
+from .._image import affine_to_image_pixels, get_pixel_size, image_shape, resolve_image_key
+from .._logging import logger
+from .._utils import copy_sdata
+
+# Why not squidpy.experimental.im.make_tiles / make_tiles_from_spots: they take sizes in pixels and their spot
+# tiles use floor/ceil bounds (so tiles differ by a pixel); dbk needs µm-based sizes, tiles of exactly equal integer
+# size and half-open pixel bounds [x0, x1) x [y0, y1), which the exact pseudo-bulk binning relies on.
+
+TILE_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+def tile_size_in_px(sdata: SpatialData, image_key: str, tile_size_um: float | None, tile_size_px: int | None) -> int:
+    """Integer tile side in level-0 pixels from a size in µm (rounded) or in pixels."""
+    if (tile_size_um is None) == (tile_size_px is None):
+        raise ValueError("Give exactly one of tile_size_um and tile_size_px.")
+    if tile_size_px is not None:
+        if int(tile_size_px) != tile_size_px or tile_size_px <= 0:
+            raise ValueError(f"tile_size_px must be a positive integer, got {tile_size_px!r}.")
+        return int(tile_size_px)
+    if not np.isfinite(tile_size_um) or tile_size_um <= 0:
+        raise ValueError(f"tile_size_um must be a positive number, got {tile_size_um!r}.")
+    px = get_pixel_size(sdata, image_key)
+    size = int(round(tile_size_um / px))
+    if size < 1:
+        raise ValueError(f"tile_size_um={tile_size_um} is smaller than one pixel ({px} µm) of image {image_key!r}.")
+    return size
+
+
+def make_tiles(
+    sdata: SpatialData,
+    *,
+    tile_size_um: float | None = 112.0,
+    tile_size_px: int | None = None,
+    image_key: str | None = None,
+    mode: Literal["grid", "spots"] = "grid",
+    stride_um: float | None = None,
+    spots_key: str | None = None,
+    tissue_key: str = TISSUE_KEY,
+    min_tissue_fraction: float = 0.5,
+    key_added: str = TILES_KEY,
+    copy: bool = False,
+) -> SpatialData | None:
+    """Lay square tiles over the tissue (``"grid"``) or centre one tile on each spot (``"spots"``).
+
+    Tiles have integer, half-open pixel bounds ``[x0, x1) x [y0, y1)`` in the image's level-0 pixels and all have
+    the same side ``round(tile_size_um / pixel_size)`` (so 112 µm at 0.5 µm/px is 224 px). Tiles not entirely
+    inside the image are dropped.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the H&E image (and the spots for ``mode="spots"``).
+    tile_size_um
+        Tile side in µm (converted with the image's pixel size, see :func:`dbk.io.set_pixel_size`).
+    tile_size_px
+        Tile side in level-0 pixels, instead of ``tile_size_um`` (set ``tile_size_um=None``).
+    image_key
+        The H&E image; the only image when ``None``.
+    mode
+        ``"grid"``: a regular grid over the image, kept where tissue covers at least ``min_tissue_fraction``.
+        ``"spots"``: one tile centred on each spot (circles or points of ``sdata.shapes[spots_key]``).
+    stride_um
+        Grid step in µm; the tile size when ``None`` (non-overlapping). A smaller stride gives dense, overlapping
+        tiles (e.g. for unconditional diffusion pre-training on all tissue).
+    spots_key
+        Shapes with the spots (``mode="spots"``); ``"spots"`` when ``None``.
+    tissue_key
+        Labels element with the tissue mask; computed with :func:`dbk.pp.tissue_mask` when absent (grid mode).
+    min_tissue_fraction
+        Keep grid tiles whose tissue fraction is at least this; ignored in spots mode (all spot tiles kept).
+    key_added
+        Name of the shapes element written.
+    copy
+        Return a modified copy instead of changing ``sdata`` in place.
+
+    Returns
+    -------
+    ``None``, or the modified copy when ``copy=True``. Writes ``sdata.shapes[key_added]``: square polygons indexed by
+    tile id (0..n-1) with columns ``x0, y0, x1, y1`` (pixel bounds), ``row``, ``col`` (grid) or ``spot_id``
+    (spots), and ``tissue_fraction``; with the image's transformations.
+    """
+    key = resolve_image_key(sdata, image_key)
+    if mode not in ("grid", "spots"):
+        raise ValueError(f"mode must be 'grid' or 'spots', got {mode!r}.")
+    if not 0.0 <= min_tissue_fraction <= 1.0:
+        raise ValueError(f"min_tissue_fraction must be in [0, 1], got {min_tissue_fraction!r}.")
+    if copy:
+        sdata = copy_sdata(sdata)
+    size = tile_size_in_px(sdata, key, tile_size_um, tile_size_px)
+    _, h, w = image_shape(sdata, key)
+    if size > min(h, w):
+        raise ValueError(f"Tiles of {size} px do not fit in image {key!r} of {h} x {w} px.")
+
+    if mode == "grid":
+        if stride_um is None:
+            stride = size
+        else:
+            if stride_um <= 0:
+                raise ValueError(f"stride_um must be positive, got {stride_um!r}.")
+            stride = max(1, int(round(stride_um / get_pixel_size(sdata, key))))
+        xs = np.arange(0, w - size + 1, stride)
+        ys = np.arange(0, h - size + 1, stride)
+        gy, gx = np.meshgrid(ys, xs, indexing="ij")
+        rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+        x0, y0 = gx.ravel(), gy.ravel()
+        extra = {"row": rows.ravel(), "col": cols.ravel()}
+        if tissue_key not in sdata.labels:
+            from ._tissue import tissue_mask
+
+            tissue_mask(sdata, image_key=key, key_added=tissue_key)
+        frac = _tissue_fraction(sdata, tissue_key, x0, y0, size)
+        keep = frac >= min_tissue_fraction
+        if not keep.any():
+            raise ValueError(
+                f"No tile of {size} px has tissue fraction >= {min_tissue_fraction} in image {key!r} "
+                f"(max {frac.max() if frac.size else 0:.2f}); check sdata.labels[{tissue_key!r}] or lower "
+                "min_tissue_fraction."
+            )
+        x0, y0, frac = x0[keep], y0[keep], frac[keep]
+        extra = {k: v[keep] for k, v in extra.items()}
+    else:
+        skey = SPOTS_KEY if spots_key is None else spots_key
+        if skey not in sdata.shapes:
+            raise KeyError(f"No shapes {skey!r} with spots in sdata.shapes; available: {list(sdata.shapes)}.")
+        spots = sdata.shapes[skey]
+        centres = np.column_stack([spots.geometry.centroid.x.to_numpy(), spots.geometry.centroid.y.to_numpy()])
+        m = affine_to_image_pixels(sdata, skey, key)
+        centres = centres @ m[:2, :2].T + m[:2, 2]
+        x0 = np.floor(centres[:, 0] - size / 2).astype(np.int64)
+        y0 = np.floor(centres[:, 1] - size / 2).astype(np.int64)
+        inside = (x0 >= 0) & (y0 >= 0) & (x0 + size <= w) & (y0 + size <= h)
+        if not inside.all():
+            logger.warning(f"make_tiles: {int((~inside).sum())} spot tiles extend past image {key!r}; dropped.")
+        x0, y0 = x0[inside], y0[inside]
+        extra = {"spot_id": np.asarray(spots.index)[inside]}
+        if tissue_key in sdata.labels:
+            frac = _tissue_fraction(sdata, tissue_key, x0, y0, size)
+        else:
+            frac = np.full(len(x0), np.nan)
+        if len(x0) == 0:
+            raise ValueError(f"No spot of {skey!r} gives a tile inside image {key!r}.")
+
+    x0 = np.asarray(x0, dtype=np.int64)
+    y0 = np.asarray(y0, dtype=np.int64)
+    polys = shapely.box(x0, y0, x0 + size, y0 + size)
+    gdf = gpd.GeoDataFrame(
+        {"x0": x0, "y0": y0, "x1": x0 + size, "y1": y0 + size, **extra, TISSUE_FRACTION_COL: frac},
+        geometry=polys,
+        index=pd.RangeIndex(len(x0)),
+    )
+    transforms = get_transformation(sdata.images[key], get_all=True)
+    sdata.shapes[key_added] = ShapesModel.parse(gdf, transformations=dict(transforms))
+    meta = {"image_key": key, "tile_size_px": size, "mode": mode}
+    if mode == "spots":
+        meta["spots_key"] = skey
+    sdata.shapes[key_added].attrs["dbk"] = meta
+    logger.info(f"make_tiles: {len(gdf)} tiles of {size} px over image {key!r} -> sdata.shapes[{key_added!r}].")
+    return sdata if copy else None
+
+
+def tile_bounds(sdata: SpatialData, tiles_key: str = TILES_KEY) -> np.ndarray:
+    """``(n, 4)`` int64 array of ``x0, y0, x1, y1`` pixel bounds of the tiles (from their columns or polygons)."""
+    if tiles_key not in sdata.shapes:
+        raise KeyError(
+            f"No tiles {tiles_key!r} in sdata.shapes (available: {list(sdata.shapes)}); run dbk.pp.make_tiles first."
+        )
+    gdf = sdata.shapes[tiles_key]
+    if all(c in gdf.columns for c in TILE_COLUMNS):
+        return gdf[list(TILE_COLUMNS)].to_numpy(dtype=np.int64)
+    b = gdf.geometry.bounds.to_numpy()
+    return np.rint(b).astype(np.int64)
+
+
+def _tissue_fraction(sdata: SpatialData, tissue_key: str, x0: np.ndarray, y0: np.ndarray, size: int) -> np.ndarray:
+    """Fraction of tissue under each tile, from the (low-resolution) mask through an integral image."""
+    labels = sdata.labels[tissue_key]
+    mask = np.asarray(labels.data.compute() if hasattr(labels.data, "compute") else labels.data) > 0
+    t = get_transformation(labels, PIXEL_CS)
+    m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+    sx, sy = m[0, 0], m[1, 1]  # level-0 pixels per mask pixel
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+
+    def clip(v, n):
+        return np.clip(np.rint(v).astype(np.int64), 0, n)
+
+    mx0, mx1 = clip((x0 - m[0, 2]) / sx, mask.shape[1]), clip((x0 + size - m[0, 2]) / sx, mask.shape[1])
+    my0, my1 = clip((y0 - m[1, 2]) / sy, mask.shape[0]), clip((y0 + size - m[1, 2]) / sy, mask.shape[0])
+    area = np.maximum((mx1 - mx0) * (my1 - my0), 1)
+    inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
+    return inside / area
