@@ -33,7 +33,14 @@ def copy_sdata(sdata: SpatialData) -> SpatialData:
 
 def _with_own_attrs(element):
     new = element.copy(deep=False)
-    new.attrs = _copy.deepcopy(dict(element.attrs))
+    own = _copy.deepcopy(dict(element.attrs))
+    import dask.dataframe as dd
+
+    if isinstance(element, dd.DataFrame):  # spatialdata's attrs accessor: never assign, update
+        new.attrs.clear()
+        new.attrs.update(own)
+    else:
+        new.attrs = own
     if hasattr(element, "children"):  # DataTree: per-scale arrays carry transforms too
         for name in element.children:
             for var in new[name].data_vars:

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _builders import add_cells, make_sdata
+
+import dbk
+from dbk.pp._binning import TileLookup
+
+
+def brute_counts(df, bounds, genes, min_qv=20.0):
+    ok = df["qv"].to_numpy() >= min_qv if min_qv is not None else np.ones(len(df), bool)
+    out = np.zeros((len(bounds), len(genes)), dtype=np.int64)
+    x, y, g = df["x"].to_numpy(), df["y"].to_numpy(), df["feature_name"].astype(str).to_numpy()
+    for t, (x0, y0, x1, y1) in enumerate(bounds):
+        inside = ok & (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+        for j, gene in enumerate(genes):
+            out[t, j] = int((inside & (g == gene)).sum())
+    return out
+
+
+def test_tissue_mask_finds_rectangle():
+    sdata, _ = make_sdata(1000)
+    dbk.pp.tissue_mask(sdata)
+    mask = np.asarray(sdata.labels["dbk_tissue"].data)
+    # the tissue rectangle is rows 100:900, cols 150:1250 of a 1000 x 1400 image
+    assert abs(mask.mean() - (800 * 1100) / (1000 * 1400)) < 0.01
+    assert mask[500, 700] == 1 and mask[10, 10] == 0
+
+
+def test_make_tiles_grid_sizes_and_tissue_filter():
+    sdata, _ = make_sdata(1000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)  # 112 px at 0.5 µm/px
+    tiles = sdata.shapes["dbk_tiles"]
+    b = dbk.pp.tile_bounds(sdata)
+    assert (b[:, 2] - b[:, 0] == 112).all() and (b[:, 3] - b[:, 1] == 112).all()
+    assert (b[:, 0] % 112 == 0).all() and (b[:, 1] % 112 == 0).all()
+    assert (tiles["tissue_fraction"] >= 0.5).all()
+    # every kept tile centre lies in (or within half a tile of) the tissue rectangle
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    assert ((cx > 150 - 56) & (cx < 1250 + 56) & (cy > 100 - 56) & (cy < 900 + 56)).all()
+    # tiles fully on glass are excluded: the full grid has 8 x 12 = 96 tiles
+    assert 50 < len(tiles) < 96
+    # polygons match the bounds
+    assert np.allclose(tiles.geometry.bounds.to_numpy(), b)
+
+
+def test_make_tiles_px_and_errors():
+    sdata, _ = make_sdata(1000)
+    dbk.pp.make_tiles(sdata, tile_size_um=None, tile_size_px=100, min_tissue_fraction=0.0)
+    assert len(sdata.shapes["dbk_tiles"]) == (1000 // 100) * (1400 // 100)
+    with pytest.raises(ValueError, match="tile_size_um must be a positive"):
+        dbk.pp.make_tiles(sdata, tile_size_um=-3)
+    with pytest.raises(ValueError, match="do not fit"):
+        dbk.pp.make_tiles(sdata, tile_size_um=10_000)
+    with pytest.raises(KeyError, match="No image 'nope'"):
+        dbk.pp.make_tiles(sdata, image_key="nope")
+    with pytest.raises(ValueError, match="mode must be"):
+        dbk.pp.make_tiles(sdata, mode="hexagons")
+
+
+def test_make_tiles_dense_stride_overlaps():
+    sdata, _ = make_sdata(1000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0, stride_um=28.0, min_tissue_fraction=0.0, key_added="dense")
+    b = dbk.pp.tile_bounds(sdata, "dense")
+    assert len(b) == ((1000 - 112) // 56 + 1) * ((1400 - 112) // 56 + 1)
+
+
+def test_pseudobulk_transcripts_exact_and_edges():
+    sdata, df = make_sdata(200_000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    dbk.pp.pseudobulk(sdata)
+    adata = sdata.tables["dbk_table"]
+    assert list(adata.var_names) == ["A", "B", "C", "D"]  # control probes excluded by default
+    b = dbk.pp.tile_bounds(sdata)
+    expected = brute_counts(df, b, list(adata.var_names))
+    got = adata.layers["counts"].toarray()
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(adata.obs["n_transcripts"].to_numpy(), expected.sum(1))
+    # X is log1p of counts per 10k
+    row = got[0] / got[0].sum() * 1e4
+    np.testing.assert_allclose(adata.X[0].toarray().ravel(), np.log1p(row), rtol=1e-5)
+    # table annotates the tiles
+    attrs = adata.uns["spatialdata_attrs"]
+    assert attrs["region"] == "dbk_tiles" and attrs["instance_key"] == "instance_id"
+    np.testing.assert_allclose(adata.obsm["spatial"], np.c_[(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2])
+
+
+def test_pseudobulk_edge_points_counted_once():
+    sdata, df = make_sdata(50_000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0, min_tissue_fraction=0.0)  # full grid, no gaps
+    dbk.pp.pseudobulk(sdata, min_qv=None, keep_controls=True)
+    b = dbk.pp.tile_bounds(sdata)
+    inside_grid = (df.x < b[:, 2].max()) & (df.y < b[:, 3].max())
+    assert int(sdata.tables["dbk_table"].layers["counts"].sum()) == int(inside_grid.sum())
+    assert "BLANK_0001" in sdata.tables["dbk_table"].var_names
+
+
+def test_pseudobulk_points_in_other_coordinate_system():
+    # the same transcripts given in µm in the "um" system must give the same table as in pixels
+    s_px, _ = make_sdata(30_000, seed=3)
+    s_um, _ = make_sdata(30_000, seed=3, points_scale=0.5)
+    for s in (s_px, s_um):
+        dbk.pp.make_tiles(s, tile_size_um=56.0)
+        dbk.pp.pseudobulk(s)
+    np.testing.assert_array_equal(
+        s_px.tables["dbk_table"].layers["counts"].toarray(), s_um.tables["dbk_table"].layers["counts"].toarray()
+    )
+
+
+def test_pseudobulk_genes_order_and_copy():
+    sdata, df = make_sdata(20_000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    before = set(sdata.tables)
+    out = dbk.pp.pseudobulk(sdata, genes=["D", "A", "ZZZ"], copy=True)
+    assert set(sdata.tables) == before  # input untouched
+    adata = out.tables["dbk_table"]
+    assert list(adata.var_names) == ["D", "A", "ZZZ"]
+    assert adata.layers["counts"][:, 2].sum() == 0
+    expected = brute_counts(df, dbk.pp.tile_bounds(out), ["D", "A"])
+    np.testing.assert_array_equal(adata.layers["counts"][:, :2].toarray(), expected)
+
+
+def test_pseudobulk_from_cells_by_centroid():
+    sdata, _ = make_sdata(1000)
+    cells = add_cells(sdata)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    dbk.pp.pseudobulk(sdata, source="cells")
+    adata = sdata.tables["dbk_table"]
+    b = dbk.pp.tile_bounds(sdata)
+    X = sdata.tables["table"].X.toarray()
+    for t in range(0, len(b), 7):
+        x0, y0, x1, y1 = b[t]
+        inside = ((cells.x >= x0) & (cells.x < x1) & (cells.y >= y0) & (cells.y < y1)).to_numpy()
+        np.testing.assert_array_equal(adata.layers["counts"][t].toarray().ravel(), X[inside].sum(0))
+        assert adata.obs["n_cells"].iloc[t] == inside.sum()
+
+
+def test_pseudobulk_errors():
+    sdata, _ = make_sdata(1000)
+    with pytest.raises(KeyError, match="run dbk.pp.make_tiles first"):
+        dbk.pp.pseudobulk(sdata)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    with pytest.raises(KeyError, match="No points 'nope'"):
+        dbk.pp.pseudobulk(sdata, points_key="nope")
+    with pytest.raises(ValueError, match="source must be"):
+        dbk.pp.pseudobulk(sdata, source="voxels")
+    with pytest.raises(ValueError, match="spot_id"):
+        dbk.pp.pseudobulk(sdata, source="spots")
+
+
+def test_tile_lookup_matches_brute_force_with_overlap():
+    rng = np.random.default_rng(0)
+    bounds = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [0, 5, 10, 15], [5, 5, 15, 15], [30, 30, 40, 40]])
+    x, y = rng.uniform(-5, 45, 20_000), rng.uniform(-5, 45, 20_000)
+    x[:4], y[:4] = [10, 5, 15, 40], [10, 5, 0, 39.999]
+    p, t = TileLookup.build(bounds).assign(x, y)
+    got = set(zip(p.tolist(), t.tolist(), strict=True))
+    want = {(i, j) for j, (x0, y0, x1, y1) in enumerate(bounds)
+            for i in np.nonzero((x >= x0) & (x < x1) & (y >= y0) & (y < y1))[0].tolist()}
+    assert got == want
+
+
+def test_normalize():
+    import anndata as ad
+
+    a = ad.AnnData(np.array([[1, 3, 0], [0, 0, 0]], dtype=float))
+    dbk.pp.normalize(a, target_sum=4)
+    np.testing.assert_allclose(a.X, np.log1p([[1, 3, 0], [0, 0, 0]]), rtol=1e-6)
+    with pytest.raises(ValueError, match="negative"):
+        dbk.pp.normalize(ad.AnnData(np.array([[-1.0, 2.0]])))
