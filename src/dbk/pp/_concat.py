@@ -1,0 +1,182 @@
+"""Several slides with different gene panels in one AnnData, and gene selection on training slides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from spatialdata import SpatialData
+
+from .._constants import COUNTS_LAYER, MEASURED_LAYER, SAMPLE_COL, TILES_TABLE_KEY
+
+
+def _as_table(obj, table_key: str) -> ad.AnnData:
+    if isinstance(obj, SpatialData):
+        if table_key not in obj.tables:
+            raise KeyError(f"No table {table_key!r} in sdata.tables (available: {list(obj.tables)}); run "
+                           "dbk.pp.pseudobulk first.")
+        return obj.tables[table_key]
+    if isinstance(obj, ad.AnnData):
+        return obj
+    raise TypeError(f"Expected AnnData or SpatialData, got {type(obj).__name__}.")
+
+
+def concat(
+    tables: Sequence[ad.AnnData | SpatialData] | dict[str, ad.AnnData | SpatialData],
+    *,
+    genes: Literal["union", "intersection"] | list[str] = "union",
+    table_key: str = TILES_TABLE_KEY,
+) -> ad.AnnData:
+    """Concatenate tile tables of several slides whose gene panels may differ.
+
+    A gene absent from a slide's panel is *not measured* there, not zero: ``layers["measured"]`` is 1 where the
+    tile's slide measured the gene and 0 where it did not (counts and ``X`` hold 0 there, to be ignored through the
+    mask). Genes measured on a slide keep their counts, zeros included.
+
+    Parameters
+    ----------
+    tables
+        Tile tables (AnnData) or SpatialData objects holding them; a dict names the samples by its keys.
+    genes
+        ``"union"`` of all panels, ``"intersection"`` (genes measured on every slide), or an explicit list.
+    table_key
+        Table to take from SpatialData inputs.
+
+    Returns
+    -------
+    AnnData with ``X``, ``layers["counts"]`` (when every input has it) and ``layers["measured"]`` (CSR uint8),
+    ``obs`` of the inputs with ``sample`` set (from the dict keys, the inputs' ``obs["sample"]`` or ``slide{i}``),
+    ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm["spatial"]``. The inputs are not modified.
+    """
+    if isinstance(tables, dict):
+        names, objs = list(tables.keys()), list(tables.values())
+    else:
+        objs, names = list(tables), None
+    if not objs:
+        raise ValueError("concat needs at least one table.")
+    adatas = [_as_table(o, table_key) for o in objs]
+    if names is None:
+        names = []
+        for i, a in enumerate(adatas):
+            s = a.obs[SAMPLE_COL].astype(str).unique() if SAMPLE_COL in a.obs else []
+            names.append(str(s[0]) if len(s) == 1 else f"slide{i}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Sample names must be unique, got {names}; pass a dict {{name: table}}.")
+    for n, a in zip(names, adatas, strict=True):
+        if a.var_names.has_duplicates:
+            dup = a.var_names[a.var_names.duplicated()].unique().tolist()[:5]
+            raise ValueError(f"Table of sample {n!r} has duplicate gene names {dup}.")
+    if isinstance(genes, str):
+        if genes == "union":
+            out_genes: list[str] = []
+            seen: set[str] = set()
+            for a in adatas:
+                for g in a.var_names:
+                    if g not in seen:
+                        seen.add(g)
+                        out_genes.append(g)
+        elif genes == "intersection":
+            common = set(adatas[0].var_names).intersection(*[set(a.var_names) for a in adatas[1:]])
+            out_genes = [g for g in adatas[0].var_names if g in common]
+        else:
+            raise ValueError(f"genes must be 'union', 'intersection' or a list, got {genes!r}.")
+    else:
+        out_genes = list(genes)
+    index = pd.Index(out_genes)
+    has_counts = all(COUNTS_LAYER in a.layers for a in adatas)
+    Xs, Cs, Ms, obs, spatial = [], [], [], [], []
+    for n, a in zip(names, adatas, strict=True):
+        pos = index.get_indexer(a.var_names)  # column of each input gene in the output (-1: dropped)
+        src = np.nonzero(pos >= 0)[0]
+        sel = sp.csr_matrix((np.ones(len(src)), (src, pos[src])), shape=(a.n_vars, len(index)))
+        Xs.append(sp.csr_matrix(a.X) @ sel)
+        if has_counts:
+            Cs.append((sp.csr_matrix(a.layers[COUNTS_LAYER]) @ sel.astype(np.int64)).astype(np.int64))
+        measured = np.zeros(len(index), dtype=np.uint8)
+        measured[pos[src]] = 1
+        Ms.append(sp.csr_matrix(np.broadcast_to(measured, (a.n_obs, len(index)))))
+        o = a.obs.copy()
+        o[SAMPLE_COL] = n
+        o.index = [f"{n}:{i}" for i in a.obs_names]
+        obs.append(o)
+        spatial.append(a.obsm["spatial"] if "spatial" in a.obsm else np.full((a.n_obs, 2), np.nan))
+    obs_df = pd.concat(obs)
+    obs_df[SAMPLE_COL] = pd.Categorical(obs_df[SAMPLE_COL], categories=names)
+    for col in obs_df.columns:
+        if obs_df[col].dtype == object:
+            obs_df[col] = obs_df[col].astype(str)
+    out = ad.AnnData(X=sp.vstack(Xs).tocsr().astype(np.float32), obs=obs_df, var=pd.DataFrame(index=index))
+    if has_counts:
+        out.layers[COUNTS_LAYER] = sp.vstack(Cs).tocsr()
+    out.layers[MEASURED_LAYER] = sp.vstack(Ms).tocsr().astype(np.uint8)
+    out.obsm["spatial"] = np.vstack(spatial)
+    out.uns["dbk"] = {"concat": {"samples": names, "genes": genes if isinstance(genes, str) else "list"}}
+    return out
+
+
+def measured_mask(adata: ad.AnnData) -> np.ndarray:
+    """Dense boolean tiles x genes mask of measured genes (all True when there is no ``measured`` layer)."""
+    if MEASURED_LAYER not in adata.layers:
+        return np.ones(adata.shape, dtype=bool)
+    m = adata.layers[MEASURED_LAYER]
+    return (m.toarray() if sp.issparse(m) else np.asarray(m)) > 0
+
+
+def select_genes(
+    adatas: ad.AnnData | SpatialData | Sequence[ad.AnnData | SpatialData],
+    *,
+    n_top: int = 50,
+    flavor: Literal["variance", "mean"] = "variance",
+    layer: str | None = None,
+    table_key: str = TILES_TABLE_KEY,
+) -> list[str]:
+    """Pick the ``n_top`` genes with the highest variance (or mean) over tiles of the *training* slides.
+
+    Only genes measured on every given slide are candidates; values are taken from ``X`` (log1p-normalised) or
+    ``layers[layer]``, pooled over all tiles. Pass training slides only, so the test slides never shape the choice.
+
+    Parameters
+    ----------
+    adatas
+        One or several tile tables (or SpatialData holding them).
+    n_top
+        Number of genes.
+    flavor
+        ``"variance"`` or ``"mean"`` of the values over tiles.
+    layer
+        Layer to use instead of ``X``.
+    table_key
+        Table to take from SpatialData inputs.
+
+    Returns
+    -------
+    Gene names, best first (ties broken by name).
+    """
+    if isinstance(adatas, (ad.AnnData, SpatialData)):
+        adatas = [adatas]
+    tables = [_as_table(a, table_key) for a in adatas]
+    if n_top <= 0:
+        raise ValueError(f"n_top must be positive, got {n_top!r}.")
+    if flavor not in ("variance", "mean"):
+        raise ValueError(f"flavor must be 'variance' or 'mean', got {flavor!r}.")
+    common = [g for g in tables[0].var_names if all(g in t.var_names for t in tables[1:])]
+    if not common:
+        raise ValueError("The tables share no gene.")
+    mats = []
+    for t in tables:
+        sub = t[:, common]
+        x = sub.layers[layer] if layer is not None else sub.X
+        x = x.toarray() if sp.issparse(x) else np.asarray(x)
+        if MEASURED_LAYER in t.layers:
+            m = measured_mask(sub)
+            x = np.where(m, x, np.nan)
+        mats.append(np.asarray(x, dtype=np.float64))
+    x = np.vstack(mats)
+    score = np.nanvar(x, axis=0) if flavor == "variance" else np.nanmean(x, axis=0)
+    score = np.nan_to_num(score, nan=-np.inf)
+    order = sorted(range(len(common)), key=lambda j: (-score[j], common[j]))
+    return [common[j] for j in order[:n_top]]
