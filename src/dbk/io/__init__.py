@@ -1,1 +1,16 @@
-"""placeholder."""
+"""Readers: HEST-1k samples, legacy ST / Visium-style folders and plain H&E images, each into a SpatialData object."""
+
+from .._image import get_pixel_size, set_pixel_size
+from ._hest import read_hest
+from ._image import read_image
+from ._st import estimate_pixel_size, read_st, read_st_folder
+
+__all__ = [
+    "estimate_pixel_size",
+    "get_pixel_size",
+    "read_hest",
+    "read_image",
+    "read_st",
+    "read_st_folder",
+    "set_pixel_size",
+]

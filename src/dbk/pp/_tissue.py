@@ -18,13 +18,22 @@ from .._utils import copy_sdata
 # tissue fractions of tiles are read from a few MB.
 
 
-def _choose_level(sdata: SpatialData, image_key: str, max_pixels: int):
+def _low_res_rgb(sdata: SpatialData, image_key: str, max_pixels: int) -> tuple[np.ndarray, float, float]:
+    """(y, x, c) array of at most ~max_pixels pixels and its downsampling (y, x) from level 0.
+
+    Takes the finest pyramid level under the budget; when even the coarsest level is larger (e.g. an image without
+    a pyramid), it is strided chunk by chunk through dask, so the full level is never held in memory.
+    """
     levels = image_levels(sdata, image_key)
-    for lvl in levels:  # finest first: the first one under the budget keeps the most detail
-        h, w = lvl.shape_yx
-        if h * w <= max_pixels:
-            return lvl
-    return levels[-1]
+    lvl = next((lv for lv in levels if lv.shape_yx[0] * lv.shape_yx[1] <= max_pixels), levels[-1])
+    h, w = lvl.shape_yx
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_pixels))))
+    if step > 1:
+        logger.info(f"tissue_mask: image {image_key!r} has no level under {max_pixels:,} px; striding by {step}.")
+    arr = lvl.data.data[:, ::step, ::step]
+    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr).transpose(1, 2, 0)
+    # the strided grid's pixel i sits at level pixel i * step: its footprint is step level pixels
+    return arr, lvl.downsample_y * step, lvl.downsample_x * step
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -86,8 +95,7 @@ def tissue_mask(
     key = resolve_image_key(sdata, image_key)
     if copy:
         sdata = copy_sdata(sdata)
-    lvl = _choose_level(sdata, key, max_pixels)
-    rgb = np.asarray(lvl.data.transpose("y", "x", "c").data.compute())
+    rgb, ds_y, ds_x = _low_res_rgb(sdata, key, max_pixels)
     if rgb.shape[-1] < 3:
         raise ValueError(f"Image {key!r} has {rgb.shape[-1]} channels; tissue detection needs RGB.")
     rgb = rgb[..., :3].astype(np.float32)
@@ -97,7 +105,7 @@ def tissue_mask(
     sat = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1e-6), 0.0)
     thr = _otsu(sat.ravel()) if threshold is None else float(threshold)
     mask = sat > thr
-    px_um = get_pixel_size(sdata, key) * float(np.sqrt(lvl.downsample_x * lvl.downsample_y))
+    px_um = get_pixel_size(sdata, key) * float(np.sqrt(ds_x * ds_y))
     min_px = max(1, int(round(min_object_um2 / px_um**2)))
     hole_px = max(1, int(round(min_hole_um2 / px_um**2)))
     mask = _remove_small(mask, min_px)
@@ -106,7 +114,7 @@ def tissue_mask(
     logger.info(f"tissue_mask: {frac:.1%} of image {key!r} is tissue (saturation threshold {thr:.3f}).")
     if not mask.any():
         logger.warning(f"tissue_mask: no tissue found in image {key!r} (threshold {thr:.3f}).")
-    scale = Scale([lvl.downsample_y, lvl.downsample_x], axes=("y", "x"))
+    scale = Scale([ds_y, ds_x], axes=("y", "x"))
     transforms = {cs: Sequence([scale, t]) for cs, t in get_transformation(sdata.images[key], get_all=True).items()}
     sdata.labels[key_added] = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=transforms)
     return sdata if copy else None

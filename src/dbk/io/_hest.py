@@ -1,0 +1,300 @@
+"""Reader for one sample of a HEST-1k download (Jaume et al. 2024): :func:`read_hest`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import dask.dataframe as dd
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import shapely
+from scipy import sparse
+from spatialdata import SpatialData
+from spatialdata.models import PointsModel, ShapesModel
+from spatialdata.transformations import Identity
+
+from .._constants import (
+    CELL_ID_COL,
+    CELLS_KEY,
+    COUNTS_LAYER,
+    GENE_COL,
+    IMAGE_KEY,
+    PIXEL_CS,
+    QV_COL,
+    SAMPLE_COL,
+    SPATIAL_KEY,
+    SPOTS_KEY,
+    TABLE_KEY,
+    TRANSCRIPTS_KEY,
+)
+from .._image import set_pixel_size
+from ._image import open_he_image, require_file
+from ._st import spot_circles, spot_table
+
+logger = logging.getLogger("dbk")
+
+HEST_METADATA_KEY = "hest_metadata"  # sdata.attrs entry holding the sample's metadata json
+VISIUM_SPOT_DIAMETER_UM = 55.0
+VISIUM_DIAMETER_PER_PITCH = 0.55  # Visium: 55 µm spots on a 100 µm pitch
+_PIXEL_SIZE_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
+_TRANSCRIPT_XY = ("he_x", "he_y")  # HEST: transcript positions in H&E level-0 pixels
+
+
+def read_hest(
+    root: str | os.PathLike,
+    sample_id: str,
+    *,
+    load_transcripts: bool = True,
+    load_cells: bool = True,
+) -> SpatialData:
+    """Read one HEST-1k sample (H&E, spots, and for Xenium samples transcripts and cells) into SpatialData.
+
+    Expects the layout of a HEST-1k download under ``root``:
+
+    - ``wsis/{sample_id}.tif`` — pyramidal H&E (required), read lazily level by level;
+    - ``metadata/{sample_id}.json`` — required for the pixel size (``pixel_size_um_estimated``, else
+      ``pixel_size_um_embedded``) and the spot size (``spot_diameter``, ``inter_spot_dist``, in µm);
+    - ``st/{sample_id}.h5ad`` — spots or pseudo-spots, ``obsm["spatial"]`` in H&E pixels (optional);
+    - ``transcripts/{sample_id}_transcripts.parquet`` — columns ``he_x, he_y, feature_name`` and optionally
+      ``qv, cell_id`` (optional; read lazily);
+    - ``xenium_seg/{sample_id}_xenium_cell_seg.parquet`` — cell polygons in a ``geometry`` column (GeoParquet or
+      WKB), cell ids in a ``cell_id`` column or the index (optional).
+
+    Missing optional files are skipped with an info message of the ``"dbk"`` logger.
+
+    Parameters
+    ----------
+    root
+        The HEST download folder (holding ``wsis/``, ``metadata/``, ...).
+    sample_id
+        HEST sample id, e.g. ``"TENX95"``.
+    load_transcripts
+        Read the transcripts (lazily) when present.
+    load_cells
+        Read the cell segmentation when present.
+
+    Returns
+    -------
+    A SpatialData object, everything in H&E level-0 pixels (coordinate system ``"global"``) with a ``Scale`` to
+    ``"um"`` holding the pixel size:
+
+    - ``images["he"]``: uint8 RGB ``(c, y, x)``, one scale per pyramid level of the file;
+    - ``shapes["spots"]`` and ``tables["table"]``: spot circles (radius ``spot_diameter / 2``, else
+      ``0.55 * inter_spot_dist / 2``, else 55 µm Visium spots) and the spots x genes table annotating them, raw
+      counts in ``X`` (sparse CSR) and ``layers["counts"]``, ``obs["sample"]``, ``obsm["spatial"]``;
+    - ``points["transcripts"]``: columns ``x, y, feature_name`` (categorical), ``qv``, ``cell_id`` where present;
+    - ``shapes["cells"]``: cell polygons indexed by cell id;
+    - ``attrs["hest_metadata"]``: the metadata json (non-finite numbers replaced by ``None``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the H&E image or the metadata json is missing.
+    ValueError
+        If the metadata gives no usable pixel size, or a present file lacks required columns.
+    """
+    root = Path(root)
+    wsi_path = require_file(root / "wsis" / f"{sample_id}.tif", f"HEST H&E image of sample {sample_id!r}")
+    meta_path = require_file(
+        root / "metadata" / f"{sample_id}.json", f"HEST metadata json of sample {sample_id!r} (needed for pixel size)"
+    )
+    with open(meta_path) as f:
+        metadata = _json_safe(json.load(f))
+    pixel_size_um = _pixel_size(metadata, meta_path)
+
+    images = {IMAGE_KEY: open_he_image(wsi_path, what=f"HEST H&E image of sample {sample_id!r}")}
+    shapes: dict[str, Any] = {}
+    points: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
+
+    st_path = root / "st" / f"{sample_id}.h5ad"
+    if st_path.is_file():
+        radius_px = _spot_radius_um(metadata) / pixel_size_um
+        adata = _read_spot_table(st_path, sample_id)
+        shapes[SPOTS_KEY] = spot_circles(np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64), radius_px)
+        tables[TABLE_KEY] = spot_table(adata, region=SPOTS_KEY)
+    else:
+        logger.info(f"{sample_id}: no spot table ({st_path}); reading without spots.")
+
+    tx_path = root / "transcripts" / f"{sample_id}_transcripts.parquet"
+    if not load_transcripts:
+        pass
+    elif tx_path.is_file():
+        points[TRANSCRIPTS_KEY] = read_transcripts_parquet(tx_path)
+    else:
+        logger.info(f"{sample_id}: no transcripts ({tx_path}); reading without transcripts.")
+
+    cells_path = root / "xenium_seg" / f"{sample_id}_xenium_cell_seg.parquet"
+    if not load_cells:
+        pass
+    elif cells_path.is_file():
+        shapes[CELLS_KEY] = read_cell_polygons(cells_path)
+    else:
+        logger.info(f"{sample_id}: no cell segmentation ({cells_path}); reading without cells.")
+
+    sdata = SpatialData(images=images, shapes=shapes, points=points, tables=tables)
+    set_pixel_size(sdata, IMAGE_KEY, pixel_size_um=pixel_size_um, elements=[*shapes, *points])
+    sdata.attrs[HEST_METADATA_KEY] = metadata
+    return sdata
+
+
+def read_transcripts_parquet(path: str | os.PathLike) -> Any:
+    """Read HEST transcripts lazily as a ``PointsModel`` element in H&E pixels.
+
+    Only the needed columns are read (``he_x, he_y, feature_name`` and, where present, ``qv, cell_id``), with
+    ``dask.dataframe.read_parquet``. The gene categories are collected in one streaming pass over the
+    ``feature_name`` column (row group by row group), so the categorical is known without loading the points.
+
+    Parameters
+    ----------
+    path
+        The ``*_transcripts.parquet`` file.
+
+    Returns
+    -------
+    A dask DataFrame with columns ``x, y`` (from ``he_x, he_y``), ``feature_name`` (categorical), and ``qv``,
+    ``cell_id`` where present; identity transform to ``"global"``.
+    """
+    path = require_file(path, "HEST transcripts parquet")
+    schema = pq.read_schema(path)
+    missing = [c for c in (*_TRANSCRIPT_XY, GENE_COL) if c not in schema.names]
+    if missing:
+        raise ValueError(
+            f"{path} lacks column(s) {missing} (has {schema.names}); HEST transcripts need he_x, he_y (H&E pixels) "
+            "and feature_name. Pass load_transcripts=False to read the sample without them."
+        )
+    columns = [*_TRANSCRIPT_XY, GENE_COL, *(c for c in (QV_COL, CELL_ID_COL) if c in schema.names)]
+    is_binary = pa.types.is_binary(schema.field(GENE_COL).type) or pa.types.is_large_binary(schema.field(GENE_COL).type)
+    categories = _parquet_unique(path, GENE_COL, decode=is_binary)
+
+    ddf = dd.read_parquet(path, columns=columns)
+    ddf = ddf.rename(columns={_TRANSCRIPT_XY[0]: "x", _TRANSCRIPT_XY[1]: "y"})
+    genes = ddf[GENE_COL]
+    if is_binary:
+        genes = genes.map_partitions(lambda s: s.str.decode("utf-8"), meta=(GENE_COL, "object"))
+    ddf[GENE_COL] = genes.astype(pd.CategoricalDtype(categories))
+    for col in ("x", "y"):
+        if not np.issubdtype(ddf[col].dtype, np.floating):
+            ddf[col] = ddf[col].astype(np.float64)
+    # sort=True: the index is not used and checking its order would read every partition
+    return PointsModel.parse(ddf, feature_key=GENE_COL, transformations={PIXEL_CS: Identity()}, sort=True)
+
+
+def read_cell_polygons(path: str | os.PathLike) -> gpd.GeoDataFrame:
+    """Read a HEST cell segmentation parquet (polygons in H&E pixels) as a ``ShapesModel`` element.
+
+    Accepts a GeoParquet file or a plain parquet whose ``geometry`` column holds WKB (or WKT); cell ids are taken
+    from a ``cell_id`` column if there is one, else from the stored index. Empty geometries are dropped (logged).
+
+    Parameters
+    ----------
+    path
+        The ``*_xenium_cell_seg.parquet`` file.
+
+    Returns
+    -------
+    A GeoDataFrame of polygons indexed by cell id (as strings), identity transform to ``"global"``.
+    """
+    path = require_file(path, "HEST cell segmentation parquet")
+    if "geometry" not in pq.read_schema(path).names:
+        raise ValueError(f"{path} has no 'geometry' column; expected cell polygons (GeoParquet or WKB).")
+    try:
+        gdf = gpd.read_parquet(path)
+    except ValueError:  # no GeoParquet metadata: a plain parquet with WKB/WKT geometries
+        df = pd.read_parquet(path)
+        raw = df.pop("geometry").to_numpy()
+        first = next((g for g in raw if g is not None), None)
+        geometry = shapely.from_wkt(raw) if isinstance(first, str) else shapely.from_wkb(raw)
+        gdf = gpd.GeoDataFrame(df, geometry=geometry)
+    if CELL_ID_COL in gdf.columns:
+        gdf = gdf.set_index(CELL_ID_COL)
+    gdf.index = gdf.index.astype(str)
+    gdf.index.name = None
+    empty = gdf.geometry.isna() | gdf.geometry.is_empty
+    if empty.any():
+        logger.info(f"{path}: dropped {int(empty.sum())} empty cell geometries.")
+        gdf = gdf.loc[~empty]
+    return ShapesModel.parse(gdf, transformations={PIXEL_CS: Identity()})
+
+
+def _read_spot_table(path: Path, sample_id: str) -> ad.AnnData:
+    adata = ad.read_h5ad(path)
+    if SPATIAL_KEY not in adata.obsm:
+        raise ValueError(f"{path} has no obsm['spatial'] (spot centres in H&E pixels); cannot place the spots.")
+    adata.obs_names = adata.obs_names.astype(str)
+    if not (sparse.issparse(adata.X) and adata.X.format == "csr"):
+        adata.X = sparse.csr_matrix(adata.X)
+    adata.layers[COUNTS_LAYER] = adata.X.copy()
+    adata.obs[SAMPLE_COL] = pd.Categorical([sample_id] * adata.n_obs)
+    adata.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+    return adata
+
+
+def _pixel_size(metadata: dict, meta_path: Path) -> float:
+    for key in _PIXEL_SIZE_KEYS:
+        value = _positive_number(metadata.get(key))
+        if value is not None:
+            logger.debug(f"Pixel size {value} µm/px from {key!r} in {meta_path}.")
+            return value
+    raise ValueError(
+        f"No usable pixel size in {meta_path}: keys {list(_PIXEL_SIZE_KEYS)} are missing or not positive numbers "
+        f"({ {k: metadata.get(k) for k in _PIXEL_SIZE_KEYS} })."
+    )
+
+
+def _spot_radius_um(metadata: dict) -> float:
+    diameter = _positive_number(metadata.get("spot_diameter"))
+    if diameter is not None:
+        return diameter / 2.0
+    pitch = _positive_number(metadata.get("inter_spot_dist"))
+    if pitch is not None:
+        logger.info(
+            f"No spot_diameter in the HEST metadata; assuming Visium geometry, diameter = {VISIUM_DIAMETER_PER_PITCH}"
+            f" x inter_spot_dist = {VISIUM_DIAMETER_PER_PITCH * pitch:g} µm."
+        )
+        return VISIUM_DIAMETER_PER_PITCH * pitch / 2.0
+    logger.info(f"No spot size in the HEST metadata; assuming Visium spots of {VISIUM_SPOT_DIAMETER_UM:g} µm.")
+    return VISIUM_SPOT_DIAMETER_UM / 2.0
+
+
+def _positive_number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats (json NaN/Infinity) by None so the dict writes to zarr attributes."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _parquet_unique(path: Path, column: str, *, decode: bool) -> list[str]:
+    """Sorted unique values of one parquet column, streamed row group by row group."""
+    uniques: set = set()
+    for batch in pq.ParquetFile(path).iter_batches(columns=[column]):
+        values = batch.column(0)
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
+        uniques.update(pc.unique(values).to_pylist())
+    uniques.discard(None)
+    if decode:
+        uniques = {v.decode("utf-8") for v in uniques}
+    return sorted(uniques)
