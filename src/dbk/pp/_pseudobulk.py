@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Literal
 
 import anndata as ad
@@ -36,11 +37,11 @@ from .._image import affine_to_image_pixels
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
-from ._binning import TileLookup
+from ._binning import TileLookup, count_kernel
 from ._normalize import normalize
 from ._tiles import tile_bounds
 
-_DENSE_LIMIT = 1 << 24  # tiles x local genes up to which a partition is counted with bincount
+_KERNEL_BYTES = 4 << 30
 
 
 def is_control_probe(name: str) -> bool:
@@ -193,6 +194,29 @@ def _gene_filter(names, genes: list[str] | None, keep_controls: bool) -> list[st
     return [n for n in names if keep_controls or not is_control_probe(n)]
 
 
+def _gene_codes(g: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (-1 for missing) and the category names of a gene column, without a Python loop."""
+    if isinstance(g.dtype, pd.CategoricalDtype):
+        return g.cat.codes.to_numpy().astype(np.int64), np.asarray(g.cat.categories.astype(str))
+    if isinstance(g.dtype, pd.ArrowDtype) or str(g.dtype).startswith("string"):
+        try:  # arrow-backed strings: dictionary-encode in C++ (several times faster than pandas' factorize)
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            arr = g.array._pa_array if hasattr(g.array, "_pa_array") else pa.array(g)
+            enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) else (
+                pc.dictionary_encode(arr))
+            codes = enc.indices.to_numpy(zero_copy_only=False)
+            codes = np.where(np.isnan(codes), -1, codes).astype(np.int64) if codes.dtype.kind == "f" else codes
+            names = enc.dictionary.to_numpy(zero_copy_only=False)
+            return codes.astype(np.int64), np.asarray([n.decode() if isinstance(n, bytes) else str(n) for n in names])
+        except (ImportError, AttributeError, TypeError):
+            pass
+    codes, uniques = pd.factorize(g)
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in uniques]
+    return codes.astype(np.int64), np.asarray(names, dtype=object)
+
+
 def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls):
     if points_key not in sdata.points:
         raise KeyError(f"No points {points_key!r} in sdata.points; available: {list(sdata.points)}.")
@@ -213,70 +237,76 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         if len(set(genes)) != len(genes):
             raise ValueError("genes contains duplicates.")
         gene_index = {g: i for i, g in enumerate(genes)}
-    rows, cols_, vals = [], [], []
 
-    def bin_partition(df: pd.DataFrame):
-        x = df["x"].to_numpy(dtype=np.float64)
-        y = df["y"].to_numpy(dtype=np.float64)
-        if not np.allclose(m, np.eye(3)):
-            x, y = m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
-        keep = None
-        if use_qv:
-            keep = df[qv_key].to_numpy() >= min_qv
-        g = df[gene_key]
-        if not isinstance(g.dtype, pd.CategoricalDtype):
-            g = g.astype("category")
-        codes = g.cat.codes.to_numpy().astype(np.int64)
-        cats = np.asarray(g.cat.categories.astype(str))
-        if keep is not None:
-            x, y, codes = x[keep], y[keep], codes[keep]
-        p, t = lookup.assign(x, y)
-        c = codes[p]
-        nl = max(len(cats), 1)
-        key = t * nl + c
-        key = key[c >= 0]
-        if n_tiles * nl <= _DENSE_LIMIT:
-            bc = np.bincount(key, minlength=n_tiles * nl)
-            nz = np.nonzero(bc)[0]
-            uniq, cnt = nz, bc[nz]
-        else:
-            uniq, cnt = np.unique(key, return_counts=True)
-        return uniq // nl, cats[uniq % nl], cnt.astype(np.int64)
+    affine = m[:2].copy()
+    local = threading.local()
+    accs: list[_ThreadCounts] = []
+    lock = threading.Lock()
+
+    def bin_partition(df: pd.DataFrame) -> int:
+        acc = getattr(local, "acc", None)
+        if acc is None:
+            acc = local.acc = _ThreadCounts(n_tiles, dict(gene_index), fixed=genes is not None)
+            with lock:
+                accs.append(acc)
+        codes, cats = _gene_codes(df[gene_key])
+        lut = acc.lut(cats, keep_controls)
+        x = df["x"].to_numpy()
+        y = df["y"].to_numpy()
+        qv = df[qv_key].to_numpy() if use_qv else np.zeros(0, np.float32)
+        return count_kernel(x, y, qv, codes, lut, float(min_qv) if use_qv else 0.0, affine, lookup.ox,
+                            lookup.oy, lookup.size, lookup.table, lookup.bounds, lookup.aligned, acc.counts)
 
     parts = points[cols].to_delayed()
     batch = max(1, 2 * _n_threads())
+    n_counted = 0
     with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar:
         for start in range(0, len(parts), batch):
-            results = dask.compute(*[dask.delayed(bin_partition)(d) for d in parts[start : start + batch]])
-            for t, names, cnt in results:
-                # map partition-local gene names to global columns (growing the panel unless genes were given)
-                gidx = np.empty(len(names), dtype=np.int64)
-                for j, name in enumerate(names):
-                    if name not in gene_index:
-                        if genes is not None or (not keep_controls and is_control_probe(name)):
-                            gidx[j] = -1
-                            continue
-                        gene_index[name] = len(gene_index)
-                    gidx[j] = gene_index[name]
-                ok = gidx >= 0
-                rows.append(t[ok])
-                cols_.append(gidx[ok])
-                vals.append(cnt[ok])
-            bar.update(len(results))
-    names = list(gene_index) if genes is None else list(genes)
-    if genes is None:
-        # a stable, readable gene order: alphabetical
-        order = np.argsort(np.asarray(names, dtype=object).astype(str), kind="stable")
-        remap = np.empty(len(names), dtype=np.int64)
-        remap[order] = np.arange(len(names))
-        names = [names[i] for i in order]
-        cols_ = [remap[c] for c in cols_]
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols_) if cols_ else np.zeros(0, np.int64)
-    v = np.concatenate(vals) if vals else np.zeros(0, np.int64)
-    counts = sp.coo_matrix((v, (r, c)), shape=(n_tiles, len(names)), dtype=np.int64).tocsr()
-    counts.sum_duplicates()
+            done = dask.compute(*[dask.delayed(bin_partition)(d) for d in parts[start : start + batch]])
+            n_counted += int(sum(done))
+            bar.update(len(done))
+    # merge the per-thread tables by gene name
+    names: list[str] = list(gene_index) if genes is not None else sorted({g for a in accs for g in a.index})
+    col = {g: i for i, g in enumerate(names)}
+    total = np.zeros((n_tiles, len(names)), dtype=np.int64)
+    for a in accs:
+        src = [(j, col[g]) for g, j in a.index.items() if g in col]
+        if src:
+            js, cs = map(np.asarray, zip(*src, strict=True))
+            total[:, cs] += a.counts[:, js]
+    counts = sp.csr_matrix(total)
+    if int(counts.sum()) != n_counted:  # every increment is one transcript in one tile
+        raise RuntimeError(f"pseudobulk: internal count mismatch ({int(counts.sum())} vs {n_counted}).")
     return counts, names
+
+
+class _ThreadCounts:
+    """One worker thread's tiles x genes counts, with its own growing gene index (no locks in the hot loop)."""
+
+    def __init__(self, n_tiles: int, index: dict[str, int], *, fixed: bool) -> None:
+        self.index, self.fixed = index, fixed
+        self.counts = np.zeros((n_tiles, max(len(index), 64)), dtype=np.int64)
+
+    def lut(self, cats, keep_controls: bool) -> np.ndarray:
+        lut = np.full(len(cats), -1, dtype=np.int64)
+        for j, name in enumerate(cats):
+            g = self.index.get(name)
+            if g is None:
+                if self.fixed or (not keep_controls and is_control_probe(name)):
+                    continue
+                g = self.index[name] = len(self.index)
+            lut[j] = g
+        if len(self.index) > self.counts.shape[1]:
+            need = self.counts.shape[0] * len(self.index) * 8
+            if need > _KERNEL_BYTES:
+                raise MemoryError(
+                    f"pseudobulk: {self.counts.shape[0]:,} tiles x {len(self.index):,} genes needs {need / 2**30:.1f} "
+                    "GiB per thread; pass genes= (e.g. a panel or the top variable genes) or use fewer tiles."
+                )
+            grown = np.zeros((self.counts.shape[0], max(len(self.index), 2 * self.counts.shape[1])), np.int64)
+            grown[:, : self.counts.shape[1]] = self.counts
+            self.counts = grown
+        return lut
 
 
 def _n_threads() -> int:
