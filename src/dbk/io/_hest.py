@@ -177,7 +177,8 @@ def read_transcripts_parquet(path: str | os.PathLike) -> Any:
     is_binary = pa.types.is_binary(schema.field(GENE_COL).type) or pa.types.is_large_binary(schema.field(GENE_COL).type)
     categories = _parquet_unique(path, GENE_COL, decode=is_binary)
 
-    ddf = dd.read_parquet(path, columns=columns)
+    # one partition per row group: bounded memory when the points are streamed
+    ddf = dd.read_parquet(path, columns=columns, split_row_groups=True)
     ddf = ddf.rename(columns={_TRANSCRIPT_XY[0]: "x", _TRANSCRIPT_XY[1]: "y"})
     genes = ddf[GENE_COL]
     if is_binary:

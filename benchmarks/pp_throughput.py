@@ -1,0 +1,225 @@
+"""Pseudo-bulk throughput: dbk vs spatialdata.aggregate vs HEST-style dense pooling vs the parquet read floor.
+
+Each method runs in its own process, from a Xenium/HEST-like ``transcripts.parquet`` on disk, and reports wall time
+(from opening the file to the tiles x genes table, imports excluded), transcripts/s, peak RSS of the process and the
+total it counted. The expected total -- non-control transcripts with qv >= 20 inside the tiles -- is computed
+independently with pyarrow; "exact" says whether a method's total equals it.
+
+    python benchmarks/pp_throughput.py                       # 1 M, 10 M, 50 M (files cached in benchmarks/_data)
+    python benchmarks/pp_throughput.py --sizes 1e6 --methods dbk,floor
+
+Methods
+- floor: stream the four needed columns (he_x, he_y, feature_name, qv) with pyarrow, doing nothing else.
+- dbk: dask.read_parquet -> PointsModel -> SpatialData with a lazy image -> dbk.pp.make_tiles -> dbk.pp.pseudobulk.
+- aggregate: spatialdata.aggregate(values="transcripts", by=the dbk tiles, value_key="feature_name", agg_func="count")
+  after filtering qv and control probes; only up to --aggregate-max transcripts.
+- hest: HEST-style pooling (as in HEST's pool_transcripts_xenium): load the whole table with pandas, floor-divide
+  coordinates into a grid aligned with the dbk tiles, np.add.at into a dense uint16 (tiles x genes) grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+COLS = ["he_x", "he_y", "feature_name", "qv"]
+CONTROL_PREFIXES = ("NegControlProbe_", "NegControlCodeword_", "BLANK_", "UnassignedCodeword_",
+                    "DeprecatedCodeword_", "Intergenic_Region_", "antisense_")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def expected_total(path: str, width: int) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    total = 0
+    for b in pq.ParquetFile(path).iter_batches(columns=COLS, batch_size=1 << 20):
+        ok = pc.greater_equal(b["qv"], 20)
+        name = b["feature_name"]
+        for p in CONTROL_PREFIXES:
+            ok = pc.and_(ok, pc.invert(pc.starts_with(name, p)))
+        for c in ("he_x", "he_y"):
+            ok = pc.and_(ok, pc.and_(pc.greater_equal(b[c], 0), pc.less(b[c], width)))
+        total += int(pc.sum(pc.cast(ok, "int64")).as_py() or 0)
+    return total
+
+
+def w_floor(path: str, width: int) -> dict:
+    import pyarrow.parquet as pq
+
+    t = time.perf_counter()
+    n = 0
+    for b in pq.ParquetFile(path).iter_batches(columns=COLS, batch_size=1 << 20):
+        n += b.num_rows
+    return {"wall": time.perf_counter() - t, "total": None, "rows": n}
+
+
+def _image(width: int):
+    import dask.array as da
+    import numpy as np
+
+    from dbk.io._image import image_element
+
+    # a lazy blank slide with a pyramid (like a real whole-slide TIFF), so tissue detection reads a small level
+    levels = [da.zeros((3, width >> k, width >> k), dtype=np.uint8, chunks=(3, 4096, 4096)) for k in range(0, 7)]
+    return image_element(levels)
+
+
+def _sdata(path: str, width: int, image):
+    import dask.dataframe as dd
+    from spatialdata import SpatialData
+    from spatialdata.models import PointsModel
+
+    import dbk
+
+    ddf = dd.read_parquet(path, columns=COLS, split_row_groups=True).rename(columns={"he_x": "x", "he_y": "y"})
+    points = PointsModel.parse(ddf, sort=True)  # sort=True: skip reading every partition to check the index order
+    sdata = SpatialData(images={"he": image}, points={"transcripts": points})
+    dbk.io.set_pixel_size(sdata, "he", pixel_size_um=0.5, elements=["transcripts"])
+    dbk.pp.make_tiles(sdata, tile_size_um=112.0, min_tissue_fraction=0.0)
+    return sdata
+
+
+def w_dbk(path: str, width: int) -> dict:
+    import dbk
+
+    dbk.settings.verbosity = 1
+    dbk.settings.progress = False
+    image = _image(width)  # the slide's image exists before; timing starts at the transcripts file
+    t = time.perf_counter()
+    sdata = _sdata(path, width, image)
+    dbk.pp.pseudobulk(sdata)
+    table = sdata.tables["dbk_table"]
+    return {"wall": time.perf_counter() - t, "total": int(table.layers["counts"].sum()), "tiles": table.n_obs}
+
+
+def w_aggregate(path: str, width: int) -> dict:
+    import dask.dataframe as dd
+    import spatialdata as sd
+    from spatialdata.models import PointsModel
+
+    import dbk
+
+    dbk.settings.verbosity = 1
+    image = _image(width)
+    t = time.perf_counter()
+    sdata = _sdata(path, width, image)
+    pts = sdata.points["transcripts"]
+    pts = pts[pts["qv"] >= 20]
+    pts = pts[~pts["feature_name"].str.startswith(CONTROL_PREFIXES)]
+    pts = pts.assign(feature_name=pts["feature_name"].astype("category"))
+    pts = dd.from_pandas(pts.compute(), npartitions=max(1, pts.npartitions))
+    from spatialdata.transformations import get_transformation
+
+    sdata.points["transcripts"] = PointsModel.parse(
+        pts, feature_key="feature_name",
+        transformations=dict(get_transformation(sdata.points["transcripts"], get_all=True)),
+    )
+    out = sd.aggregate(values_sdata=sdata, values="transcripts", by=sdata["dbk_tiles"],
+                       value_key="feature_name", agg_func="count", target_coordinate_system="global")
+    table = out.tables["table"]
+    return {"wall": time.perf_counter() - t, "total": int(table.X.sum()), "tiles": table.n_obs}
+
+
+def w_hest(path: str, width: int) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    t = time.perf_counter()
+    df = pd.read_parquet(path, columns=COLS)
+    df = df[(df["qv"] >= 20) & ~df["feature_name"].str.startswith(CONTROL_PREFIXES)]
+    size = 224.0
+    n = int(np.ceil(width / size))
+    a = np.floor(df["he_x"].to_numpy() / size).astype(int)
+    b = np.floor(df["he_y"].to_numpy() / size).astype(int)
+    features = pd.Index(df["feature_name"].unique())
+    cols = features.get_indexer(df["feature_name"])
+    grid = np.zeros((n * n, len(features)), dtype=np.uint16)  # HEST's dtype: wraps past 65,535 per bin and gene
+    np.add.at(grid, (b * n + a, cols), 1)
+    return {"wall": time.perf_counter() - t, "total": int(grid.sum(dtype=np.int64)), "tiles": n * n}
+
+
+WORKERS = {"floor": w_floor, "dbk": w_dbk, "aggregate": w_aggregate, "hest": w_hest}
+
+
+def run_worker(method: str, path: str, width: int, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--file", path, "--width", str(width)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {timeout:.0f} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr.strip().splitlines() or ["?"])[-1][:80]
+        return {"error": f"failed (rc {out.returncode}): {tail}"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 5e7])
+    ap.add_argument("--methods", default="floor,dbk,aggregate,hest")
+    ap.add_argument("--data", default=str(HERE / "_data"))
+    ap.add_argument("--aggregate-max", type=float, default=1e7, help="largest size to run spatialdata.aggregate on")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--worker")
+    ap.add_argument("--file")
+    ap.add_argument("--width", type=int)
+    args = ap.parse_args()
+    if args.worker:
+        res = WORKERS[args.worker](args.file, args.width)
+        res["rss_mb"] = _peak_rss_mb()
+        print(json.dumps(res))
+        return
+
+    import _transcripts_file as tf
+
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    rows = []
+    for size in args.sizes:
+        n = int(size)
+        side, width = tf.layout(n)
+        path = data / f"transcripts_{n}.parquet"
+        if not path.exists():
+            print(f"writing {path} ({n:,} transcripts) ...", flush=True)
+            tf.write(path, n)
+        expected = expected_total(str(path), width)
+        for m in methods:
+            if m == "aggregate" and n > args.aggregate_max:
+                note = f"> --aggregate-max {args.aggregate_max:.0e}"
+                rows.append((f"{n:,}", side * side, m, "not run", "", "", "", note))
+                continue
+            r = run_worker(m, str(path), width, args.timeout)
+            if "error" in r:
+                rows.append((f"{n:,}", side * side, m, "-", "-", "-", "-", r["error"]))
+                continue
+            total = r.get("total")
+            exact = "-" if total is None else ("yes" if total == expected else f"no ({total - expected:+,})")
+            rows.append((f"{n:,}", side * side, m, f"{r['wall']:.2f}", f"{n / r['wall'] / 1e6:.1f}",
+                         f"{r['rss_mb']:.0f}", "-" if total is None else f"{total:,}", exact))
+            print(rows[-1], flush=True)
+        rows.append((f"{n:,}", side * side, "(expected)", "", "", "", f"{expected:,}", ""))
+    header = ("transcripts", "tiles", "method", "wall s", "M tx/s", "peak RSS MB", "counted", "exact")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print()
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(f"{str(v):>{w}}" for v, w in zip(r, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
