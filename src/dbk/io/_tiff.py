@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+import numpy as np
 
 import dask.array as da
 import tifffile
@@ -35,14 +38,60 @@ def read_tiff_levels(path: str | Path) -> list[da.Array]:
     ValueError
         If the image has more dimensions than channels, y and x (e.g. several z planes or time points).
     """
-    tif = tifffile.TiffFile(path)
-    series = tif.series[0]
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        meta = [(lvl.shape, lvl.dtype, lvl.axes, _chunks_of(series, i)) for i, lvl in enumerate(series.levels)]
     levels = []
-    for i, level in enumerate(series.levels):
-        arr = da.from_zarr(zarr.open(series.aszarr(level=i), mode="r"))
-        levels.append(_to_cyx(arr, level.axes, path))
+    for i, (shape, dtype, axes, chunks) in enumerate(meta):
+        reader = TiffLevel(str(path), i, shape, dtype)
+        arr = da.from_array(reader, chunks=chunks, asarray=True, fancy=False, name=f"tiff-{Path(path).name}-{i}-"
+                            f"{abs(hash((str(Path(path).resolve()), i, Path(path).stat().st_mtime_ns)))}")
+        levels.append(_to_cyx(arr, axes, path))
     logger.debug(f"{path}: {len(levels)} pyramid level(s), shapes {[lvl.shape for lvl in levels]}")
     return levels
+
+
+class TiffLevel:
+    """One pyramid level of a TIFF as a sliceable array that is safe across processes and threads.
+
+    The file is opened lazily, once per process (a forked DataLoader worker must not share the parent's file
+    offset: interleaved seek/read from two processes returns garbage), and never pickled open.
+    """
+
+    def __init__(self, path: str, level: int, shape: tuple[int, ...], dtype) -> None:
+        self.path, self.level, self.shape, self.dtype = path, level, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._pid: int | None = None
+        self._array = None
+        self._tif = None
+
+    def _open(self):
+        pid = os.getpid()
+        if self._array is None or self._pid != pid:
+            self._tif = tifffile.TiffFile(self.path)
+            self._array = zarr.open(self._tif.series[0].aszarr(level=self.level), mode="r")
+            self._pid = pid
+        return self._array
+
+    def __getitem__(self, key):
+        return self._open()[key]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_array"] = state["_tif"] = state["_pid"] = None
+        return state
+
+
+def _chunks_of(series, level: int) -> tuple[int, ...]:
+    """The file's own tile (or strip) shape for a level, as dask chunks; whole rows for untiled files."""
+    page = series.levels[level].pages[0]
+    shape = series.levels[level].shape
+    axes = series.levels[level].axes
+    if getattr(page, "is_tiled", False):
+        th, tw = page.tilelength, page.tilewidth
+    else:
+        th, tw = max(1, getattr(page, "rowsperstrip", 0) or 256), shape[axes.index("X")]
+    return tuple(th if ax == "Y" else tw if ax == "X" else n for ax, n in zip(axes, shape, strict=True))
 
 
 def _to_cyx(arr: da.Array, axes: str, path: str | Path) -> da.Array:

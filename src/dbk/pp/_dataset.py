@@ -268,8 +268,8 @@ class TileDataset:
             logger.info(f"TileDataset: cache {path} does not match these tiles; rebuilding it.")
         with atomic_path(path) as tmp:
             arr = zarr.open_array(str(tmp), mode="w", shape=(len(self), self.size_px, self.size_px, 3),
-                                  chunks=(min(64, len(self)), self.size_px, self.size_px, 3), dtype="uint8")
-            step = arr.chunks[0]
+                                  chunks=(1, self.size_px, self.size_px, 3), dtype="uint8")
+            step = 64  # one chunk per tile: random access reads exactly one tile
             for s in tqdm(range(0, len(self), step), desc="tile cache", disable=not settings.progress):
                 arr[s : s + step] = np.stack([self.read(i) for i in range(s, min(s + step, len(self)))])
             arr.attrs["fingerprint"] = fp
