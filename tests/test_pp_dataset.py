@@ -162,3 +162,25 @@ def test_select_genes_variance_and_mean():
     a = _table(["flat", "var", "high"], counts, "s")
     assert dbk.pp.select_genes(a, n_top=1) == ["var"]
     assert dbk.pp.select_genes(a, n_top=2, flavor="mean") == ["high", "var"]
+
+
+def test_tile_dataset_tiff_workers_match(tmp_path):
+    """Forked DataLoader workers read a (JPEG-tiled, pyramidal) TIFF correctly: same tiles as in-process."""
+    import tifffile
+    import torch
+
+    rng = np.random.default_rng(0)
+    img = (rng.integers(0, 60, (1024, 1024, 3)) + np.linspace(0, 190, 1024)[None, :, None]).astype(np.uint8)
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, tile=(128, 128), compression="jpeg", photometric="rgb", subifds=1)
+        tw.write(img[::2, ::2], tile=(128, 128), compression="jpeg", photometric="rgb", subfiletype=1)
+    sdata = dbk.io.read_image(path, pixel_size_um=0.5)
+    dbk.pp.make_tiles(sdata, tile_size_um=32.0, min_tissue_fraction=0.0)
+    ds = dbk.pp.TileDataset(sdata, size_px=64)
+    a = torch.cat([b["image"] for b in torch.utils.data.DataLoader(ds, batch_size=8, num_workers=0)])
+    b = torch.cat([b["image"] for b in torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)])
+    assert len(a) == len(ds) == 256 and torch.equal(a, b)
+    x0, y0, x1, y1 = dbk.pp.tile_bounds(sdata)[5]
+    ref = tifffile.imread(path)[y0:y1, x0:x1].transpose(2, 0, 1)
+    np.testing.assert_array_equal(a[5].numpy(), ref)
