@@ -170,3 +170,71 @@ def test_normalize():
     np.testing.assert_allclose(a.X, np.log1p([[1, 3, 0], [0, 0, 0]]), rtol=1e-6)
     with pytest.raises(ValueError, match="negative"):
         dbk.pp.normalize(ad.AnnData(np.array([[-1.0, 2.0]])))
+
+
+def test_bad_inputs_give_clear_errors(caplog):
+    import pandas as pd
+    from spatialdata.transformations import Identity, set_transformation
+
+    # no pixel size: a µm tile size cannot be converted
+    sdata, _ = make_sdata(1000)
+    from spatialdata.transformations import get_transformation
+
+    image = sdata.images["he"]
+    for name in list(image.children):
+        image[name]["image"].attrs["transform"] = {"global": Identity()}
+    with pytest.raises(ValueError, match="has no pixel size .*set_pixel_size"):
+        dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    assert "um" not in get_transformation(sdata.images["he"], get_all=True)
+
+    # transcripts in a coordinate system the image is not in
+    sdata, _ = make_sdata(1000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    set_transformation(sdata.points["transcripts"], {"aligned": Identity()}, set_all=True)
+    with pytest.raises(ValueError, match="share no coordinate system"):
+        dbk.pp.pseudobulk(sdata)
+
+    # empty tissue (a blank slide)
+    sdata, _ = make_sdata(1000)
+    import dask.array as da
+    from spatialdata.models import Image2DModel
+
+    sdata.images["he"] = Image2DModel.parse(da.full((3, 1000, 1400), 245, dtype="uint8"), dims=("c", "y", "x"))
+    dbk._image.set_pixel_size(sdata, "he", pixel_size_um=0.5)
+    with pytest.raises(ValueError, match="No tile of 112 px has tissue fraction"):
+        dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+
+    # negative / NaN counts in a cell table
+    sdata, _ = make_sdata(1000)
+    add_cells(sdata)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    sdata.tables["table"].X = sdata.tables["table"].X.astype(float)
+    sdata.tables["table"].X[0, 0] = -1
+    with pytest.raises(ValueError, match="Negative counts"):
+        dbk.pp.pseudobulk(sdata, source="cells")
+    sdata.tables["table"].X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite counts"):
+        dbk.pp.pseudobulk(sdata, source="cells")
+
+    # NaN transcript coordinates: not counted, and said so
+    sdata, df = make_sdata(5000)
+    pts = sdata.points["transcripts"].compute()
+    pts.loc[pts.index[:7], "x"] = np.nan
+    from spatialdata.models import PointsModel
+
+    sdata.points["transcripts"] = PointsModel.parse(pts, transformations=dict(
+        get_transformation(sdata.images["he"], get_all=True)))
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0, min_tissue_fraction=0.0)
+    import logging
+
+    logger = logging.getLogger("dbk")
+    logger.addHandler(caplog.handler)
+    try:
+        dbk.pp.pseudobulk(sdata, min_qv=None, keep_controls=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "7 transcripts of 'transcripts' have NaN" in caplog.text
+    b = dbk.pp.tile_bounds(sdata)
+    ok = pts["x"].notna() & (pts.x < b[:, 2].max()) & (pts.y < b[:, 3].max())
+    assert int(sdata.tables["dbk_table"].layers["counts"].sum()) == int(ok.sum())
+    assert isinstance(pts, pd.DataFrame)

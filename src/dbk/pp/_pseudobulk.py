@@ -254,6 +254,8 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         x = df["x"].to_numpy()
         y = df["y"].to_numpy()
         qv = df[qv_key].to_numpy() if use_qv else np.zeros(0, np.float32)
+        if np.issubdtype(x.dtype, np.floating):
+            acc.n_bad += int(np.count_nonzero(~np.isfinite(x) | ~np.isfinite(y)))
         return count_kernel(x, y, qv, codes, lut, float(min_qv) if use_qv else 0.0, affine, lookup.ox,
                             lookup.oy, lookup.size, lookup.table, lookup.bounds, lookup.aligned, acc.counts)
 
@@ -265,6 +267,10 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
             done = dask.compute(*[dask.delayed(bin_partition)(d) for d in parts[start : start + batch]])
             n_counted += int(sum(done))
             bar.update(len(done))
+    n_bad = sum(a.n_bad for a in accs)
+    if n_bad:
+        logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
+                       "they lie in no tile and were not counted.")
     # merge the per-thread tables by gene name
     names: list[str] = list(gene_index) if genes is not None else sorted({g for a in accs for g in a.index})
     col = {g: i for i, g in enumerate(names)}
@@ -285,6 +291,7 @@ class _ThreadCounts:
 
     def __init__(self, n_tiles: int, index: dict[str, int], *, fixed: bool) -> None:
         self.index, self.fixed = index, fixed
+        self.n_bad = 0
         self.counts = np.zeros((n_tiles, max(len(index), 64)), dtype=np.int64)
 
     def lut(self, cats, keep_controls: bool) -> np.ndarray:
