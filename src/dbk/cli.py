@@ -30,11 +30,12 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
 
     import dbk
     from dbk._constants import QV_COL, TILES_TABLE_KEY
-    from dbk._utils import atomic_path
     from dbk.pp._binning import TileLookup
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    verbosity = dbk.settings.verbosity
+    dbk.settings.verbosity = 1  # warnings only: the progress bar and the tables below tell the story
     timings: list[tuple] = []
     stages = ["synthetic slide", "tissue mask", "tiles", "pseudo-bulk", "exactness check", "figures", "write zarr"]
     bar = tqdm(total=len(stages), desc="dbk demo", unit="stage")
@@ -84,10 +85,7 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
     figs = stage("figures", figures)
 
     def write():
-        target = out / "demo.zarr"
-        with atomic_path(target) as tmp:
-            sdata.write(tmp)
-        return target
+        return dbk.io.write_zarr(sdata, out / "demo.zarr")
 
     zarr_path = stage("write zarr", write)
     bar.close()
@@ -109,6 +107,7 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
     print(f"\nFigures: {', '.join(str(p) for p in figs)}")
     print(f"SpatialData: {zarr_path}")
     print("(Model stages -- fit_diffbulk, predict, evaluate -- join this demo as they land.)")
+    dbk.settings.verbosity = verbosity
     if brute != table_total:
         raise SystemExit("pseudo-bulk total differs from the brute-force count")
     return {"timings": timings, "summary": summary}

@@ -1,9 +1,10 @@
-"""Readers: HEST-1k samples, legacy ST / Visium-style folders and plain H&E images, each into a SpatialData object."""
+"""Readers (HEST-1k samples, legacy ST / Visium-style folders, plain H&E images) into SpatialData; atomic writes."""
 
 from .._image import get_pixel_size, set_pixel_size
 from ._hest import read_hest
 from ._image import read_image
 from ._st import estimate_pixel_size, read_st, read_st_folder
+from ._write import write_zarr
 
 __all__ = [
     "estimate_pixel_size",
@@ -13,4 +14,5 @@ __all__ = [
     "read_st",
     "read_st_folder",
     "set_pixel_size",
+    "write_zarr",
 ]
