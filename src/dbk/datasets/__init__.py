@@ -1,1 +1,6 @@
-"""placeholder."""
+"""Datasets: synthetic Xenium-like slides (offline, seeded) and public samples (HEST-1k) downloaded with pooch."""
+
+from ._hest import hest
+from ._synthetic import synthetic
+
+__all__ = ["hest", "synthetic"]
