@@ -25,7 +25,7 @@ CONTROLS = [f"NegControlProbe_{i:05d}" for i in range(10)] + [f"BLANK_{i:04d}" f
 def layout(n_transcripts: int) -> tuple[int, int]:
     """(tiles per side, image side in px) so that tiles are 2.5k at 1 M ... 40k at 50 M (~1,250 per tile)."""
     n_tiles = {1_000_000: 2_500, 10_000_000: 10_000, 50_000_000: 40_000}.get(n_transcripts, n_transcripts // 1250)
-    side = max(2, int(math.isqrt(max(n_tiles, 4))))
+    side = max(2, math.isqrt(max(n_tiles, 4)))
     return side, side * TILE_PX
 
 

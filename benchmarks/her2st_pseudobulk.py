@@ -58,7 +58,7 @@ def main() -> None:
               "s")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(f"{str(v):>{w}}" for v, w in zip(r, widths, strict=True)))
+        print("  ".join(f"{v!s:>{w}}" for v, w in zip(r, widths, strict=True)))
     union = dbk.pp.concat(tables)
     inter = dbk.pp.concat(tables, genes="intersection")
     m = dbk.pp.measured_mask(union)

@@ -218,7 +218,7 @@ def main() -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
     for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(f"{str(v):>{w}}" for v, w in zip(r, widths, strict=True)))
+        print("  ".join(f"{v!s:>{w}}" for v, w in zip(r, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def test_bad_inputs_give_clear_errors(caplog):
         dbk.pp.pseudobulk(sdata, source="cells")
 
     # NaN transcript coordinates: not counted, and said so
-    sdata, df = make_sdata(5000)
+    sdata, _ = make_sdata(5000)
     pts = sdata.points["transcripts"].compute()
     pts.loc[pts.index[:7], "x"] = np.nan
     from spatialdata.models import PointsModel

@@ -71,7 +71,8 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
     n_all, n_kept, brute, table_total, _ = stage("exactness check", exact)
 
     def figures():
-        genes = [g for g in ("ERBB2", "KRT5", "PTPRC", "COL1A1") if g in adata.var_names][:2] or list(adata.var_names[:2])
+        markers = [g for g in ("ERBB2", "KRT5", "PTPRC", "COL1A1") if g in adata.var_names]
+        genes = markers[:2] or list(adata.var_names[:2])
         paths = []
         for color in ["n_transcripts", *genes]:
             p = out / f"tiles_{color}.png"

@@ -6,9 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-
 import dask.array as da
+import numpy as np
 import tifffile
 import zarr
 

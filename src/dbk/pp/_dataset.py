@@ -263,7 +263,7 @@ class TileDataset:
                 if arr.attrs.get("fingerprint") == fp and arr.shape == (len(self), self.size_px, self.size_px, 3):
                     logger.info(f"TileDataset: using tile cache {path}.")
                     return arr
-            except Exception as err:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
+            except Exception as err:
                 logger.warning(f"TileDataset: cache {path} unreadable ({err}); rebuilding it.")
             logger.info(f"TileDataset: cache {path} does not match these tiles; rebuilding it.")
         with atomic_path(path) as tmp:

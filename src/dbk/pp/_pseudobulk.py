@@ -327,7 +327,7 @@ def _annotating_table(sdata: SpatialData, element_key: str, table_key: str | Non
         if table_key not in sdata.tables:
             raise KeyError(f"No table {table_key!r} in sdata.tables; available: {list(sdata.tables)}.")
         return sdata.tables[table_key]
-    for name, table in sdata.tables.items():
+    for table in sdata.tables.values():
         region = table.uns.get("spatialdata_attrs", {}).get("region")
         regions = [region] if isinstance(region, str) else list(region or [])
         if element_key in regions:
