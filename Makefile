@@ -1,16 +1,16 @@
 # Two commands from a fresh clone (only Python 3.11 + pip needed):
 #   make demo   -> creates .venv/, installs dbk, runs `dbk demo` on a synthetic slide
 #   make test   -> creates .venv/, installs dbk with test extras, runs the test suite offline
-# Others: make docs (Sphinx, warning-free), make tutorials, make clean-venv.
+# Others: make docs (Sphinx, warning-free), make clean-venv.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # torch and torchvision are installed first, as a pair, so no resolver pulls another multi-GB torch build.
-# Override e.g. `make demo TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"`; set TORCH_SPEC= to keep your own torch.
+# Override e.g. `make demo TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"` (in a fresh .venv).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= dbk_demo_output
 
-.PHONY: demo test docs tutorials install install-test install-doc clean-venv
+.PHONY: demo test docs install install-test install-doc clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
