@@ -1,0 +1,74 @@
+"""Measured vs predicted for one gene."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+from spatialdata import SpatialData
+
+from .._constants import PRED_KEY, TILES_TABLE_KEY
+from ._data import get_table, measured, pearson, predicted
+from ._utils import finish, new_axes
+
+
+def scatter(
+    data: SpatialData | ad.AnnData,
+    gene: str,
+    *,
+    table_key: str = TILES_TABLE_KEY,
+    pred_key: str = PRED_KEY,
+    layer: str | None = None,
+    color: str | None = None,
+    ax=None,
+    show: bool | None = None,
+    return_fig: bool = False,
+    save: str | None = None,
+):
+    """Measured (x) vs predicted (y) expression of one gene over tiles, with the identity line and Pearson r.
+
+    Parameters
+    ----------
+    data
+        The tile AnnData or a SpatialData holding it.
+    gene
+        The gene.
+    table_key
+        Tile table in ``sdata.tables``.
+    pred_key
+        Predictions in ``adata.obsm``.
+    layer
+        Layer with measured values (``X`` when ``None``).
+    color
+        An ``obs`` column to colour the points by (e.g. ``"sample"``).
+    ax
+        Axes to draw into.
+    show
+        Show the figure (default: when the backend is interactive).
+    return_fig
+        Return the figure.
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+    """
+    adata = get_table(data, table_key)
+    x, y = measured(adata, gene, layer), predicted(adata, gene, pred_key)
+    fig, (axis,) = new_axes(ax, 1, size=4.5)
+    if color is not None:
+        cats = adata.obs[color].astype("category")
+        for c in cats.cat.categories:
+            sel = (cats == c).to_numpy()
+            axis.scatter(x[sel], y[sel], s=10, alpha=0.7, label=str(c))
+        axis.legend(frameon=False, fontsize="small")
+    else:
+        axis.scatter(x, y, s=10, alpha=0.7)
+    ok = np.isfinite(x) & np.isfinite(y)
+    lo = float(min(x[ok].min(), y[ok].min())) if ok.any() else 0.0
+    hi = float(max(x[ok].max(), y[ok].max())) if ok.any() else 1.0
+    axis.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="_identity")
+    axis.set_xlabel(f"measured {gene}")
+    axis.set_ylabel(f"predicted {gene}")
+    axis.set_title(f"{gene}: r = {pearson(x, y):.2f} (n = {int(ok.sum())} tiles)")
+    return finish(fig, show=show, return_fig=return_fig, save=save)

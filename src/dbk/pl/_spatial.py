@@ -1,0 +1,143 @@
+"""Measured and predicted expression over the H&E, side by side, on one colour scale."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+from spatialdata import SpatialData
+
+from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY
+from ._data import get_table, measured, pearson, predicted
+from ._utils import finish, new_axes, thumbnail
+
+
+def spatial(
+    data: SpatialData | ad.AnnData,
+    genes: str | Sequence[str],
+    *,
+    kinds: Sequence[str] = ("measured", "predicted"),
+    image: bool = True,
+    table_key: str = TILES_TABLE_KEY,
+    tiles_key: str = TILES_KEY,
+    pred_key: str = PRED_KEY,
+    layer: str | None = None,
+    image_key: str | None = None,
+    cmap: str = "viridis",
+    vmax_quantile: float = 0.99,
+    alpha: float = 0.8,
+    ax=None,
+    show: bool | None = None,
+    return_fig: bool = False,
+    save: str | None = None,
+):
+    """Per gene, measured and predicted expression maps side by side, with one shared colour scale.
+
+    Each row is a gene and each column a kind; the predicted panel's title carries the gene's Pearson r between
+    measured and predicted over the tiles.
+
+    Parameters
+    ----------
+    data
+        SpatialData (tiles drawn as squares over the H&E) or the tile AnnData (tile centres from
+        ``obsm["spatial"]``, no image).
+    genes
+        One gene or several.
+    kinds
+        Panels per gene, from ``"measured"`` and ``"predicted"``.
+    image
+        Draw the H&E underneath (SpatialData only).
+    table_key
+        Tile table in ``sdata.tables``.
+    tiles_key
+        Tile shapes in ``sdata.shapes``.
+    pred_key
+        Predictions in ``adata.obsm``.
+    layer
+        Layer with measured values (``X`` when ``None``).
+    image_key
+        The H&E image; the only image when ``None``.
+    cmap
+        Colour map.
+    vmax_quantile
+        Upper end of the shared colour scale, as a quantile of the measured and predicted values together.
+    alpha
+        Opacity of the tiles over the image.
+    ax
+        Axes to draw into, one per panel (genes x kinds).
+    show
+        Show the figure (default: when the backend is interactive).
+    return_fig
+        Return the figure.
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+    """
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    kinds = list(kinds)
+    bad = [k for k in kinds if k not in ("measured", "predicted")]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be from ('measured', 'predicted'), got {kinds}.")
+    adata = get_table(data, table_key)
+    fig, axes = new_axes(ax, len(genes) * len(kinds), ncols=len(kinds), size=4.2)
+    is_sdata = isinstance(data, SpatialData)
+    if is_sdata:
+        from ..pp._tiles import tile_bounds
+
+        bounds = tile_bounds(data, tiles_key).astype(float)
+        inst = adata.obs["instance_id"].to_numpy() if "instance_id" in adata.obs else np.arange(adata.n_obs)
+        pos = data.shapes[tiles_key].index.get_indexer(inst)
+        if (pos < 0).any():
+            raise ValueError(f"{int((pos < 0).sum())} rows of table {table_key!r} have no tile in {tiles_key!r}.")
+        bounds = bounds[pos]
+        img, ds = thumbnail(data, image_key) if image else (None, 1.0)
+    for gi, gene in enumerate(genes):
+        values = {}
+        if "measured" in kinds or "predicted" in kinds:
+            values["measured"] = measured(adata, gene, layer)
+        if "predicted" in kinds:
+            values["predicted"] = predicted(adata, gene, pred_key)
+        both = np.concatenate([values[k] for k in kinds])
+        both = both[np.isfinite(both)]
+        vmin = float(both.min()) if both.size else 0.0
+        vmax = float(np.quantile(both, vmax_quantile)) if both.size else 1.0
+        vmax = vmax if vmax > vmin else vmin + 1e-6
+        r = pearson(values["measured"], values["predicted"]) if "predicted" in values else float("nan")
+        for ki, kind in enumerate(kinds):
+            axis = axes[gi * len(kinds) + ki]
+            v = values[kind]
+            if is_sdata:
+                mappable = _draw_tiles(axis, bounds / ds, v, img, cmap, vmin, vmax, alpha)
+            else:
+                xy = np.asarray(adata.obsm["spatial"], dtype=float)
+                mappable = axis.scatter(xy[:, 0], xy[:, 1], c=v, cmap=cmap, vmin=vmin, vmax=vmax, s=12, marker="s")
+                axis.invert_yaxis()
+                axis.set_aspect("equal")
+            title = f"{gene} {kind}"
+            if kind == "predicted":
+                title += f" (r = {r:.2f})"
+            axis.set_title(title)
+            axis.set_axis_off()
+            fig.colorbar(mappable, ax=axis, shrink=0.7)
+    return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def _draw_tiles(axis, bounds, values, img, cmap, vmin, vmax, alpha):
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    if img is not None:
+        axis.imshow(img)
+    rects = [Rectangle((x0, y0), x1 - x0, y1 - y0) for x0, y0, x1, y1 in bounds]
+    pc = PatchCollection(rects, cmap=cmap, edgecolor="none", alpha=alpha if img is not None else 1.0)
+    pc.set_array(np.ma.masked_invalid(values))
+    pc.set_clim(vmin, vmax)
+    axis.add_collection(pc)
+    if img is None:
+        axis.set_xlim(bounds[:, 0].min(), bounds[:, 2].max())
+        axis.set_ylim(bounds[:, 3].max(), bounds[:, 1].min())
+    return pc
