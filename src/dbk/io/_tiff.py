@@ -45,7 +45,9 @@ def read_tiff_levels(path: str | Path) -> list[da.Array]:
         reader = TiffLevel(str(path), i, shape, dtype)
         arr = da.from_array(reader, chunks=chunks, asarray=True, fancy=False, name=f"tiff-{Path(path).name}-{i}-"
                             f"{abs(hash((str(Path(path).resolve()), i, Path(path).stat().st_mtime_ns)))}")
-        levels.append(_to_cyx(arr, axes, path))
+        out = _to_cyx(arr, axes, path)
+        _DIRECT[out.name] = DirectRegion(reader, axes)
+        levels.append(out)
     logger.debug(f"{path}: {len(levels)} pyramid level(s), shapes {[lvl.shape for lvl in levels]}")
     return levels
 
@@ -79,6 +81,45 @@ class TiffLevel:
         state = dict(self.__dict__)
         state["_array"] = state["_tif"] = state["_pid"] = None
         return state
+
+
+class DirectRegion:
+    """Read a ``(c, y, x)`` region of a TIFF level straight from the file, without a dask graph.
+
+    For random tile access on a whole-slide image, slicing the dask array costs time proportional to its number of
+    chunks (tens of thousands); this decodes only the file tiles the region touches.
+    """
+
+    def __init__(self, reader: TiffLevel, axes: str) -> None:
+        self.reader, self.axes = reader, axes.upper()
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        key, kept = [], []
+        for ax, n in zip(self.axes, self.reader.shape, strict=True):
+            if ax == "Y":
+                key.append(slice(y0, y1))
+                kept.append(ax)
+            elif ax == "X":
+                key.append(slice(x0, x1))
+                kept.append(ax)
+            elif ax in _CHANNEL_AXES and n != 1:
+                key.append(slice(None))
+                kept.append("C")
+            else:
+                key.append(0)
+        arr = np.asarray(self.reader[tuple(key)])
+        if "C" not in kept:
+            return arr.transpose(kept.index("Y"), kept.index("X"))[None]
+        return arr.transpose(kept.index("C"), kept.index("Y"), kept.index("X"))
+
+
+# dask array name -> direct reader, for the arrays read_tiff_levels returns (looked up by dbk.pp.TileDataset)
+_DIRECT: dict[str, DirectRegion] = {}
+
+
+def direct_reader(arr) -> DirectRegion | None:
+    """The direct file reader behind a dask array from :func:`read_tiff_levels`, if it is one of them."""
+    return _DIRECT.get(getattr(arr, "name", None))
 
 
 def _chunks_of(series, level: int) -> tuple[int, ...]:

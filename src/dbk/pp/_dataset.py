@@ -44,12 +44,58 @@ def _to_uint8_rgb(arr: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
+class ChunkCache:
+    """A small LRU cache of computed image chunks (per process), so neighbouring tiles don't decode or render a
+    chunk twice. Bounded by ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes, self.nbytes, self.items = max_bytes, 0, OrderedDict()
+
+    def region(self, data, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """``data[:, y0:y1, x0:x1]`` of a (c, y, x) dask array, assembled from cached chunks."""
+        cy, cx = np.cumsum((0, *data.chunks[1])), np.cumsum((0, *data.chunks[2]))
+        by0, by1 = np.searchsorted(cy, y0, "right") - 1, np.searchsorted(cy, y1, "left")
+        bx0, bx1 = np.searchsorted(cx, x0, "right") - 1, np.searchsorted(cx, x1, "left")
+        out = np.empty((data.shape[0], y1 - y0, x1 - x0), dtype=data.dtype)
+        for by in range(by0, by1):
+            for bx in range(bx0, bx1):
+                block = self._block(data, by, bx)
+                ys, ye = max(y0, cy[by]), min(y1, cy[by + 1])
+                xs, xe = max(x0, cx[bx]), min(x1, cx[bx + 1])
+                src = block[:, ys - cy[by] : ye - cy[by], xs - cx[bx] : xe - cx[bx]]
+                out[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = src
+        return out
+
+    def _block(self, data, by: int, bx: int) -> np.ndarray:
+        key = (data.name, by, bx)
+        hit = self.items.get(key)
+        if hit is not None:
+            self.items.move_to_end(key)
+            return hit
+        block = np.asarray(data.blocks[0, by, bx].compute(scheduler="synchronous"))  # one channel chunk (checked)
+        self.items[key] = block
+        self.nbytes += block.nbytes
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return block
+
+
 def read_tile(
-    level: ImageLevel, box0: tuple[float, float, float, float], size_px: int, *, what: str = "image"
+    level: ImageLevel,
+    box0: tuple[float, float, float, float],
+    size_px: int,
+    *,
+    what: str = "image",
+    cache: ChunkCache | None = None,
+    direct=None,
 ) -> np.ndarray:
     """Read the level-0 box ``(x0, y0, x1, y1)`` from a pyramid level and resample it to ``size_px`` (uint8 RGB).
 
-    Parts of the box outside the image are filled with white (glass).
+    Parts of the box outside the image are filled with white (glass). With a :class:`ChunkCache`, image chunks are
+    computed once and reused by neighbouring tiles.
     """
     from PIL import Image
 
@@ -60,8 +106,13 @@ def read_tile(
     ix1, iy1 = int(np.ceil(fx1)), int(np.ceil(fy1))
     cx0, cy0, cx1, cy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
     data = level.data.data
-    crop = data[:, cy0:cy1, cx0:cx1]
-    crop = np.asarray(crop.compute(scheduler="synchronous") if hasattr(crop, "compute") else crop)
+    if direct is not None:
+        crop = direct.region(cy0, cy1, cx0, cx1)
+    elif cache is not None and hasattr(data, "blocks") and len(data.chunks[0]) == 1:
+        crop = cache.region(data, cy0, cy1, cx0, cx1)
+    else:
+        crop = data[:, cy0:cy1, cx0:cx1]
+        crop = np.asarray(crop.compute(scheduler="synchronous") if hasattr(crop, "compute") else crop)
     rgb = _to_uint8_rgb(crop, what)
     if (cx0, cy0, cx1, cy1) != (ix0, iy0, ix1, iy1):
         full = np.full((iy1 - iy0, ix1 - ix0, 3), 255, dtype=np.uint8)
@@ -107,6 +158,8 @@ class TileDataset:
         Strength of random brightness / contrast / per-channel gain jitter (0 disables).
     dtype
         ``"uint8"`` tensors in [0, 255] or ``"float32"`` in [0, 1].
+    chunk_cache_mb
+        Memory (per process) for recently read image chunks, reused by neighbouring tiles; 0 disables.
     cache
         Folder of a zarr cache of the (un-augmented) resampled tiles; built on first use and reused when it matches
         the tiles and settings, so repeated epochs never touch the slide again.
@@ -134,6 +187,7 @@ class TileDataset:
         color_jitter: float = 0.0,
         dtype: str = "uint8",
         cache: str | Path | None = None,
+        chunk_cache_mb: float = 256,
         random_state: int | None = None,
     ) -> None:
         if int(size_px) != size_px or size_px <= 0:
@@ -161,6 +215,11 @@ class TileDataset:
             self.boxes = np.column_stack([cx - half, cy - half, cx + half, cy + half])
             downsample = target_um_per_px / px
         self.level_index = _level_for(self.levels, downsample)
+        from ..io._tiff import direct_reader
+
+        self._direct = direct_reader(self.levels[self.level_index].data.data)
+        self.chunk_cache_mb = float(chunk_cache_mb)
+        self._chunks: ChunkCache | None = None
         self.augment = bool(augment)
         self.color_jitter = float(color_jitter)
         self.dtype = dtype
@@ -199,11 +258,19 @@ class TileDataset:
     def __len__(self) -> int:
         return len(self.bounds)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_chunks"] = None  # each DataLoader worker builds its own chunk cache
+        return state
+
     def read(self, i: int) -> np.ndarray:
         """The un-augmented tile ``i`` as (size_px, size_px, 3) uint8."""
         if self._cache is not None:
             return np.asarray(self._cache[i])
-        return read_tile(self.levels[self.level_index], tuple(self.boxes[i]), self.size_px, what=self.image_key)
+        if self._chunks is None and self.chunk_cache_mb > 0:
+            self._chunks = ChunkCache(int(self.chunk_cache_mb * 2**20))
+        return read_tile(self.levels[self.level_index], tuple(self.boxes[i]), self.size_px, what=self.image_key,
+                         cache=self._chunks, direct=self._direct)
 
     def __getitem__(self, i: int) -> dict:
         import torch
