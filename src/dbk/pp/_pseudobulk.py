@@ -7,6 +7,7 @@ from typing import Literal
 
 import anndata as ad
 import dask
+from dask.callbacks import Callback
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -240,6 +241,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
 
     affine = m[:2].copy()
     local = threading.local()
+    acc_ref = object()
     accs: list[_ThreadCounts] = []
     lock = threading.Lock()
 
@@ -260,13 +262,14 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
                             lookup.oy, lookup.size, lookup.table, lookup.bounds, lookup.aligned, acc.counts)
 
     parts = points[cols].to_delayed()
-    batch = max(1, 2 * _n_threads())
-    n_counted = 0
-    with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar:
-        for start in range(0, len(parts), batch):
-            done = dask.compute(*[dask.delayed(bin_partition)(d) for d in parts[start : start + batch]])
-            n_counted += int(sum(done))
-            bar.update(len(done))
+    # one graph for all partitions: each partition is binned as soon as it is read and then freed (dask runs the
+    # consumer of a partition before reading far ahead), so memory stays bounded without batch barriers
+    tasks = [dask.delayed(bin_partition, pure=False)(d, dask_key_name=f"dbk-bin-{i}-{id(acc_ref)}")
+             for i, d in enumerate(parts)]
+    with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar, \
+            _ProgressCallback(bar, "dbk-bin-"):
+        done = dask.compute(*tasks, scheduler="threads", num_workers=_n_threads())
+    n_counted = int(sum(done))
     n_bad = sum(a.n_bad for a in accs)
     if n_bad:
         logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
@@ -284,6 +287,19 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
     if int(counts.sum()) != n_counted:  # every increment is one transcript in one tile
         raise RuntimeError(f"pseudobulk: internal count mismatch ({int(counts.sum())} vs {n_counted}).")
     return counts, names
+
+
+class _ProgressCallback(Callback):
+    """Advance a tqdm bar each time a task whose key starts with ``prefix`` finishes."""
+
+    def __init__(self, bar, prefix: str) -> None:
+        super().__init__()
+        self.bar, self.prefix = bar, prefix
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        name = key[0] if isinstance(key, tuple) else key
+        if isinstance(name, str) and name.startswith(self.prefix):
+            self.bar.update(1)
 
 
 class _ThreadCounts:
