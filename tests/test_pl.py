@@ -80,3 +80,42 @@ def test_tiles_colour_by_obs(predicted_sdata):
     a = predicted_sdata.tables["dbk_table"]
     assert np.allclose(np.asarray(pc.get_array()), a.obs["n_transcripts"].to_numpy())
     plt.close(fig)
+
+
+def test_gene_metrics_ranked_and_mean(predicted_sdata):
+    a = predicted_sdata.tables["dbk_table"]
+    per_gene = dbk.tl.evaluate(a)
+    fig = dbk.pl.gene_metrics(per_gene, top=3, return_fig=True)
+    ax = fig.axes[0]
+    bars = [p.get_width() for p in ax.patches]
+    assert len(bars) == 3
+    best = per_gene["pearson"].sort_values(ascending=False).iloc[:3]
+    assert np.allclose(sorted(bars, reverse=True), best.to_numpy())
+    (mean_line,) = [ln for ln in ax.lines if ln.get_label().startswith("mean")]
+    assert np.isclose(mean_line.get_xdata()[0], per_gene["pearson"].mean())
+    plt.close(fig)
+    fig = dbk.pl.gene_metrics(a, metric="mse", top=2, return_fig=True)  # evaluated on the fly, lowest first
+    assert "lowest 2" in fig.axes[0].get_title()
+    plt.close(fig)
+
+
+def test_benchmark_bars_and_folds():
+    res = pd.DataFrame({"method": ["mean"] * 3 + ["ridge"] * 3, "fold": [0, 1, 2] * 2,
+                        "pearson_mean_all": [0.0, 0.01, -0.01, 0.1, 0.12, 0.08]})
+    fig = dbk.pl.benchmark(res, return_fig=True)
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert np.allclose(heights, [0.0, 0.1], atol=1e-9)  # ordered by mean, best last
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mean", "ridge"]
+    assert sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets")) >= 6
+    plt.close(fig)
+
+
+def test_training_history():
+    hist = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(1, 21)]
+    fig = dbk.pl.training_history(hist, smooth=1, return_fig=True)
+    (line,) = fig.axes[0].lines
+    assert np.allclose(line.get_ydata(), [h["loss"] for h in hist])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no training history"):
+        dbk.pl.training_history([])

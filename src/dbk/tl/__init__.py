@@ -1,1 +1,59 @@
-"""placeholder."""
+"""Tools: the stage-1 gene encoder and gene-to-image diffusion pretrainer (more to come).
+
+The submodules import torch; they are loaded on first attribute access so that ``import dbk`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "GeneVocab": "._vocab",
+    "GeneEncoder": "._gene_encoder",
+    "EDM": "._edm",
+    "heun_sample": "._edm",
+    "DiffusionPretrainer": "._pretrainer",
+    "GeneToImageNet": "._pretrainer",
+    "fit_pretrainer": "._pretrainer",
+    "latest_checkpoint": "._pretrainer",
+    "PretrainerPreset": "._presets",
+    "PRESETS": "._presets",
+    "get_preset": "._presets",
+    "embed_tiles": "._embed",
+    "load_foundation_model": "._embed",
+    "fit_baseline": "._baselines",
+    "MeanPredictor": "._baselines",
+    "RidgeBaseline": "._baselines",
+    "MLPBaseline": "._baselines",
+    "evaluate": "._evaluate",
+    "FusionHead": "._fusion",
+    "FusionRegressor": "._fusion",
+    "fit_head": "._fusion",
+    "masked_mse": "._fusion",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._baselines import MeanPredictor, MLPBaseline, RidgeBaseline, fit_baseline
+    from ._edm import EDM, heun_sample
+    from ._embed import embed_tiles, load_foundation_model
+    from ._evaluate import evaluate
+    from ._fusion import FusionHead, FusionRegressor, fit_head, masked_mse
+    from ._gene_encoder import GeneEncoder
+    from ._presets import PRESETS, PretrainerPreset, get_preset
+    from ._pretrainer import DiffusionPretrainer, GeneToImageNet, fit_pretrainer, latest_checkpoint
+    from ._vocab import GeneVocab
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,194 @@
+"""Per-gene metrics ranked, a benchmark figure (methods x metric with fold spread), training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+
+from .._constants import PRED_KEY, TILES_TABLE_KEY
+from ._utils import finish, new_axes
+
+
+def gene_metrics(
+    data: pd.DataFrame | ad.AnnData | SpatialData,
+    *,
+    metric: str = "pearson",
+    top: int = 30,
+    pred_key: str = PRED_KEY,
+    table_key: str = TILES_TABLE_KEY,
+    ax=None,
+    show: bool | None = None,
+    return_fig: bool = False,
+    save: str | None = None,
+):
+    """Per-gene metric, ranked: the ``top`` best genes as horizontal bars, with the mean over all genes marked.
+
+    Parameters
+    ----------
+    data
+        The per-gene table of :func:`dbk.tl.evaluate`, or an AnnData / SpatialData with predictions (evaluated
+        here with :func:`dbk.tl.evaluate`).
+    metric
+        Column to rank by: ``"pearson"``, ``"spearman"``, ``"mse"`` or ``"mae"`` (errors are ranked lowest first).
+    top
+        Number of genes shown.
+    pred_key
+        Predictions in ``adata.obsm`` (when evaluating here).
+    table_key
+        Tile table in ``sdata.tables``.
+    ax
+        Axes to draw into.
+    show
+        Show the figure (default: when the backend is interactive).
+    return_fig
+        Return the figure.
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+    """
+    if isinstance(data, pd.DataFrame):
+        df = data
+    else:
+        from ..tl import evaluate
+
+        df = evaluate(data, pred_key=pred_key, table_key=table_key)
+    if metric not in df.columns:
+        raise KeyError(f"No metric {metric!r} in the table; columns: {list(df.columns)}.")
+    values = df[metric].astype(float).dropna()
+    lower_better = metric in ("mse", "mae")
+    ranked = values.sort_values(ascending=lower_better)
+    shown = ranked.iloc[:top]
+    fig, (axis,) = new_axes(ax, 1, size=max(3.5, 0.22 * len(shown) + 1.5))
+    axis.barh(np.arange(len(shown))[::-1], shown.to_numpy(), color="#4c72b0")
+    axis.set_yticks(np.arange(len(shown))[::-1], labels=list(shown.index))
+    mean = float(values.mean()) if len(values) else float("nan")
+    axis.axvline(mean, color="grey", linestyle="--", label=f"mean over {len(values)} genes = {mean:.3f}")
+    axis.set_xlabel(metric)
+    which = "lowest" if lower_better else "best"
+    axis.set_title(f"{metric}: {which} {len(shown)} of {len(values)} genes")
+    axis.legend(loc="lower right", frameon=False, fontsize="small")
+    return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def benchmark(
+    results: pd.DataFrame,
+    *,
+    metric: str = "pearson_mean_all",
+    method_col: str = "method",
+    fold_col: str = "fold",
+    order: Sequence[str] | None = None,
+    ax=None,
+    show: bool | None = None,
+    return_fig: bool = False,
+    save: str | None = None,
+):
+    """Methods x one metric: the mean over folds as a bar, each fold as a dot, the spread as an error bar (± std).
+
+    Parameters
+    ----------
+    results
+        Long table with one row per (method, fold) and a column per metric (as ``benchmarks/her2st.py`` writes).
+    metric
+        Metric column to show.
+    method_col
+        Column naming the method.
+    fold_col
+        Column naming the fold.
+    order
+        Order of the methods (default: by mean, best last).
+    ax
+        Axes to draw into.
+    show
+        Show the figure (default: when the backend is interactive).
+    return_fig
+        Return the figure.
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+    """
+    for col in (method_col, fold_col, metric):
+        if col not in results.columns:
+            raise KeyError(f"No column {col!r} in the results; columns: {list(results.columns)}.")
+    stats = results.groupby(method_col, observed=True)[metric].agg(["mean", "std", "count"])
+    if order is None:
+        order = list(stats.sort_values("mean").index)
+    missing = [m for m in order if m not in stats.index]
+    if missing:
+        raise KeyError(f"Methods {missing} are not in the results.")
+    fig, (axis,) = new_axes(ax, 1, size=max(4.0, 0.9 * len(order) + 2))
+    x = np.arange(len(order))
+    means = stats.loc[order, "mean"].to_numpy()
+    stds = stats.loc[order, "std"].fillna(0).to_numpy()
+    axis.bar(x, means, yerr=stds, color="#8da0cb", capsize=4, label="mean ± std over folds")
+    rng = np.random.default_rng(0)
+    for i, m in enumerate(order):
+        v = results.loc[results[method_col] == m, metric].to_numpy(dtype=float)
+        axis.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, color="black", s=12, zorder=3)
+    axis.set_xticks(x, labels=list(order), rotation=30, ha="right")
+    axis.set_ylabel(metric)
+    n_folds = int(stats["count"].max())
+    axis.set_title(f"{metric} ({n_folds} folds; dots = folds)")
+    axis.axhline(0, color="grey", linewidth=0.8)
+    return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def training_history(
+    model,
+    *,
+    keys: Sequence[str] = ("loss",),
+    smooth: int = 1,
+    ax=None,
+    show: bool | None = None,
+    return_fig: bool = False,
+    save: str | None = None,
+):
+    """Training curves from a model's ``history`` (a list of ``{"step": ..., "loss": ..., ...}`` records).
+
+    Parameters
+    ----------
+    model
+        Any object with a ``history`` list (e.g. :class:`~dbk.tl.DiffusionPretrainer`), or the list itself.
+    keys
+        Record fields to plot against ``step``.
+    smooth
+        Moving-average window (in records).
+    ax
+        Axes to draw into.
+    show
+        Show the figure (default: when the backend is interactive).
+    return_fig
+        Return the figure.
+    save
+        Path to save the figure to.
+
+    Returns
+    -------
+    The figure when ``return_fig=True``, else ``None``.
+    """
+    history = model if isinstance(model, list) else getattr(model, "history", None)
+    if not history:
+        raise ValueError("The model has no training history (train it first).")
+    df = pd.DataFrame(history)
+    fig, (axis,) = new_axes(ax, 1, size=4.5)
+    for key in keys:
+        if key not in df.columns:
+            raise KeyError(f"No {key!r} in the history; fields: {list(df.columns)}.")
+        y = df[key].astype(float)
+        if smooth > 1:
+            y = y.rolling(smooth, min_periods=1).mean()
+        axis.plot(df["step"], y, label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel(", ".join(keys))
+    axis.set_title(f"training history ({int(df['step'].max())} steps)")
+    axis.legend(frameon=False)
+    return finish(fig, show=show, return_fig=return_fig, save=save)

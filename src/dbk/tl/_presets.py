@@ -1,0 +1,161 @@
+"""Named sizes of the stage-1 diffusion pretrainer (architecture and training defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class PretrainerPreset:
+    """Architecture and training defaults of a :class:`~dbk.tl.DiffusionPretrainer`.
+
+    Attributes
+    ----------
+    name
+        Preset name (``"custom"`` after overrides that change the architecture).
+    image_size
+        Side of the training images in pixels (the tile is resampled to it).
+    block_out_channels, down_block_types, up_block_types, layers_per_block, attention_head_dim, norm_num_groups
+        The diffusers ``UNet2DModel`` arguments.
+    gene_dim, gene_layers, gene_heads, zscore
+        :class:`~dbk.tl.GeneEncoder` arguments.
+    batch_size, lr, warmup_steps, lr_decay_ref, max_steps, ema_decay, cond_drop, grad_clip, augment
+        Training: per-device batch, AdamW learning rate with linear warm-up and (when ``lr_decay_ref`` is set) the
+        EDM2 inverse square-root decay ``lr / sqrt(max(step / lr_decay_ref, 1))``, default number of steps, EMA
+        decay (with the ``(1 + step) / (10 + step)`` warm-up), probability of dropping a sample's condition,
+        gradient-norm clip, random flips / 90° rotations.
+    checkpoint_every, log_every
+        Steps between checkpoints (when a checkpoint folder is given) and between history records.
+    """
+
+    name: str
+    image_size: int
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    norm_num_groups: int = 8
+    gene_dim: int = 64
+    gene_layers: int = 2
+    gene_heads: int = 4
+    zscore: bool = True
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    lr_decay_ref: int | None = None
+    max_steps: int = 2000
+    ema_decay: float = 0.999
+    cond_drop: float = 0.5
+    grad_clip: float = 1.0
+    augment: bool = True
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    ARCHITECTURE = ("image_size", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+                    "attention_head_dim", "norm_num_groups", "gene_dim", "gene_layers", "gene_heads", "zscore")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainerPreset:
+        """Inverse of :meth:`to_dict` (unknown keys raise)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown preset fields {sorted(unknown)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+PRESETS: dict[str, PretrainerPreset] = {
+    # For tests and demos: 32 px, two levels, a few hundred steps in well under a minute on 2 CPU cores.
+    "tiny": PretrainerPreset(
+        name="tiny",
+        image_size=32,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        gene_dim=64,
+        gene_layers=1,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=20,
+        max_steps=300,
+        checkpoint_every=100,
+        log_every=10,
+    ),
+    # Sized to train in minutes on 2 CPU cores (see benchmarks/stage1_throughput.py): 64 px of the 112 µm tile
+    # (1.75 µm/px, where nuclei are still a few pixels wide), three levels with self-attention at 16 x 16.
+    "cpu-small": PretrainerPreset(
+        name="cpu-small",
+        image_size=64,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=32,
+        gene_dim=128,
+        gene_layers=2,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=100,
+        max_steps=2000,
+        checkpoint_every=500,
+        log_every=10,
+    ),
+    # The reference setting: 224 px pixel space (0.5 µm/px for a 112 µm tile), EDM2-scale channels, for GPUs.
+    "paper": PretrainerPreset(
+        name="paper",
+        image_size=224,
+        block_out_channels=(128, 256, 256, 512),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=64,
+        norm_num_groups=32,
+        gene_dim=256,
+        gene_layers=4,
+        gene_heads=8,
+        batch_size=64,
+        lr=2e-4,
+        warmup_steps=2000,
+        lr_decay_ref=70_000,
+        max_steps=200_000,
+        ema_decay=0.9999,
+        checkpoint_every=5000,
+        log_every=100,
+    ),
+}
+
+
+def get_preset(preset: str | PretrainerPreset | dict = "cpu-small", **overrides) -> PretrainerPreset:
+    """A preset by name (``"tiny"``, ``"cpu-small"``, ``"paper"``), a preset object or a dict, with overrides.
+
+    Overrides of architecture fields rename the result ``"<name>+custom"``.
+    """
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        p = PRESETS[preset]
+    elif isinstance(preset, PretrainerPreset):
+        p = preset
+    elif isinstance(preset, dict):
+        p = PretrainerPreset.from_dict({"name": "custom", **preset})
+    else:
+        raise TypeError(f"preset must be a name, a PretrainerPreset or a dict, got {type(preset).__name__}.")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not overrides:
+        return p
+    names = {f.name for f in fields(PretrainerPreset)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"Unknown preset fields {sorted(unknown)}; valid: {sorted(names)}.")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    arch_changed = any(k in PretrainerPreset.ARCHITECTURE and overrides[k] != getattr(p, k) for k in overrides)
+    if arch_changed and not p.name.endswith("+custom"):
+        overrides.setdefault("name", f"{p.name}+custom")
+    return replace(p, **overrides)
