@@ -123,6 +123,11 @@ def set_pixel_size(
         Other elements whose intrinsic coordinates are the image's pixels (points, shapes) and should get the same
         transform.
     """
+    if isinstance(pixel_size_um, bool) or not isinstance(pixel_size_um, (int, float, np.number)):
+        raise TypeError(
+            f"pixel_size_um must be a number (µm per pixel of the image's full resolution), got {pixel_size_um!r}; "
+            "find it in the scanner's metadata (e.g. 0.25 for 40x, 0.5 for 20x)."
+        )
     if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
         raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}.")
     key = resolve_image_key(sdata, image_key)

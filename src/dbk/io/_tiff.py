@@ -37,9 +37,14 @@ def read_tiff_levels(path: str | Path) -> list[da.Array]:
     ValueError
         If the image has more dimensions than channels, y and x (e.g. several z planes or time points).
     """
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        meta = [(lvl.shape, lvl.dtype, lvl.axes, _chunks_of(series, i)) for i, lvl in enumerate(series.levels)]
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            meta = [(lvl.shape, lvl.dtype, lvl.axes, _chunks_of(series, i)) for i, lvl in enumerate(series.levels)]
+    except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"Cannot read {path} as a TIFF image ({type(err).__name__}: {err}).") from err
     levels = []
     for i, (shape, dtype, axes, chunks) in enumerate(meta):
         reader = TiffLevel(str(path), i, shape, dtype)
