@@ -238,3 +238,16 @@ def test_bad_inputs_give_clear_errors(caplog):
     ok = pts["x"].notna() & (pts.x < b[:, 2].max()) & (pts.y < b[:, 3].max())
     assert int(sdata.tables["dbk_table"].layers["counts"].sum()) == int(ok.sum())
     assert isinstance(pts, pd.DataFrame)
+
+
+def test_pseudobulk_int32_flush_keeps_counts_exact(monkeypatch):
+    """Per-thread int32 counts are flushed into int64 before they could wrap: force a flush every partition."""
+    from dbk.pp import _pseudobulk
+
+    sdata, df = make_sdata(60_000, npartitions=6)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    monkeypatch.setattr(_pseudobulk._ThreadCounts, "_FLUSH_AT", 12_000)
+    dbk.pp.pseudobulk(sdata)
+    adata = sdata.tables["dbk_table"]
+    expected = brute_counts(df, dbk.pp.tile_bounds(sdata), list(adata.var_names))
+    np.testing.assert_array_equal(adata.layers["counts"].toarray(), expected)

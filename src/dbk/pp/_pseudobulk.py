@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Literal
 
 import anndata as ad
-import dask
-from dask.callbacks import Callback
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -241,7 +240,6 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
 
     affine = m[:2].copy()
     local = threading.local()
-    acc_ref = object()
     accs: list[_ThreadCounts] = []
     lock = threading.Lock()
 
@@ -253,6 +251,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
                 accs.append(acc)
         codes, cats = _gene_codes(df[gene_key])
         lut = acc.lut(cats, keep_controls)
+        acc.reserve(len(df))
         x = df["x"].to_numpy()
         y = df["y"].to_numpy()
         qv = df[qv_key].to_numpy() if use_qv else np.zeros(0, np.float32)
@@ -262,14 +261,29 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
                             lookup.oy, lookup.size, lookup.table, lookup.bounds, lookup.aligned, acc.counts)
 
     parts = points[cols].to_delayed()
-    # one graph for all partitions: each partition is binned as soon as it is read and then freed (dask runs the
-    # consumer of a partition before reading far ahead), so memory stays bounded without batch barriers
-    tasks = [dask.delayed(bin_partition, pure=False)(d, dask_key_name=f"dbk-bin-{i}-{id(acc_ref)}")
-             for i, d in enumerate(parts)]
+    n_threads = _n_threads()
+
+    def run(part) -> int:  # read one partition (in this thread) and bin it at once: nothing read ahead
+        n = bin_partition(part.compute(scheduler="sync"))
+        _release_arrow_memory()
+        return n
+
+    # a sliding window of one partition per thread (+1) in flight: bounded memory, no barrier between batches
+    n_counted = 0
     with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar, \
-            _ProgressCallback(bar, "dbk-bin-"):
-        done = dask.compute(*tasks, scheduler="threads", num_workers=_n_threads())
-    n_counted = int(sum(done))
+            ThreadPoolExecutor(max_workers=n_threads) as pool:
+        pending: set = set()
+        it = iter(parts)
+        for part in it:
+            pending.add(pool.submit(run, part))
+            if len(pending) > n_threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    n_counted += f.result()
+                    bar.update(1)
+        for f in pending:
+            n_counted += f.result()
+            bar.update(1)
     n_bad = sum(a.n_bad for a in accs)
     if n_bad:
         logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
@@ -282,33 +296,54 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         src = [(j, col[g]) for g, j in a.index.items() if g in col]
         if src:
             js, cs = map(np.asarray, zip(*src, strict=True))
-            total[:, cs] += a.counts[:, js]
+            total[:, cs] += a.table()[:, js]
     counts = sp.csr_matrix(total)
     if int(counts.sum()) != n_counted:  # every increment is one transcript in one tile
         raise RuntimeError(f"pseudobulk: internal count mismatch ({int(counts.sum())} vs {n_counted}).")
     return counts, names
 
 
-class _ProgressCallback(Callback):
-    """Advance a tqdm bar each time a task whose key starts with ``prefix`` finishes."""
-
-    def __init__(self, bar, prefix: str) -> None:
-        super().__init__()
-        self.bar, self.prefix = bar, prefix
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        name = key[0] if isinstance(key, tuple) else key
-        if isinstance(name, str) and name.startswith(self.prefix):
-            self.bar.update(1)
-
-
 class _ThreadCounts:
-    """One worker thread's tiles x genes counts, with its own growing gene index (no locks in the hot loop)."""
+    """One worker thread's tiles x genes counts, with its own growing gene index (no locks in the hot loop).
+
+    Counts accumulate in int32 (half the memory and cache footprint of int64) and are flushed into an int64 table
+    before the thread has seen 2**31 - 1 transcripts, so no count can ever wrap.
+    """
+
+    _FLUSH_AT = 2**31 - 1
 
     def __init__(self, n_tiles: int, index: dict[str, int], *, fixed: bool) -> None:
         self.index, self.fixed = index, fixed
         self.n_bad = 0
-        self.counts = np.zeros((n_tiles, max(len(index), 64)), dtype=np.int64)
+        self.seen = 0
+        self.counts = np.zeros((n_tiles, _round_up(max(len(index), 1))), dtype=np.int32)
+        self.flushed: np.ndarray | None = None  # int64, only if a thread ever sees > 2**31 - 1 transcripts
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more transcripts without any int32 count overflowing."""
+        if self.seen + n > self._FLUSH_AT:
+            self._flush()
+        if n > self._FLUSH_AT:
+            raise ValueError(f"A points partition of {n:,} rows is too large; repartition the points.")
+        self.seen += n
+
+    def _flush(self) -> None:
+        if self.flushed is None:
+            self.flushed = np.zeros(self.counts.shape, dtype=np.int64)
+        elif self.flushed.shape[1] < self.counts.shape[1]:
+            grown = np.zeros(self.counts.shape, dtype=np.int64)
+            grown[:, : self.flushed.shape[1]] = self.flushed
+            self.flushed = grown
+        self.flushed[:, : self.counts.shape[1]] += self.counts
+        self.counts[:] = 0
+        self.seen = 0
+
+    def table(self) -> np.ndarray:
+        """The thread's counts as int64."""
+        out = self.counts.astype(np.int64)
+        if self.flushed is not None:
+            out[:, : self.flushed.shape[1]] += self.flushed
+        return out
 
     def lut(self, cats, keep_controls: bool) -> np.ndarray:
         lut = np.full(len(cats), -1, dtype=np.int64)
@@ -320,16 +355,31 @@ class _ThreadCounts:
                 g = self.index[name] = len(self.index)
             lut[j] = g
         if len(self.index) > self.counts.shape[1]:
-            need = self.counts.shape[0] * len(self.index) * 8
+            need = self.counts.shape[0] * len(self.index) * 4
             if need > _KERNEL_BYTES:
                 raise MemoryError(
                     f"pseudobulk: {self.counts.shape[0]:,} tiles x {len(self.index):,} genes needs {need / 2**30:.1f} "
                     "GiB per thread; pass genes= (e.g. a panel or the top variable genes) or use fewer tiles."
                 )
-            grown = np.zeros((self.counts.shape[0], max(len(self.index), 2 * self.counts.shape[1])), np.int64)
+            # a partition brings all its genes at once: grow to what is needed (rounded), not by doubling
+            grown = np.zeros((self.counts.shape[0], _round_up(len(self.index))), np.int32)
             grown[:, : self.counts.shape[1]] = self.counts
             self.counts = grown
         return lut
+
+
+def _release_arrow_memory() -> None:
+    """Hand pyarrow's freed buffers back to the OS (its allocator keeps them otherwise, inflating RSS)."""
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+
+
+def _round_up(n: int, step: int = 16) -> int:
+    return -(-n // step) * step
 
 
 def _n_threads() -> int:
