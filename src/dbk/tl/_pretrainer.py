@@ -370,6 +370,7 @@ class DiffusionPretrainer:
                                   n_heads=self.preset.gene_heads, zscore=self.preset.zscore)
             self.net = GeneToImageNet(encoder, self.preset, self.edm)
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.ema_net.encoder.vocab = self.vocab
         self.step = 0
         self.history: list[dict] = []
         self.train_time = 0.0
@@ -474,24 +475,22 @@ class DiffusionPretrainer:
 
         datas = _as_list(data)
         seed = self.random_state if random_state is None else int(random_state)
-        new = []
-        for sd in datas:
-            new += self.vocab.add(_panel(sd, table_key, genes))
-        self.encoder.sync_vocab()
+        new = self._grow_vocab([g for sd in datas for g in _panel(sd, table_key, genes)])
         if new and self.step:
             logger.info(f"fit: {len(new)} new gene(s) added to the vocabulary (random embeddings): {new[:10]}.")
-        self.ema_net.encoder.sync_vocab()
         sources = _build_sources(datas, vocab=self.vocab, image_size=self.image_size, genes=genes,
                                  table_key=table_key, tiles_key=tiles_key, unlabeled_tiles_key=unlabeled_tiles_key)
         dataset = _TileBatches(sources)
         self._check_tile_size(sources)
         if dataset.n_labeled == 0:
             logger.warning("fit: no tile has a profile; the model trains unconditionally only.")
-        if self.step == 0 and self.preset.zscore and dataset.n_labeled:
+        if self.preset.zscore and dataset.n_labeled and (self.step == 0 or new):
+            # statistics of the training values; a model trained before keeps those of the genes it knew
             mean, std, cnt = dataset.value_stats(len(self.vocab))
-            seen = np.flatnonzero(cnt > 0)
-            self.encoder.set_value_stats([self.vocab.genes[i] for i in seen], mean[seen], std[seen])
-            self.ema_net.encoder.load_state_dict(self.encoder.state_dict())
+            fresh = set(new) if self.step else set(self.vocab)
+            seen = [i for i in np.flatnonzero(cnt > 0) if self.vocab.genes[i] in fresh]
+            for enc in (self.encoder, self.ema_net.encoder):
+                enc.set_value_stats([self.vocab.genes[i] for i in seen], mean[seen], std[seen])
 
         acc = _accelerator(accelerator, devices)
         device = acc.device
@@ -507,7 +506,8 @@ class DiffusionPretrainer:
             max_steps = p.max_steps
         stop = min(x for x in (max_steps, None if max_epochs is None else max_epochs * per_epoch) if x is not None)
 
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                      foreach=True)
         ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         fingerprint = dataset.fingerprint()
         if ckpt_dir is not None and resume:
@@ -576,6 +576,18 @@ class DiffusionPretrainer:
                 self._restore_signal_handlers(old_handlers)
             self.net.eval()
         return self
+
+    def _grow_vocab(self, genes: Sequence[str]) -> list[str]:
+        """Add genes to the vocabulary; both networks get the same new embedding rows. Returns the new genes."""
+        n_old = self.encoder.embedding.num_embeddings
+        new = self.vocab.add(genes)
+        self.ema_net.encoder.vocab = self.vocab  # deepcopy gave the EMA copy its own vocabulary object
+        if len(self.vocab) > n_old:  # also when the vocabulary object was grown by the user
+            self.encoder.sync_vocab()
+            self.ema_net.encoder.sync_vocab()
+            with torch.no_grad():
+                self.ema_net.encoder.embedding.weight[n_old:] = self.encoder.embedding.weight[n_old:]
+        return new
 
     def _lr(self, base_lr: float) -> float:
         p, s = self.preset, self.step
@@ -739,6 +751,7 @@ class DiffusionPretrainer:
     def _tokens(self, profiles, n: int, device) -> dict | None:
         if profiles is None:
             return None
+        self._grow_vocab(())
         tok = self.encoder.tokenize(profiles, device=device)
         if tok["ids"].shape[0] != n:
             raise ValueError(f"{tok['ids'].shape[0]} profiles for {n} images.")
@@ -828,6 +841,7 @@ class DiffusionPretrainer:
         device = self.device
         if isinstance(profiles, (int, np.integer)):
             profiles = [None] * int(profiles)
+        self._grow_vocab(())
         tok = self.encoder.tokenize(profiles, device=device)
         n = tok["ids"].shape[0]
         shape = (n, 3, self.image_size, self.image_size)
