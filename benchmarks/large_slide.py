@@ -49,8 +49,16 @@ def main() -> None:
 
     stage("build (lazy)", build)
     sdata = holder["s"]
-    stage("tissue mask", lambda: dbk.pp.tissue_mask(sdata) or f"{float(np.asarray(sdata.labels['dbk_tissue']).mean()):.1%} tissue")
-    stage("tiles (112 µm)", lambda: dbk.pp.make_tiles(sdata, tile_size_um=112.0) or f"{len(sdata.shapes['dbk_tiles']):,} tiles")
+    def tissue():
+        dbk.pp.tissue_mask(sdata)
+        return f"{float(np.asarray(sdata.labels['dbk_tissue']).mean()):.1%} tissue"
+
+    def tiles():
+        dbk.pp.make_tiles(sdata, tile_size_um=112.0)
+        return f"{len(sdata.shapes['dbk_tiles']):,} tiles"
+
+    stage("tissue mask", tissue)
+    stage("tiles (112 µm)", tiles)
 
     def pb():
         dbk.pp.pseudobulk(sdata)

@@ -45,8 +45,9 @@ def _to_uint8_rgb(arr: np.ndarray, what: str) -> np.ndarray:
 
 
 class ChunkCache:
-    """A small LRU cache of computed image chunks (per process), so neighbouring tiles don't decode or render a
-    chunk twice. Bounded by ``max_bytes``.
+    """A small LRU cache of computed image chunks (per process).
+
+    Neighbouring tiles then don't decode or render a chunk twice. Bounded by ``max_bytes``.
     """
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
