@@ -1,11 +1,25 @@
-"""The ``dbk`` command: ``dbk demo`` (and, as the model lands, fit / predict / benchmark)."""
+"""The ``dbk`` command: ``dbk demo``, ``dbk fit``, ``dbk predict``, ``dbk benchmark``."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+
+# the metrics printed by `dbk demo` and `dbk benchmark`, by their exact names in dbk.tl.evaluate's summary
+# (the top-k name is filled in with the k actually used)
+METRICS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all",
+           "spearman_per_tile_mean", "pearson_flattened")
+
+# stage-1 settings of the demo: the "tiny" preset (32 px) trains a few hundred steps in minutes on 2 CPU cores;
+# --quick shrinks it to a smoke test (16 px, two narrow levels, a few steps)
+DEMO_STAGE1_STEPS = 150
+QUICK_STAGE1 = {"image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8,
+                "warmup_steps": 5, "log_every": 5}
+QUICK_STAGE1_STEPS = 10
+QUICK_FM_SIZE_PX = 96
 
 
 def _table(rows: list[tuple], header: tuple) -> str:
@@ -17,10 +31,55 @@ def _table(rows: list[tuple], header: tuple) -> str:
     return "\n".join([line, sep, *body])
 
 
-def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state: int = 0) -> dict:
-    """Run the pipeline on a synthetic slide: tissue -> tiles -> pseudo-bulk -> checks -> figures + zarr.
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
 
-    Returns a dict with the stage timings and checks (also printed).
+
+def metrics_table(summaries: dict[str, dict]) -> str:
+    """One row per method, one column per metric of :data:`METRICS` (summaries of :func:`dbk.tl.evaluate`)."""
+    k = next(iter(summaries.values()))["top_k"]
+    names = [m.format(k=k) for m in METRICS]
+    rows = [(method, *(_fmt(s.get(n, float("nan"))) for n in names)) for method, s in summaries.items()]
+    return _table(rows, ("method", *names))
+
+
+def _evaluate_methods(truth, preds: dict, hvg: list[str], top_k: int = 50) -> dict[str, dict]:
+    """``{method: summary}``: each DataFrame of ``preds`` evaluated against ``truth`` (an AnnData) on shared genes."""
+    import dbk
+
+    out = {}
+    genes = [g for g in hvg if g in truth.var_names]
+    for method, df in preds.items():
+        a = truth.copy()
+        a.obsm["_pred"] = df.loc[a.obs_names, [g for g in df.columns if g in set(genes)]]
+        res = dbk.tl.evaluate(a, pred_key="_pred", hvg_genes=genes, top_k=min(top_k, len(genes)), key_added=None)
+        out[method] = res.attrs["summary"]
+    return out
+
+
+# ---- demo ------------------------------------------------------------------------------------------------------------
+
+
+MIN_DEMO_TILES = 20  # fewer tiles: the demo checks the pre-processing only and skips the model stages
+
+
+def demo(
+    out: str | Path = "dbk_demo_output",
+    *,
+    size: int = 4096,
+    random_state: int = 0,
+    tile_size_um: float = 112.0,
+    quick: bool = False,
+) -> dict:
+    """Run the whole pipeline on synthetic slides, from tissue detection to held-out metrics.
+
+    Tissue -> tiles -> pseudo-bulk -> exactness check -> DiffBulk fit -> prediction on a second, H&E-only slide ->
+    metrics against its truth (with the mean predictor and ridge) -> figures, model folder and zarr stores. On a
+    slide with fewer than 20 tiles the model stages are skipped.
+
+    Returns a dict with the stage timings, the pseudo-bulk checks and the held-out metrics (also printed).
     """
     import matplotlib
 
@@ -37,7 +96,9 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
     verbosity = dbk.settings.verbosity
     dbk.settings.verbosity = 1  # warnings only: the progress bar and the tables below tell the story
     timings: list[tuple] = []
-    stages = ["synthetic slide", "tissue mask", "tiles", "pseudo-bulk", "exactness check", "figures", "write zarr"]
+    model_stages = ["fit DiffBulk", "predict (H&E-only slide)", "evaluate", "save model"]
+    stages = ["synthetic slide", "tissue mask", "tiles", "pseudo-bulk", "exactness check", *model_stages, "figures",
+              "write zarr"]
     bar = tqdm(total=len(stages), desc="dbk demo", unit="stage")
 
     def stage(name, fn):
@@ -49,8 +110,9 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
         return res
 
     sdata = stage("synthetic slide", lambda: dbk.datasets.synthetic(shape=(size, size), random_state=random_state))
+    sdata.attrs["sample"] = "train"
     stage("tissue mask", lambda: dbk.pp.tissue_mask(sdata))
-    stage("tiles", lambda: dbk.pp.make_tiles(sdata, tile_size_um=112.0))
+    stage("tiles", lambda: dbk.pp.make_tiles(sdata, tile_size_um=tile_size_um))
     stage("pseudo-bulk", lambda: dbk.pp.pseudobulk(sdata, source="transcripts"))
     adata = sdata.tables[TILES_TABLE_KEY]
 
@@ -70,7 +132,16 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
 
     n_all, n_kept, brute, table_total, _ = stage("exactness check", exact)
 
+    fitted = None
+    if adata.n_obs >= MIN_DEMO_TILES:
+        fitted = _demo_model(sdata, out, stage, size=size, tile_size_um=tile_size_um, random_state=random_state,
+                             quick=quick)
+    else:
+        bar.update(len(model_stages))
+
     def figures():
+        import matplotlib.pyplot as plt
+
         markers = [g for g in ("ERBB2", "KRT5", "PTPRC", "COL1A1") if g in adata.var_names]
         genes = markers[:2] or list(adata.var_names[:2])
         paths = []
@@ -78,17 +149,20 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
             p = out / f"tiles_{color}.png"
             dbk.pl.tiles(sdata, color, show=False, save=str(p))
             paths.append(p)
-        import matplotlib.pyplot as plt
-
+        if fitted is not None:
+            paths += _demo_model_figures(fitted, out)
         plt.close("all")
         return paths
 
     figs = stage("figures", figures)
 
     def write():
-        return dbk.io.write_zarr(sdata, out / "demo.zarr")
+        paths = [dbk.io.write_zarr(sdata, out / "demo.zarr")]
+        if fitted is not None:
+            paths.append(dbk.io.write_zarr(fitted["held"], out / "heldout.zarr"))
+        return paths
 
-    zarr_path = stage("write zarr", write)
+    zarr_paths = stage("write zarr", write)
     bar.close()
 
     summary = [
@@ -105,35 +179,319 @@ def demo(out: str | Path = "dbk_demo_output", *, size: int = 4096, random_state:
     print(_table(timings, ("stage", "seconds")))
     print("\nPseudo-bulk checks")
     print(_table(summary, ("metric", "value")))
+    if fitted is None:
+        print(f"\nOnly {adata.n_obs} tiles of {tile_size_um:g} µm: too few to fit a model, so the model stages were "
+              "skipped (use a larger --size or a smaller --tile-um).")
+    else:
+        model = fitted["model"]
+        tm = adata.uns["dbk"]["training_metrics"]
+        head, diff = model.head, model.config["diffusion"]
+        training = [
+            ("stage 1", f"preset {model.pretrainer.preset.name!r}, {model.pretrainer.image_size} px, "
+                        f"{model.pretrainer.step} steps, {tm['timings_s']['stage1_s']:.0f} s"),
+            ("diffusion features", f"{diff['dim']} from {'+'.join(diff['levels'])}, sigma {diff['sigma']:g}"),
+            ("foundation model", f"{model.fm_id} at {model.config['fm']['size_px']} px, "
+                                 f"{model.config['fm']['dim']} features"),
+            ("fusion head", f"{model.fusion}, best epoch {head.best_epoch_ + 1} of {len(head.history_['val_loss'])} "
+                            f"(early stopping on {head.validation_})"),
+        ]
+        print("\nModel")
+        print(_table(training, ("part", "setting")))
+        print(f"\nHeld-out slide (another synthetic seed; the model saw its H&E only): {fitted['truth'].n_obs} tiles "
+              f"x {len(model.genes)} genes. Metrics per gene over tiles, then averaged; the mean predictor has no "
+              "Pearson (constant prediction).")
+        print(metrics_table(fitted["metrics"]))
+        if quick:
+            print("(--quick: a smoke-test model; its numbers say little.)")
     print(f"\nFigures: {', '.join(str(p) for p in figs)}")
-    print(f"SpatialData: {zarr_path}")
-    print("(Model stages -- fit_diffbulk, predict, evaluate -- join this demo as they land.)")
+    if fitted is not None:
+        print(f"Model: {fitted['path']}   (dbk predict {fitted['path']} SLIDE.zarr --out OUT.zarr)")
+    print(f"SpatialData: {', '.join(str(p) for p in zarr_paths)}")
     dbk.settings.verbosity = verbosity
     if brute != table_total:
         raise SystemExit("pseudo-bulk total differs from the brute-force count")
-    return {"timings": timings, "summary": summary}
+    return {"timings": timings, "summary": summary, "metrics": fitted["metrics"] if fitted else None,
+            "model": fitted["model"] if fitted else None}
+
+
+def _demo_model(sdata, out: Path, stage, *, size: int, tile_size_um: float, random_state: int, quick: bool) -> dict:
+    """The model stages of the demo: fit, predict on a second (H&E-only) slide, evaluate against its truth, save."""
+    from spatialdata import SpatialData
+
+    import dbk
+    from dbk._constants import TILES_KEY, TILES_TABLE_KEY
+    from dbk.tl._diffbulk import fit_diffbulk
+
+    adata = sdata.tables[TILES_TABLE_KEY]
+    fit_kw: dict = {"preset": "tiny", "pretrain_steps": DEMO_STAGE1_STEPS, "fm_size_px": 224}
+    if quick:
+        fit_kw = {"preset": "tiny", "pretrain_steps": QUICK_STAGE1_STEPS, "fm_size_px": QUICK_FM_SIZE_PX,
+                  "pretrain_kwargs": QUICK_STAGE1}
+    model = stage("fit DiffBulk", lambda: fit_diffbulk(sdata, tile_size_um=tile_size_um, random_state=random_state,
+                                                       **fit_kw))
+
+    # a second slide of the same synthetic tissue type (another seed); the model sees its H&E only
+    held = dbk.datasets.synthetic(shape=(size, size), random_state=random_state + 1)
+    held.attrs["sample"] = "heldout"
+    he_only = SpatialData(images={"he": held.images["he"]}, attrs={"sample": "heldout"})
+    stage("predict (H&E-only slide)", lambda: model.predict(he_only))
+
+    def evaluate():
+        # the truth of the held-out slide, on the very tiles the model predicted, from its transcripts
+        held.shapes[TILES_KEY] = he_only.shapes[TILES_KEY]
+        dbk.pp.pseudobulk(held, source="transcripts")
+        truth = held.tables[TILES_TABLE_KEY]
+        pred_table = he_only.tables[TILES_TABLE_KEY]
+        if list(truth.obs_names) != list(pred_table.obs_names):
+            raise RuntimeError("held-out tiles and predictions are not aligned")
+        for key, value in pred_table.obsm.items():
+            truth.obsm[key] = value
+        base = {m: dbk.tl.fit_baseline(adata, m, obsm_key=model.fm_key, genes=model.genes)
+                for m in ("mean", "ridge_cv")}
+        preds = {"DiffBulk": truth.obsm["dbk_pred"],
+                 "mean (training mean per gene)": base["mean"].predict(truth),
+                 "ridge_cv (FM embeddings)": base["ridge_cv"].predict(truth)}
+        hvg = list(model.config["train"]["hvg_order"])
+        dbk.tl.evaluate(truth, hvg_genes=hvg, top_k=min(50, len(hvg)))  # stored in uns["dbk"]["metrics"] (zarr)
+        return truth, _evaluate_methods(truth, preds, hvg)
+
+    truth, summaries = stage("evaluate", evaluate)
+    path = stage("save model", lambda: model.save(out / "model", overwrite=True))
+    return {"model": model, "held": held, "truth": truth, "metrics": summaries, "path": path}
+
+
+def _demo_model_figures(fitted: dict, out: Path) -> list[Path]:
+    import dbk
+
+    model, held, truth = fitted["model"], fitted["held"], fitted["truth"]
+    paths = []
+    shown = [g for g in model.config["train"]["hvg_order"] if g in truth.var_names][:2]
+    p = out / "heldout_measured_vs_predicted.png"
+    dbk.pl.spatial(held, shown, show=False, save=str(p))
+    paths.append(p)
+    p = out / f"heldout_scatter_{shown[0]}.png"
+    dbk.pl.scatter(held, shown[0], show=False, save=str(p))
+    paths.append(p)
+    p = out / "training_stage1.png"
+    dbk.pl.training_history(model.pretrainer, show=False, save=str(p))
+    paths.append(p)
+    head = model.head.history_
+    records = [{"step": i + 1, "train_loss": a, "val_loss": b}
+               for i, (a, b) in enumerate(zip(head["train_loss"], head["val_loss"], strict=True))]
+    p = out / "training_head.png"
+    dbk.pl.training_history(records, keys=("train_loss", "val_loss"), show=False, save=str(p))
+    paths.append(p)
+    return paths
+
+
+# ---- fit / predict / benchmark ---------------------------------------------------------------------------------------
+
+
+def _read_slides(paths, *, hest_root=None, samples=(), pixel_size_um=None) -> list:
+    """SpatialData objects from zarr stores, image files (H&E only) and HEST samples; ``attrs["sample"]`` set."""
+    import dbk
+
+    slides = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            import spatialdata
+
+            sd = spatialdata.read_zarr(p)
+            if "sample" not in sd.attrs:
+                sd.attrs["sample"] = p.name.removesuffix(".zarr")
+        elif p.is_file():
+            if pixel_size_um is None:
+                raise SystemExit(f"{p} is an image file: give its pixel size with --pixel-size-um.")
+            sd = dbk.io.read_image(p, pixel_size_um=pixel_size_um)
+            sd.attrs["sample"] = p.stem
+        else:
+            raise SystemExit(f"{p} does not exist (expected a SpatialData .zarr folder or an image file).")
+        slides.append(sd)
+    for s in samples:
+        if hest_root is None:
+            raise SystemExit("--sample needs --hest-root (the HEST download folder).")
+        sd = dbk.io.read_hest(hest_root, s)
+        sd.attrs["sample"] = s
+        slides.append(sd)
+    if not slides:
+        raise SystemExit("No data: give SpatialData .zarr folders, or --hest-root with --sample.")
+    return slides
+
+
+def _read_genes(path) -> list[str]:
+    genes = [g.strip() for g in Path(path).read_text().splitlines() if g.strip() and not g.startswith("#")]
+    if not genes:
+        raise SystemExit(f"{path} lists no genes (one gene per line).")
+    return genes
+
+
+def cmd_fit(args) -> int:
+    """``dbk fit``: fit DiffBulk on the given slides and save the model folder."""
+    from dbk.tl._diffbulk import fit_diffbulk
+
+    slides = _read_slides(args.data, hest_root=args.hest_root, samples=args.sample, pixel_size_um=args.pixel_size_um)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
+    head = {k: v for k, v in (("max_epochs", args.max_epochs),) if v is not None}
+    t = time.perf_counter()
+    model = fit_diffbulk(
+        slides if len(slides) > 1 else slides[0],
+        genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes, fm=args.fm,
+        fm_size_px=args.fm_size_px, preset=args.preset, fusion=args.fusion, pretrain_steps=args.pretrain_steps,
+        tile_size_um=args.tile_um, random_state=args.seed, checkpoint_dir=args.checkpoint_dir, **head)
+    model.save(out, overwrite=args.overwrite)
+    print(f"\n{model!r}\nfitted in {time.perf_counter() - t:.0f} s, saved to {out}")
+    tm = slides[0].tables["dbk_table"].uns["dbk"]["training_metrics"]
+    if "validation" in tm:
+        v = tm["validation"]
+        print(f"\nValidation ({v['split']}, {v['n_tiles']} tiles; used for early stopping, so slightly optimistic)")
+        print(metrics_table({"DiffBulk": v["diffbulk"], "mean (training mean per gene)": v["mean"]}))
+    return 0
+
+
+def _one_slide(args) -> object:
+    slides = _read_slides([args.data] if args.data else [], hest_root=args.hest_root,
+                          samples=[args.sample] if args.sample else [], pixel_size_um=args.pixel_size_um)
+    if len(slides) != 1:
+        raise SystemExit("Give one slide: DATA, or --hest-root with one --sample.")
+    return slides[0]
+
+
+def cmd_predict(args) -> int:
+    """``dbk predict``: predictions for one slide, written to a zarr store."""
+    import dbk
+
+    out = Path(args.out)
+    if args.data and Path(args.data).resolve() == out.resolve():
+        raise SystemExit("--out must differ from DATA (the input is read lazily while writing).")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
+    from dbk.tl._diffbulk import DiffBulk
+
+    model = DiffBulk.load(args.model, device=args.device)
+    sd = _one_slide(args)
+    model.predict(sd, tiles_key=args.tiles_key)
+    dbk.io.write_zarr(sd, out, overwrite=True)
+    pred = sd.tables["dbk_table"].obsm["dbk_pred"]
+    print(f"{pred.shape[0]} tiles x {pred.shape[1]} genes predicted -> {out} (tables['dbk_table'].obsm['dbk_pred'])")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    """``dbk benchmark``: metrics of a saved model (and the training-mean predictor) on one labelled slide."""
+    import pandas as pd
+
+    from dbk.tl._diffbulk import DiffBulk, prepare_slide
+
+    model = DiffBulk.load(args.model, device=args.device)
+    sd = _one_slide(args)
+    name = str(sd.attrs.get("sample", "slide"))
+    if name in model.config["train"]["samples"]:
+        print(f"WARNING: slide {name!r} has the name of a training slide; metrics on training tiles are optimistic.")
+    prepare_slide(sd, tile_size_um=model.tile_size_um, need_table=True, name=name)
+    model.predict(sd)
+    truth = sd.tables["dbk_table"]
+    genes = [g for g in model.genes if g in truth.var_names]
+    if not genes:
+        raise SystemExit(f"Slide {name!r} measured none of the model's {len(model.genes)} genes.")
+    mean = pd.DataFrame([model.config["train"]["gene_mean"]] * truth.n_obs, index=truth.obs_names,
+                        columns=model.genes)
+    hvg = [g for g in model.config["train"]["hvg_order"] if g in set(genes)]
+    summaries = _evaluate_methods(truth, {"DiffBulk": truth.obsm["dbk_pred"],
+                                          "mean (training mean per gene)": mean}, hvg, top_k=args.top_k)
+    print(f"\n{model!r}\nslide {name!r}: {truth.n_obs} tiles, {len(genes)} of the model's {len(model.genes)} genes "
+          "measured; top-k most variable genes chosen on the training slides.")
+    print(metrics_table(summaries))
+    if args.csv:
+        pd.DataFrame(summaries).T.to_csv(args.csv)
+        print(f"metrics -> {args.csv}")
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------------
+
+
+def _add_data_args(p, *, many: bool) -> None:
+    p.add_argument("--hest-root", default=None, help="HEST download folder (with wsis/, metadata/, st/ ...)")
+    p.add_argument("--sample", default=[] if many else None, action="append" if many else "store",
+                   help="HEST sample id" + (" (repeat for several)" if many else ""))
+    p.add_argument("--pixel-size-um", type=float, default=None, help="µm per pixel, for a plain image file")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dbk`` command."""
     parser = argparse.ArgumentParser(prog="dbk", description="DiffBulk: spatial expression from H&E.")
     parser.add_argument("--version", action="store_true", help="print the dbk version and exit")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy, small machine)")
     sub = parser.add_subparsers(dest="command")
-    p_demo = sub.add_parser("demo", help="run the pipeline on a built-in synthetic slide (no download)")
-    p_demo.add_argument("--out", default="dbk_demo_output", help="output folder (figures, demo.zarr)")
+
+    p_demo = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic slides (no download)")
+    p_demo.add_argument("--out", default="dbk_demo_output", help="output folder (figures, model, zarr stores)")
     p_demo.add_argument("--size", type=int, default=4096, help="synthetic slide side in pixels (0.5 µm/px)")
+    p_demo.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed")
+    p_demo.add_argument("--quick", action="store_true", help="a smoke-test model (seconds, not minutes)")
+
+    p_fit = sub.add_parser("fit", help="fit DiffBulk on slides with H&E and expression; save the model folder")
+    p_fit.add_argument("data", nargs="*", help="SpatialData .zarr folders")
+    _add_data_args(p_fit, many=True)
+    p_fit.add_argument("--out", required=True, help="model folder to write")
+    p_fit.add_argument("--preset", default="cpu-small", help="stage-1 preset: tiny, cpu-small, paper")
+    p_fit.add_argument("--pretrain-steps", type=int, default=None, help="stage-1 steps (default: the preset's)")
+    p_fit.add_argument("--fm", default="efficientnet_lite0", help="foundation model (timm / hf-hub id)")
+    p_fit.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
+    p_fit.add_argument("--genes", default=None, help="file with the genes to predict, one per line")
+    p_fit.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes")
+    p_fit.add_argument("--fusion", default="gated", choices=["gated", "concat", "add", "film"])
+    p_fit.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
+    p_fit.add_argument("--max-epochs", type=int, default=None, help="fusion-head epochs (early stopping)")
+    p_fit.add_argument("--checkpoint-dir", default=None, help="stage-1 checkpoints (resumed when present)")
+    p_fit.add_argument("--seed", type=int, default=0)
+    p_fit.add_argument("--overwrite", action="store_true")
+
+    p_pred = sub.add_parser("predict", help="predict expression on a slide (H&E only is enough); write zarr")
+    p_pred.add_argument("model", help="model folder (dbk fit --out)")
+    p_pred.add_argument("data", nargs="?", default=None, help="SpatialData .zarr folder or an H&E image file")
+    _add_data_args(p_pred, many=False)
+    p_pred.add_argument("--out", required=True, help="SpatialData .zarr to write")
+    p_pred.add_argument("--tiles-key", default="dbk_tiles")
+    p_pred.add_argument("--device", default="auto")
+    p_pred.add_argument("--overwrite", action="store_true")
+
+    p_bench = sub.add_parser("benchmark", help="evaluate a fitted model on a labelled slide; print the metrics")
+    p_bench.add_argument("model", help="model folder (dbk fit --out)")
+    p_bench.add_argument("data", nargs="?", default=None, help="SpatialData .zarr folder with expression")
+    _add_data_args(p_bench, many=False)
+    p_bench.add_argument("--top-k", type=int, default=50)
+    p_bench.add_argument("--csv", default=None, help="write the metrics table to this CSV")
+    p_bench.add_argument("--device", default="auto")
+
     args = parser.parse_args(argv)
     if args.version:
         import dbk
 
         print(dbk.__version__)
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "demo":
         if args.size < 512:
             parser.error("--size must be at least 512 pixels")
-        demo(args.out, size=args.size, random_state=args.seed)
+        demo(args.out, size=args.size, random_state=args.seed, tile_size_um=args.tile_um, quick=args.quick)
         return 0
+    if args.command == "fit":
+        return cmd_fit(args)
+    if args.command == "predict":
+        return cmd_predict(args)
+    if args.command == "benchmark":
+        return cmd_benchmark(args)
     parser.print_help()
     return 1
 

@@ -31,12 +31,17 @@ _EXPORTS = {
     "FusionRegressor": "._fusion",
     "fit_head": "._fusion",
     "masked_mse": "._fusion",
+    "fit_diffbulk": "._diffbulk",
+    "DiffBulk": "._diffbulk",
+    "diffusion_features": "._diffusion_features",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._baselines import MeanPredictor, MLPBaseline, RidgeBaseline, fit_baseline
+    from ._diffbulk import DiffBulk, fit_diffbulk
+    from ._diffusion_features import diffusion_features
     from ._edm import EDM, heun_sample
     from ._embed import embed_tiles, load_foundation_model
     from ._evaluate import evaluate

@@ -235,7 +235,8 @@ class GeneEncoder(nn.Module):
         """Store per-gene mean and standard deviation (of training values) used when ``zscore=True``."""
         ids = self.vocab.ids(genes)
         if (ids < 0).any():
-            raise KeyError(f"Genes not in the vocabulary: {[g for g, i in zip(genes, ids, strict=True) if i < 0][:10]}.")
+            missing = [g for g, i in zip(genes, ids, strict=True) if i < 0]
+            raise KeyError(f"Genes not in the vocabulary: {missing[:10]}.")
         std = np.where(np.asarray(std) > 1e-6, std, 1.0)
         with torch.no_grad():
             self.value_mean[torch.from_numpy(ids)] = torch.as_tensor(np.asarray(mean), dtype=self.value_mean.dtype,

@@ -64,6 +64,13 @@ class GeneToImageNet(nn.Module):
 
         self.edm = edm
         self.encoder = encoder
+        chans = list(preset.block_out_channels)
+        attn = [c for c, t in zip(chans, preset.down_block_types, strict=True) if t.startswith("Attn")] + chans[-1:]
+        bad = [c for c in attn if c % preset.attention_head_dim]
+        if bad or any(c % preset.norm_num_groups for c in chans):
+            raise ValueError(f"block_out_channels {tuple(chans)} must be multiples of norm_num_groups "
+                             f"({preset.norm_num_groups}), and of attention_head_dim ({preset.attention_head_dim}) "
+                             "where there is self-attention (attention blocks and the last level).")
         self.unet = UNet2DModel(
             sample_size=preset.image_size,
             in_channels=3,
@@ -1005,7 +1012,7 @@ class DiffusionPretrainer:
         for fname, module in (("model.safetensors", model.net), ("ema.safetensors", model.ema_net)):
             try:
                 module.load_state_dict(load_file(path / fname))
-            except Exception as err:  # noqa: BLE001 - safetensors raises several error types on bad files
+            except Exception as err:  # safetensors raises several error types on bad files
                 raise ValueError(f"{path / fname} does not fit the model in {cfg_path}: {err}") from None
         model.step = int(config.get("step", 0))
         model.train_time = float(config.get("train_time_s", 0.0))
@@ -1058,7 +1065,7 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 def _read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types on truncated / foreign files
+    except Exception as err:  # torch raises several types on truncated or foreign files
         raise ValueError(f"Checkpoint {path} is unreadable or corrupt ({err}); delete it to resume from the "
                          "previous one, or use resume=False.") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

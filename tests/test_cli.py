@@ -1,0 +1,115 @@
+"""The ``dbk`` command: demo (with the model stages), fit, predict, benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from dbk.cli import main
+
+
+def run(*argv) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main([str(a) for a in argv]) == 0
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)  # --threads sets it process-wide
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    text = run("--threads", 1, "demo", "--size", 1024, "--tile-um", 56, "--quick", "--out", out)
+    return out, text
+
+
+def _row(text: str, method: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(method + " "))
+    return line[len(method):].split()
+
+
+def test_demo_runs_end_to_end_and_prints_the_metrics_table(demo):
+    out, text = demo
+    assert re.search(r"exact\s+yes", text)
+    header = next(ln for ln in text.splitlines() if ln.startswith("method "))
+    assert header.split()[1:] == ["pearson_mean_all", "pearson_mean_top50_hvg", "spearman_mean_all", "mse_mean_all",
+                                  "mae_mean_all", "spearman_per_tile_mean", "pearson_flattened"]
+    ours = [float(v) for v in _row(text, "DiffBulk")]
+    mean = _row(text, "mean (training mean per gene)")
+    ridge = [float(v) for v in _row(text, "ridge_cv (FM embeddings)")]
+    assert len(ours) == len(ridge) == 7 and np.isfinite(ours).all() and np.isfinite(ridge).all()
+    assert mean[0] == "nan" and float(mean[3]) > 0  # constant prediction: no Pearson, but an MSE
+    for stage in ("fit DiffBulk", "predict (H&E-only slide)", "evaluate", "write zarr"):
+        assert stage in text
+    for f in ("model/config.json", "model/pretrainer/config.json", "demo.zarr", "heldout.zarr",
+              "heldout_measured_vs_predicted.png", "training_stage1.png", "training_head.png", "tiles_ERBB2.png"):
+        assert (out / f).exists(), f
+
+
+def test_predict_from_zarr_and_from_a_plain_image(demo, tmp_path):
+    import spatialdata
+    import tifffile
+
+    out, _ = demo
+    text = run("predict", out / "model", out / "heldout.zarr", "--out", tmp_path / "p.zarr")
+    assert "genes predicted" in text
+    table = spatialdata.read_zarr(tmp_path / "p.zarr").tables["dbk_table"]
+    assert table.obsm["dbk_pred"].shape == (table.n_obs, 60)
+
+    # an H&E scan with nothing else: a TIFF and its pixel size
+    held = spatialdata.read_zarr(out / "heldout.zarr")
+    img = np.asarray(held.images["he"]["scale0"]["image"].values).transpose(1, 2, 0)
+    tifffile.imwrite(tmp_path / "scan.tif", img, photometric="rgb")
+    with pytest.raises(SystemExit, match="pixel size"):
+        run("predict", out / "model", tmp_path / "scan.tif", "--out", tmp_path / "s.zarr")
+    run("predict", out / "model", tmp_path / "scan.tif", "--pixel-size-um", 0.5, "--out", tmp_path / "s.zarr")
+    scan = spatialdata.read_zarr(tmp_path / "s.zarr").tables["dbk_table"]
+    assert scan.n_vars == 0 and scan.obsm["dbk_pred"].shape == (scan.n_obs, 60)
+    assert np.isfinite(scan.obsm["dbk_pred"].to_numpy()).all()
+    # same tiles and pixels as the zarr store; only the resampling differs (the TIFF has no pyramid), so nearly the
+    # same predictions
+    assert (scan.obs_names == table.obs_names).all()
+    a, b = scan.obsm["dbk_pred"].to_numpy().ravel(), table.obsm["dbk_pred"].to_numpy().ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.98 and np.abs(a - b).mean() < 0.05
+    with pytest.raises(SystemExit, match="exists"):
+        run("predict", out / "model", tmp_path / "scan.tif", "--pixel-size-um", 0.5, "--out", tmp_path / "s.zarr")
+
+
+def test_benchmark_prints_metrics_of_a_saved_model(demo, tmp_path):
+    out, _ = demo
+    text = run("benchmark", out / "model", out / "heldout.zarr", "--csv", tmp_path / "m.csv")
+    assert np.isfinite([float(v) for v in _row(text, "DiffBulk")]).all()
+    assert _row(text, "mean (training mean per gene)")[0] == "nan"
+    assert (tmp_path / "m.csv").read_text().count("\n") == 3  # header + 2 methods
+
+
+def test_fit_saves_a_model(demo, tmp_path):
+    out, _ = demo
+    text = run("fit", out / "demo.zarr", "--out", tmp_path / "m", "--preset", "tiny", "--pretrain-steps", 2,
+               "--fm-size-px", 96, "--tile-um", 56, "--max-epochs", 3, "--n-top-genes", 10)
+    assert "saved to" in text and "Validation" in text
+    import json
+
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert len(cfg["genes"]) == 10 and cfg["fm"]["size_px"] == 96
+    with pytest.raises(SystemExit, match="No data"):
+        run("fit", "--out", tmp_path / "m2")
+    with pytest.raises(SystemExit, match="exists"):
+        run("fit", out / "demo.zarr", "--out", tmp_path / "m")
+
+
+def test_demo_on_a_slide_too_small_for_a_model_still_checks_the_preprocessing(tmp_path):
+    text = run("demo", "--size", 1024, "--out", tmp_path)  # 112 µm tiles: ~10 tiles
+    assert re.search(r"exact\s+yes", text) and "model stages were skipped" in text
+    assert (tmp_path / "demo.zarr").exists() and not (tmp_path / "model").exists()
