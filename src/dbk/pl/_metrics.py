@@ -10,9 +10,10 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_TABLE_KEY
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, plot_docs
 
 
+@plot_docs
 def gene_metrics(
     data: pd.DataFrame | ad.AnnData | SpatialData,
     *,
@@ -40,18 +41,9 @@ def gene_metrics(
         Predictions in ``adata.obsm`` (when evaluating here).
     table_key
         Tile table in ``sdata.tables``.
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+    {plot_params}
 
-    Returns
-    -------
-    The figure when ``return_fig=True``, else ``None``.
+    {plot_returns}
     """
     if isinstance(data, pd.DataFrame):
         df = data
@@ -77,6 +69,7 @@ def gene_metrics(
     return finish(fig, show=show, return_fig=return_fig, save=save)
 
 
+@plot_docs
 def benchmark(
     results: pd.DataFrame,
     *,
@@ -103,18 +96,9 @@ def benchmark(
         Column naming the fold.
     order
         Order of the methods (default: by mean, best last).
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+    {plot_params}
 
-    Returns
-    -------
-    The figure when ``return_fig=True``, else ``None``.
+    {plot_returns}
     """
     for col in (method_col, fold_col, metric):
         if col not in results.columns:
@@ -142,6 +126,7 @@ def benchmark(
     return finish(fig, show=show, return_fig=return_fig, save=save)
 
 
+@plot_docs
 def training_history(
     model,
     *,
@@ -162,18 +147,9 @@ def training_history(
         Record fields to plot against ``step``.
     smooth
         Moving-average window (in records).
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+    {plot_params}
 
-    Returns
-    -------
-    The figure when ``return_fig=True``, else ``None``.
+    {plot_returns}
     """
     history = model if isinstance(model, list) else getattr(model, "history", None)
     if not history:

@@ -8,9 +8,10 @@ from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_TABLE_KEY
 from ._data import get_table, measured, pearson, predicted
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, plot_docs
 
 
+@plot_docs
 def scatter(
     data: SpatialData | ad.AnnData,
     gene: str,
@@ -40,18 +41,9 @@ def scatter(
         Layer with measured values (``X`` when ``None``).
     color
         An ``obs`` column to colour the points by (e.g. ``"sample"``).
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+    {plot_params}
 
-    Returns
-    -------
-    The figure when ``return_fig=True``, else ``None``.
+    {plot_returns}
     """
     adata = get_table(data, table_key)
     x, y = measured(adata, gene, layer), predicted(adata, gene, pred_key)

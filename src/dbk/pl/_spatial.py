@@ -10,9 +10,10 @@ from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY
 from ._data import get_table, measured, pearson, predicted
-from ._utils import finish, new_axes, thumbnail
+from ._utils import finish, new_axes, plot_docs, thumbnail
 
 
+@plot_docs
 def spatial(
     data: SpatialData | ad.AnnData,
     genes: str | Sequence[str],
@@ -64,18 +65,9 @@ def spatial(
         Upper end of the shared colour scale, as a quantile of the measured and predicted values together.
     alpha
         Opacity of the tiles over the image.
-    ax
-        Axes to draw into, one per panel (genes x kinds).
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+    {plot_params}
 
-    Returns
-    -------
-    The figure when ``return_fig=True``, else ``None``.
+    {plot_returns}
     """
     genes = [genes] if isinstance(genes, str) else list(genes)
     kinds = list(kinds)

@@ -8,9 +8,10 @@ from spatialdata import SpatialData
 
 from .._constants import TILES_KEY, TILES_TABLE_KEY
 from ..pp._tiles import tile_bounds
-from ._utils import finish, new_axes, thumbnail
+from ._utils import finish, new_axes, plot_docs, thumbnail
 
 
+@plot_docs
 def tiles(
     sdata: SpatialData,
     color: str | None = None,
@@ -47,18 +48,9 @@ def tiles(
         Colour map for numeric values.
     alpha
         Opacity of the tile fill.
-    ax
-        A matplotlib axes to draw into.
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+    {plot_params}
 
-    Returns
-    -------
-    The figure when ``return_fig=True``, else ``None``.
+    {plot_returns}
     """
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle

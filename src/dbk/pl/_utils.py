@@ -23,6 +23,29 @@ def thumbnail(sdata: SpatialData, image_key: str | None = None, max_side: int = 
     return img, float(lvl.downsample_x * step)
 
 
+_PLOT_PARAMS = """ax
+    Axes to draw into.
+show
+    Show the figure (default: when the backend is interactive).
+return_fig
+    Return the figure.
+save
+    Path to save the figure to."""
+
+_RETURNS = """Returns
+-------
+The figure when ``return_fig=True``, else ``None``."""
+
+
+def plot_docs(func):
+    """Fill the shared parameter text of the plot functions into ``{plot_params}`` and ``{plot_returns}``."""
+    indent = "    "
+    func.__doc__ = func.__doc__.replace("{plot_params}", _PLOT_PARAMS.replace("\n", "\n" + indent)).replace(
+        "{plot_returns}", _RETURNS.replace("\n", "\n" + indent)
+    )
+    return func
+
+
 def new_axes(ax, n: int = 1, *, size: float = 4.5, ncols: int | None = None):
     """Return (fig, axes list) creating a grid of ``n`` panels unless ``ax`` is given (then ``n`` must be 1)."""
     import matplotlib.pyplot as plt
