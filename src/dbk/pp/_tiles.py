@@ -12,7 +12,7 @@ from spatialdata import SpatialData
 from spatialdata.models import ShapesModel
 from spatialdata.transformations import get_transformation
 
-from .._constants import PIXEL_CS, SPOTS_KEY, TILES_KEY, TISSUE_FRACTION_COL, TISSUE_KEY
+from .._constants import INSTANCE_COL, PIXEL_CS, REGION_COL, SPOTS_KEY, TILES_KEY, TISSUE_FRACTION_COL, TISSUE_KEY
 from .._image import affine_to_image_pixels, get_pixel_size, image_shape, resolve_image_key
 from .._logging import logger
 from .._utils import copy_sdata
@@ -204,3 +204,24 @@ def _tissue_fraction(sdata: SpatialData, tissue_key: str, x0: np.ndarray, y0: np
     area = np.maximum((mx1 - mx0) * (my1 - my0), 1)
     inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
     return inside / area
+
+
+def table_rows_to_tiles(sdata: SpatialData, table_key: str, tiles_key: str, tile_ids: np.ndarray) -> np.ndarray:
+    """Position in ``tile_ids`` of each row of the table, matched by instance id."""
+    adata = sdata.tables[table_key]
+    attrs = adata.uns.get("spatialdata_attrs", {})
+    inst_col = attrs.get("instance_key", INSTANCE_COL)
+    region_col = attrs.get("region_key", REGION_COL)
+    if region_col in adata.obs:
+        other = set(adata.obs[region_col].astype(str)) - {tiles_key}
+        if other:
+            raise ValueError(f"Table {table_key!r} annotates {sorted(other)} besides {tiles_key!r}; embeddings need "
+                             f"a table of the tiles only.")
+    inst = adata.obs[inst_col].to_numpy() if inst_col in adata.obs else np.asarray(adata.obs_names)
+    pos = pd.Index(tile_ids).get_indexer(inst)
+    if pos.size and (pos < 0).all() and inst_col not in adata.obs:
+        pos = pd.Index(np.asarray(tile_ids).astype(str)).get_indexer(np.asarray(inst).astype(str))
+    if (pos < 0).any():
+        raise ValueError(f"{int((pos < 0).sum())} rows of table {table_key!r} match no tile of {tiles_key!r} "
+                         f"(by {inst_col!r}).")
+    return pos

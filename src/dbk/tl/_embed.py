@@ -16,6 +16,7 @@ from .._constants import INSTANCE_COL, REGION_COL, TILES_KEY, TILES_TABLE_KEY, U
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
+from ..pp._tiles import table_rows_to_tiles as _table_rows_to_tiles
 
 DEFAULT_MODEL = "efficientnet_lite0"
 _LITE0_ARCH = "tf_efficientnet_lite0"
@@ -243,27 +244,6 @@ def load_foundation_model(
     net.dbk_pretrained = pretrained
     net.dbk_model = model
     return net, cfg
-
-
-def _table_rows_to_tiles(sdata: SpatialData, table_key: str, tiles_key: str, tile_ids: np.ndarray) -> np.ndarray:
-    """Position in ``tile_ids`` of each row of the table, matched by instance id."""
-    adata = sdata.tables[table_key]
-    attrs = adata.uns.get("spatialdata_attrs", {})
-    inst_col = attrs.get("instance_key", INSTANCE_COL)
-    region_col = attrs.get("region_key", REGION_COL)
-    if region_col in adata.obs:
-        other = set(adata.obs[region_col].astype(str)) - {tiles_key}
-        if other:
-            raise ValueError(f"Table {table_key!r} annotates {sorted(other)} besides {tiles_key!r}; embeddings need "
-                             f"a table of the tiles only.")
-    inst = adata.obs[inst_col].to_numpy() if inst_col in adata.obs else np.asarray(adata.obs_names)
-    pos = pd.Index(tile_ids).get_indexer(inst)
-    if pos.size and (pos < 0).all() and inst_col not in adata.obs:
-        pos = pd.Index(np.asarray(tile_ids).astype(str)).get_indexer(np.asarray(inst).astype(str))
-    if (pos < 0).any():
-        raise ValueError(f"{int((pos < 0).sum())} rows of table {table_key!r} match no tile of {tiles_key!r} "
-                         f"(by {inst_col!r}).")
-    return pos
 
 
 def _image_only_table(sdata: SpatialData, tiles_key: str, table_key: str) -> None:
