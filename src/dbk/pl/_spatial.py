@@ -78,14 +78,10 @@ def spatial(
     fig, axes = new_axes(ax, len(genes) * len(kinds), ncols=len(kinds), size=4.2)
     is_sdata = isinstance(data, SpatialData)
     if is_sdata:
-        from ..pp._tiles import tile_bounds
+        from ..pp._tiles import table_rows_to_tiles, tile_bounds
 
-        bounds = tile_bounds(data, tiles_key).astype(float)
-        inst = adata.obs["instance_id"].to_numpy() if "instance_id" in adata.obs else np.arange(adata.n_obs)
-        pos = data.shapes[tiles_key].index.get_indexer(inst)
-        if (pos < 0).any():
-            raise ValueError(f"{int((pos < 0).sum())} rows of table {table_key!r} have no tile in {tiles_key!r}.")
-        bounds = bounds[pos]
+        pos = table_rows_to_tiles(data, table_key, tiles_key, np.asarray(data.shapes[tiles_key].index))
+        bounds = tile_bounds(data, tiles_key).astype(float)[pos]
         img, ds = thumbnail(data, image_key) if image else (None, 1.0)
     for gi, gene in enumerate(genes):
         values = {}
