@@ -70,6 +70,14 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch / BLAS threads (1 is often fastest on a shared 2-core machine)")
+    ap.add_argument("--stage1-steps", type=int, default=None,
+                    help="stage-1 optimizer steps per fold (default 400; --quick 60); checkpoints resume")
+    ap.add_argument("--stage1-preset", default="cpu-small", help="stage-1 preset (tiny, cpu-small, paper)")
+    ap.add_argument("--stage1-batch", type=int, default=None, help="stage-1 batch size (the preset's by default)")
+    ap.add_argument("--stage1-dense", action="store_true",
+                    help="also train stage 1 unconditionally on overlapping grid tiles over the training tissue")
+    ap.add_argument("--sigma", type=float, default=0.01, help="noise level of the diffusion features")
+    ap.add_argument("--tag", default="", help="suffix of the CSV files (runs with other settings side by side)")
     ap.add_argument("--list-methods", action="store_true")
     return ap.parse_args()
 
@@ -176,34 +184,31 @@ def _call_accepting(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _diffbulk(fusion: str | None, *, diffusion: str = "trained", require: tuple[str, ...] = ()) -> Callable:
-    """Hook for ``dbk.tl.fit_diffbulk`` (stage-1 pretrainer + diffusion features + fusion head).
-
-    ``fusion``: ``"gated"``/``"concat"`` fused with the FM features, ``None`` for diffusion features alone;
-    ``diffusion``: ``"trained"`` (stage 1 trained on the training sections) or ``"untrained"`` (a randomly initialised
-    U-Net: the control). The call below is a best guess of the API that is being written: adapt it here when
-    ``fit_diffbulk`` lands. ``require`` names keyword arguments ``fit_diffbulk`` must accept for this method to be
-    meaningful (else NotAvailable, rather than silently running something else).
-    """
+def _diffbulk(fusion: str, *, diffusion: str = "trained") -> Callable:
+    """DiffBulk (``fit_diffbulk`` + ``predict``) with the fold's stage-1 model (``"trained"`` or ``"untrained"``)."""
 
     def fn(train, test, genes, groups, ctx):
-        import dbk.tl
+        from _her2st_diffbulk import diffbulk_predict
 
-        try:
-            fit = dbk.tl.fit_diffbulk
-        except AttributeError:
-            raise NotAvailable("dbk.tl.fit_diffbulk does not exist yet") from None
-        import inspect
+        return diffbulk_predict(ctx.diff, fusion, diffusion, ctx.train_s, ctx.test_s, list(genes), ctx.seed)
 
-        params = inspect.signature(fit).parameters
-        lacking = [r for r in require if r not in params]
-        if lacking:
-            raise NotAvailable(f"dbk.tl.fit_diffbulk has no {lacking} option (signature {inspect.signature(fit)})")
-        model = _call_accepting(
-            fit, train, obsm_key=ctx.obsm_key, genes=genes, groups=groups, fusion=fusion,
-            use_fm=fusion is not None, pretrained_diffusion=(diffusion == "trained"), diffusion=diffusion,
-            random_state=ctx.seed, sections=ctx.folders, progress=False)
-        return _call_accepting(model.predict, test)
+    return fn
+
+
+def _diff_ridge(diffusion: str, *, with_fm: bool) -> Callable:
+    """ridge_cv on the fold's diffusion features (alone, or concatenated with the FM features)."""
+
+    def fn(train, test, genes, groups, ctx):
+        from _her2st_diffbulk import attach
+
+        key = "X_bench_diff"
+        tr = attach(train, ctx.diff, diffusion, tuple(ctx.train_s), list(genes), key)
+        te = attach(test, ctx.diff, diffusion, tuple(ctx.train_s), list(genes), key)
+        if with_fm:
+            for a in (tr, te):
+                a.obsm[key] = np.hstack([np.asarray(a.obsm[ctx.obsm_key]), a.obsm[key]])
+        sub = SimpleNamespace(**{**vars(ctx), "obsm_key": key})
+        return _baseline("ridge_cv")(tr, te, genes, groups, sub)
 
     return fn
 
@@ -222,11 +227,16 @@ register("ridge_cv_shuffled_all", _shuffled(False),
          "control: ridge_cv with training targets shuffled across all training tiles (pure noise floor)")
 register("diffbulk_gated", _diffbulk("gated"), "DiffBulk, gated residual fusion of FM and diffusion features")
 register("diffbulk_concat", _diffbulk("concat"), "DiffBulk, concat fusion")
-register("diff_untrained_only", _diffbulk(None, diffusion="untrained", require=("use_fm", "diffusion")),
-         "control: diffusion features of an untrained U-Net alone (no FM)", default=False, quick=False)
-register("diffbulk_untrained_gated", _diffbulk("gated", diffusion="untrained", require=("diffusion",)),
-         "control: untrained U-Net diffusion features, gated fusion with FM", default=False, quick=False)
-DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diff_untrained_only", "diffbulk_untrained_gated")
+register("diffbulk_untrained_gated", _diffbulk("gated", diffusion="untrained"),
+         "control: DiffBulk gated with the diffusion features of an untrained U-Net (same architecture and seed)")
+register("diff_ridge", _diff_ridge("trained", with_fm=False),
+         "ridge_cv on the trained stage-1 diffusion features alone (no FM)")
+register("diff_untrained_ridge", _diff_ridge("untrained", with_fm=False),
+         "control: ridge_cv on an untrained U-Net's diffusion features alone")
+register("fm_diff_ridge", _diff_ridge("trained", with_fm=True),
+         "ridge_cv on FM and trained diffusion features concatenated (a linear fusion)")
+DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diffbulk_untrained_gated", "diff_ridge", "diff_untrained_ridge",
+            "fm_diff_ridge")
 
 
 # ---- folds, data -----------------------------------------------------------------------------------------------------
@@ -356,14 +366,26 @@ def main(args: argparse.Namespace) -> None:
     check_genes(full, genes)
     tables = {s: t[:, genes].copy() for s, t in full.items()}
 
+    folders = {s: str((args.data / s).resolve()) for s in SECTIONS}
     ctx = SimpleNamespace(obsm_key=obsm_key, seed=args.seed, quick=args.quick, settings=settings, tables=full,
-                          folders={s: str((args.data / s).resolve()) for s in SECTIONS}, fold_index=0, split=None,
-                          fold=None, threads=args.threads)
+                          folders=folders, fold_index=0, split=None, fold=None, threads=args.threads,
+                          train_s=None, test_s=None, diff=None)
+    uses_diff = [n for n in names if n in DIFFBULK]
+    if uses_diff:
+        from _her2st_diffbulk import DiffBulkContext
+
+        steps = args.stage1_steps if args.stage1_steps is not None else (60 if args.quick else 400)
+        ctx.diff = DiffBulkContext(tables=full, folders=folders, obsm_key=obsm_key, cache=args.cache,
+                                   settings=settings, seed=args.seed, steps=steps, preset=args.stage1_preset,
+                                   dense=args.stage1_dense, stage1_batch=args.stage1_batch, sigma=args.sigma)
+        print(f"stage 1 per fold: preset {args.stage1_preset}, {steps} steps"
+              f"{', dense unlabeled tiles' if args.stage1_dense else ''}; diffusion features at sigma {args.sigma:g}",
+              flush=True)
     fold_list = folds([s.strip() for s in args.splits.split(",") if s.strip()], args.quick)
     print(f"{len(genes)} genes (all measured on every section); methods: {', '.join(names)}; "
           f"{len(fold_list)} folds; {args.threads} thread(s)", flush=True)
 
-    rows, unavailable, failed = [], {}, {}
+    rows, unavailable, failed, stage1_done = [], {}, {}, []
     done: dict[tuple, dict] = {}  # (train, test, method) -> row: the patient split is the LOSO fold "test B4"
     k_cols = [c.format(k=args.top_k) for c in SUMMARY_COLS]
     x_cols = [c.format(k=args.top_k) for c in EXTRA_COLS]
@@ -372,6 +394,7 @@ def main(args: argparse.Namespace) -> None:
         test = stack(tables, test_s, genes, obsm_key)
         groups = train.obs["sample"].astype(str).to_numpy()
         ctx.fold_index, ctx.split, ctx.fold = i, split, fold
+        ctx.train_s, ctx.test_s = tuple(train_s), tuple(test_s)
         line = []
         for name in names:
             if name in unavailable:
@@ -404,6 +427,13 @@ def main(args: argparse.Namespace) -> None:
             rows.append(done[same])
             line.append(f"{name} {summ['pearson_mean_all']:.3f} ({elapsed:.1f}s)")
         print(f"  [{split} test {fold}] " + "; ".join(line), flush=True)
+        if ctx.diff is not None and not any(r["train"] == tuple(train_s) for r in stage1_done):
+            try:
+                ctx.diff.stage1_controls(fold, split, tuple(train_s), tuple(test_s), list(genes))
+                stage1_done.append({"train": tuple(train_s)})
+            except Exception as err:
+                failed.setdefault("stage1_controls", f"{type(err).__name__}: {err}")
+            ctx.diff.forget_fold(tuple(train_s))
 
     df = pd.DataFrame(rows)
     for name, why in unavailable.items():
@@ -422,9 +452,22 @@ def main(args: argparse.Namespace) -> None:
         print("ridge_hest has no intercept (faithful to HEST): its correlations are valid, its MSE/MAE are not "
               "comparable.")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("her2st_folds_quick.csv" if args.quick else "her2st_folds.csv")
+    tag = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    path = args.out / f"her2st_folds{tag}.csv"
     df.to_csv(path, index=False, float_format="%.6g")
     print(f"\nper-fold table: {path}")
+    if ctx.diff is not None and ctx.diff.stage1_rows:
+        s1 = pd.DataFrame(ctx.diff.stage1_rows)
+        print("\nSTAGE-1 CONTROLS: denoising loss (per-pixel MSE, images in [-1, 1]) on the test section's tiles with "
+              "the tile's own profile (cond), no profile (uncond) and another test tile's profile (shuffled); gain = "
+              "1 - loss / loss_uncond; mean ± std over folds")
+        for (model, sigma), g in s1.groupby(["model", "sigma"], sort=False):
+            print(f"  {model:9s} sigma {sigma:<4g} steps {int(g['steps'].iloc[0]):5d}  cond {fmt(g['loss_cond'], 5)}  "
+                  f"uncond {fmt(g['loss_uncond'], 5)}  shuffled {fmt(g['loss_shuffled'], 5)}  "
+                  f"gain {fmt(g['gain'], 4)}  gain_shuffled {fmt(g['gain_shuffled'], 4)}  ({len(g)} folds)")
+        s1_path = args.out / f"her2st_stage1{tag}.csv"
+        s1.to_csv(s1_path, index=False, float_format="%.6g")
+        print(f"stage-1 controls per fold: {s1_path}")
     print(f"preprocessing {t_pre:.1f} s; total wall time {time.perf_counter() - t_start:.1f} s")
 
 

@@ -177,6 +177,25 @@ def test_mlp_learns_signal_early_stops_and_is_seeded():
     np.testing.assert_array_equal(again.to_numpy(), te.obsm["dbk_pred"].to_numpy())
 
 
+def test_mlp_bounded_on_features_that_barely_vary_in_training():
+    # A ReLU-like channel that is ~0 on every training tile (std 1e-9, a rounding residue) and one exactly constant,
+    # both firing at 1.0 on the new slide: plain standardisation turns them into z-scores of 1e9 and the predictions
+    # explode; the clipped / zeroed inputs keep them within the training range.
+    tr, te = planted(n=240, d=16, g=4, seed=3), planted(n=80, d=16, g=4, seed=4)
+    rng = np.random.default_rng(0)
+    tr.obsm["X_fm"] = np.hstack([tr.obsm["X_fm"], 1e-9 * rng.random((tr.n_obs, 1)), np.zeros((tr.n_obs, 1))])
+    te.obsm["X_fm"] = np.hstack([te.obsm["X_fm"], np.ones((te.n_obs, 2))])
+    mlp = MLPBaseline(hidden=32, max_epochs=30, patience=5, random_state=0).fit(tr, obsm_key="X_fm")
+    assert not mlp.x_keep_[0][-2:].any() and mlp.x_keep_[0][:-2].all()
+    pred = mlp.predict(te).to_numpy()
+    y = np.asarray(tr.X)
+    span = y.max(axis=0) - y.min(axis=0)
+    assert np.isfinite(pred).all()
+    assert (pred.max(axis=0) < y.max(axis=0) + span).all() and (pred.min(axis=0) > y.min(axis=0) - span).all()
+    plain = MLPBaseline(hidden=32, max_epochs=30, patience=5, random_state=0, input_clip=None).fit(tr, obsm_key="X_fm")
+    assert np.abs(plain.predict(te).to_numpy()).max() > np.abs(pred).max()  # the rare channel alone is unbounded
+
+
 # ---- fusion head ----------------------------------------------------------------------------------------------------
 
 

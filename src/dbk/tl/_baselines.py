@@ -435,9 +435,12 @@ class TorchRegressor(Baseline):
         val_fraction: float = 0.2,
         random_state: int | None = None,
         accelerator: str = "auto",
+        input_clip: float | None = 5.0,
     ) -> None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
+        if input_clip is not None and not input_clip > 0:
+            raise ValueError(f"input_clip must be positive or None, got {input_clip!r}.")
         self.hidden = hidden
         self.dropout = float(dropout)
         self.lr = float(lr)
@@ -448,6 +451,20 @@ class TorchRegressor(Baseline):
         self.val_fraction = float(val_fraction)
         self.random_state = random_state
         self.accelerator = accelerator
+        self.input_clip = None if input_clip is None else float(input_clip)
+
+    def _scale_inputs(self, xs) -> list[torch.Tensor]:
+        """Standardised inputs: z-scores clipped to ``±input_clip``; features constant on the training part -> 0."""
+        keeps = getattr(self, "x_keep_", None) or [None] * len(xs)
+        out = []
+        for x, mu, s, keep in zip(xs, self.x_mean_, self.x_std_, keeps, strict=True):
+            z = (np.asarray(x, np.float64) - mu) / s
+            if self.input_clip is not None:
+                z = np.clip(z, -self.input_clip, self.input_clip)
+            if keep is not None:
+                z = np.where(keep, z, 0.0)
+            out.append(torch.as_tensor(z, dtype=torch.float32))
+        return out
 
     def _build(self, dims: list[int], n_genes: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -458,8 +475,19 @@ class TorchRegressor(Baseline):
         seed = settings.seed if self.random_state is None else int(self.random_state)
         rng = np.random.default_rng(seed)
         tr, va, how = holdout_split(len(y), groups, self.val_fraction, rng)
-        self.x_mean_ = [x[tr].mean(axis=0) for x in xs]
-        self.x_std_ = [np.where(s > 0, s, 1.0) for s in (x[tr].std(axis=0) for x in xs)]
+        # A feature that barely varies on the training tiles (a ReLU unit that rarely fires on H&E, or a constant one
+        # whose float std is a rounding residue) would get a huge z-score on a new slide: such features are zeroed,
+        # and z-scores are clipped to +-input_clip, so the network never sees values far outside its training range.
+        self.x_mean_, self.x_std_, self.x_keep_ = [], [], []
+        for x in xs:
+            std = np.asarray(x[tr], np.float64).std(axis=0)
+            if self.input_clip is None:  # plain standardisation
+                keep = std > 0
+            else:
+                keep = std > 1e-6 * max(float(np.median(std)) if std.size else 0.0, 1e-12)
+            self.x_mean_.append(np.asarray(x[tr], np.float64).mean(axis=0))
+            self.x_std_.append(np.where(keep, std, 1.0))
+            self.x_keep_.append(keep)
         mt = m[tr]
         cnt = np.maximum(mt.sum(axis=0), 1)
         mu = (y[tr] * mt).sum(axis=0) / cnt
@@ -467,8 +495,7 @@ class TorchRegressor(Baseline):
         self.y_mean_ = np.where(mt.any(axis=0), mu, (y * m).sum(axis=0) / m.sum(axis=0))
         self.y_std_ = np.where(sd > 0, sd, 1.0)
         device = resolve_device(self.accelerator)
-        t_in = [torch.as_tensor((x - mu_) / s_, dtype=torch.float32)
-                for x, mu_, s_ in zip(xs, self.x_mean_, self.x_std_, strict=True)]
+        t_in = self._scale_inputs(xs)
         t_y = torch.as_tensor((y - self.y_mean_) / self.y_std_, dtype=torch.float32)
         t_m = torch.as_tensor(m, dtype=torch.float32)
         # initialisation, shuffling and dropout all draw from torch's RNG seeded here; the caller's state is restored
@@ -537,8 +564,7 @@ class TorchRegressor(Baseline):
         net = self.module_
         device = next(net.parameters()).device
         net.eval()
-        t_in = [torch.as_tensor((x - mu_) / s_, dtype=torch.float32)
-                for x, mu_, s_ in zip(xs, self.x_mean_, self.x_std_, strict=True)]
+        t_in = self._scale_inputs(xs)
         outs = [net(*[t[s : s + 4096].to(device) for t in t_in]).float().cpu().numpy()
                 for s in range(0, len(t_in[0]), 4096)]
         out = np.concatenate(outs) if outs else np.zeros((0, len(self.genes_)))
@@ -577,6 +603,10 @@ class MLPBaseline(TorchRegressor):
         Seed.
     accelerator
         ``"auto"``, ``"cpu"``, ``"cuda"`` ...
+    input_clip
+        Standardised inputs are clipped to ``±input_clip``, and features constant on the training part (standard
+        deviation below 1e-6 of the median one) are set to 0, so a feature that barely varies in training cannot
+        explode on a new slide. ``None``: plain standardisation (only exactly constant features are zeroed).
 
     Attributes
     ----------

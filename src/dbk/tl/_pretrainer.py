@@ -898,15 +898,19 @@ class DiffusionPretrainer:
         table_key: str = TILES_TABLE_KEY,
         tiles_key: str = TILES_KEY,
     ):
-        """Does the model use the genes? Conditional vs unconditional denoising loss on tiles with profiles.
+        """Does the model use the genes? Denoising loss with the tile's profile, without, and with another tile's.
 
-        Evaluate on held-out slides (or tiles). Both losses use the same noise (seeded by ``random_state``); a
-        conditional loss clearly below the unconditional one means the profiles inform the image.
+        Evaluate on held-out slides (or tiles). All losses use the same noise (seeded by ``random_state``); a
+        conditional loss clearly below the unconditional one means the profiles inform the image, and a loss with the
+        tile's own profile below the one with a profile shuffled from another tile means the information is
+        tile-specific (not only the slide's average composition).
 
         Returns
         -------
-        DataFrame with one row per sigma: ``sigma``, ``loss_cond``, ``loss_uncond`` (mean per-pixel MSE in [-1, 1]
-        units), ``gain`` (``1 - loss_cond / loss_uncond``) and ``n_tiles``.
+        DataFrame with one row per sigma: ``sigma``, ``loss_cond`` (own profile), ``loss_uncond`` (no profile),
+        ``loss_shuffled`` (each tile conditioned on the profile of another tile of the evaluated set, a random
+        derangement seeded by ``random_state``), as mean per-pixel MSE in [-1, 1] units; ``gain``
+        (``1 - loss_cond / loss_uncond``), ``gain_shuffled`` (``1 - loss_shuffled / loss_uncond``) and ``n_tiles``.
         """
         import pandas as pd
 
@@ -919,12 +923,19 @@ class DiffusionPretrainer:
             idx = np.sort(np.random.default_rng(random_state).choice(ds.n, max_tiles, replace=False))
         batch = ds[idx]
         tok = {k: batch[k] for k in ("ids", "values", "mask")}
+        n = len(idx)
+        perm = np.random.default_rng([random_state, 1]).permutation(n)
+        if n > 1:  # a derangement: a random cyclic shift of a random order, so no tile keeps its own profile
+            perm = np.roll(perm, 1)[np.argsort(perm)]
+        shuf = {k: v[torch.as_tensor(perm)] for k, v in tok.items()}
         rows = []
         for sigma in sigmas:
             lc = self._loss_tokens(batch["image"], tok, sigma, random_state, use_ema)
             lu = self._loss_tokens(batch["image"], None, sigma, random_state, use_ema)
+            ls = self._loss_tokens(batch["image"], shuf, sigma, random_state, use_ema)
             rows.append({"sigma": float(sigma), "loss_cond": float(lc.mean()), "loss_uncond": float(lu.mean()),
-                         "gain": float(1 - lc.mean() / lu.mean()), "n_tiles": len(idx)})
+                         "loss_shuffled": float(ls.mean()), "gain": float(1 - lc.mean() / lu.mean()),
+                         "gain_shuffled": float(1 - ls.mean() / lu.mean()), "n_tiles": n})
         return pd.DataFrame(rows)
 
     @torch.no_grad()
