@@ -57,14 +57,45 @@ def image_levels(sdata: SpatialData, image_key: str | None = None) -> list[Image
     key = resolve_image_key(sdata, image_key)
     element = sdata.images[key]
     if isinstance(element, xr.DataArray):
-        arrays = [element]
+        names, arrays = ["the image"], [element]
     else:
-        arrays = [next(iter(element[name].values())) for name in sorted(element.children, key=_scale_index)]
-    for a in arrays:
-        if set(a.dims) != {"c", "y", "x"}:
-            raise ValueError(f"Image {key!r} must have dims (c, y, x), got {a.dims}.")
+        names = sorted(element.children, key=_scale_index)
+        arrays = [next(iter(element[name].values())) for name in names]
+    _check_levels(key, names, arrays)
     h0, w0 = int(arrays[0].sizes["y"]), int(arrays[0].sizes["x"])
     return [ImageLevel(a, h0 / int(a.sizes["y"]), w0 / int(a.sizes["x"])) for a in arrays]
+
+
+_LEVEL_TOLERANCE_PX = 2  # a pyramid level may be off the isotropic shape by rounding (floor / ceil) this much
+
+
+def _check_levels(key: str, names: list[str], arrays: list[xr.DataArray]) -> None:
+    """Clear errors for images dbk would otherwise read wrongly: swapped axes, inconsistent pyramid levels."""
+    for name, a in zip(names, arrays, strict=True):
+        if tuple(a.dims) != ("c", "y", "x"):
+            raise ValueError(f"Image {key!r} ({name}) has dims {tuple(a.dims)}; dbk needs (c, y, x).")
+        c, h, w = (int(a.sizes[d]) for d in ("c", "y", "x"))
+        if c not in (1, 3, 4):
+            hint = (" The axes look swapped: was a (y, x, c) array parsed with dims=('c', 'y', 'x')? Parse it with "
+                    "Image2DModel.parse(arr, dims=('y', 'x', 'c'))." if min(h, w) <= 4 or c > 4 else "")
+            raise ValueError(f"Image {key!r} ({name}) has {c} channels of {h} x {w} px; an H&E image has 3 (RGB), "
+                             f"or 1 (grey) or 4 (RGBA).{hint}")
+    c0, h0, w0 = (int(arrays[0].sizes[d]) for d in ("c", "y", "x"))
+    ph, pw = h0, w0
+    for name, a in zip(names[1:], arrays[1:], strict=True):
+        c, h, w = (int(a.sizes[d]) for d in ("c", "y", "x"))
+        if c != c0:
+            raise ValueError(f"Image {key!r}: pyramid level {name!r} has {c} channels, level {names[0]!r} has {c0}; "
+                             "all levels of a multiscale image must have the same channels.")
+        if h > ph or w > pw or (h, w) == (ph, pw):
+            raise ValueError(f"Image {key!r}: pyramid level {name!r} is {h} x {w} px, not smaller than the level "
+                             f"before it ({ph} x {pw} px); levels must shrink, finest first. Rebuild the pyramid, "
+                             "e.g. Image2DModel.parse(level0, scale_factors=[2, 2, ...]).")
+        if abs(h0 * w / w0 - h) > _LEVEL_TOLERANCE_PX and abs(w0 * h / h0 - w) > _LEVEL_TOLERANCE_PX:
+            raise ValueError(f"Image {key!r}: pyramid level {name!r} ({h} x {w} px) is not downsampled equally in y "
+                             f"and x from level {names[0]!r} ({h0} x {w0} px); dbk needs square pixels on every "
+                             "level.")
+        ph, pw = h, w
 
 
 def _scale_index(name: str) -> int:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ def read_hest(
     meta_path = require_file(
         root / "metadata" / f"{sample_id}.json", f"HEST metadata json of sample {sample_id!r} (needed for pixel size)"
     )
-    with open(meta_path) as f:
+    with _reading(meta_path, "HEST metadata json"), open(meta_path) as f:
         metadata = _json_safe(json.load(f))
     pixel_size_um = _pixel_size(metadata, meta_path)
 
@@ -120,7 +121,9 @@ def read_hest(
     st_path = root / "st" / f"{sample_id}.h5ad"
     if st_path.is_file():
         radius_px = _spot_radius_um(metadata) / pixel_size_um
-        adata = _read_spot_table(st_path, sample_id)
+        with _reading(st_path, "HEST spot table", "Delete or re-download it (without it the sample is read "
+                      "without spots)."):
+            adata = _read_spot_table(st_path, sample_id)
         shapes[SPOTS_KEY] = spot_circles(np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64), radius_px)
         tables[TABLE_KEY] = spot_table(adata, region=SPOTS_KEY)
     else:
@@ -130,7 +133,8 @@ def read_hest(
     if not load_transcripts:
         pass
     elif tx_path.is_file():
-        points[TRANSCRIPTS_KEY] = read_transcripts_parquet(tx_path)
+        with _reading(tx_path, "HEST transcripts parquet", "Re-download it, or pass load_transcripts=False."):
+            points[TRANSCRIPTS_KEY] = read_transcripts_parquet(tx_path)
     else:
         logger.info(f"{sample_id}: no transcripts ({tx_path}); reading without transcripts.")
 
@@ -138,7 +142,8 @@ def read_hest(
     if not load_cells:
         pass
     elif cells_path.is_file():
-        shapes[CELLS_KEY] = read_cell_polygons(cells_path)
+        with _reading(cells_path, "HEST cell segmentation parquet", "Re-download it, or pass load_cells=False."):
+            shapes[CELLS_KEY] = read_cell_polygons(cells_path)
     else:
         logger.info(f"{sample_id}: no cell segmentation ({cells_path}); reading without cells.")
 
@@ -226,6 +231,23 @@ def read_cell_polygons(path: str | os.PathLike) -> gpd.GeoDataFrame:
         logger.info(f"{path}: dropped {int(empty.sum())} empty cell geometries.")
         gdf = gdf.loc[~empty]
     return ShapesModel.parse(gdf, transformations={PIXEL_CS: Identity()})
+
+
+@contextmanager
+def _reading(path: Path, what: str, hint: str = ""):
+    """Turn a parser's error on a corrupt or truncated file into a ValueError naming the file.
+
+    Errors that already name the file pass through unchanged.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:  # json, h5py, pyarrow (ArrowInvalid is a ValueError) errors
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"Cannot read {what} {path}: the file is corrupt or truncated ({type(err).__name__}: "
+                         f"{err}). {hint}".rstrip()) from err
 
 
 def _read_spot_table(path: Path, sample_id: str) -> ad.AnnData:

@@ -41,10 +41,14 @@ def read_tiff_levels(path: str | Path) -> list[da.Array]:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             meta = [(lvl.shape, lvl.dtype, lvl.axes, _chunks_of(series, i)) for i, lvl in enumerate(series.levels)]
+            data_end, size = _data_end(series), int(tif.filehandle.size)
     except (tifffile.TiffFileError, IndexError, ValueError, OSError, KeyError) as err:
         if isinstance(err, FileNotFoundError):
             raise
         raise ValueError(f"Cannot read {path} as a TIFF image ({type(err).__name__}: {err}).") from err
+    if data_end > size:  # pixels are read lazily: catch a cut-off file now, not deep inside a later computation
+        raise ValueError(f"TIFF image {path} is truncated: its pixel data runs to byte {data_end:,}, the file has "
+                         f"{size:,} bytes (an interrupted copy or download?).")
     levels = []
     for i, (shape, dtype, axes, chunks) in enumerate(meta):
         reader = TiffLevel(str(path), i, shape, dtype)
@@ -125,6 +129,17 @@ _DIRECT: dict[str, DirectRegion] = {}
 def direct_reader(arr) -> DirectRegion | None:
     """The direct file reader behind a dask array from :func:`read_tiff_levels`, if it is one of them."""
     return _DIRECT.get(getattr(arr, "name", None))
+
+
+def _data_end(series) -> int:
+    """The largest byte offset any strip or tile of the series' pages reaches (from the TIFF headers only)."""
+    end = 0
+    for lvl in series.levels:
+        for page in lvl.pages:
+            offsets, counts = getattr(page, "dataoffsets", None), getattr(page, "databytecounts", None)
+            if offsets and counts:
+                end = max(end, max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False)))
+    return end
 
 
 def _chunks_of(series, level: int) -> tuple[int, ...]:

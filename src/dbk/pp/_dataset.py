@@ -243,6 +243,10 @@ class TileDataset:
         inst = adata.obs["instance_id"].to_numpy() if "instance_id" in adata.obs else np.arange(adata.n_obs)
         import pandas as pd
 
+        if pd.Index(inst).has_duplicates:
+            dup = pd.Index(inst)[pd.Index(inst).duplicated()].unique()[:5].tolist()
+            raise ValueError(f"Table {table_key!r} has several rows for one tile of {tiles_key!r} (instance ids "
+                             f"{dup} repeat); each tile needs at most one row.")
         rows = pd.Index(inst).get_indexer(self.tile_ids)
         if (rows < 0).any():
             raise ValueError(f"{int((rows < 0).sum())} tiles of {tiles_key!r} have no row in table {table_key!r}.")

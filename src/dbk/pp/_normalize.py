@@ -43,7 +43,9 @@ def normalize(
     X = sp.csr_matrix(counts, dtype=np.float64) if sp.issparse(counts) else np.asarray(counts, dtype=np.float64)
     values = X.data if sp.issparse(X) else X
     if values.size and (not np.isfinite(values).all() or (values < 0).any()):
-        raise ValueError(f"layers[{layer!r}] has NaN, infinite or negative counts.")
+        where = f"layers[{layer!r}]" if layer in adata.layers else f"X (no layers[{layer!r}])"
+        raise ValueError(f"{where} has NaN, infinite or negative counts ({int((~np.isfinite(values)).sum())} "
+                         f"non-finite, {int((values < 0).sum())} negative); counts must be finite and >= 0.")
     if target_sum is not None:
         if target_sum <= 0:
             raise ValueError(f"target_sum must be positive, got {target_sum!r}.")

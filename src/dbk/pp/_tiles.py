@@ -207,21 +207,40 @@ def _tissue_fraction(sdata: SpatialData, tissue_key: str, x0: np.ndarray, y0: np
 
 
 def table_rows_to_tiles(sdata: SpatialData, table_key: str, tiles_key: str, tile_ids: np.ndarray) -> np.ndarray:
-    """Position in ``tile_ids`` of each row of the table, matched by instance id."""
+    """Position in ``tile_ids`` of each row of the table, matched by instance id.
+
+    Raises a clear error when the table is not linked to the tiles: it annotates another element, its instance ids
+    (or, without spatialdata attributes, its ``obs_names``) match no tile, or two rows claim the same tile.
+    """
+    if table_key not in sdata.tables:
+        raise KeyError(f"No table {table_key!r} in sdata.tables; available: {list(sdata.tables)}.")
     adata = sdata.tables[table_key]
     attrs = adata.uns.get("spatialdata_attrs", {})
     inst_col = attrs.get("instance_key", INSTANCE_COL)
     region_col = attrs.get("region_key", REGION_COL)
+    link = (f"Link it with spatialdata.models.TableModel.parse(adata, region={tiles_key!r}, "
+            f"region_key={REGION_COL!r}, instance_key={INSTANCE_COL!r}), obs[{INSTANCE_COL!r}] holding the tile ids.")
     if region_col in adata.obs:
-        other = set(adata.obs[region_col].astype(str)) - {tiles_key}
+        regions = set(adata.obs[region_col].astype(str))
+        if tiles_key not in regions:
+            raise ValueError(f"Table {table_key!r} is not linked to the tiles {tiles_key!r}: it annotates "
+                             f"{sorted(regions)} (obs[{region_col!r}]). {link}")
+        other = regions - {tiles_key}
         if other:
             raise ValueError(f"Table {table_key!r} annotates {sorted(other)} besides {tiles_key!r}; embeddings need "
                              f"a table of the tiles only.")
     inst = adata.obs[inst_col].to_numpy() if inst_col in adata.obs else np.asarray(adata.obs_names)
+    by = f"obs[{inst_col!r}]" if inst_col in adata.obs else "obs_names (the table has no instance key)"
     pos = pd.Index(tile_ids).get_indexer(inst)
     if pos.size and (pos < 0).all() and inst_col not in adata.obs:
         pos = pd.Index(np.asarray(tile_ids).astype(str)).get_indexer(np.asarray(inst).astype(str))
     if (pos < 0).any():
-        raise ValueError(f"{int((pos < 0).sum())} rows of table {table_key!r} match no tile of {tiles_key!r} "
-                         f"(by {inst_col!r}).")
+        bad = np.asarray(inst)[pos < 0][:5].tolist()
+        raise ValueError(f"{int((pos < 0).sum())} of {len(pos)} rows of table {table_key!r} match no tile of "
+                         f"{tiles_key!r} by {by} (e.g. {bad}); the table is not linked to these tiles. {link}")
+    dup = pd.Index(pos).duplicated()
+    if dup.any():
+        bad = np.asarray(inst)[dup][:5].tolist()
+        raise ValueError(f"{int(dup.sum())} rows of table {table_key!r} point to a tile of {tiles_key!r} that an "
+                         f"earlier row already has (by {by}, e.g. {bad}); each tile needs one row.")
     return pos

@@ -401,6 +401,7 @@ class DiffBulk:
         ``obs_names``), the features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model
         summary and settings).
         """
+        _check_batch_size(batch_size)
         if isinstance(data, ad.AnnData):
             adata = data.copy() if copy else data
             missing = [k for k in (self.fm_key, self.diff_key) if k not in adata.obsm]
@@ -431,6 +432,11 @@ class DiffBulk:
 
     def _record(self, adata: ad.AnnData, key_added: str, tiles_key: str) -> None:
         from .. import __version__
+
+        if adata.n_vars and not set(map(str, adata.var_names)) & set(self.genes):
+            logger.warning(f"predict: the table's {adata.n_vars} measured genes (e.g. {list(adata.var_names[:5])}) "
+                           f"include none of the model's {len(self.genes)} genes (e.g. {self.genes[:5]}); the "
+                           "predictions are written but cannot be evaluated against this table.")
 
         uns = adata.uns.setdefault(UNS_KEY, {})
         uns["predict"] = _jsonable({
@@ -586,6 +592,8 @@ def _head_tensors(head) -> dict[str, torch.Tensor]:
     for i, (m, s) in enumerate(zip(head.x_mean_, head.x_std_, strict=True)):
         out[f"x_mean.{i}"] = torch.as_tensor(np.asarray(m, dtype=np.float64))
         out[f"x_std.{i}"] = torch.as_tensor(np.asarray(s, dtype=np.float64))
+    for i, k in enumerate(getattr(head, "x_keep_", None) or []):
+        out[f"x_keep.{i}"] = torch.as_tensor(np.asarray(k, dtype=np.uint8))
     out["y_mean"] = torch.as_tensor(np.asarray(head.y_mean_, dtype=np.float64))
     out["y_std"] = torch.as_tensor(np.asarray(head.y_std_, dtype=np.float64))
     return out
@@ -602,6 +610,7 @@ def _head_config(head) -> dict:
         "best_epoch": int(head.best_epoch_),
         "validation": head.validation_,
         "input_clip": INPUT_CLIP,
+        "head_input_clip": head.input_clip,
     }
 
 
@@ -626,6 +635,10 @@ def _head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list[str],
         head.x_mean_ = [t[f"x_mean.{i}"].numpy() for i in range(len(dims))]
         head.x_std_ = [t[f"x_std.{i}"].numpy() for i in range(len(dims))]
         head.y_mean_, head.y_std_ = t["y_mean"].numpy(), t["y_std"].numpy()
+        # saved before dbk kept these (no x_keep tensors, no head_input_clip): plain standardisation, as trained
+        head.x_keep_ = ([t[f"x_keep.{i}"].numpy() > 0 for i in range(len(dims))] if "x_keep.0" in t else None)
+        clip = hcfg.get("head_input_clip", None)
+        head.input_clip = None if clip in (None, "None") else float(clip)
     except KeyError as err:
         raise ValueError(f"{path / _HEAD_FILE} lacks the standardisation tensor {err}.") from None
     if any(len(m) != d for m, d in zip(head.x_mean_, dims, strict=True)) or len(head.y_mean_) != len(genes):
@@ -669,6 +682,28 @@ def _fm_dim(fm: torch.nn.Module, size_px: int, device) -> int:
 
 
 # ---- fit -----------------------------------------------------------------------------------------------------------
+
+
+def _check_batch_size(batch_size, name: str = "batch_size") -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {batch_size!r}.")
+
+
+def _check_training_table(sdata: SpatialData, name: str, tiles_key: str, table_key: str) -> None:
+    """Clear errors, before any training, for a tile table fit cannot use as it is."""
+    import scipy.sparse as sp
+
+    from ..pp._tiles import table_rows_to_tiles
+    from ._vocab import check_gene_names
+
+    a = sdata.tables[table_key]
+    check_gene_names(a.var_names, f"table {table_key!r} of slide {name!r}")
+    x = a.X.data if sp.issparse(a.X) else np.asarray(a.X)
+    if x.size and not np.isfinite(x).all():
+        raise ValueError(f"Table {table_key!r} of slide {name!r}: X (the training targets) has "
+                         f"{int((~np.isfinite(x)).sum())} NaN or infinite values; recompute it from finite counts "
+                         "with dbk.pp.normalize.")
+    table_rows_to_tiles(sdata, table_key, tiles_key, np.asarray(sdata.shapes[tiles_key].index))
 
 
 def _stack_obsm(slides, names, train: ad.AnnData, keys: list[str], table_key: str) -> None:
@@ -813,6 +848,15 @@ def fit_diffbulk(
         raise ValueError(f"validation must be a fraction in (0, 1), got {validation!r}.")
     if n_top_genes is not None and n_top_genes <= 0:
         raise ValueError(f"n_top_genes must be positive, got {n_top_genes!r}.")
+    _check_batch_size(batch_size)
+    if (pretrain_kwargs or {}).get("batch_size") is not None:
+        _check_batch_size(pretrain_kwargs["batch_size"], "pretrain_kwargs['batch_size']")
+    if not np.isfinite(tile_size_um) or tile_size_um <= 0:
+        raise ValueError(f"tile_size_um must be a positive number, got {tile_size_um!r}.")
+    if pretrainer is None:
+        from ._presets import get_preset
+
+        get_preset(preset)  # an unknown preset fails now, not after the tiles are made and embedded
     slides = _as_slides(data)
     if copy:
         slides = [copy_sdata(s) for s in slides]
@@ -824,6 +868,7 @@ def fit_diffbulk(
         prepare_slide(sd, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key, name=name)
         if sd.tables[table_key].n_vars == 0:
             raise ValueError(f"Slide {name!r} has no genes in table {table_key!r}; fit needs measured expression.")
+        _check_training_table(sd, name, tiles_key, table_key)
     timings["prepare_s"] = time.perf_counter() - t0
 
     # genes

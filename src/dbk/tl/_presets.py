@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 
@@ -54,6 +55,27 @@ class PretrainerPreset:
 
     ARCHITECTURE = ("image_size", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
                     "attention_head_dim", "norm_num_groups", "gene_dim", "gene_layers", "gene_heads", "zscore")
+    _POSITIVE = ("image_size", "layers_per_block", "attention_head_dim", "norm_num_groups", "gene_dim", "gene_layers",
+                 "gene_heads", "batch_size", "checkpoint_every", "log_every")
+
+    def __post_init__(self) -> None:
+        for f in self._POSITIVE:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"Preset {self.name!r}: {f} must be a positive integer, got {v!r}.")
+        for f in ("max_steps", "warmup_steps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"Preset {self.name!r}: {f} must be an integer >= 0, got {v!r}.")
+        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
+            raise ValueError(f"Preset {self.name!r}: lr must be positive, got {self.lr!r}.")
+        if not 0.0 <= self.cond_drop <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"Preset {self.name!r}: cond_drop must be in [0, 1] and ema_decay in [0, 1), got "
+                             f"{self.cond_drop!r} and {self.ema_decay!r}.")
+        if not self.block_out_channels or not (len(self.block_out_channels) == len(self.down_block_types)
+                                               == len(self.up_block_types)):
+            raise ValueError(f"Preset {self.name!r}: block_out_channels, down_block_types and up_block_types must "
+                             "have the same, non-zero length.")
 
     def to_dict(self) -> dict:
         """JSON-ready form."""

@@ -35,6 +35,11 @@ _KEEP_CHECKPOINTS = 2
 _PRELOAD_MAX_BYTES = 2 * 1024**3  # tiles read once into memory below this; streamed by DataLoader workers above
 
 
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+
 def _seed(*parts: int) -> int:
     """A 63-bit seed from integers (a counter-based stream: the same parts give the same seed everywhere)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
@@ -503,6 +508,11 @@ class DiffusionPretrainer:
         device = acc.device
         self.to(device)
         p = self.preset
+        for name, v in (("batch_size", batch_size), ("max_steps", max_steps), ("max_epochs", max_epochs)):
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if lr is not None and not float(lr) > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}.")
         bsz = int(batch_size or p.batch_size)
         if bsz * acc.num_processes > dataset.n:
             bsz = max(1, dataset.n // acc.num_processes)
@@ -844,6 +854,7 @@ class DiffusionPretrainer:
         -------
         (N, image_size, image_size, 3) uint8 RGB tiles.
         """
+        _check_batch_size(batch_size)
         model = self._model(use_ema)
         device = self.device
         if isinstance(profiles, (int, np.integer)):
@@ -940,6 +951,7 @@ class DiffusionPretrainer:
 
     @torch.no_grad()
     def _loss_tokens(self, images_u8, tok, sigma, random_state, use_ema, batch_size: int = 64) -> np.ndarray:
+        _check_batch_size(batch_size)
         model = self._model(use_ema)
         device = self.device
         x0 = self._as_images(images_u8)
