@@ -1,17 +1,23 @@
 """Pseudo-bulk throughput: dbk vs spatialdata.aggregate vs HEST-style dense pooling vs the parquet read floor.
 
 Each method runs in its own process, from a Xenium/HEST-like ``transcripts.parquet`` on disk, and reports wall time
-(from opening the file to the tiles x genes table, imports excluded), CPU seconds (user + system, all threads: less
-sensitive than wall time to other load on the machine), transcripts/s, peak RSS of the process and the total it
-counted. The expected total -- non-control transcripts with qv >= 20 inside the tiles -- is computed
-independently with pyarrow; "exact" says whether a method's total equals it.
+(from opening the file to the tiles x genes table, imports excluded), CPU seconds over the same window (user +
+system, all threads: less sensitive than wall time to other load on the machine), transcripts/s, peak RSS of the
+process (``VmHWM``) and the total it counted. The expected total -- non-control transcripts with qv >= 20 inside
+the tiles -- is computed independently with pyarrow; "exact" says whether a method's total equals it.
 
     python benchmarks/pp_throughput.py                       # 1 M, 10 M, 50 M (files cached in benchmarks/_data)
     python benchmarks/pp_throughput.py --sizes 1e6 --methods dbk,floor
+    python benchmarks/pp_throughput.py --sizes 1e7 --repeat 3    # median of 3 fresh processes per method
 
 Methods
 - floor: stream the four needed columns (he_x, he_y, feature_name, qv) with pyarrow, doing nothing else.
-- dbk: dask.read_parquet -> PointsModel -> SpatialData with a lazy image -> dbk.pp.make_tiles -> dbk.pp.pseudobulk.
+- floor-dict: the same with feature_name read dictionary-encoded (as dbk reads it), so no gene strings are built.
+- dbk: dask.read_parquet -> PointsModel -> SpatialData with a lazy image -> dbk.pp.make_tiles -> dbk.pp.pseudobulk,
+  all timed (the public path, SpatialData in, table out); the note gives the pseudobulk call alone and how it read
+  the points ("parquet": row groups straight from the file, "dask": partition by partition).
+- dbk-dask (not run by default): dbk with its direct parquet reader switched off, i.e. the general path that
+  computes the points partition by partition with dask (used for in-memory or computed points).
 - aggregate: spatialdata.aggregate(values="transcripts", by=the dbk tiles, value_key="feature_name", agg_func="count")
   after filtering qv and control probes; only up to --aggregate-max transcripts.
 - hest: HEST-style pooling (as in HEST's pool_transcripts_xenium): load the whole table with pandas, floor-divide
@@ -38,7 +44,21 @@ CONTROL_PREFIXES = ("NegControlProbe_", "NegControlCodeword_", "BLANK_", "Unassi
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this process. ``VmHWM`` where there is /proc: ``ru_maxrss`` carries over the parent's peak at fork
+    (Linux keeps it across exec), which made every method look as large as the harness that computed the total."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far, all threads."""
+    return time.process_time()
 
 
 def expected_total(path: str, width: int) -> int:
@@ -60,12 +80,25 @@ def expected_total(path: str, width: int) -> int:
 def w_floor(path: str, width: int) -> dict:
     import pyarrow.parquet as pq
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     n = 0
     f = pq.ParquetFile(path, pre_buffer=False)  # row group by row group (iter_batches buffers ~1 GB at 50 M)
     for i in range(f.metadata.num_row_groups):
         n += f.read_row_group(i, columns=COLS).num_rows
-    return {"wall": time.perf_counter() - t, "total": None, "rows": n}
+    return {"wall": time.perf_counter() - t, "cpu": _cpu() - c, "total": None, "rows": n}
+
+
+def w_floor_dict(path: str, width: int) -> dict:
+    import pyarrow.parquet as pq
+
+    t, c = time.perf_counter(), _cpu()
+    n = 0
+    # the same, with the gene column read dictionary-encoded (int32 codes + one small dictionary per row group, as
+    # dbk reads it): the floor for a reader that never materialises the gene strings
+    f = pq.ParquetFile(path, pre_buffer=False, read_dictionary=["feature_name"])
+    for i in range(f.metadata.num_row_groups):
+        n += f.read_row_group(i, columns=COLS).num_rows
+    return {"wall": time.perf_counter() - t, "cpu": _cpu() - c, "total": None, "rows": n}
 
 
 def _image(width: int):
@@ -100,11 +133,21 @@ def w_dbk(path: str, width: int) -> dict:
     dbk.settings.verbosity = 1
     dbk.settings.progress = False
     image = _image(width)  # the slide's image exists before; timing starts at the transcripts file
-    t = time.perf_counter()
-    sdata = _sdata(path, width, image)
-    dbk.pp.pseudobulk(sdata)
+    t, c = time.perf_counter(), _cpu()
+    sdata = _sdata(path, width, image)  # the whole public path: read_parquet -> PointsModel -> make_tiles
+    t1 = time.perf_counter()
+    dbk.pp.pseudobulk(sdata)  # ... -> pseudobulk -> sdata.tables["dbk_table"]
     table = sdata.tables["dbk_table"]
-    return {"wall": time.perf_counter() - t, "total": int(table.layers["counts"].sum()), "tiles": table.n_obs}
+    return {"wall": time.perf_counter() - t, "cpu": _cpu() - c, "total": int(table.layers["counts"].sum()),
+            "tiles": table.n_obs, "pseudobulk_s": time.perf_counter() - t1,
+            "reader": table.uns["dbk"]["pseudobulk"].get("reader")}
+
+
+def w_dbk_dask(path: str, width: int) -> dict:
+    from dbk.pp import _pseudobulk
+
+    _pseudobulk._DIRECT_PARQUET = False  # the general path (partition by partition through dask), for comparison
+    return w_dbk(path, width)
 
 
 def w_aggregate(path: str, width: int) -> dict:
@@ -116,7 +159,7 @@ def w_aggregate(path: str, width: int) -> dict:
 
     dbk.settings.verbosity = 1
     image = _image(width)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     sdata = _sdata(path, width, image)
     pts = sdata.points["transcripts"]
     pts = pts[pts["qv"] >= 20]
@@ -132,14 +175,14 @@ def w_aggregate(path: str, width: int) -> dict:
     out = sd.aggregate(values_sdata=sdata, values="transcripts", by=sdata["dbk_tiles"],
                        value_key="feature_name", agg_func="count", target_coordinate_system="global")
     table = out.tables["table"]
-    return {"wall": time.perf_counter() - t, "total": int(table.X.sum()), "tiles": table.n_obs}
+    return {"wall": time.perf_counter() - t, "cpu": _cpu() - c, "total": int(table.X.sum()), "tiles": table.n_obs}
 
 
 def w_hest(path: str, width: int) -> dict:
     import numpy as np
     import pandas as pd
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     df = pd.read_parquet(path, columns=COLS)
     df = df[(df["qv"] >= 20) & ~df["feature_name"].str.startswith(CONTROL_PREFIXES)]
     size = 224.0
@@ -150,14 +193,17 @@ def w_hest(path: str, width: int) -> dict:
     cols = features.get_indexer(df["feature_name"])
     grid = np.zeros((n * n, len(features)), dtype=np.uint16)  # HEST's dtype: wraps past 65,535 per bin and gene
     np.add.at(grid, (b * n + a, cols), 1)
-    return {"wall": time.perf_counter() - t, "total": int(grid.sum(dtype=np.int64)), "tiles": n * n}
+    return {"wall": time.perf_counter() - t, "cpu": _cpu() - c, "total": int(grid.sum(dtype=np.int64)), "tiles": n * n}
 
 
-WORKERS = {"floor": w_floor, "dbk": w_dbk, "aggregate": w_aggregate, "hest": w_hest}
+WORKERS = {"floor": w_floor, "floor-dict": w_floor_dict, "dbk": w_dbk, "dbk-dask": w_dbk_dask, "aggregate": w_aggregate,
+           "hest": w_hest}
 
 
-def run_worker(method: str, path: str, width: int, timeout: float) -> dict:
+def run_worker(method: str, path: str, width: int, timeout: float, threads: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, "--file", path, "--width", str(width)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -173,19 +219,22 @@ def run_worker(method: str, path: str, width: int, timeout: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 5e7])
-    ap.add_argument("--methods", default="floor,dbk,aggregate,hest")
+    ap.add_argument("--methods", default="floor,floor-dict,dbk,aggregate,hest")
     ap.add_argument("--data", default=str(HERE / "_data"))
     ap.add_argument("--aggregate-max", type=float, default=1e7, help="largest size to run spatialdata.aggregate on")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per method (each in a fresh process); the run with the median wall time is shown")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="limit every method to this many CPU cores (sched_setaffinity of the worker process)")
     ap.add_argument("--worker")
     ap.add_argument("--file")
     ap.add_argument("--width", type=int)
     args = ap.parse_args()
     if args.worker:
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        res = WORKERS[args.worker](args.file, args.width)
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        res["cpu"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        if args.threads and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+        res = WORKERS[args.worker](args.file, args.width)  # wall and CPU over the same window, imports excluded
         res["rss_mb"] = _peak_rss_mb()
         print(json.dumps(res))
         return
@@ -207,23 +256,32 @@ def main() -> None:
         for m in methods:
             if m == "aggregate" and n > args.aggregate_max:
                 note = f"> --aggregate-max {args.aggregate_max:.0e}"
-                rows.append((f"{n:,}", side * side, m, "not run", "", "", "", "", note))
+                rows.append((f"{n:,}", side * side, m, "not run", "", "", "", "", note, ""))
                 continue
-            r = run_worker(m, str(path), width, args.timeout)
-            if "error" in r:
-                rows.append((f"{n:,}", side * side, m, "-", "-", "-", "-", "-", r["error"]))
+            runs = [run_worker(m, str(path), width, args.timeout, args.threads) for _ in range(max(1, args.repeat))]
+            failed = [r for r in runs if "error" in r]
+            if failed:
+                rows.append((f"{n:,}", side * side, m, "-", "-", "-", "-", "-", failed[0]["error"], ""))
                 continue
+            runs.sort(key=lambda r: r["wall"])
+            r = runs[len(runs) // 2]
             total = r.get("total")
             exact = "-" if total is None else ("yes" if total == expected else f"no ({total - expected:+,})")
+            if any(q.get("total") != total for q in runs):
+                exact += " (runs differ!)"
+            walls = "/".join(f"{q['wall']:.2f}" for q in runs)
+            note = f"walls {walls}" if len(runs) > 1 else ""
+            if "pseudobulk_s" in r:
+                note = f"pseudobulk {r['pseudobulk_s']:.2f} s, reader {r['reader']}" + (f"; {note}" if note else "")
             rows.append((f"{n:,}", side * side, m, f"{r['wall']:.2f}", f"{r['cpu']:.2f}", f"{n / r['wall'] / 1e6:.1f}",
-                         f"{r['rss_mb']:.0f}", "-" if total is None else f"{total:,}", exact))
+                         f"{r['rss_mb']:.0f}", "-" if total is None else f"{total:,}", exact, note))
             print(rows[-1], flush=True)
-        rows.append((f"{n:,}", side * side, "(expected)", "", "", "", "", f"{expected:,}", ""))
-    header = ("transcripts", "tiles", "method", "wall s", "CPU s", "M tx/s", "peak RSS MB", "counted", "exact")
+        rows.append((f"{n:,}", side * side, "(expected)", "", "", "", "", f"{expected:,}", "", ""))
+    header = ("transcripts", "tiles", "method", "wall s", "CPU s", "M tx/s", "peak RSS MB", "counted", "exact", "note")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
     for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(f"{v!s:>{w}}" for v, w in zip(r, widths, strict=True)))
+        print("  ".join(f"{v!s:>{w}}" for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 if __name__ == "__main__":

@@ -275,9 +275,6 @@ def test_cell_table_with_inf_or_duplicate_genes_and_transcripts_with_numeric_gen
     assert isinstance(names, pd.Index)
 
 
-@pytest.mark.xfail(strict=True, reason="dbk.pp.pseudobulk's _table_counts (src/dbk/pp/_pseudobulk.py, not editable "
-                                       "here) str()s the table's gene names, then looks the strings up in the "
-                                       "non-string var_names: 'Genes not in the table annotating cells: [10, ...]'")
 def test_cell_table_with_numeric_gene_names_says_so():
     import pandas as pd
     from _builders import add_cells, make_sdata
@@ -306,3 +303,30 @@ def test_hest_folder_with_a_corrupt_part_names_the_file(io_hest_sample, part, wh
     with pytest.raises(ValueError, match=f"Cannot read {what} .*: the file is corrupt or truncated") as err:
         dbk.io.read_hest(s.root, s.sample_id)
     assert str(path) in str(err.value) and hint in str(err.value)
+
+
+def test_requested_gene_absent_from_the_transcripts_is_zero_with_a_warning():
+    import logging
+
+    from _builders import make_sdata
+
+    sdata, _ = make_sdata(500)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    present = ["A", "B"]
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    log = logging.getLogger("dbk")
+    handler = _Collect(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        dbk.pp.pseudobulk(sdata, genes=[*present, "NOT_A_GENE"])
+    finally:
+        log.removeHandler(handler)
+    t = sdata.tables["dbk_table"]
+    assert list(t.var_names) == [*present, "NOT_A_GENE"]
+    assert t.layers["counts"][:, 2].sum() == 0 and t.layers["counts"][:, :2].sum() > 0
+    assert any("NOT_A_GENE" in m and "no transcript" in m for m in messages), messages

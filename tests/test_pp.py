@@ -241,12 +241,12 @@ def test_bad_inputs_give_clear_errors(caplog):
 
 
 def test_pseudobulk_int32_flush_keeps_counts_exact(monkeypatch):
-    """Per-thread int32 counts are flushed into int64 before they could wrap: force a flush every partition."""
+    """The int32 table is flushed into int64 before it could wrap: force a flush every few thousand counts."""
     from dbk.pp import _pseudobulk
 
     sdata, df = make_sdata(60_000, npartitions=6)
     dbk.pp.make_tiles(sdata, tile_size_um=56.0)
-    monkeypatch.setattr(_pseudobulk._ThreadCounts, "_FLUSH_AT", 12_000)
+    monkeypatch.setattr(_pseudobulk._Counter, "_FLUSH_AT", 12_000)
     dbk.pp.pseudobulk(sdata)
     adata = sdata.tables["dbk_table"]
     expected = brute_counts(df, dbk.pp.tile_bounds(sdata), list(adata.var_names))

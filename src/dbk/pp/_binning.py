@@ -62,23 +62,35 @@ class TileLookup:
         return cls(bounds, size, ox, oy, table.reshape(nby, nbx, k), aligned)
 
     def assign(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(point_index, tile_index)`` pairs for every tile containing a point."""
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
+        """Return ``(point_index, tile_index)`` pairs for every tile containing a point.
+
+        Coordinates of any real dtype are compared in float64 (exact for float32 and integers below 2**53).
+        """
+        x = np.asarray(x)
+        y = np.asarray(y)
+        if x.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
+            x, y = x.astype(np.float64), y.astype(np.float64)
         nby, nbx, k = self.table.shape
         # true division, not multiplication by 1/size: a point exactly on an edge must land in the next tile
-        bx = np.floor((x - self.ox) / self.size)
-        by = np.floor((y - self.oy) / self.size)
-        valid = (bx >= 0) & (bx < nbx) & (by >= 0) & (by < nby)  # also drops NaN
+        bx = _bucket(x, self.ox, self.size)
+        by = _bucket(y, self.oy, self.size)
+        valid = bx >= 0  # the four tests also drop NaN
+        valid &= bx < nbx
+        valid &= by >= 0
+        valid &= by < nby
         if self.aligned:
-            idx = np.nonzero(valid)[0]
-            flat = by[idx].astype(np.int64) * nbx + bx[idx].astype(np.int64)
-            t = self.table.reshape(-1)[flat]
+            idx = np.flatnonzero(valid)
+            cell = by[idx]  # by * nbx + bx is exact in float64 (far below 2**53), one integer cast instead of two
+            cell *= nbx
+            cell += bx[idx]
+            t = self.table.reshape(-1).take(cell.astype(np.intp))
             has = t >= 0
+            if has.all():
+                return idx, t.astype(np.int64)
             return idx[has], t[has].astype(np.int64)
         idx = np.nonzero(valid)[0]
         bxi, byi = bx[idx].astype(np.int64), by[idx].astype(np.int64)
-        xs, ys = x[idx], y[idx]
+        xs, ys = x[idx].astype(np.float64), y[idx].astype(np.float64)
         out_p, out_t = [], []
         for j in range(k):
             t = self.table[byi, bxi, j]
@@ -91,45 +103,36 @@ class TileLookup:
         return np.concatenate(out_p), np.concatenate(out_t)
 
 
-def _count_kernel_py(x, y, qv, codes, lut, min_qv, m, ox, oy, size, table, bounds, aligned, out):
-    """Count points into ``out[tile, lut[code]]``: one pass, no temporaries (compiled with numba when present).
+def _bucket(v: np.ndarray, origin: int, size: int) -> np.ndarray:
+    """``floor((v - origin) / size)`` computed in float64 (whatever ``v``'s dtype), in one new array."""
+    if origin:
+        out = np.subtract(v, origin, dtype=np.float64)
+        np.divide(out, size, out=out)
+    else:
+        out = np.divide(v, size, dtype=np.float64)
+    return np.floor(out, out=out)
 
-    ``m`` is the 2x3 affine to image pixels; a point counts in every tile whose half-open bounds contain it.
-    Returns the number of points counted.
+
+def apply_affine(x: np.ndarray, y: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(m[0, 0] x + m[0, 1] y + m[0, 2], m[1, 0] x + m[1, 1] y + m[1, 2])`` in float64, skipping zero / unit terms.
+
+    Skipping a ``0 * v`` term, a ``1 *`` factor or a ``+ 0`` changes no finite result (the sign of a zero aside, which
+    no tile test sees); callers drop points with a non-finite coordinate, the only ones where it could matter. The
+    identity returns ``x`` and ``y`` unchanged (any real dtype: :meth:`TileLookup.assign` compares in float64).
     """
-    nby, nbx, k = table.shape
-    n_counted = 0
-    for i in range(x.shape[0]):
-        if qv.shape[0] and not (qv[i] >= min_qv):
-            continue
-        c = codes[i]
-        if c < 0:
-            continue
-        g = lut[c]
-        if g < 0:
-            continue
-        xf = m[0, 0] * x[i] + m[0, 1] * y[i] + m[0, 2]
-        yf = m[1, 0] * x[i] + m[1, 1] * y[i] + m[1, 2]
-        bxf = np.floor((xf - ox) / size)
-        byf = np.floor((yf - oy) / size)
-        if not (bxf >= 0 and bxf < nbx and byf >= 0 and byf < nby):  # also rejects NaN
-            continue
-        bx, by = int(bxf), int(byf)
-        for j in range(k):
-            t = table[by, bx, j]
-            if t < 0:
-                break
-            if aligned or (
-                xf >= bounds[t, 0] and xf < bounds[t, 2] and yf >= bounds[t, 1] and yf < bounds[t, 3]
-            ):
-                out[t, g] += 1
-                n_counted += 1
-    return n_counted
+    if m[0, 0] == 1 and m[1, 1] == 1 and not (m[0, 1] or m[0, 2] or m[1, 0] or m[1, 2]):
+        return np.asarray(x), np.asarray(y)
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
 
+    def axis(a: float, b: float, c: float) -> np.ndarray:  # (a x + b y) + c, in that order; may return x or y
+        out = None
+        for coef, v in ((a, x), (b, y)):
+            if coef != 0:
+                term = v if coef == 1 else coef * v
+                out = term if out is None else out + term
+        if out is None:
+            out = np.zeros_like(x)
+        return out + c if c != 0 else out
 
-try:  # numba ships with scanpy, a dependency; the pure-Python kernel is the (slow) reference
-    import numba
-
-    count_kernel = numba.njit(nogil=True, cache=True)(_count_kernel_py)
-except ImportError:  # pragma: no cover
-    count_kernel = _count_kernel_py
+    return axis(m[0, 0], m[0, 1], m[0, 2]), axis(m[1, 0], m[1, 1], m[1, 2])

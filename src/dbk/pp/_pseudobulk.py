@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Literal
 
 import anndata as ad
@@ -37,11 +39,10 @@ from .._image import affine_to_image_pixels
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
-from ._binning import TileLookup, count_kernel
-from ._normalize import normalize
+from ._binning import TileLookup, apply_affine
 from ._tiles import tile_bounds
 
-_KERNEL_BYTES = 4 << 30
+_KERNEL_BYTES = 4 << 30  # the largest int32 tiles x genes table
 
 
 def is_control_probe(name: str) -> bool:
@@ -71,9 +72,14 @@ def pseudobulk(
     """Sum the expression inside each tile into a tiles x genes table.
 
     From transcripts, each point is binned into the tile whose half-open pixel bounds ``[x0, x1) x [y0, y1)``
-    contain it, so on non-overlapping tiles no transcript is counted twice; the points are streamed partition by
-    partition and never loaded whole. From cells, each cell counts in the tile containing its centroid. From spots,
-    a spot tile (``make_tiles(mode="spots")``) takes its spot's counts.
+    contain it, so on non-overlapping tiles no transcript is counted twice; the points are streamed and never loaded
+    whole. Points that are a plain ``dask.dataframe.read_parquet`` of local files (as :func:`dbk.io.read_hest` and
+    ``spatialdata.read_zarr`` give them; column selection, renaming and casts allowed) are read row group by row
+    group straight from the files with pyarrow, the gene column dictionary-encoded, one row group per thread in
+    flight; any other points (in memory, computed columns, parquet filters, ...) partition by partition through dask.
+    Both give the same table (``uns["dbk"]["pseudobulk"]["reader"]`` says which was used). From cells, each cell
+    counts in the tile containing its centroid. From spots, a spot tile (``make_tiles(mode="spots")``) takes its
+    spot's counts.
 
     Parameters
     ----------
@@ -104,7 +110,10 @@ def pseudobulk(
     keep_controls
         Keep negative-control, blank and unassigned probes as features.
     sample
-        Sample name written to ``obs["sample"]``; ``sdata.attrs["sample"]`` or ``"sample"`` when ``None``.
+        Sample name written to ``obs["sample"]``. When ``None``: ``sdata.attrs["sample"]``, else the one sample name
+        the reader wrote into the ``obs["sample"]`` of the other tables (:func:`dbk.io.read_hest`,
+        :func:`dbk.io.read_st`, ...), else the ``id`` / ``sample_id`` of ``sdata.attrs["hest_metadata"]``, else
+        ``"sample"``.
     target_sum
         Library size for :func:`dbk.pp.normalize` of ``X``; ``None`` for log1p of raw counts.
     key_added
@@ -121,7 +130,7 @@ def pseudobulk(
     - ``X``: log1p of normalised counts (see :func:`dbk.pp.normalize`),
     - ``obs``: ``sample``, ``n_transcripts``, ``n_cells`` (NaN where unknown), ``tissue_fraction``,
     - ``obsm["spatial"]``: tile centres in level-0 pixels,
-    - ``uns["dbk"]["pseudobulk"]``: the parameters.
+    - ``uns["dbk"]["pseudobulk"]``: the parameters (and, from transcripts, the ``reader``).
     """
     if source not in ("transcripts", "cells", "spots"):
         raise ValueError(f"source must be 'transcripts', 'cells' or 'spots', got {source!r}.")
@@ -132,8 +141,9 @@ def pseudobulk(
     if image_key is None:
         image_key = tiles.attrs.get("dbk", {}).get("image_key")
 
+    reader = None
     if source == "transcripts":
-        counts, gene_names = _from_transcripts(
+        counts, gene_names, reader = _from_transcripts(
             sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls
         )
     elif source == "cells":
@@ -142,8 +152,8 @@ def pseudobulk(
         counts, gene_names = _from_spots(sdata, tiles, table_key, genes, keep_controls)
 
     _check_counts(counts, f"expression summed into tiles {tiles_key!r}")
-    obs = pd.DataFrame(index=pd.Index([str(i) for i in tiles.index], name=None))
-    obs[SAMPLE_COL] = pd.Categorical([sample or sdata.attrs.get("sample", "sample")] * len(obs))
+    obs = pd.DataFrame(index=pd.Index(np.asarray(tiles.index.astype(str), dtype=object)))
+    obs[SAMPLE_COL] = pd.Categorical([sample if sample is not None else _sample_name(sdata, key_added)] * len(obs))
     obs[N_TRANSCRIPTS_COL] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
     obs[N_CELLS_COL] = _count_cells(sdata, bounds, cells_key, image_key)
     obs[TISSUE_FRACTION_COL] = (
@@ -152,12 +162,11 @@ def pseudobulk(
     obs[REGION_COL] = pd.Categorical([tiles_key] * len(obs))
     obs[INSTANCE_COL] = np.asarray(tiles.index)
     var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
-    adata = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+    adata = ad.AnnData(X=_log1p_normalized(counts, target_sum), obs=obs, var=var)
     adata.layers[COUNTS_LAYER] = counts
     adata.obsm[SPATIAL_KEY] = np.column_stack(
         [(bounds[:, 0] + bounds[:, 2]) / 2.0, (bounds[:, 1] + bounds[:, 3]) / 2.0]
     )
-    normalize(adata, target_sum=target_sum, log1p=True)
     adata.uns[UNS_KEY] = {
         "pseudobulk": {
             "source": source,
@@ -167,6 +176,8 @@ def pseudobulk(
             "target_sum": "None" if target_sum is None else float(target_sum),
         }
     }
+    if reader is not None:  # how the points were read: "parquet" (straight from the files) or "dask"
+        adata.uns[UNS_KEY]["pseudobulk"]["reader"] = reader
     if key_added in sdata.tables:
         del sdata.tables[key_added]
     sdata.tables[key_added] = TableModel.parse(
@@ -177,6 +188,45 @@ def pseudobulk(
         f"from {source} -> sdata.tables[{key_added!r}]."
     )
     return sdata if copy else None
+
+
+def _log1p_normalized(counts: sp.csr_matrix, target_sum: float | None) -> sp.csr_matrix:
+    """``X`` exactly as :func:`dbk.pp.normalize` (``log1p=True``) computes it from integer CSR counts.
+
+    The same float64 operations in the same order (row totals, ``target_sum / total``, one product per count,
+    ``log1p``, then float32), but on the stored values only: no float64 copies of the whole matrix.
+    """
+    if target_sum is not None and target_sum <= 0:
+        raise ValueError(f"target_sum must be positive, got {target_sum!r}.")
+    counts = sp.csr_matrix(counts)
+    data = counts.data.astype(np.float64)
+    if target_sum is not None:
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        data *= np.repeat(scale, np.diff(counts.indptr))
+    np.log1p(data, out=data)
+    return sp.csr_matrix((data.astype(np.float32), counts.indices.copy(), counts.indptr.copy()), shape=counts.shape)
+
+
+def _sample_name(sdata: SpatialData, key_added: str) -> str:
+    """The sample name the SpatialData carries (see :func:`pseudobulk`'s ``sample``), ``"sample"`` if none."""
+    name = sdata.attrs.get("sample")
+    if name is not None:
+        return str(name)
+    found: set[str] = set()
+    for key, table in sdata.tables.items():
+        if key != key_added and SAMPLE_COL in table.obs.columns:
+            found |= {str(v) for v in pd.unique(table.obs[SAMPLE_COL].dropna())}
+    if len(found) == 1:
+        return found.pop()
+    if len(found) > 1:
+        logger.info(f"pseudobulk: the tables name several samples ({sorted(found)[:5]}); pass sample=.")
+    meta = sdata.attrs.get("hest_metadata")
+    if isinstance(meta, dict):
+        for k in ("id", "sample_id"):
+            if isinstance(meta.get(k), str) and meta[k]:
+                return meta[k]
+    return "sample"
 
 
 def _check_counts(counts: sp.spmatrix, what: str) -> None:
@@ -229,143 +279,474 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         logger.info(f"pseudobulk: points {points_key!r} have no {qv_key!r} column; no quality filter applied.")
     cols = ["x", "y", gene_key] + ([qv_key] if use_qv else [])
     m = affine_to_image_pixels(sdata, points_key, image_key)
-    lookup = TileLookup.build(bounds)
-    n_tiles = len(bounds)
+    if genes is not None and len(set(genes)) != len(genes):
+        raise ValueError("genes contains duplicates.")
 
-    gene_index: dict[str, int] = {}
-    if genes is not None:
-        if len(set(genes)) != len(genes):
-            raise ValueError("genes contains duplicates.")
-        gene_index = {g: i for i, g in enumerate(genes)}
-
-    affine = m[:2].copy()
-    local = threading.local()
-    accs: list[_ThreadCounts] = []
-    lock = threading.Lock()
-
-    def bin_partition(df: pd.DataFrame) -> int:
-        acc = getattr(local, "acc", None)
-        if acc is None:
-            acc = local.acc = _ThreadCounts(n_tiles, dict(gene_index), fixed=genes is not None)
-            with lock:
-                accs.append(acc)
-        codes, cats = _gene_codes(df[gene_key])
-        lut = acc.lut(cats, keep_controls)
-        acc.reserve(len(df))
-        x = df["x"].to_numpy()
-        y = df["y"].to_numpy()
-        qv = df[qv_key].to_numpy() if use_qv else np.zeros(0, np.float32)
-        if np.issubdtype(x.dtype, np.floating):
-            acc.n_bad += int(np.count_nonzero(~np.isfinite(x) | ~np.isfinite(y)))
-        return count_kernel(x, y, qv, codes, lut, float(min_qv) if use_qv else 0.0, affine, lookup.ox,
-                            lookup.oy, lookup.size, lookup.table, lookup.bounds, lookup.aligned, acc.counts)
-
-    parts = points[cols].to_delayed()
-    n_threads = _n_threads()
-
-    def run(part) -> int:  # read one partition (in this thread) and bin it at once: nothing read ahead
-        n = bin_partition(part.compute(scheduler="sync"))
-        _release_arrow_memory()
-        return n
-
-    # a sliding window of one partition per thread (+1) in flight: bounded memory, no barrier between batches
-    n_counted = 0
-    with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar, \
-            ThreadPoolExecutor(max_workers=n_threads) as pool:
-        pending: set = set()
-        it = iter(parts)
-        for part in it:
-            pending.add(pool.submit(run, part))
-            if len(pending) > n_threads:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    n_counted += f.result()
-                    bar.update(1)
-        for f in pending:
-            n_counted += f.result()
-            bar.update(1)
-    n_bad = sum(a.n_bad for a in accs)
+    counter = _Counter(TileLookup.build(bounds), m[:2].copy(), genes, keep_controls,
+                       float(min_qv) if use_qv else 0.0)
+    plan = _direct_parquet_plan(points, cols) if _DIRECT_PARQUET else None
+    if plan is not None:
+        counter.allowed = plan.allowed
+    known = _known_categories(points, gene_key)
+    if known is not None:  # every partition of a known categorical brings all its categories: so does every path
+        counter.lut(known)
+    if plan is not None:
+        logger.debug(f"pseudobulk: reading {len(plan.tasks)} row group(s) of {len(plan.files)} parquet file(s) "
+                     "directly with pyarrow.")
+        _stream_parquet(plan, counter)
+    else:
+        _stream_dask(points[cols], counter, gene_key, use_qv, qv_key)
+    n_bad = counter.n_bad
     if n_bad:
         logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
                        "they lie in no tile and were not counted.")
-    # merge the per-thread tables by gene name
-    names: list[str] = list(gene_index) if genes is not None else sorted({g for a in accs for g in a.index})
-    col = {g: i for i, g in enumerate(names)}
-    total = np.zeros((n_tiles, len(names)), dtype=np.int64)
-    for a in accs:
-        src = [(j, col[g]) for g, j in a.index.items() if g in col]
-        if src:
-            js, cs = map(np.asarray, zip(*src, strict=True))
-            total[:, cs] += a.table()[:, js]
-    counts = sp.csr_matrix(total)
-    if int(counts.sum()) != n_counted:  # every increment is one transcript in one tile
-        raise RuntimeError(f"pseudobulk: internal count mismatch ({int(counts.sum())} vs {n_counted}).")
-    return counts, names
+    names = list(genes) if genes is not None else sorted(counter.index)
+    counts = counter.result(names)
+    if genes is not None:
+        unseen = [g for g in genes if g not in counter.index] if not counter.fixed else [
+            g for g, total in zip(names, np.asarray(counts.sum(axis=0)).ravel(), strict=True) if total == 0]
+        if unseen:
+            logger.warning(f"pseudobulk: {len(unseen)} of the {len(names)} requested genes have no transcript in any "
+                           f"tile of {points_key!r} (not in the panel, misspelt, or only outside the tiles), e.g. "
+                           f"{unseen[:10]}; their columns are zero.")
+    return counts, names, "parquet" if plan is not None else "dask"
 
 
-class _ThreadCounts:
-    """One worker thread's tiles x genes counts, with its own growing gene index (no locks in the hot loop).
+# -- counting -----------------------------------------------------------------------------------------------------
 
-    Counts accumulate in int32 (half the memory and cache footprint of int64) and are flushed into an int64 table
-    before the thread has seen 2**31 - 1 transcripts, so no count can ever wrap.
+_DIRECT_PARQUET = True  # read plain read_parquet points straight from their files (tests switch it off to compare)
+_CHUNK = 1 << 16  # rows binned at a time (temporaries stay in cache)
+_BATCH_ROWS = 1 << 20  # rows per batch where a row group is larger than _BIG_ROW_GROUP
+_BIG_ROW_GROUP = 1 << 22  # row groups above this many rows are read in batches (bounded memory)
+_MERGE_CELLS = 4 << 20  # table cells turned into sparse rows at a time
+
+
+class _Counter:
+    """One pass of counting, shared by the reading threads.
+
+    Holds the gene index, the per-dictionary lookup tables and one tiles x genes table of ``int32`` counts. The
+    threads bin their points (vectorised, without the lock) and add them to the table under a lock. Before the
+    table has taken ``2**31 - 1`` increments it is flushed into an ``int64`` table, so no count can ever wrap.
     """
 
     _FLUSH_AT = 2**31 - 1
 
-    def __init__(self, n_tiles: int, index: dict[str, int], *, fixed: bool) -> None:
-        self.index, self.fixed = index, fixed
-        self.n_bad = 0
+    def __init__(self, lookup: TileLookup, affine: np.ndarray, genes, keep_controls: bool, min_qv: float) -> None:
+        self.lookup, self.affine, self.min_qv = lookup, affine, np.float64(min_qv)
+        self.n_tiles = len(lookup.bounds)
+        self.fixed = genes is not None
+        self.keep_controls = keep_controls
+        self.index: dict[str, int] = {g: i for i, g in enumerate(genes)} if genes is not None else {}
+        self.allowed: frozenset | None = None  # gene names a categorical cast of the points keeps (others are NaN)
+        self.counts = np.zeros((self.n_tiles, _round_up(max(len(self.index), 1))), dtype=np.int32)
+        self.flushed: np.ndarray | None = None  # int64, only once the table has taken > _FLUSH_AT increments
         self.seen = 0
-        self.counts = np.zeros((n_tiles, _round_up(max(len(index), 1))), dtype=np.int32)
-        self.flushed: np.ndarray | None = None  # int64, only if a thread ever sees > 2**31 - 1 transcripts
+        self.n_counted = 0
+        self.n_bad = 0
+        self._luts: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
 
-    def reserve(self, n: int) -> None:
-        """Make room for ``n`` more transcripts without any int32 count overflowing."""
-        if self.seen + n > self._FLUSH_AT:
-            self._flush()
-        if n > self._FLUSH_AT:
-            raise ValueError(f"A points partition of {n:,} rows is too large; repartition the points.")
-        self.seen += n
+    def lut(self, names: tuple) -> np.ndarray:
+        """Column of each name of a gene dictionary, cached per distinct dictionary.
+
+        One entry more than ``names``: ``lut[-1] == -1``, so a missing gene (code ``-1``) is not counted either.
+        """
+        lut = self._luts.get(names)
+        if lut is not None:
+            return lut
+        with self._lock:
+            lut = np.full(len(names) + 1, -1, dtype=np.int64)
+            for j, name in enumerate(names):
+                if name is None or (self.allowed is not None and name not in self.allowed):
+                    continue
+                g = self.index.get(name)
+                if g is None:
+                    if self.fixed or (not self.keep_controls and is_control_probe(name)):
+                        continue
+                    g = self.index[name] = len(self.index)
+                lut[j] = g
+            if len(self.index) > self.counts.shape[1]:
+                self._grow(len(self.index))
+            self._luts[names] = lut
+        return lut
+
+    def _grow(self, n_genes: int) -> None:
+        need = self.n_tiles * n_genes * 4
+        if need > _KERNEL_BYTES:
+            raise MemoryError(
+                f"pseudobulk: {self.n_tiles:,} tiles x {n_genes:,} genes needs {need / 2**30:.1f} GiB; pass genes= "
+                "(e.g. a panel or the top variable genes) or use fewer tiles."
+            )
+        # a dictionary brings all its genes at once: grow to what is needed (rounded), not by doubling
+        grown = np.zeros((self.n_tiles, _round_up(n_genes)), np.int32)
+        if self.n_counted:
+            grown[:, : self.counts.shape[1]] = self.counts
+        self.counts = grown
+        if self.flushed is not None:
+            wide = np.zeros(grown.shape, np.int64)
+            wide[:, : self.flushed.shape[1]] = self.flushed
+            self.flushed = wide
+
+    def count(self, x: np.ndarray, y: np.ndarray, qv: np.ndarray, codes: np.ndarray, names: tuple) -> None:
+        """Count one batch of points (gene ``codes`` index ``names``, ``-1``: none)."""
+        lut = self.lut(names)
+        for s in range(0, len(x), _CHUNK):
+            e = min(s + _CHUNK, len(x))
+            self._count_chunk(x[s:e], y[s:e], qv[s:e] if len(qv) else qv, codes[s:e], lut)
+
+    def _count_chunk(self, x, y, qv, codes, lut) -> None:
+        g = lut[codes]
+        keep = g >= 0
+        if len(qv):
+            keep &= qv >= self.min_qv  # a float64 scalar: compared in float64 whatever qv's dtype; NaN fails
+        n_bad = 0
+        # a sum is finite only if every term is (a float overflow just sends us to the exact count below)
+        if (x.dtype.kind == "f" or y.dtype.kind == "f") and not np.isfinite(x.sum() + y.sum()):
+            finite = np.isfinite(x) & np.isfinite(y)
+            n_bad = len(x) - int(np.count_nonzero(finite))
+            keep &= finite
+        idx = np.flatnonzero(keep)
+        xf, yf = apply_affine(x[idx], y[idx], self.affine)
+        p, t = self.lookup.assign(xf, yf)  # half-open bounds; a point in several (overlapping) tiles counts in each
+        g = g[idx][p]
+        with self._lock:
+            self.n_bad += n_bad
+            if self.seen + len(t) > self._FLUSH_AT:
+                self._flush()
+            self.seen += len(t)
+            self.n_counted += len(t)
+            flat = t * self.counts.shape[1]
+            flat += g
+            np.add.at(self.counts.reshape(-1), flat, np.int32(1))
 
     def _flush(self) -> None:
         if self.flushed is None:
             self.flushed = np.zeros(self.counts.shape, dtype=np.int64)
-        elif self.flushed.shape[1] < self.counts.shape[1]:
-            grown = np.zeros(self.counts.shape, dtype=np.int64)
-            grown[:, : self.flushed.shape[1]] = self.flushed
-            self.flushed = grown
-        self.flushed[:, : self.counts.shape[1]] += self.counts
+        self.flushed += self.counts
         self.counts[:] = 0
         self.seen = 0
 
-    def table(self) -> np.ndarray:
-        """The thread's counts as int64."""
-        out = self.counts.astype(np.int64)
-        if self.flushed is not None:
-            out[:, : self.flushed.shape[1]] += self.flushed
-        return out
+    def result(self, names: list[str]) -> sp.csr_matrix:
+        """The tiles x ``names`` int64 counts as CSR, built block by block (no dense int64 copy of the table)."""
+        cols = np.asarray([self.index[n] for n in names], dtype=np.int64)
+        ar = np.arange(len(cols), dtype=np.int32)
+        step = max(1, _MERGE_CELLS // max(len(cols), 1))
 
-    def lut(self, cats, keep_controls: bool) -> np.ndarray:
-        lut = np.full(len(cats), -1, dtype=np.int64)
-        for j, name in enumerate(cats):
-            g = self.index.get(name)
-            if g is None:
-                if self.fixed or (not keep_controls and is_control_probe(name)):
-                    continue
-                g = self.index[name] = len(self.index)
-            lut[j] = g
-        if len(self.index) > self.counts.shape[1]:
-            need = self.counts.shape[0] * len(self.index) * 4
-            if need > _KERNEL_BYTES:
-                raise MemoryError(
-                    f"pseudobulk: {self.counts.shape[0]:,} tiles x {len(self.index):,} genes needs {need / 2**30:.1f} "
-                    "GiB per thread; pass genes= (e.g. a panel or the top variable genes) or use fewer tiles."
-                )
-            # a partition brings all its genes at once: grow to what is needed (rounded), not by doubling
-            grown = np.zeros((self.counts.shape[0], _round_up(len(self.index))), np.int32)
-            grown[:, : self.counts.shape[1]] = self.counts
-            self.counts = grown
-        return lut
+        def block(r0: int) -> np.ndarray:
+            b = self.counts[r0 : r0 + step].take(cols, axis=1)  # take: several times faster than [:, cols]
+            return b if self.flushed is None else b + self.flushed[r0 : r0 + step].take(cols, axis=1)
+
+        indptr = np.zeros(self.n_tiles + 1, dtype=np.int64)
+        for r0 in range(0, self.n_tiles, step):  # every column of the table is a gene of names (or zero padding)
+            rows = self.counts[r0 : r0 + step] if self.flushed is None else block(r0)
+            indptr[r0 + 1 : r0 + step + 1] = np.count_nonzero(rows, axis=1)
+        np.cumsum(indptr, out=indptr)
+        data = np.empty(int(indptr[-1]), dtype=np.int64)
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        for r0 in range(0, self.n_tiles, step):
+            b = block(r0)
+            nz = b != 0
+            lo, hi = indptr[r0], indptr[min(r0 + step, self.n_tiles)]
+            data[lo:hi] = np.compress(nz.ravel(), b.ravel())
+            indices[lo:hi] = np.broadcast_to(ar, b.shape)[nz]
+        counts = sp.csr_matrix((data, indices, indptr), shape=(self.n_tiles, len(cols)))
+        if int(counts.sum()) != self.n_counted:  # every increment is one transcript in one tile
+            raise RuntimeError(f"pseudobulk: internal count mismatch ({int(counts.sum())} vs {self.n_counted}).")
+        return counts
+
+
+def _stream_dask(points, counter: _Counter, gene_key: str, use_qv: bool, qv_key: str) -> None:
+    """Count the points partition by partition, computing each (with dask) in the thread that counts it."""
+    no_qv = np.zeros(0, np.float32)
+
+    def run(part) -> None:  # read one partition (in this thread) and bin it at once: nothing read ahead
+        df = part.compute(scheduler="sync")
+        codes, cats = _gene_codes(df[gene_key])
+        counter.count(df["x"].to_numpy(), df["y"].to_numpy(), df[qv_key].to_numpy() if use_qv else no_qv, codes,
+                      tuple(str(c) for c in cats))
+        _release_arrow_memory()
+
+    parts = points.to_delayed()
+    n_threads = _n_threads()
+    # a sliding window of one partition per thread (+1) in flight: bounded memory, no barrier between batches
+    with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar, \
+            ThreadPoolExecutor(max_workers=n_threads) as pool:
+        pending: set = set()
+        for part in parts:
+            pending.add(pool.submit(run, part))
+            if len(pending) > n_threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+                    bar.update(1)
+        for f in pending:
+            f.result()
+            bar.update(1)
+
+
+# -- direct parquet reading ---------------------------------------------------------------------------------------
+
+
+class _Unsupported(Exception):
+    """The points are not a plain read of parquet files: use the dask path."""
+
+
+@dataclass
+class _ParquetPlan:
+    files: list[str]
+    tasks: list[tuple[int, int, int]]  # (file, row group, rows)
+    src: dict[str, str]  # points column -> file column
+    casts: dict[str, list]  # points column -> numpy dtypes to cast to, in order
+    allowed: frozenset | None  # gene names kept by a categorical cast (None: all)
+
+
+def _known_categories(points, gene_key: str) -> tuple | None:
+    try:
+        col = points[gene_key]
+        if isinstance(col.dtype, pd.CategoricalDtype) and col.cat.known:
+            return tuple(str(c) for c in col.dtype.categories)
+    except (AttributeError, NotImplementedError, TypeError):  # pragma: no cover
+        pass
+    return None
+
+
+def _direct_parquet_plan(points, cols: list[str]) -> _ParquetPlan | None:
+    """How to read ``cols`` of ``points`` straight from parquet, or ``None`` when they are not a plain read.
+
+    Plain means: a single ``dask.dataframe.read_parquet`` of local files (no filters, no partition selection), followed
+    only by column selection, renaming, re-assignment of columns and casts that do not change which rows are counted
+    (to float for coordinates and quality; to string or categorical for the gene). Transformations are in the
+    element's attrs and are applied in the same way on both paths.
+    """
+    try:
+        return _plan(points, cols)
+    except _Unsupported as e:
+        logger.debug(f"pseudobulk: points read through dask ({e}).")
+    except Exception as e:  # dask internals changed: never fail, use the general path
+        logger.debug(f"pseudobulk: points read through dask (plan failed: {type(e).__name__}: {e}).")
+    return None
+
+
+def _plan(points, cols: list[str]) -> _ParquetPlan:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from dask.dataframe.dask_expr.io.parquet import ReadParquetFSSpec
+        from pyarrow.fs import LocalFileSystem
+    except ImportError as e:
+        raise _Unsupported(str(e)) from None
+    expr = getattr(points, "expr", None)
+    if expr is None:
+        raise _Unsupported("not a dask-expr collection")
+    leaves: dict = {}
+    lineage = _lineage(expr, leaves, ReadParquetFSSpec)
+    leaves.pop(None, None)
+    if not isinstance(lineage, dict) or len(leaves) != 1:
+        raise _Unsupported("not one parquet read")
+    leaf = next(iter(leaves.values()))
+    info = leaf._dataset_info
+    ds = info["ds"]
+    if not isinstance(ds.filesystem, LocalFileSystem):
+        raise _Unsupported(f"filesystem {type(ds.filesystem).__name__}")
+    files = list(ds.files)
+    if not files or not all(os.path.isfile(f) for f in files):
+        raise _Unsupported("files not on the local disk")
+    src = {c: lineage[c][0] for c in cols}
+    casts = {c: list(lineage[c][1]) for c in cols}
+    gene = cols[2]
+    allowed = None
+    for c in cols:
+        for kind, arg in casts[c]:
+            if c != gene and kind != "float":
+                raise _Unsupported(f"cast of {c!r} to {kind}")
+            if c == gene and kind == "float":
+                raise _Unsupported("numeric cast of the gene column")
+            if kind == "cat" and arg is not None:
+                allowed = frozenset(arg) if allowed is None else allowed & frozenset(arg)
+        casts[c] = [arg for kind, arg in casts[c] if kind == "float"]
+
+    tasks = []
+    for i, f in enumerate(files):
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        for c in cols:
+            if src[c] not in schema.names:
+                raise _Unsupported(f"column {src[c]!r} not in {f}")
+            typ = schema.field(src[c]).type
+            if c == gene:
+                val = typ.value_type if pa.types.is_dictionary(typ) else typ
+                is_str = pa.types.is_string(val) or pa.types.is_large_string(val)
+                if not (is_str or pa.types.is_binary(val) or pa.types.is_large_binary(val)):
+                    raise _Unsupported(f"gene column of type {typ}")
+                if not is_str and lineage[c][1]:  # pandas casts compare bytes with str: leave those to dask
+                    raise _Unsupported("cast of a binary gene column")
+            elif not (pa.types.is_integer(typ) or pa.types.is_float32(typ) or pa.types.is_float64(typ)):
+                raise _Unsupported(f"column {src[c]!r} of type {typ}")
+        md = pf.metadata
+        tasks += [(i, rg, md.row_group(rg).num_rows) for rg in range(md.num_row_groups)]
+    return _ParquetPlan(files, tasks, src, casts, allowed)
+
+
+def _cast_of(dtype) -> tuple[str, object]:
+    dtype = pd.api.types.pandas_dtype(dtype)
+    if isinstance(dtype, pd.CategoricalDtype):
+        cats = dtype.categories
+        if cats is None:
+            return "cat", None
+        if not all(isinstance(c, str) for c in cats):
+            raise _Unsupported("non-string categories")
+        return "cat", tuple(cats)
+    if isinstance(dtype, pd.StringDtype) or dtype == np.dtype(object):
+        return "str", None
+    if isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize >= 4:
+        return "float", dtype
+    raise _Unsupported(f"cast to {dtype}")
+
+
+def _lineage(expr, leaves: dict, read_cls):
+    """Trace each column of a dask-expr frame (dict) or series (tuple) back to ``(file column, casts)``.
+
+    Raises ``_Unsupported`` for any operation that may change values or rows other than the whitelisted ones.
+    """
+    from dask.dataframe.dask_expr import _expr as dx
+
+    memo = leaves.setdefault(None, {})  # traced sub-expressions by name (a points graph repeats them)
+    if expr._name in memo:
+        return memo[expr._name]
+    is_frame = isinstance(expr._meta, pd.DataFrame)
+    if isinstance(expr, read_cls):
+        if expr.operand("filters") or expr.operand("_partitions") is not None:
+            raise _Unsupported("filtered parquet read")
+        if set(expr.operand("kwargs") or {}) - {"dtype_backend"}:
+            raise _Unsupported(f"read_parquet options {sorted(expr.operand('kwargs'))}")
+        leaves[expr._name] = expr
+        out = {c: (c, ()) for c in expr._meta.columns} if is_frame else (expr._meta.name, ())
+    elif type(expr) is dx.Projection:
+        frame = _lineage(expr.frame, leaves, read_cls)
+        if not isinstance(frame, dict):
+            raise _Unsupported("projection of a series")
+        want = list(expr._meta.columns) if is_frame else expr.operand("columns")
+        try:
+            out = {c: frame[c] for c in want} if is_frame else frame[want]
+        except (KeyError, TypeError):
+            raise _Unsupported("projection of unknown columns") from None
+    elif type(expr) in (dx.RenameFrame, dx.ColumnsSetter):
+        frame = _lineage(expr.frame, leaves, read_cls)
+        if not isinstance(frame, dict) or not is_frame:
+            raise _Unsupported("rename of a series")
+        new = list(expr._meta.columns)
+        if len(new) != len(frame):
+            raise _Unsupported("rename changed the number of columns")
+        out = dict(zip(new, frame.values(), strict=True))
+        if type(expr) is dx.RenameFrame:  # a renamed frame keeps its column order: check it against the mapping
+            mapping = expr.operand("columns")
+            if not isinstance(mapping, dict) or any(mapping.get(o, o) != n for o, n in zip(frame, new, strict=True)):
+                raise _Unsupported("rename by a function")
+    elif type(expr) is dx.Assign:
+        frame = _lineage(expr.frame, leaves, read_cls)
+        if not isinstance(frame, dict):
+            raise _Unsupported("assign to a series")
+        out = dict(frame)
+        for k, v in zip(expr.keys, expr.vals, strict=True):
+            if not isinstance(v, dx.Expr):
+                raise _Unsupported(f"column {k!r} assigned a constant")
+            val = _lineage(v, leaves, read_cls)
+            if isinstance(val, dict):
+                raise _Unsupported("assigned a frame")
+            out[k] = val
+    elif type(expr) is dx.AsType:
+        frame = _lineage(expr.frame, leaves, read_cls)
+        dtypes = expr.operand("dtypes")
+        if isinstance(frame, dict):
+            per = dtypes if isinstance(dtypes, dict) else {c: dtypes for c in frame}
+            out = {c: (s, (*casts, _cast_of(per[c])) if c in per else casts) for c, (s, casts) in frame.items()}
+        else:
+            if isinstance(dtypes, dict):
+                raise _Unsupported("astype of a series with a dict")
+            out = (frame[0], (*frame[1], _cast_of(dtypes)))
+    else:
+        raise _Unsupported(f"operation {type(expr).__name__}")
+    if is_frame and list(out) != list(expr._meta.columns):
+        raise _Unsupported(f"column order of {type(expr).__name__} not understood")
+    memo[expr._name] = out
+    return out
+
+
+def _stream_parquet(plan: _ParquetPlan, counter: _Counter) -> None:
+    """Read the planned row groups with pyarrow, one per thread at a time, and count each as it arrives."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    x_col, y_col, gene_col = (plan.src[c] for c in list(plan.src)[:3])
+    qv_col = plan.src[list(plan.src)[3]] if len(plan.src) > 3 else None
+    casts = [plan.casts[c] for c in plan.src]
+    read_cols = list(dict.fromkeys(plan.src.values()))
+    no_qv = np.zeros(0, np.float32)
+    tasks = iter(plan.tasks)
+    lock = threading.Lock()
+    n_threads = max(1, min(_n_threads(), len(plan.tasks)))
+    bar = tqdm(total=len(plan.tasks), desc="pseudobulk", unit="row group", disable=not settings.progress)
+
+    def numeric(col, cast) -> np.ndarray:
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        a = arr.to_numpy(zero_copy_only=False)
+        for dt in cast:
+            a = a.astype(dt, copy=False)
+        return a
+
+    def count_batch(tb) -> None:
+        if tb.num_rows == 0:
+            return
+        if any(c.num_chunks != 1 for c in tb.columns):
+            tb = tb.unify_dictionaries().combine_chunks()
+        g = tb.column(gene_col).chunk(0)
+        if not pa.types.is_dictionary(g.type):
+            g = g.dictionary_encode()
+        idx = g.indices
+        if idx.null_count:
+            idx = pc.fill_null(idx, -1)
+        names = tuple(n.decode() if isinstance(n, bytes) else n for n in g.dictionary.to_pylist())
+        counter.count(numeric(tb.column(x_col), casts[0]), numeric(tb.column(y_col), casts[1]),
+                      numeric(tb.column(qv_col), casts[3]) if qv_col else no_qv,
+                      idx.to_numpy(zero_copy_only=False), names)
+
+    failed = threading.Event()
+
+    def work() -> None:
+        try:
+            _work()
+        except BaseException:
+            failed.set()  # the other threads stop at their next row group
+            raise
+
+    def _work() -> None:
+        handles: dict[int, pq.ParquetFile] = {}
+        while not failed.is_set():
+            with lock:
+                task = next(tasks, None)
+            if task is None:
+                return
+            i, rg, rows = task
+            f = handles.get(i)
+            if f is None:
+                f = handles[i] = pq.ParquetFile(plan.files[i], read_dictionary=[gene_col], pre_buffer=False,
+                                                buffer_size=1 << 22)
+            if rows <= _BIG_ROW_GROUP:
+                count_batch(f.read_row_group(rg, columns=read_cols, use_threads=False))
+            else:  # a huge row group: stream it in batches (bounded memory)
+                for b in f.iter_batches(batch_size=_BATCH_ROWS, row_groups=[rg], columns=read_cols,
+                                        use_threads=False):
+                    count_batch(pa.Table.from_batches([b]))
+            bar.update(1)
+
+    try:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            for f in [pool.submit(work) for _ in range(n_threads)]:
+                f.result()
+    finally:
+        bar.close()
+        _release_arrow_memory()
 
 
 def _release_arrow_memory() -> None:
@@ -383,8 +764,6 @@ def _round_up(n: int, step: int = 16) -> int:
 
 
 def _n_threads() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -405,6 +784,9 @@ def _table_counts(table: ad.AnnData, element_key: str, genes, keep_controls):
     attrs = table.uns.get("spatialdata_attrs", {})
     X = table.layers[COUNTS_LAYER] if COUNTS_LAYER in table.layers else table.X
     X = sp.csr_matrix(X)
+    from ..tl._vocab import check_gene_names
+
+    check_gene_names(table.var_names, f"table annotating {element_key!r}")
     names = _gene_filter(table.var_names, genes, keep_controls)
     missing = [g for g in names if g not in table.var_names]
     if missing:
