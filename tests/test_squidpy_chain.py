@@ -3,7 +3,7 @@
 One synthetic slide (2 x 2 mm at 1 µm/px, ~620 tiles of 64 µm) is tiled, pseudo-bulked and embedded; a CV ridge on
 the embeddings predicts each half of the slide from the other half (so no tile's own expression is seen by its
 prediction). The predictions go to squidpy and scanpy the way tutorial 03 hands them over: as a layer next to the
-measured ``X``, and as an AnnData of their own.
+measured ``X``, and as an AnnData of their own (``dbk.tl.predictions_to_adata``).
 
 What a right answer looks like: genes that are spatially variable in the measurements are spatially variable in the
 predictions. The Spearman correlation over the 60 genes between Moran's I from measurements and from predictions,
@@ -57,6 +57,8 @@ def test_moran_and_leiden_on_predictions(predicted_slide):
     import scanpy as sc
     import squidpy as sq
 
+    import dbk
+
     pytest.importorskip("igraph", reason="scanpy's Leiden (flavor='igraph') needs the igraph package")
     table = predicted_slide.tables["dbk_table"]
     pred = table.obsm["dbk_pred"]
@@ -87,11 +89,14 @@ def test_moran_and_leiden_on_predictions(predicted_slide):
     assert rho > MIN_SPEARMAN, f"Moran's I ranking: Spearman {rho:.2f} between measured and predicted"
 
     # on their own (as for an H&E-only slide): predictions as X, tile centres as obsm["spatial"]
-    alone = ad.AnnData(X=pred.to_numpy(dtype=np.float32), obs=pd.DataFrame(index=pred.index),
-                       var=pd.DataFrame(index=pred.columns), obsm={"spatial": np.asarray(table.obsm["spatial"])})
+    alone = dbk.tl.predictions_to_adata(predicted_slide, measured_layer="measured_log1p")
+    assert list(alone.var_names) == list(pred.columns) and list(alone.obs_names) == list(table.obs_names)
     sq.gr.spatial_neighbors_grid(alone, n_neighs=4)
+    assert (alone.obsp["spatial_connectivities"] != conn).nnz == 0
     sq.gr.spatial_autocorr(alone, mode="moran")
     np.testing.assert_allclose(alone.uns["moranI"]["I"].loc[genes].to_numpy(), predicted.to_numpy(), rtol=1e-5)
+    measured_alone = _moran(alone, layer="measured_log1p").loc[genes]
+    np.testing.assert_allclose(measured_alone.to_numpy(), measured.to_numpy(), rtol=1e-5)
 
     sc.pp.pca(alone, n_comps=15)
     sc.pp.neighbors(alone, n_neighbors=15)

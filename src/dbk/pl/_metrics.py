@@ -54,18 +54,21 @@ def gene_metrics(
     if metric not in df.columns:
         raise KeyError(f"No metric {metric!r} in the table; columns: {list(df.columns)}.")
     values = df[metric].astype(float).dropna()
-    lower_better = metric in ("mse", "mae")
+    lower_better = _lower_is_better(metric)
     ranked = values.sort_values(ascending=lower_better)
     shown = ranked.iloc[:top]
-    fig, (axis,) = new_axes(ax, 1, size=max(3.5, 0.22 * len(shown) + 1.5))
+    fig, (axis,) = new_axes(ax, 1, figsize=(5.5, max(3.0, 0.24 * len(shown) + 1.2)))
     axis.barh(np.arange(len(shown))[::-1], shown.to_numpy(), color="#4c72b0")
+    axis.set_ylim(-0.6, len(shown) - 0.4)
     axis.set_yticks(np.arange(len(shown))[::-1], labels=list(shown.index))
     mean = float(values.mean()) if len(values) else float("nan")
-    axis.axvline(mean, color="grey", linestyle="--", label=f"mean over {len(values)} genes = {mean:.3f}")
+    axis.axvline(mean, color="black", linestyle="--", linewidth=1,
+                 label=f"mean over {len(values)} genes = {mean:.3f}")
     axis.set_xlabel(metric)
     which = "lowest" if lower_better else "best"
-    axis.set_title(f"{metric}: {which} {len(shown)} of {len(values)} genes")
-    axis.legend(loc="lower right", frameon=False, fontsize="small")
+    # the mean goes in the title: a legend inside the axes would sit on the bars
+    axis.set_title(f"{metric}: {which} {len(shown)} of {len(values)} genes\n(dashed: mean over all {len(values)} "
+                   f"genes = {mean:.3f})", fontsize="medium")
     return finish(fig, show=show, return_fig=return_fig, save=save)
 
 
@@ -84,6 +87,9 @@ def benchmark(
 ):
     """Methods x one metric: the mean over folds as a bar, each fold as a dot, the spread as an error bar (± std).
 
+    A method whose metric is undefined on every fold (the Pearson r of the constant mean predictor) is shown first,
+    marked "undefined", rather than left out.
+
     Parameters
     ----------
     results
@@ -95,7 +101,7 @@ def benchmark(
     fold_col
         Column naming the fold.
     order
-        Order of the methods (default: by mean, best last).
+        Order of the methods (default: by mean, best last; for errors such as MSE and MAE the lowest is best).
     {plot_params}
 
     {plot_returns}
@@ -104,24 +110,30 @@ def benchmark(
         if col not in results.columns:
             raise KeyError(f"No column {col!r} in the results; columns: {list(results.columns)}.")
     stats = results.groupby(method_col, observed=True)[metric].agg(["mean", "std", "count"])
-    if order is None:
-        order = list(stats.sort_values("mean").index)
+    lower_better = _lower_is_better(metric)
+    if order is None:  # by mean, best last; methods without a value (e.g. Pearson of a constant) first
+        order = list(stats.sort_values("mean", ascending=not lower_better, na_position="first").index)
     missing = [m for m in order if m not in stats.index]
     if missing:
         raise KeyError(f"Methods {missing} are not in the results.")
-    fig, (axis,) = new_axes(ax, 1, size=max(4.0, 0.9 * len(order) + 2))
+    fig, (axis,) = new_axes(ax, 1, figsize=(max(4.0, 0.8 * len(order) + 1.5), 4.5))
     x = np.arange(len(order))
-    means = stats.loc[order, "mean"].to_numpy()
-    stds = stats.loc[order, "std"].fillna(0).to_numpy()
-    axis.bar(x, means, yerr=stds, color="#8da0cb", capsize=4, label="mean ± std over folds")
+    means = stats.loc[order, "mean"].to_numpy(dtype=float)
+    stds = stats.loc[order, "std"].fillna(0).to_numpy(dtype=float)
+    axis.bar(x, np.nan_to_num(means), yerr=np.where(np.isfinite(means), stds, np.nan), color="#8da0cb", capsize=4,
+             label="mean ± std over folds")
     rng = np.random.default_rng(0)
     for i, m in enumerate(order):
         v = results.loc[results[method_col] == m, metric].to_numpy(dtype=float)
         axis.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, color="black", s=12, zorder=3)
+        if not np.isfinite(means[i]):
+            axis.annotate("undefined", (i, 0), xytext=(0, 4), textcoords="offset points", ha="center",
+                          va="bottom", fontsize="small", color="grey", rotation=90)
     axis.set_xticks(x, labels=list(order), rotation=30, ha="right")
     axis.set_ylabel(metric)
     n_folds = int(stats["count"].max())
-    axis.set_title(f"{metric} ({n_folds} folds; dots = folds)")
+    better = "lower is better; " if lower_better else ""
+    axis.set_title(f"{metric} ({better}{n_folds} folds; dots = folds)")
     axis.axhline(0, color="grey", linewidth=0.8)
     return finish(fig, show=show, return_fig=return_fig, save=save)
 
@@ -146,7 +158,7 @@ def training_history(
     keys
         Record fields to plot against ``step``.
     smooth
-        Moving-average window (in records).
+        Window of a centred moving average (in records); above 1 the raw records are drawn faintly under it.
     {plot_params}
 
     {plot_returns}
@@ -155,16 +167,24 @@ def training_history(
     if not history:
         raise ValueError("The model has no training history (train it first).")
     df = pd.DataFrame(history)
-    fig, (axis,) = new_axes(ax, 1, size=4.5)
+    fig, (axis,) = new_axes(ax, 1, figsize=(5.5, 3.8))
     for key in keys:
         if key not in df.columns:
             raise KeyError(f"No {key!r} in the history; fields: {list(df.columns)}.")
         y = df[key].astype(float)
-        if smooth > 1:
-            y = y.rolling(smooth, min_periods=1).mean()
-        axis.plot(df["step"], y, label=key)
+        if smooth > 1:  # the raw records faint, the moving average on top
+            (raw,) = axis.plot(df["step"], y, alpha=0.3, linewidth=1, label="_raw")
+            axis.plot(df["step"], y.rolling(smooth, min_periods=1, center=True).mean(), color=raw.get_color(),
+                      label=f"{key} (moving mean of {smooth})")
+        else:
+            axis.plot(df["step"], y, label=key)
     axis.set_xlabel("step")
     axis.set_ylabel(", ".join(keys))
     axis.set_title(f"training history ({int(df['step'].max())} steps)")
     axis.legend(frameon=False)
     return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def _lower_is_better(metric: str) -> bool:
+    """Errors (MSE, MAE, RMSE, loss) are better when lower; correlations when higher."""
+    return any(tok in metric.lower() for tok in ("mse", "mae", "rmse", "loss", "error"))

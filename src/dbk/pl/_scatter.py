@@ -48,19 +48,23 @@ def scatter(
     adata = get_table(data, table_key)
     x, y = measured(adata, gene, layer), predicted(adata, gene, pred_key)
     fig, (axis,) = new_axes(ax, 1, size=4.5)
+    # smaller, fainter points where many tiles overlap
+    style = {"s": 10, "alpha": 0.7} if len(x) <= 2000 else {"s": 4, "alpha": 0.3, "linewidths": 0}
     if color is not None:
         cats = adata.obs[color].astype("category")
         for c in cats.cat.categories:
             sel = (cats == c).to_numpy()
-            axis.scatter(x[sel], y[sel], s=10, alpha=0.7, label=str(c))
+            axis.scatter(x[sel], y[sel], label=str(c), **style)
         axis.legend(frameon=False, fontsize="small")
     else:
-        axis.scatter(x, y, s=10, alpha=0.7)
+        axis.scatter(x, y, **style)
     ok = np.isfinite(x) & np.isfinite(y)
     lo = float(min(x[ok].min(), y[ok].min())) if ok.any() else 0.0
     hi = float(max(x[ok].max(), y[ok].max())) if ok.any() else 1.0
     axis.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="_identity")
-    axis.set_xlabel(f"measured {gene}")
+    axis.set_aspect("equal", adjustable="datalim")  # the identity line at 45°
+    unit = layer or "log1p"
+    axis.set_xlabel(f"measured {gene} ({unit})")
     axis.set_ylabel(f"predicted {gene}")
     axis.set_title(f"{gene}: r = {pearson(x, y):.2f} (n = {int(ok.sum())} tiles)")
     return finish(fig, show=show, return_fig=return_fig, save=save)

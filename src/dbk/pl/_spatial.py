@@ -10,7 +10,7 @@ from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY
 from ._data import get_table, measured, pearson, predicted
-from ._utils import finish, new_axes, plot_docs, thumbnail
+from ._utils import finish, new_axes, plot_docs, thumbnail, zoom_to_tiles
 
 
 @plot_docs
@@ -18,7 +18,7 @@ def spatial(
     data: SpatialData | ad.AnnData,
     genes: str | Sequence[str],
     *,
-    kinds: Sequence[str] = ("measured", "predicted"),
+    kinds: Sequence[str] | None = None,
     image: bool = True,
     table_key: str = TILES_TABLE_KEY,
     tiles_key: str = TILES_KEY,
@@ -46,7 +46,9 @@ def spatial(
     genes
         One gene or several.
     kinds
-        Panels per gene, from ``"measured"`` and ``"predicted"``.
+        Panels per gene, from ``"measured"`` and ``"predicted"``. ``None``: both where the table has the genes and
+        predictions, ``("predicted",)`` for a slide with predictions only (an H&E-only slide after a model's
+        ``predict``, whose table has no genes), ``("measured",)`` for a table without predictions.
     image
         Draw the H&E underneath (SpatialData only).
     table_key
@@ -70,12 +72,11 @@ def spatial(
     {plot_returns}
     """
     genes = [genes] if isinstance(genes, str) else list(genes)
-    kinds = list(kinds)
-    bad = [k for k in kinds if k not in ("measured", "predicted")]
-    if bad or not kinds:
-        raise ValueError(f"kinds must be from ('measured', 'predicted'), got {kinds}.")
     adata = get_table(data, table_key)
-    fig, axes = new_axes(ax, len(genes) * len(kinds), ncols=len(kinds), size=4.2)
+    kinds = _kinds(adata, genes, kinds, pred_key)
+    # a row per gene with its kinds side by side; one kind only: the genes side by side
+    ncols = len(kinds) if len(kinds) > 1 else min(len(genes), 3)
+    fig, axes = new_axes(ax, len(genes) * len(kinds), ncols=ncols, size=4.2)
     is_sdata = isinstance(data, SpatialData)
     if is_sdata:
         from ..pp._tiles import table_rows_to_tiles, tile_bounds
@@ -85,7 +86,7 @@ def spatial(
         img, ds = thumbnail(data, image_key) if image else (None, 1.0)
     for gi, gene in enumerate(genes):
         values = {}
-        if "measured" in kinds or "predicted" in kinds:
+        if "measured" in kinds or gene in adata.var_names:  # measured values also give the r of the predictions
             values["measured"] = measured(adata, gene, layer)
         if "predicted" in kinds:
             values["predicted"] = predicted(adata, gene, pred_key)
@@ -93,10 +94,11 @@ def spatial(
         both = both[np.isfinite(both)]
         vmin = float(both.min()) if both.size else 0.0
         vmax = float(np.quantile(both, vmax_quantile)) if both.size else 1.0
-        vmax = vmax if vmax > vmin else vmin + 1e-6
-        r = pearson(values["measured"], values["predicted"]) if "predicted" in values else float("nan")
-        for ki, kind in enumerate(kinds):
-            axis = axes[gi * len(kinds) + ki]
+        if vmax <= vmin:  # mostly one value (a gene detected on a few tiles): the quantile would collapse the scale
+            vmax = float(both.max()) if both.size and both.max() > vmin else vmin + 1.0
+        r = pearson(values["measured"], values["predicted"]) if len(values) == 2 else None
+        row = axes[gi * len(kinds) : (gi + 1) * len(kinds)]
+        for kind, axis in zip(kinds, row, strict=True):
             v = values[kind]
             if is_sdata:
                 mappable = _draw_tiles(axis, bounds / ds, v, img, cmap, vmin, vmax, alpha)
@@ -106,12 +108,32 @@ def spatial(
                 axis.invert_yaxis()
                 axis.set_aspect("equal")
             title = f"{gene} {kind}"
-            if kind == "predicted":
+            if kind == "predicted" and r is not None:
                 title += f" (r = {r:.2f})"
             axis.set_title(title)
             axis.set_axis_off()
-            fig.colorbar(mappable, ax=axis, shrink=0.7)
+        # one colour bar for the gene's panels: they share the scale
+        fig.colorbar(mappable, ax=row, shrink=0.7, label=f"{gene}, {layer or 'log1p expression'}")
     return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def _kinds(adata, genes: list[str], kinds: Sequence[str] | None, pred_key: str) -> list[str]:
+    """The panels per gene: the given ones (checked), or those the table has data for."""
+    has_pred = pred_key in adata.obsm
+    unmeasured = [g for g in genes if g not in adata.var_names]
+    if kinds is None:
+        if not has_pred:
+            return ["measured"]
+        return ["predicted"] if unmeasured else ["measured", "predicted"]
+    kinds = list(kinds)
+    bad = [k for k in kinds if k not in ("measured", "predicted")]
+    if bad or not kinds:
+        raise ValueError(f"kinds must be from ('measured', 'predicted'), got {kinds}.")
+    if "measured" in kinds and unmeasured:
+        hint = " Use kinds=('predicted',) to map the predictions only." if has_pred else ""
+        raise KeyError(f"Gene {unmeasured[0]!r} is not in the table (it has {adata.n_vars} genes), so it has no "
+                       f"measured values.{hint}")
+    return kinds
 
 
 def _draw_tiles(axis, bounds, values, img, cmap, vmin, vmax, alpha):
@@ -125,7 +147,5 @@ def _draw_tiles(axis, bounds, values, img, cmap, vmin, vmax, alpha):
     pc.set_array(np.ma.masked_invalid(values))
     pc.set_clim(vmin, vmax)
     axis.add_collection(pc)
-    if img is None:
-        axis.set_xlim(bounds[:, 0].min(), bounds[:, 2].max())
-        axis.set_ylim(bounds[:, 3].max(), bounds[:, 1].min())
+    zoom_to_tiles(axis, bounds, None if img is None else img.shape[:2])
     return pc

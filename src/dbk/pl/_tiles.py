@@ -8,7 +8,7 @@ from spatialdata import SpatialData
 
 from .._constants import TILES_KEY, TILES_TABLE_KEY
 from ..pp._tiles import tile_bounds
-from ._utils import finish, new_axes, plot_docs, thumbnail
+from ._utils import finish, new_axes, plot_docs, thumbnail, zoom_to_tiles
 
 
 @plot_docs
@@ -67,27 +67,41 @@ def tiles(
     else:
         values, label = _tile_values(sdata, color, table_key, tiles_key, layer)
         if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
-            cat = pd.Categorical(values)
-            import matplotlib as mpl
-
-            palette = mpl.colormaps["tab20"].resampled(max(len(cat.categories), 1))
-            colors = [palette(i) for i in cat.codes]
-            pc = PatchCollection(rects, facecolor=colors, edgecolor="none", alpha=alpha)
-            axis.add_collection(pc)
             from matplotlib.patches import Patch
 
-            axis.legend(
-                handles=[Patch(color=palette(i), label=str(c)) for i, c in enumerate(cat.categories)],
-                loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False,
-            )
+            cat = pd.Categorical(values)
+            palette = _palette(len(cat.categories))
+            colors = [palette[i] if i >= 0 else _NA_COLOR for i in cat.codes]
+            pc = PatchCollection(rects, facecolor=colors, edgecolor="none", alpha=alpha)
+            axis.add_collection(pc)
+            handles = [Patch(color=palette[i], label=str(c)) for i, c in enumerate(cat.categories)]
+            if (cat.codes < 0).any():
+                handles.append(Patch(color=_NA_COLOR, label="NA"))
+            axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
         else:
             pc = PatchCollection(rects, cmap=cmap, edgecolor="none", alpha=alpha)
             pc.set_array(np.asarray(values, dtype=float))
             axis.add_collection(pc)
             fig.colorbar(pc, ax=axis, shrink=0.7, label=label)
         axis.set_title(label)
+    zoom_to_tiles(axis, b, img.shape[:2])
     axis.set_axis_off()
     return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+_NA_COLOR = "lightgray"
+
+
+def _palette(n: int) -> list:
+    """Distinct colours that stand out on pink and purple H&E: tab10, then tab20, then a resampled rainbow."""
+    import matplotlib as mpl
+
+    if n <= 10:
+        return [mpl.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [mpl.colormaps["tab20"](i) for i in range(n)]
+    cmap = mpl.colormaps["gist_rainbow"].resampled(n)
+    return [cmap(i) for i in range(n)]
 
 
 def _tile_values(sdata, color, table_key, tiles_key, layer):

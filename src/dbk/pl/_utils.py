@@ -23,6 +23,26 @@ def thumbnail(sdata: SpatialData, image_key: str | None = None, max_side: int = 
     return img, float(lvl.downsample_x * step)
 
 
+def zoom_to_tiles(axis, bounds: np.ndarray, image_shape: tuple[int, int] | None = None, margin: float = 0.05) -> None:
+    """Limit the view to the tiles (``(n, 4)`` x0, y0, x1, y1 in display pixels) plus a margin, y pointing down.
+
+    On slides where the tissue fills a small part of the scan, the whole image would leave the tiles tiny. The view
+    stays inside the image when its ``(height, width)`` is given.
+    """
+    if not len(bounds):
+        return
+    x0, y0 = float(bounds[:, 0].min()), float(bounds[:, 1].min())
+    x1, y1 = float(bounds[:, 2].max()), float(bounds[:, 3].max())
+    pad = margin * max(x1 - x0, y1 - y0)
+    x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + pad, y1 + pad
+    if image_shape is not None:
+        h, w = image_shape
+        x0, y0 = max(x0, -0.5), max(y0, -0.5)
+        x1, y1 = min(x1, w - 0.5), min(y1, h - 0.5)
+    axis.set_xlim(x0, x1)
+    axis.set_ylim(y1, y0)
+
+
 _PLOT_PARAMS = """ax
     Axes to draw into.
 show
@@ -46,8 +66,13 @@ def plot_docs(func):
     return func
 
 
-def new_axes(ax, n: int = 1, *, size: float = 4.5, ncols: int | None = None):
-    """Return (fig, axes list) creating a grid of ``n`` panels unless ``ax`` is given (then ``n`` must be 1)."""
+def new_axes(
+    ax, n: int = 1, *, size: float = 4.5, ncols: int | None = None, figsize: tuple[float, float] | None = None
+):
+    """Return (fig, axes list) creating a grid of ``n`` panels unless ``ax`` is given (then it must hold ``n`` axes).
+
+    Panels are ``size`` inches square unless ``figsize`` gives the whole figure's size.
+    """
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -57,7 +82,8 @@ def new_axes(ax, n: int = 1, *, size: float = 4.5, ncols: int | None = None):
         return axes[0].figure, axes
     ncols = ncols or min(n, 4)
     nrows = int(np.ceil(n / ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False, layout="constrained")
+    figsize = figsize or (size * ncols, size * nrows)
+    fig, axs = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, layout="constrained")
     axs = list(axs.ravel())
     for extra in axs[n:]:
         extra.set_visible(False)

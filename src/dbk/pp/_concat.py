@@ -11,7 +11,8 @@ import pandas as pd
 import scipy.sparse as sp
 from spatialdata import SpatialData
 
-from .._constants import COUNTS_LAYER, MEASURED_LAYER, SAMPLE_COL, TILES_TABLE_KEY
+from .._constants import COUNTS_LAYER, MEASURED_LAYER, SAMPLE_COL, SPATIAL_KEY, TILES_TABLE_KEY
+from .._logging import logger
 
 
 def _as_table(obj, table_key: str) -> ad.AnnData:
@@ -50,7 +51,12 @@ def concat(
     -------
     AnnData with ``X``, ``layers["counts"]`` (when every input has it) and ``layers["measured"]`` (CSR uint8),
     ``obs`` of the inputs with ``sample`` set (from the dict keys, the inputs' ``obs["sample"]`` or ``slide{i}``),
-    ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm["spatial"]``. The inputs are not modified.
+    ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm``: ``"spatial"`` (NaN rows for an input without
+    it) and every other ``obsm`` entry present in all inputs, stacked in the order of the rows. Arrays (dense or
+    sparse, e.g. embeddings ``X_<model>``) need the same number of columns in every input, else the entry is left
+    out with a warning. DataFrames (e.g. predictions ``obsm["dbk_pred"]``, tiles x genes) are stacked on the union
+    of their columns, in order of first appearance, with NaN where an input lacks a column (a gene that model did
+    not predict), and re-indexed to the new ``obs_names``. The inputs are not modified.
     """
     if isinstance(tables, dict):
         names, objs = list(tables.keys()), list(tables.values())
@@ -103,7 +109,7 @@ def concat(
         o[SAMPLE_COL] = n
         o.index = [f"{n}:{i}" for i in a.obs_names]
         obs.append(o)
-        spatial.append(a.obsm["spatial"] if "spatial" in a.obsm else np.full((a.n_obs, 2), np.nan))
+        spatial.append(a.obsm[SPATIAL_KEY] if SPATIAL_KEY in a.obsm else np.full((a.n_obs, 2), np.nan))
     obs_df = pd.concat(obs)
     obs_df[SAMPLE_COL] = pd.Categorical(obs_df[SAMPLE_COL], categories=names)
     for col in obs_df.columns:
@@ -113,8 +119,36 @@ def concat(
     if has_counts:
         out.layers[COUNTS_LAYER] = sp.vstack(Cs).tocsr()
     out.layers[MEASURED_LAYER] = sp.vstack(Ms).tocsr().astype(np.uint8)
-    out.obsm["spatial"] = np.vstack(spatial)
+    out.obsm[SPATIAL_KEY] = np.vstack(spatial)
+    for key, value in _stack_obsm(adatas, out.obs_names).items():
+        out.obsm[key] = value
     out.uns["dbk"] = {"concat": {"samples": names, "genes": genes if isinstance(genes, str) else "list"}}
+    return out
+
+
+def _stack_obsm(adatas: list[ad.AnnData], obs_names: pd.Index) -> dict:
+    """The ``obsm`` entries (but ``spatial``) present in every table, stacked over the tables."""
+    keys = [k for k in adatas[0].obsm if k != SPATIAL_KEY and all(k in a.obsm for a in adatas[1:])]
+    out = {}
+    for key in keys:
+        parts = [a.obsm[key] for a in adatas]
+        if all(isinstance(p, pd.DataFrame) for p in parts):
+            columns = list(dict.fromkeys(c for p in parts for c in p.columns))
+            frame = pd.concat([p.reindex(columns=columns) for p in parts], axis=0)
+            frame.index = obs_names
+            out[key] = frame
+            continue
+        if any(isinstance(p, pd.DataFrame) for p in parts):
+            logger.warning(f"concat: obsm[{key!r}] is a DataFrame in some tables and an array in others; left out.")
+            continue
+        widths = {p.shape[1:] for p in parts}
+        if len(widths) != 1:
+            logger.warning(f"concat: obsm[{key!r}] has different shapes across tables {sorted(widths)}; left out.")
+            continue
+        if any(sp.issparse(p) for p in parts):
+            out[key] = sp.vstack([sp.csr_matrix(p) for p in parts]).tocsr()
+        else:
+            out[key] = np.concatenate([np.asarray(p) for p in parts], axis=0)
     return out
 
 

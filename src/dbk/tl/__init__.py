@@ -34,6 +34,7 @@ _EXPORTS = {
     "fit_diffbulk": "._diffbulk",
     "DiffBulk": "._diffbulk",
     "diffusion_features": "._diffusion_features",
+    "predictions_to_adata": "._predictions",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._evaluate import evaluate
     from ._fusion import FusionHead, FusionRegressor, fit_head, masked_mse
     from ._gene_encoder import GeneEncoder
+    from ._predictions import predictions_to_adata
     from ._presets import PRESETS, PretrainerPreset, get_preset
     from ._pretrainer import DiffusionPretrainer, GeneToImageNet, fit_pretrainer, latest_checkpoint
     from ._vocab import GeneVocab
