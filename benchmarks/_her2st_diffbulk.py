@@ -4,8 +4,8 @@ Per fold (training sections only; the test section is never used to train or to 
 
 - stage 1 (:func:`dbk.tl.fit_pretrainer`) on the training sections' spot tiles and their profiles (the fold's genes),
   optionally with a dense grid of overlapping tiles over the training sections' tissue trained unconditionally
-  (``--stage1-dense``); checkpointed under ``<cache>/stage1/<key>/``, so a second run (or a longer one: raise
-  ``--stage1-steps``) resumes instead of starting again;
+  (``--stage1-dense``); checkpointed under ``<cache>/stage1/<key>/`` (the key holds the training sections, preset,
+  steps, seed and genes), so a second run with the same settings loads the model (or resumes an interrupted one);
 - an *untrained* pretrainer of the same architecture and seed (the control);
 - the stage-1 controls on the test section's tiles: denoising loss with the tile's own profile, with none and with
   another tile's (:meth:`dbk.tl.DiffusionPretrainer.evaluate`);
@@ -76,7 +76,8 @@ class DiffBulkContext:
     def _key(self, train: tuple[str, ...], genes: list[str]) -> str:
         h = hashlib.sha1(json.dumps([list(genes), self.settings.key()]).encode()).hexdigest()[:8]
         batch = f"_b{self.stage1_batch}" if self.stage1_batch else ""
-        return f"{'+'.join(train)}_{self.preset}{batch}{'_dense' if self.dense else ''}_s{self.seed}_g{h}"
+        dense = "_dense" if self.dense else ""
+        return f"{'+'.join(train)}_{self.preset}{batch}{dense}_n{self.steps}_s{self.seed}_g{h}"
 
     def pretrainer(self, kind: str, train: tuple[str, ...], genes: list[str]):
         """The fold's stage-1 model: ``"trained"`` on the training sections, or ``"untrained"`` (same init)."""

@@ -235,8 +235,10 @@ register("diff_untrained_ridge", _diff_ridge("untrained", with_fm=False),
          "control: ridge_cv on an untrained U-Net's diffusion features alone")
 register("fm_diff_ridge", _diff_ridge("trained", with_fm=True),
          "ridge_cv on FM and trained diffusion features concatenated (a linear fusion)")
+register("fm_diff_untrained_ridge", _diff_ridge("untrained", with_fm=True),
+         "control: ridge_cv on FM and an untrained U-Net's diffusion features concatenated")
 DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diffbulk_untrained_gated", "diff_ridge", "diff_untrained_ridge",
-            "fm_diff_ridge")
+            "fm_diff_ridge", "fm_diff_untrained_ridge")
 
 
 # ---- folds, data -----------------------------------------------------------------------------------------------------
