@@ -202,6 +202,158 @@ def test_fit_rejects_bad_options():
         fit_diffbulk(slide, validation=1.5)
     with pytest.raises(TypeError, match="SpatialData"):
         fit_diffbulk([1, 2])
+    with pytest.raises(ValueError, match="max_epochs"):  # a neural-head option for the ridge head
+        fit_diffbulk(slide, fusion="ridge", max_epochs=5)
+
+
+# ---- the linear (ridge) fused head -----------------------------------------------------------------------------------
+
+
+def _planted_fm_table(n, seed, w_seed=7, n_fm=24, n_diff=16, n_genes=6):
+    """y = 1 + z_fm W + noise (W from w_seed), z_diff pure noise; four slides."""
+    import anndata as ad
+
+    w = np.random.default_rng(w_seed).normal(size=(n_fm, n_genes)) * 3 / np.sqrt(n_fm)
+    r = np.random.default_rng(seed)
+    z_fm, z_diff = r.normal(size=(n, n_fm)), r.normal(size=(n, n_diff))
+    y = 1.0 + z_fm @ w + 0.5 * r.normal(size=(n, n_genes))
+    a = ad.AnnData(X=y.astype(np.float32), var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+                   obs=pd.DataFrame({"sample": np.repeat([f"s{seed}_{k}" for k in range(4)], n // 4)},
+                                    index=[f"t{seed}_{i}" for i in range(n)]))
+    a.obsm["X_fm"], a.obsm["X_dbk_diff"] = z_fm, z_diff
+    return a
+
+
+def test_ridge_head_recovers_a_planted_linear_signal():
+    import scipy.sparse as sp
+
+    from dbk.tl._baselines import fit_baseline
+    from dbk.tl._fusion import DIFFBULK_FUSIONS, RidgeFusionRegressor, fit_head
+
+    assert "ridge" in DIFFBULK_FUSIONS
+    tr, te = _planted_fm_table(320, 0), _planted_fm_table(200, 1)
+    measured = np.ones(tr.shape, dtype=np.uint8)
+    measured[:80, 2] = 0  # gene g2 not measured on the first slide: garbage there must not count
+    tr.X[:80, 2] = 1e3
+    tr.layers["measured"] = sp.csr_matrix(measured)
+    head = fit_head(tr, fusion="ridge")
+    assert isinstance(head, RidgeFusionRegressor) and head.obsm_keys_ == ["X_fm", "X_dbk_diff"]
+    assert head.cv_scheme_ == "4-fold by slide" and head.coef_.shape == (6, 40)
+    assert list(head.cv_results_.index) == pytest.approx(list(np.logspace(-2, 8, 21)))
+    pred = head.predict(te).to_numpy()
+    r = [np.corrcoef(pred[:, j], te.X[:, j])[0, 1] for j in range(te.n_vars)]
+    assert min(r) > 0.8, r  # signal variance ~9, noise 0.25: the best possible is ~0.98
+    w = np.abs(head.coef_)
+    assert w[:, 24:].mean() < 0.1 * w[:, :24].mean()  # the noise block gets (almost) nothing
+    # exactly the ridge_cv baseline on the concatenated features
+    tr.obsm["cat"] = np.hstack([tr.obsm["X_fm"], tr.obsm["X_dbk_diff"]])
+    te.obsm["cat"] = np.hstack([te.obsm["X_fm"], te.obsm["X_dbk_diff"]])
+    base = fit_baseline(tr, "ridge_cv", obsm_key="cat")
+    assert head.alpha_ == base.alpha_
+    np.testing.assert_allclose(pred, base.predict(te).to_numpy(), rtol=1e-5, atol=1e-5)
+    per_gene = fit_head(tr, obsm_key="X_fm", fusion="ridge", alpha_per_gene=True, n_splits=2)
+    assert per_gene.alpha_.shape == (6,) and per_gene.cv_scheme_ == "2-fold by slide"
+
+
+@pytest.fixture(scope="module")
+def ridge_fitted(fitted):
+    """fusion="ridge" on the training slide, with the fixture's stage-1 model and FM (no stage-1 training)."""
+    model, train = fitted
+    return fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
+                        fusion="ridge", random_state=0, copy=True)
+
+
+def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, ridge_fitted, heldout, tmp_path):
+    model, train = fitted
+    ridge, out = ridge_fitted
+    assert ridge.fusion == "ridge" and ridge.genes == model.genes and "fusion 'ridge'" in repr(ridge)
+    a = out.tables["dbk_table"]
+    assert a.obsm["dbk_pred"].shape == (a.n_obs, 60) and np.isfinite(a.obsm["dbk_pred"].to_numpy()).all()
+    uns = a.uns["dbk"]
+    assert uns["params"]["fusion"] == "ridge" and set(uns["params"]["head"]) == {"alphas", "alpha_per_gene",
+                                                                                   "n_splits", "random_state"}
+    assert list(uns["history"]["head"]) == ["alpha", "cv_score"] and len(uns["history"]["head"]["alpha"]) == 21
+    tm = uns["training_metrics"]
+    assert "held-out tiles" in tm["validation"]["split"] and "refitted" in tm["validation"]["note"]
+    assert tm["validation"]["diffbulk"]["mse_mean_all"] < tm["validation"]["mean"]["mse_mean_all"]
+    assert tm["head_inner_cv"]["scheme"] == "5-fold by spatial stripe"  # one slide: stripes of it
+    a.write_h5ad(tmp_path / "t.h5ad")  # uns stays plain
+
+    _, truth = heldout
+    truth = truth.copy()
+    ridge.predict(truth)  # the tile table holds the FM and diffusion features (same stage-1 model, sigma, seed)
+    ours = dbk.tl.evaluate(truth, train_adata=train.tables["dbk_table"], key_added=None).attrs["summary"]
+    mean = dbk.tl.fit_baseline(train.tables["dbk_table"], "mean", obsm_key=model.fm_key)
+    truth.obsm["mean"] = mean.predict(truth)
+    floor = dbk.tl.evaluate(truth, pred_key="mean", train_adata=train.tables["dbk_table"],
+                            key_added=None).attrs["summary"]
+    assert ours["mse_mean_all"] < 0.92 * floor["mse_mean_all"]
+    assert ours["pearson_mean_all"] > 0.2
+    assert ours["spearman_per_tile_mean"] > floor["spearman_per_tile_mean"] + 0.05
+
+
+@pytest.fixture(scope="module")
+def saved_ridge(ridge_fitted, tmp_path_factory):
+    return ridge_fitted[0].save(tmp_path_factory.mktemp("ridge") / "m")
+
+
+def test_ridge_save_load_round_trips_exactly_and_refuses_corrupt_heads(ridge_fitted, saved_ridge, heldout, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dbk.tl._pretrainer import _sha256
+
+    ridge = ridge_fitted[0]
+    assert sorted(p.name for p in saved_ridge.iterdir()) == ["config.json", "head.safetensors", "history.json",
+                                                              "pretrainer"]
+    cfg = json.loads((saved_ridge / "config.json").read_text())
+    assert cfg["fusion"] == cfg["head"]["fusion"] == "ridge" and cfg["head"]["alpha"] == ridge.head.alpha_
+    loaded = DiffBulk.load(saved_ridge, device="cpu")
+    h0, h1 = ridge.head, loaded.head
+    for k in ("x_mean_", "x_scale_", "coef_", "intercept_"):
+        np.testing.assert_array_equal(getattr(h1, k), getattr(h0, k))
+    assert h1.alpha_ == h0.alpha_ and h1.cv_scheme_ == h0.cv_scheme_ and loaded.history["head"] == ridge.history["head"]
+    pd.testing.assert_frame_equal(h1.cv_results_, h0.cv_results_)
+    for s0, s1 in zip(ridge.scalers, loaded.scalers, strict=True):
+        np.testing.assert_array_equal(s1.mean, s0.mean)
+        np.testing.assert_array_equal(s1.scale, s0.scale)
+    _, truth = heldout
+    np.testing.assert_array_equal(loaded.predict(truth.copy()).to_numpy(), ridge.predict(truth.copy()).to_numpy())
+    assert repr(loaded) == repr(ridge)
+
+    def variant(name, tensors=None, config=None):
+        d = tmp_path / name
+        shutil.copytree(saved_ridge, d)
+        c = json.loads((d / "config.json").read_text())
+        if tensors is not None:
+            t = load_file(d / "head.safetensors")
+            tensors(t)
+            save_file(t, d / "head.safetensors", metadata={"format": "dbk.DiffBulk"})
+            c["sha256"]["head.safetensors"] = _sha256(d / "head.safetensors")
+        if config is not None:
+            config(c)
+        (d / "config.json").write_text(json.dumps(c))
+        return d
+
+    d = variant("flipped")
+    raw = bytearray((d / "head.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (d / "head.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt"):
+        DiffBulk.load(d)
+    with pytest.raises(ValueError, match="does not fit 59 genes"):
+        DiffBulk.load(variant("genes", config=lambda c: c.update(genes=c["genes"][:-1])))
+    with pytest.raises(ValueError, match="lacks the tensors"):
+        DiffBulk.load(variant("no_coef", tensors=lambda t: t.pop("ridge.coef")))
+    with pytest.raises(ValueError, match="does not fit"):
+        DiffBulk.load(variant("narrow", tensors=lambda t: t.update({"ridge.coef": t["ridge.coef"][:, 1:].clone()})))
+    with pytest.raises(ValueError, match="corrupt ridge head"):
+        DiffBulk.load(variant("nan", tensors=lambda t: t["ridge.intercept"].__setitem__(0, float("nan"))))
+    with pytest.raises(ValueError, match="corrupt ridge head"):
+        DiffBulk.load(variant("shape", tensors=lambda t: t.update({"ridge.x_mean": t["ridge.x_mean"][1:].clone()})))
+    with pytest.raises(ValueError, match="does not fit the model's fusion"):
+        DiffBulk.load(variant("fusion", config=lambda c: c.update(fusion="gated")))
+    with pytest.raises(ValueError, match="ridge head settings"):
+        DiffBulk.load(variant("settings", config=lambda c: c["head"].pop("alphas")))
 
 
 # ---- save / load -----------------------------------------------------------------------------------------------------
@@ -213,12 +365,14 @@ def saved(fitted, tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("model") / "m")
 
 
-def test_save_load_in_a_fresh_process_gives_identical_predictions(fitted, saved, tmp_path):
+def test_save_load_in_a_fresh_process_gives_identical_predictions(fitted, saved, ridge_fitted, saved_ridge,
+                                                                  tmp_path):
     model, _ = fitted
     slide = dbk.datasets.synthetic(shape=(1024, 1024), random_state=2)
     new = he_only(slide)
     model.predict(new)
     ours = new.tables["dbk_table"].obsm["dbk_pred"]
+    ours_ridge = ridge_fitted[0].predict(new.tables["dbk_table"].copy())  # same stage-1 model: same features
     files = sorted(p.name for p in saved.iterdir())
     assert files == ["config.json", "head.safetensors", "history.json", "pretrainer"]
     cfg = json.loads((saved / "config.json").read_text())
@@ -239,6 +393,8 @@ def test_save_load_in_a_fresh_process_gives_identical_predictions(fitted, saved,
         model.predict(new)
         p = new.tables["dbk_table"].obsm["dbk_pred"]
         np.save({str(tmp_path / "p.npy")!r}, p.to_numpy())
+        ridge = DiffBulk.load({str(saved_ridge)!r}, device="cpu")
+        np.save({str(tmp_path / "r.npy")!r}, ridge.predict(new.tables["dbk_table"]).to_numpy())
         print(",".join(p.columns))
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -246,6 +402,7 @@ def test_save_load_in_a_fresh_process_gives_identical_predictions(fitted, saved,
     assert res.stdout.strip().splitlines()[-1].split(",") == model.genes
     theirs = np.load(tmp_path / "p.npy")
     np.testing.assert_allclose(theirs, ours.to_numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), ours_ridge.to_numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_load_fails_clearly_on_corrupt_or_mismatched_folders(fitted, saved, tmp_path):

@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
     p_fit.add_argument("--genes", default=None, help="file with the genes to predict, one per line")
     p_fit.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes")
-    p_fit.add_argument("--fusion", default="gated", choices=["gated", "concat", "add", "film"])
+    p_fit.add_argument("--fusion", default="gated", choices=["gated", "concat", "add", "film", "ridge"],
+                       help="fusion head: neural (gated, concat, add, film) or ridge (linear, alpha by inner CV)")
     p_fit.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
     p_fit.add_argument("--max-epochs", type=int, default=None, help="fusion-head epochs (early stopping)")
     p_fit.add_argument("--checkpoint-dir", default=None, help="stage-1 checkpoints (resumed when present)")

@@ -17,6 +17,7 @@ from spatialdata import SpatialData
 from .._constants import (
     DIFF_FEATURES_KEY,
     PRED_KEY,
+    SPATIAL_KEY,
     SPOTS_KEY,
     TILES_KEY,
     TILES_TABLE_KEY,
@@ -35,6 +36,7 @@ _HISTORY_FILE = "history.json"
 _PRETRAINER_DIR = "pretrainer"
 _HEAD_OPTIONS = ("hidden", "dropout", "lr", "weight_decay", "batch_size", "max_epochs", "patience", "val_fraction",
                  "random_state")
+_RIDGE_TENSORS = ("x_mean", "x_scale", "coef", "intercept", "alpha", "cv_alphas", "cv_score")
 
 
 # ---- data preparation ----------------------------------------------------------------------------------------------
@@ -236,9 +238,11 @@ class DiffBulk:
     fm
         The foundation-model image encoder (a torch module); :attr:`fm_id` names it.
     head
-        The fitted :class:`~dbk.tl.FusionRegressor`.
+        The fitted :class:`~dbk.tl.FusionRegressor`, or :class:`~dbk.tl._fusion.RidgeFusionRegressor` for
+        ``fusion="ridge"``.
     history
-        ``{"stage1": [...], "head": {"train_loss": [...], "val_loss": [...]}}``.
+        ``{"stage1": [...], "head": {"train_loss": [...], "val_loss": [...]}}``; for ``fusion="ridge"`` the head's
+        entry is the inner-CV curve ``{"alpha": [...], "cv_score": [...]}``.
     tile_size_um
         Side of the tiles the model was trained on; :meth:`predict` makes such tiles on new slides.
     config
@@ -321,7 +325,8 @@ class DiffBulk:
         dev = resolve_device(device)
         self.pretrainer.to(dev)
         self.fm.to(dev)
-        self.head.module_.to(dev)
+        if hasattr(self.head, "module_"):  # the ridge head is numpy arrays, on the CPU
+            self.head.module_.to(dev)
         return self
 
     # ---- features and prediction ------------------------------------------------------------------------------
@@ -459,7 +464,8 @@ class DiffBulk:
 
         Contents: ``config.json`` (format and dbk version, genes, tile geometry, FM id and input size, fusion,
         diffusion-feature layout, head options, training statistics, SHA-256 of every other file),
-        ``head.safetensors`` (head weights and input / target standardisation), ``history.json``, ``pretrainer/``
+        ``head.safetensors`` (head weights and input / target standardisation; for ``fusion="ridge"`` the
+        coefficients, intercepts, standardisation, chosen alpha and inner-CV curve), ``history.json``, ``pretrainer/``
         (the stage-1 model, :meth:`dbk.tl.DiffusionPretrainer.save`) and, for a foundation model that cannot be
         reloaded by name (random weights), ``fm.safetensors``.
         """
@@ -554,6 +560,9 @@ class DiffBulk:
             dims = [int(v) for v in hcfg["dims"]]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{cfg_path} does not describe a DiffBulk model: missing or invalid {err}.") from None
+        if len(dims) != 2 or config.get("fusion") != hcfg.get("fusion"):
+            raise ValueError(f"{cfg_path}: the head ({hcfg.get('fusion')!r}, feature widths {dims}) does not fit the "
+                             f"model's fusion {config.get('fusion')!r} with two feature sets.")
         if not genes or len(set(genes)) != len(genes):
             raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
         dev = resolve_device(device)
@@ -587,7 +596,17 @@ class DiffBulk:
         return model
 
 
+def _is_ridge(head) -> bool:
+    return getattr(head, "fusion", None) == "ridge"
+
+
 def _head_tensors(head) -> dict[str, torch.Tensor]:
+    if _is_ridge(head):
+        alpha = np.broadcast_to(np.asarray(head.alpha_, np.float64), (len(head.genes_),))
+        arrays = {"x_mean": head.x_mean_, "x_scale": head.x_scale_, "coef": head.coef_, "intercept": head.intercept_,
+                  "alpha": alpha, "cv_alphas": head.cv_results_.index.to_numpy(),
+                  "cv_score": head.cv_results_["score"].to_numpy()}
+        return {f"ridge.{k}": torch.from_numpy(np.array(v, dtype=np.float64, order="C")) for k, v in arrays.items()}
     out = {f"module.{k}": v.detach().cpu().contiguous().clone() for k, v in head.module_.state_dict().items()}
     for i, (m, s) in enumerate(zip(head.x_mean_, head.x_std_, strict=True)):
         out[f"x_mean.{i}"] = torch.as_tensor(np.asarray(m, dtype=np.float64))
@@ -599,7 +618,31 @@ def _head_tensors(head) -> dict[str, torch.Tensor]:
     return out
 
 
+def _head_options(head) -> tuple[str, ...]:
+    from ._fusion import RIDGE_OPTIONS
+
+    return RIDGE_OPTIONS if _is_ridge(head) else _HEAD_OPTIONS
+
+
 def _head_config(head) -> dict:
+    if _is_ridge(head):
+        return {
+            "class": type(head).__name__,
+            "fusion": "ridge",
+            "alphas": [float(a) for a in head.alphas],
+            "alpha_per_gene": bool(head.alpha_per_gene),
+            "n_splits": int(head.n_splits),
+            "random_state": head.random_state,
+            "alpha": "per gene" if np.ndim(head.alpha_) else float(head.alpha_),
+            "cv_scheme": head.cv_scheme_,
+            "cv_score": float(head.cv_results_["score"].min()),
+            "dims": [int(d) for d in head.n_features_in_],
+            "obsm_keys": list(head.obsm_keys_),
+            "layer": head.layer_,
+            "best_epoch": -1,
+            "validation": head.validation_,
+            "input_clip": INPUT_CLIP,
+        }
     return {
         "class": type(head).__name__,
         "fusion": head.fusion,
@@ -614,9 +657,45 @@ def _head_config(head) -> dict:
     }
 
 
+def _ridge_head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list[str], path: Path):
+    from ._fusion import RidgeFusionRegressor
+
+    try:
+        seed = hcfg.get("random_state")
+        head = RidgeFusionRegressor(alphas=hcfg["alphas"], alpha_per_gene=bool(hcfg["alpha_per_gene"]),
+                                    n_splits=int(hcfg["n_splits"]),
+                                    random_state=None if seed in (None, "None") else int(seed))
+        dims = [int(d) for d in hcfg["dims"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path / 'config.json'}: invalid ridge head settings ({err}).") from None
+    missing = [f"ridge.{k}" for k in _RIDGE_TENSORS if f"ridge.{k}" not in t]
+    if missing:
+        raise ValueError(f"{path / _HEAD_FILE} is not a ridge head: it lacks the tensors {missing}.")
+    arrays = {k: t[f"ridge.{k}"].numpy().astype(np.float64, copy=False) for k in _RIDGE_TENSORS}
+    if arrays["coef"].shape != (len(genes), sum(dims)):
+        raise ValueError(f"{path / _HEAD_FILE} does not fit {len(genes)} genes and features {dims} of the config: "
+                         f"ridge coefficients of shape {tuple(arrays['coef'].shape)}.")
+    try:
+        head.set_arrays(**arrays)
+    except ValueError as err:
+        raise ValueError(f"{path / _HEAD_FILE}: corrupt ridge head: {err}") from None
+    try:
+        head.obsm_keys_ = [str(k) for k in hcfg["obsm_keys"]]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path / 'config.json'}: invalid ridge head settings ({err}).") from None
+    head.n_features_in_ = dims
+    head.genes_ = list(genes)
+    head.layer_ = None if hcfg.get("layer") in (None, "None") else hcfg["layer"]
+    head.cv_scheme_ = hcfg.get("cv_scheme")
+    head.validation_ = hcfg.get("validation")
+    return head
+
+
 def _head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list[str], path: Path, device):
     from ._fusion import FusionHead, FusionRegressor
 
+    if hcfg.get("fusion") == "ridge":
+        return _ridge_head_from_tensors(t, hcfg, genes, path)
     try:
         head = FusionRegressor(fusion=hcfg["fusion"], **{k: hcfg[k] for k in _HEAD_OPTIONS})
         dims = [int(d) for d in hcfg["dims"]]
@@ -718,6 +797,16 @@ def _stack_obsm(slides, names, train: ad.AnnData, keys: list[str], table_key: st
         train.obsm[key] = feats[pos]
 
 
+def _scaled_table(train: ad.AnnData, keys: list[str], scalers: list[InputScaler]) -> ad.AnnData:
+    """The head's training table: targets, ``obs`` and ``obsm["spatial"]`` of ``train``, features ``keys`` scaled."""
+    out = ad.AnnData(X=train.X, obs=train.obs, var=train.var, layers=dict(train.layers))
+    if SPATIAL_KEY in train.obsm:  # spatial-stripe folds of the ridge head's inner CV on one slide
+        out.obsm[SPATIAL_KEY] = np.asarray(train.obsm[SPATIAL_KEY])
+    for k, sc in zip(keys, scalers, strict=True):
+        out.obsm[k] = sc.transform(np.asarray(train.obsm[k]))
+    return out
+
+
 def _gene_stats(train: ad.AnnData, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     from ._baselines import targets
 
@@ -771,8 +860,8 @@ def fit_diffbulk(
     :func:`dbk.pp.pseudobulk`); foundation-model embeddings (:func:`dbk.tl.embed_tiles`; reused when already there
     from the same model and input size); stage 1 (:func:`dbk.tl.fit_pretrainer`) unless a fitted ``pretrainer`` is
     given; diffusion features (:func:`dbk.tl.diffusion_features`); the fusion head (:func:`dbk.tl.fit_head`) with
-    early stopping on held-out training slides when there are several, else on held-out tiles; predictions for the
-    training tiles.
+    early stopping on held-out training slides when there are several, else on held-out tiles (``fusion="ridge"``:
+    alpha by inner cross-validation instead); predictions for the training tiles.
 
     Parameters
     ----------
@@ -793,7 +882,12 @@ def fit_diffbulk(
     preset
         Stage-1 preset: ``"cpu-small"`` (64 px, minutes on a CPU), ``"tiny"`` (tests, demos), ``"paper"`` (GPU).
     fusion
-        ``"gated"`` (default), ``"concat"``, ``"add"`` or ``"film"`` (see :class:`dbk.tl.FusionHead`).
+        ``"gated"`` (default), ``"concat"``, ``"add"`` or ``"film"`` (neural heads, see :class:`dbk.tl.FusionHead`),
+        or ``"ridge"``: a linear head, ridge regression on the concatenated ``[z_fm; z_diff]`` (each block first
+        scaled by :class:`InputScaler`), alpha chosen from ``logspace(-2, 8, 21)`` by inner cross-validation grouped
+        by training slide, exactly as ``fit_baseline(..., "ridge_cv")``
+        (:class:`~dbk.tl._fusion.RidgeFusionRegressor`). On small training sets (hundreds to a few thousand tiles)
+        the ridge head is the stronger one: the neural heads overfit there.
     pretrainer
         A fitted :class:`~dbk.tl.DiffusionPretrainer` (or its saved folder) to use instead of training stage 1,
         e.g. one shared by several methods of a benchmark. Train it on training slides only.
@@ -808,6 +902,9 @@ def fit_diffbulk(
         Tile side for slides without tiles.
     validation
         Fraction of training slides (tiles, with one slide) held out for early stopping of the head (default 0.2).
+        With ``fusion="ridge"`` (no early stopping) the split only gives the validation metrics: the ridge head is
+        fitted once on the remaining training tiles and evaluated on the held-out ones, then refitted on all
+        training tiles for the returned model.
     tiles_key, table_key
         Tiles and their table.
     batch_size
@@ -824,26 +921,32 @@ def fit_diffbulk(
         Leave ``data`` untouched and work on copies.
     **head_kwargs
         Options of the head (:class:`dbk.tl.MLPBaseline`: ``hidden``, ``dropout``, ``lr``, ``max_epochs``,
-        ``patience`` ...).
+        ``patience`` ...); for ``fusion="ridge"``: ``alphas``, ``alpha_per_gene``, ``n_splits``.
 
     Returns
     -------
     The fitted :class:`DiffBulk`; with ``copy=True``, ``(model, copy of data)``. Writes, on each slide's
     ``tables[table_key]``: ``obsm[key_added]`` (DataFrame, tiles x genes, predictions of the training tiles, so
     in-sample), the features (``obsm["X_<fm>"]``, ``obsm["X_dbk_diff"]``) and in ``uns["dbk"]``: ``params`` (the
-    settings), ``history`` (``stage1``: step / loss / lr / time lists, ``head``: train / val loss per epoch) and
-    ``training_metrics`` (:func:`dbk.tl.evaluate` summaries on the held-out validation tiles for DiffBulk and the
-    training-mean predictor, and in-sample on all training tiles, plus seconds per step).
+    settings), ``history`` (``stage1``: step / loss / lr / time lists, ``head``: train / val loss per epoch; for
+    ``fusion="ridge"`` the inner-CV curve, alpha / cv_score) and ``training_metrics`` (:func:`dbk.tl.evaluate`
+    summaries on the held-out validation tiles for DiffBulk and the training-mean predictor, and in-sample on all
+    training tiles, plus seconds per step; for ``fusion="ridge"`` the validation summary is of the head refitted
+    without the held-out tiles, as its ``note`` says, and ``head_inner_cv`` gives the chosen alpha and its inner-CV
+    score).
     """
     from ..pp import concat, select_genes
     from ._baselines import holdout_split, resolve_groups
     from ._diffusion_features import _resolve_pretrainer, diffusion_features, pretrainer_fingerprint
     from ._embed import load_foundation_model, model_key, resolve_device
-    from ._fusion import FUSIONS, fit_head
+    from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS, fit_head
     from ._pretrainer import fit_pretrainer
 
-    if fusion not in FUSIONS:
-        raise ValueError(f"Unknown fusion {fusion!r}; options: {', '.join(map(repr, FUSIONS))}.")
+    if fusion not in DIFFBULK_FUSIONS:
+        raise ValueError(f"Unknown fusion {fusion!r}; options: {', '.join(map(repr, DIFFBULK_FUSIONS))}.")
+    if fusion == "ridge" and set(head_kwargs) - set(RIDGE_OPTIONS):
+        raise ValueError(f"fusion='ridge' takes the head options {list(RIDGE_OPTIONS)}, not "
+                         f"{sorted(set(head_kwargs) - set(RIDGE_OPTIONS))} (those are for the neural fusions).")
     if validation is not None and not 0 < validation < 1:
         raise ValueError(f"validation must be a fraction in (0, 1), got {validation!r}.")
     if n_top_genes is not None and n_top_genes <= 0:
@@ -942,19 +1045,31 @@ def fit_diffbulk(
     _stack_obsm(slides, names, train, [fm_key, diff_key], table_key)
     val_fraction = 0.2 if validation is None else float(validation)
     head_kwargs.setdefault("random_state", random_state)
-    head_kwargs.setdefault("accelerator", accelerator)
+    if fusion != "ridge":
+        head_kwargs.setdefault("accelerator", accelerator)
     seed = settings.seed if head_kwargs["random_state"] is None else int(head_kwargs["random_state"])
     # the head's own split (TorchRegressor draws it first from default_rng(seed)), reproduced here
     tr, va, how = holdout_split(train.n_obs, resolve_groups(train, None), val_fraction, np.random.default_rng(seed))
-    scalers = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in (fm_key, diff_key)]
-    scaled = ad.AnnData(X=train.X, obs=train.obs, var=train.var, layers=dict(train.layers))
-    for k, sc in zip((fm_key, diff_key), scalers, strict=True):
-        scaled.obsm[k] = sc.transform(np.asarray(train.obsm[k]))
-    head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion,
-                    val_fraction=val_fraction, **head_kwargs)
-    if head.validation_ != how:  # pragma: no cover - only if TorchRegressor changes how it splits
-        logger.warning(f"fit_diffbulk: the head held out {head.validation_}, not {how} as expected; the input "
-                       "scaling saw some of its validation tiles.")
+    pred_va = None
+    if fusion == "ridge":
+        # no early stopping: the ridge head is first fitted on the training part of the split (its own scalers and
+        # inner CV) for honest held-out validation metrics, then refitted on all training tiles (the model returned)
+        sc_tr = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in (fm_key, diff_key)]
+        part = fit_head(_scaled_table(train[tr], [fm_key, diff_key], sc_tr), obsm_key=fm_key, diff_key=diff_key,
+                        genes=genes, fusion=fusion, **head_kwargs)
+        pred_va = part.predict(_scaled_table(train[va], [fm_key, diff_key], sc_tr))
+        scalers = [InputScaler.fit(np.asarray(train.obsm[k])) for k in (fm_key, diff_key)]
+    else:
+        scalers = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in (fm_key, diff_key)]
+    scaled = _scaled_table(train, [fm_key, diff_key], scalers)
+    if fusion == "ridge":
+        head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion, **head_kwargs)
+    else:
+        head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion,
+                        val_fraction=val_fraction, **head_kwargs)
+        if head.validation_ != how:  # pragma: no cover - only if TorchRegressor changes how it splits
+            logger.warning(f"fit_diffbulk: the head held out {head.validation_}, not {how} as expected; the input "
+                           "scaling saw some of its validation tiles.")
     timings["head_s"] = time.perf_counter() - t0
 
     # training predictions and metrics
@@ -963,13 +1078,22 @@ def fit_diffbulk(
     hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
     metrics: dict = {"timings_s": {k: round(v, 3) for k, v in timings.items()},
                      "train_in_sample": _summary(train, pred, hvg)}
-    if head.validation_ == how:
+    if pred_va is not None or head.validation_ == how:
         from ._baselines import MeanPredictor
 
         mp = MeanPredictor().fit(train[tr], obsm_key=fm_key, genes=genes)
         val = train[va]
-        metrics["validation"] = {"split": how, "n_tiles": int(len(va)), "diffbulk": _summary(val, pred, hvg),
+        metrics["validation"] = {"split": how, "n_tiles": int(len(va)),
+                                 "diffbulk": _summary(val, pred if pred_va is None else pred_va, hvg),
                                  "mean": _summary(val, mp.predict(val), hvg)}
+        if pred_va is not None:
+            metrics["validation"]["note"] = ("ridge head refitted (input scaling, inner-CV alpha, coefficients) on the "
+                                             "other training tiles, then evaluated on these; the returned model is "
+                                             "fitted on all training tiles")
+    if fusion == "ridge":
+        metrics["head_inner_cv"] = {"scheme": head.cv_scheme_, "alpha": _jsonable(head.alpha_),
+                                    "score": float(head.cv_results_["score"].min()),
+                                    "score_definition": "validation MSE / training variance, mean over genes"}
 
     from .. import __version__
 
@@ -1000,7 +1124,7 @@ def fit_diffbulk(
         "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(drec["levels"]),
         "pool": pool, "tile_size_um": model_tile_um, "genes": list(genes), "samples": names,
         "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": int(random_state),
-        "pred_key": key_added, "diff_key": diff_key, "head": {k: head_cfg[k] for k in _HEAD_OPTIONS},
+        "pred_key": key_added, "diff_key": diff_key, "head": {k: head_cfg[k] for k in _head_options(head)},
         "dbk_version": __version__,
     }
     history = {"stage1": _records_to_columns(pretrainer.history),
