@@ -176,5 +176,11 @@ def diffbulk_predict(ctx: DiffBulkContext, fusion: str, kind: str, train_s, test
         df.index = [f"{s}:{n}" for n in df.index]
         frames.append(df)
     val = model.config.get("head", {})
-    info = {"stage1_steps": int(pre.step), "head_best_epoch": int(val.get("best_epoch", -1)) + 1}
+    info = {"stage1_steps": int(pre.step)}
+    if fusion == "ridge":
+        alpha = getattr(model.head, "alpha_", None)
+        if alpha is not None:
+            info["alpha"] = float(np.median(alpha))
+    else:
+        info["head_best_epoch"] = int(val.get("best_epoch", -1)) + 1
     return pd.concat(frames), info

@@ -227,6 +227,8 @@ register("ridge_cv_shuffled_all", _shuffled(False),
          "control: ridge_cv with training targets shuffled across all training tiles (pure noise floor)")
 register("diffbulk_gated", _diffbulk("gated"), "DiffBulk, gated residual fusion of FM and diffusion features")
 register("diffbulk_concat", _diffbulk("concat"), "DiffBulk, concat fusion")
+register("diffbulk_ridge", _diffbulk("ridge"),
+         "DiffBulk, linear head (fusion='ridge': ridge on FM + diffusion features, alpha by inner CV over sections)")
 register("diffbulk_untrained_gated", _diffbulk("gated", diffusion="untrained"),
          "control: DiffBulk gated with the diffusion features of an untrained U-Net (same architecture and seed)")
 register("diff_ridge", _diff_ridge("trained", with_fm=False),
@@ -237,8 +239,8 @@ register("fm_diff_ridge", _diff_ridge("trained", with_fm=True),
          "ridge_cv on FM and trained diffusion features concatenated (a linear fusion)")
 register("fm_diff_untrained_ridge", _diff_ridge("untrained", with_fm=True),
          "control: ridge_cv on FM and an untrained U-Net's diffusion features concatenated")
-DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diffbulk_untrained_gated", "diff_ridge", "diff_untrained_ridge",
-            "fm_diff_ridge", "fm_diff_untrained_ridge")
+DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diffbulk_ridge", "diffbulk_untrained_gated", "diff_ridge",
+            "diff_untrained_ridge", "fm_diff_ridge", "fm_diff_untrained_ridge")
 
 
 # ---- folds, data -----------------------------------------------------------------------------------------------------

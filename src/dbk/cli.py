@@ -346,7 +346,9 @@ def cmd_fit(args) -> int:
     tm = slides[0].tables["dbk_table"].uns["dbk"]["training_metrics"]
     if "validation" in tm:
         v = tm["validation"]
-        print(f"\nValidation ({v['split']}, {v['n_tiles']} tiles; used for early stopping, so slightly optimistic)")
+        how = ("a head refitted without them" if args.fusion == "ridge"
+               else "used for early stopping, so slightly optimistic")
+        print(f"\nValidation ({v['split']}, {v['n_tiles']} tiles; {how})")
         print(metrics_table({"DiffBulk": v["diffbulk"], "mean (training mean per gene)": v["mean"]}))
     return 0
 
