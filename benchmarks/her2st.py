@@ -77,6 +77,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--stage1-dense", action="store_true",
                     help="also train stage 1 unconditionally on overlapping grid tiles over the training tissue")
     ap.add_argument("--sigma", type=float, default=0.01, help="noise level of the diffusion features")
+    ap.add_argument("--folds", default=None,
+                    help="comma-separated test sections: run only these LOSO folds (e.g. B4,C2)")
     ap.add_argument("--tag", default="", help="suffix of the CSV files (runs with other settings side by side)")
     ap.add_argument("--list-methods", action="store_true")
     return ap.parse_args()
@@ -386,6 +388,9 @@ def main(args: argparse.Namespace) -> None:
               f"{', dense unlabeled tiles' if args.stage1_dense else ''}; diffusion features at sigma {args.sigma:g}",
               flush=True)
     fold_list = folds([s.strip() for s in args.splits.split(",") if s.strip()], args.quick)
+    if args.folds:
+        keep = {f.strip() for f in args.folds.split(",") if f.strip()}
+        fold_list = [f for f in fold_list if f[1] in keep]
     print(f"{len(genes)} genes (all measured on every section); methods: {', '.join(names)}; "
           f"{len(fold_list)} folds; {args.threads} thread(s)", flush=True)
 
