@@ -2,10 +2,11 @@
 
     cd benchmarks/results && python ../her2st_table.py her2st_folds_s150.csv her2st_folds_s150_ridge_*.csv
 
-Rows of a method and fold that appear in several files: the last file wins. The same columns as ``her2st.py``'s own
-tables (mean ± std over folds, ddof=1), plus each method's mean difference to ``--reference`` per fold (paired:
-the mean and std over folds of method - reference), which is what "above the best baseline by more than twice its
-fold spread" asks about.
+Rows of a method and fold that appear in several files: the last file wins. The patient split is the LOSO fold
+"test B4" (as in ``her2st.py``): a method run on only one of them is shown in both. The same columns as
+``her2st.py``'s own tables (mean ± std over folds, ddof=1), plus each method's difference to ``--reference``
+(paired per fold: the mean and std over folds of method - reference), which is what "above the best baseline by
+more than twice its fold spread" asks about.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def main() -> None:
     args = ap.parse_args()
     df = pd.concat([pd.read_csv(p) for p in args.csv], ignore_index=True)
     df = df.drop_duplicates(["split", "fold", "method"], keep="last")
+    # the patient split is the LOSO fold "test B4" (her2st.py reuses it): fill either from the other where missing
+    for src, dst in (("patient", "loso"), ("loso", "patient")):
+        if dst not in set(df["split"]):
+            continue
+        have = set(df.loc[(df["split"] == dst) & (df["fold"] == "B4"), "method"])
+        add = df[(df["split"] == src) & (df["fold"] == "B4") & ~df["method"].isin(have)].assign(split=dst)
+        df = pd.concat([df, add], ignore_index=True)
     cols = [c.format(k=args.top_k) for c in SUMMARY_COLS]
     methods = list(dict.fromkeys(df["method"]))
     for split in dict.fromkeys(df["split"]):
