@@ -123,3 +123,14 @@ def _io_write_hest_sample(root: Path, sample_id: str = "TINY1"):
 def io_hest_sample(tmp_path):
     """A tiny HEST-1k layout in ``tmp_path/hest`` (1024 x 768 two-level TIFF, 5 spots, 1000 transcripts, 3 cells)."""
     return _io_write_hest_sample(tmp_path / "hest")
+
+
+@pytest.fixture
+def dbk_log(caplog):
+    """caplog that also sees the "dbk" logger (it does not propagate to the root logger)."""
+    import logging
+
+    logger = logging.getLogger("dbk")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)

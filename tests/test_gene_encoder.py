@@ -21,13 +21,6 @@ def _encoder(genes, seed=0, **kw) -> GeneEncoder:
     return enc.eval()
 
 
-@pytest.fixture
-def dbk_log(caplog):
-    logger = logging.getLogger("dbk")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
 
 GENES = [f"G{i}" for i in range(30)]
 

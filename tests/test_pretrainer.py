@@ -329,15 +329,6 @@ def test_generate_inputs_seeds_and_guidance(slide, dbk_log):
         model.denoising_loss(np.zeros((2, 32, 32, 3), np.uint8), None, sigma=1.0)
 
 
-@pytest.fixture
-def dbk_log(caplog):
-    import logging
-
-    logger = logging.getLogger("dbk")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
 
 def test_a_new_panel_grows_the_vocabulary_of_a_trained_model(slide, tmp_path):
     model = fit_pretrainer(slide, max_steps=2, random_state=0, **SMALL)

@@ -39,13 +39,6 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture
-def dbk_log(caplog):
-    logger = logging.getLogger("dbk")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
 
 def _slide(seed: int = 0) -> SpatialData:
     return dbk.datasets.synthetic(**SLIDE, random_state=seed)
