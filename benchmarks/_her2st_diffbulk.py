@@ -160,14 +160,18 @@ def attach(adata, ctx: DiffBulkContext, kind: str, train: tuple[str, ...], genes
     return out
 
 
-def diffbulk_predict(ctx: DiffBulkContext, fusion: str, kind: str, train_s, test_s, genes, seed: int):
-    """``fit_diffbulk`` on the training sections with the fold's stage-1 model, ``predict`` on the test sections."""
+def diffbulk_predict(ctx: DiffBulkContext, fusion: str, kind: str, train_s, test_s, genes, seed: int, **options):
+    """``fit_diffbulk`` on the training sections with the fold's stage-1 model, ``predict`` on the test sections.
+
+    ``options``: more ``fit_diffbulk`` arguments (``rank``, ``context_um`` ...).
+    """
     import dbk
 
     train_s, test_s = tuple(train_s), tuple(test_s)
     pre = ctx.pretrainer(kind, train_s, genes)
     model = dbk.tl.fit_diffbulk({s: ctx.sdata(s) for s in train_s}, genes=genes, fusion=fusion, pretrainer=pre,
-                                sigma=ctx.sigma, random_state=seed, tile_size_um=ctx.settings.tile_size_um)
+                                sigma=ctx.sigma, random_state=seed, tile_size_um=ctx.settings.tile_size_um,
+                                **options)
     frames = []
     for s in test_s:
         sd = ctx.sdata(s)
@@ -181,6 +185,8 @@ def diffbulk_predict(ctx: DiffBulkContext, fusion: str, kind: str, train_s, test
         alpha = getattr(model.head, "alpha_", None)
         if alpha is not None:
             info["alpha"] = float(np.median(alpha))
+        if getattr(model.head, "rank_", None) is not None:
+            info["rank"] = int(model.head.rank_)
     else:
         info["head_best_epoch"] = int(val.get("best_epoch", -1)) + 1
     return pd.concat(frames), info

@@ -71,7 +71,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch / BLAS threads (1 is often fastest on a shared 2-core machine)")
     ap.add_argument("--stage1-steps", type=int, default=None,
-                    help="stage-1 optimizer steps per fold (default 400; --quick 60); checkpoints resume")
+                    help="stage-1 optimizer steps per fold (default 150, ~3 min a fold on 2 cores; --quick 60); "
+                         "checkpoints resume")
     ap.add_argument("--stage1-preset", default="cpu-small", help="stage-1 preset (tiny, cpu-small, paper)")
     ap.add_argument("--stage1-batch", type=int, default=None, help="stage-1 batch size (the preset's by default)")
     ap.add_argument("--stage1-dense", action="store_true",
@@ -141,6 +142,8 @@ def _baseline(method: str, **kwargs) -> Callable:
         if hasattr(model, "alpha_"):
             a = model.alpha_
             info["alpha"] = float(a) if np.ndim(a) == 0 else float(np.median(a))
+        if getattr(model, "rank_", None) is not None:
+            info["rank"] = int(model.rank_)
         if getattr(model, "n_components_", None):
             info["pca"] = int(model.n_components_)
         if hasattr(model, "best_epoch_"):
@@ -186,13 +189,48 @@ def _call_accepting(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _diffbulk(fusion: str, *, diffusion: str = "trained") -> Callable:
-    """DiffBulk (``fit_diffbulk`` + ``predict``) with the fold's stage-1 model (``"trained"`` or ``"untrained"``)."""
+CONTEXT_UM = 300.0  # spatial context radius: the tile and its 8 nearest spots on her2st's 200 µm pitch
+
+
+def _diffbulk(fusion: str, *, diffusion: str = "trained", **options) -> Callable:
+    """DiffBulk (``fit_diffbulk`` + ``predict``) with the fold's stage-1 model (``"trained"`` or ``"untrained"``).
+
+    ``options`` go to ``fit_diffbulk`` (``rank``, ``context_um`` ...).
+    """
 
     def fn(train, test, genes, groups, ctx):
         from _her2st_diffbulk import diffbulk_predict
 
-        return diffbulk_predict(ctx.diff, fusion, diffusion, ctx.train_s, ctx.test_s, list(genes), ctx.seed)
+        return diffbulk_predict(ctx.diff, fusion, diffusion, ctx.train_s, ctx.test_s, list(genes), ctx.seed,
+                                **options)
+
+    return fn
+
+
+def _with_context(adata, ctx, key: str, radius_um: float) -> np.ndarray:
+    """``[features, their mean within radius_um]`` per section (µm from each section's estimated pixel size)."""
+    from dbk.tl._context import neighbor_mean
+
+    sections = adata.obs["sample"].astype(str).to_numpy()
+    um = np.asarray([ctx.tables[s].uns["her2st_bench"]["pixel_size_um"] for s in sections], np.float64)
+    coords = np.asarray(adata.obsm["spatial"], np.float64) * um[:, None]
+    x = np.asarray(adata.obsm[key], np.float64)
+    return np.hstack([x, neighbor_mean(coords, x, radius_um, sections)])
+
+
+def _ridge_rr(*, context: bool) -> Callable:
+    """ridge_cv with reduced-rank targets (rank by inner CV), on FM features (with their spatial context)."""
+
+    def fn(train, test, genes, groups, ctx):
+        key = ctx.obsm_key
+        if context:
+            key = f"{ctx.obsm_key}_ctx"
+            train, test = train.copy(), test.copy()
+            for a in (train, test):
+                a.obsm[key] = _with_context(a, ctx, ctx.obsm_key, CONTEXT_UM)
+        model_fn = _baseline("ridge_cv", rank="auto")
+        df, info = model_fn(train, test, genes, groups, SimpleNamespace(**{**vars(ctx), "obsm_key": key}))
+        return df, info
 
     return fn
 
@@ -231,6 +269,20 @@ register("diffbulk_gated", _diffbulk("gated"), "DiffBulk, gated residual fusion 
 register("diffbulk_concat", _diffbulk("concat"), "DiffBulk, concat fusion")
 register("diffbulk_ridge", _diffbulk("ridge"),
          "DiffBulk, linear head (fusion='ridge': ridge on FM + diffusion features, alpha by inner CV over sections)")
+register("ridge_cv_rr", _ridge_rr(context=False),
+         "ridge_cv with reduced-rank targets (target PCA rank and alpha by the same inner CV), FM features: the "
+         "DiffBulk rr head without diffusion features")
+register("ridge_cv_rr_ctx", _ridge_rr(context=True),
+         f"ridge_cv_rr on FM features and their mean within {CONTEXT_UM:g} µm (spatial context): the DiffBulk "
+         "rr_ctx head without diffusion features, the bar for stage 1")
+register("diffbulk_ridge_rr", _diffbulk("ridge", rank="auto"),
+         "DiffBulk, reduced-rank ridge head (fusion='ridge', rank='auto')")
+register("diffbulk_ridge_rr_ctx", _diffbulk("ridge", rank="auto", context_um=CONTEXT_UM),
+         f"DiffBulk, reduced-rank ridge head on FM + diffusion features and their mean within {CONTEXT_UM:g} µm "
+         "(context_um)")
+register("diffbulk_untrained_ridge_rr_ctx", _diffbulk("ridge", diffusion="untrained", rank="auto",
+                                                      context_um=CONTEXT_UM),
+         "control: diffbulk_ridge_rr_ctx with the diffusion features of an untrained U-Net")
 register("diffbulk_untrained_gated", _diffbulk("gated", diffusion="untrained"),
          "control: DiffBulk gated with the diffusion features of an untrained U-Net (same architecture and seed)")
 register("diff_ridge", _diff_ridge("trained", with_fm=False),
@@ -241,7 +293,8 @@ register("fm_diff_ridge", _diff_ridge("trained", with_fm=True),
          "ridge_cv on FM and trained diffusion features concatenated (a linear fusion)")
 register("fm_diff_untrained_ridge", _diff_ridge("untrained", with_fm=True),
          "control: ridge_cv on FM and an untrained U-Net's diffusion features concatenated")
-DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diffbulk_ridge", "diffbulk_untrained_gated", "diff_ridge",
+DIFFBULK = ("diffbulk_gated", "diffbulk_concat", "diffbulk_ridge", "diffbulk_ridge_rr", "diffbulk_ridge_rr_ctx",
+            "diffbulk_untrained_ridge_rr_ctx", "diffbulk_untrained_gated", "diff_ridge",
             "diff_untrained_ridge", "fm_diff_ridge", "fm_diff_untrained_ridge")
 
 
@@ -380,7 +433,7 @@ def main(args: argparse.Namespace) -> None:
     if uses_diff:
         from _her2st_diffbulk import DiffBulkContext
 
-        steps = args.stage1_steps if args.stage1_steps is not None else (60 if args.quick else 400)
+        steps = args.stage1_steps if args.stage1_steps is not None else (60 if args.quick else 150)
         ctx.diff = DiffBulkContext(tables=full, folders=folders, obsm_key=obsm_key, cache=args.cache,
                                    settings=settings, seed=args.seed, steps=steps, preset=args.stage1_preset,
                                    dense=args.stage1_dense, stage1_batch=args.stage1_batch, sigma=args.sigma)

@@ -313,3 +313,118 @@ def test_ridge_cv_on_efficientnet_features_predicts_a_second_slide():
     assert s["pearson_mean_top10_hvg"] > 0.3
     assert s["mse_mean_all"] < s_mean["mse_mean_all"]
     assert ridge.alpha_ < 1e8  # found signal: not the edge of the grid
+
+
+# ---- reduced-rank ridge ---------------------------------------------------------------------------------------------
+
+
+def low_rank(n=240, d=30, g=40, rank=2, noise=2.0, seed=0):
+    """y = X A B + noise with A (d x rank), B (rank x g): every gene follows one of two hidden programmes."""
+    w = np.random.default_rng(99)
+    a, b = w.normal(size=(d, rank)) / np.sqrt(d), w.normal(size=(rank, g))
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(n, d))
+    y = 1.0 + x @ a @ b + noise * r.normal(size=(n, g))
+    t = ad.AnnData(X=y.astype(np.float32), obs=pd.DataFrame(index=[f"t{seed}_{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=[f"g{j}" for j in range(g)]))
+    t.obs["sample"] = pd.Categorical([f"slide{seed}_{k}" for k in np.arange(n) * 4 // n])
+    t.obsm["X_fm"] = x.astype(np.float32)
+    return t
+
+
+def test_reduced_rank_ridge_finds_the_rank_and_beats_per_gene_ridge():
+    tr, te = low_rank(seed=0), low_rank(n=400, seed=1)
+    full = RidgeBaseline("cv").fit(tr, obsm_key="X_fm")
+    rr = RidgeBaseline("cv", rank="auto").fit(tr, obsm_key="X_fm")
+    assert rr.rank_ in (2, 3)  # the planted rank (3 when noise happens to favour it), not the full 40
+    assert rr.cv_results_.index.names == ["rank", "alpha"]
+    assert rr.cv_results_["score"].min() < full.cv_results_["score"].min()
+    truth = te.to_df()
+    r_full = full.predict(te).corrwith(truth).mean()
+    r_rr = rr.predict(te).corrwith(truth).mean()
+    assert r_rr > r_full + 0.02, (r_rr, r_full)
+    # the fit is one linear map of rank rank_
+    w = np.vstack([m.coef_ for _, m in rr._models])
+    assert np.linalg.matrix_rank(w, tol=1e-8 * np.abs(w).max()) == rr.rank_
+
+
+def test_full_rank_reduced_rank_ridge_equals_plain_ridge():
+    tr, te = low_rank(g=12, seed=2), low_rank(n=50, g=12, seed=3)
+    a = RidgeBaseline("cv", alphas=[30.0]).fit(tr, obsm_key="X_fm").predict(te)
+    b = RidgeBaseline("cv", alphas=[30.0], rank=12).fit(tr, obsm_key="X_fm").predict(te)
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-6, atol=1e-6)
+    c = RidgeBaseline("cv", alphas=[30.0], rank=1).fit(tr, obsm_key="X_fm").predict(te)
+    sv = np.linalg.svd(c.to_numpy().astype(np.float64) - c.to_numpy().mean(0), compute_uv=False)
+    assert sv[1] < 1e-5 * sv[0]  # rank 1 (float32 predictions)
+
+
+def test_reduced_rank_honours_measured_mask():
+    tr = low_rank(n=200, g=6, seed=5)
+    measured = np.ones((200, 6), dtype=np.uint8)
+    measured[100:, 1] = 0
+    tr.layers["measured"] = sp.csr_matrix(measured)
+    garbage = tr.copy()
+    garbage.X[100:, 1] = -50.0
+    te = low_rank(n=30, g=6, seed=6)
+    a = RidgeBaseline("cv", rank="auto").fit(tr, obsm_key="X_fm")
+    b = RidgeBaseline("cv", rank="auto").fit(garbage, obsm_key="X_fm")
+    np.testing.assert_allclose(a.predict(te).to_numpy(), b.predict(te).to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"rank": 0}, "rank must be"),
+    ({"rank": 2.5}, "rank must be"),
+    ({"rank": "full"}, "rank must be"),
+    ({"rank": "auto", "ranks": [0, 3]}, "ranks must be"),
+    ({"rank": 3, "alpha_per_gene": True}, "alpha_per_gene"),
+])
+def test_reduced_rank_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RidgeBaseline("cv", **kwargs)
+    with pytest.raises(ValueError, match="flavor='cv'"):
+        RidgeBaseline("hest", rank=3)
+
+
+# ---- spatial context ------------------------------------------------------------------------------------------------
+
+
+def test_neighbor_mean_is_the_brute_force_mean_within_each_slide():
+    from dbk.tl._context import neighbor_mean
+
+    r = np.random.default_rng(0)
+    coords = r.uniform(0, 100, size=(120, 2))
+    x = r.normal(size=(120, 3))
+    groups = np.repeat(["a", "b", "c"], 40)
+    got = neighbor_mean(coords, x, 15.0, groups)
+    for i in range(120):
+        near = (np.hypot(*(coords - coords[i]).T) <= 15.0) & (groups == groups[i])
+        np.testing.assert_allclose(got[i], x[near].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(neighbor_mean(coords, x, 0.0), x)  # each tile alone
+    np.testing.assert_allclose(neighbor_mean(coords, x, 1e6, groups)[:40], np.tile(x[:40].mean(0), (40, 1)))
+
+
+def test_spatial_context_writes_features_and_means_and_checks_inputs():
+    from dbk.tl import spatial_context
+
+    a = planted(n=60, d=4, seed=1)
+    a.obsm["spatial"] = np.c_[np.arange(60) % 10, np.arange(60) // 10].astype(float) * 200.0  # px, 10 x 6 grid
+    before = a.copy()
+    out = spatial_context(a, use_rep="X_fm", radius_um=150.0, um_per_px=0.5, copy=True)  # 100 µm pitch
+    assert "X_fm_ctx" not in a.obsm and set(a.obsm) == set(before.obsm)  # copy=True leaves the input alone
+    ctx = out.obsm["X_fm_ctx"]
+    assert ctx.shape == (60, 8)
+    np.testing.assert_allclose(ctx[:, :4], a.obsm["X_fm"], rtol=1e-6)
+    slide = a.obs["sample"].to_numpy()
+    i = 25  # row 2, column 5: its 3 x 3 block (150 µm reaches the diagonal at 141 µm), within its slide
+    nb = [j for j in range(60) if abs(j % 10 - 5) <= 1 and abs(j // 10 - 2) <= 1 and slide[j] == slide[i]]
+    np.testing.assert_allclose(ctx[i, 4:], a.obsm["X_fm"][nb].mean(axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match="um_per_px"):
+        spatial_context(a, use_rep="X_fm")
+    with pytest.raises(KeyError, match="X_nope"):
+        spatial_context(a, use_rep="X_nope", um_per_px=0.5)
+    b = a.copy()
+    del b.obsm["spatial"]
+    with pytest.raises(KeyError, match="spatial"):
+        spatial_context(b, use_rep="X_fm", um_per_px=0.5)
+    with pytest.raises(ValueError, match="radius"):
+        spatial_context(a, use_rep="X_fm", um_per_px=0.5, radius_um=-1)

@@ -270,9 +270,11 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
     a = out.tables["dbk_table"]
     assert a.obsm["dbk_pred"].shape == (a.n_obs, 60) and np.isfinite(a.obsm["dbk_pred"].to_numpy()).all()
     uns = a.uns["dbk"]
-    assert uns["params"]["fusion"] == "ridge" and set(uns["params"]["head"]) == {"alphas", "alpha_per_gene",
-                                                                                   "n_splits", "random_state"}
-    assert list(uns["history"]["head"]) == ["alpha", "cv_score"] and len(uns["history"]["head"]["alpha"]) == 21
+    assert uns["params"]["fusion"] == "ridge" and set(uns["params"]["head"]) == {
+        "alphas", "alpha_per_gene", "n_splits", "random_state", "rank", "ranks"}
+    assert uns["params"]["head"]["rank"] == "None" and uns["params"]["context_um"] == "None"
+    assert list(uns["history"]["head"]) == ["alpha", "rank", "cv_score"] and len(uns["history"]["head"]["alpha"]) == 21
+    assert set(uns["history"]["head"]["rank"]) == {0}  # plain ridge: full rank
     tm = uns["training_metrics"]
     assert "held-out tiles" in tm["validation"]["split"] and "refitted" in tm["validation"]["note"]
     assert tm["validation"]["diffbulk"]["mse_mean_all"] < tm["validation"]["mean"]["mse_mean_all"]
@@ -290,6 +292,48 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
     assert ours["mse_mean_all"] < 0.92 * floor["mse_mean_all"]
     assert ours["pearson_mean_all"] > 0.2
     assert ours["spearman_per_tile_mean"] > floor["spearman_per_tile_mean"] + 0.05
+
+
+def test_reduced_rank_ridge_with_spatial_context_round_trips_and_predicts(fitted, ridge_fitted, heldout, tmp_path):
+    model, train = fitted
+    rr, out = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
+                           fusion="ridge", rank="auto", context_um=120.0, random_state=0, copy=True)
+    plain = ridge_fitted[0]
+    assert rr.context_um == 120.0 and rr.head.rank_ in (1, 2, 3, 5, 10, 20, 50, None)
+    fm_dim, diff_dim = plain.head.n_features_in_
+    assert rr.head.n_features_in_ == [2 * fm_dim, 2 * diff_dim]  # [features, their neighbourhood mean]
+    uns = out.tables["dbk_table"].uns["dbk"]
+    assert uns["params"]["context_um"] == 120.0 and uns["params"]["head"]["rank"] == "auto"
+    assert uns["um_per_px"] == pytest.approx(dbk.tl._diffbulk._record_pixel_size(out, "dbk_tiles", "dbk_table"))
+    cv = rr.head.cv_results_
+    assert cv.index.names == ["rank", "alpha"] and len(cv) == 8 * 21
+    # H&E only: tiles, features, pixel size and the context all come from the image
+    new, truth = heldout
+    new = SpatialData(images={"he": new.images["he"]}, attrs={"sample": "again"})
+    rr.predict(new)
+    pred = new.tables["dbk_table"].obsm["dbk_pred"]
+    from dbk._image import get_pixel_size
+
+    assert new.tables["dbk_table"].uns["dbk"]["um_per_px"] == pytest.approx(get_pixel_size(new, "he"))
+    # the same tiles as a table: the context needs the pixel size, named in the error when it is missing
+    table = truth.copy()
+    with pytest.raises(ValueError, match="um_per_px"):
+        rr.predict(table)
+    table.uns.setdefault("dbk", {})["um_per_px"] = new.tables["dbk_table"].uns["dbk"]["um_per_px"]
+    np.testing.assert_allclose(rr.predict(table).to_numpy(), pred.to_numpy(), rtol=1e-5, atol=1e-5)
+    # save / load: identical predictions
+    loaded = DiffBulk.load(rr.save(tmp_path / "rr"), device="cpu")
+    assert loaded.context_um == 120.0 and loaded.head.rank_ == rr.head.rank_
+    pd.testing.assert_frame_equal(loaded.head.cv_results_, cv)
+    np.testing.assert_array_equal(loaded.predict(table.copy()).to_numpy(), rr.predict(table.copy()).to_numpy())
+    # it predicts the held-out slide better than the training mean
+    truth = truth.copy()
+    rr.predict(table, key_added="dbk_pred")
+    truth.obsm["dbk_pred"] = table.obsm["dbk_pred"]
+    ours = dbk.tl.evaluate(truth, train_adata=train.tables["dbk_table"], key_added=None).attrs["summary"]
+    assert ours["pearson_mean_all"] > 0.2
+    with pytest.raises(ValueError, match="context_um"):
+        fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fusion="ridge", context_um=-1.0, copy=True)
 
 
 @pytest.fixture(scope="module")

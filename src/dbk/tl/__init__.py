@@ -35,18 +35,21 @@ _EXPORTS = {
     "DiffBulk": "._diffbulk",
     "diffusion_features": "._diffusion_features",
     "predictions_to_adata": "._predictions",
+    "spatial_context": "._context",
+    "RidgeFusionRegressor": "._fusion",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._baselines import MeanPredictor, MLPBaseline, RidgeBaseline, fit_baseline
+    from ._context import spatial_context
     from ._diffbulk import DiffBulk, fit_diffbulk
     from ._diffusion_features import diffusion_features
     from ._edm import EDM, heun_sample
     from ._embed import embed_tiles, load_foundation_model
     from ._evaluate import evaluate
-    from ._fusion import FusionHead, FusionRegressor, fit_head, masked_mse
+    from ._fusion import FusionHead, FusionRegressor, RidgeFusionRegressor, fit_head, masked_mse
     from ._gene_encoder import GeneEncoder
     from ._predictions import predictions_to_adata
     from ._presets import PRESETS, PretrainerPreset, get_preset

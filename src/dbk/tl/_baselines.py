@@ -8,6 +8,7 @@ count in its fit), and ``predict(adata) -> DataFrame`` (tiles x genes).
 from __future__ import annotations
 
 import copy as _copy
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,6 +25,7 @@ from .._settings import settings
 from ..pp._concat import measured_mask
 
 DEFAULT_ALPHAS = np.logspace(-2, 8, 21)  # half-decade grid for flavor="cv"
+DEFAULT_RANKS = (1, 2, 3, 5, 10, 20, 50, None)  # rank="auto": target ranks tried by the inner CV (None: full rank)
 HEST_N_COMPONENTS = 256
 
 
@@ -232,6 +234,58 @@ def cv_folds(groups: np.ndarray | None, spatial: np.ndarray | None, n: int, n_sp
     return list(KFold(n_splits, shuffle=True, random_state=random_state).split(idx)), f"{n_splits}-fold random"
 
 
+def _check_rank(rank, ranks, flavor: str, alpha_per_gene: bool) -> tuple:
+    """Validated ``(rank, ranks)`` of :class:`RidgeBaseline`."""
+    if rank is None:
+        return None, tuple(DEFAULT_RANKS if ranks is None else ranks)
+    if flavor != "cv":
+        raise ValueError("rank (reduced-rank ridge) needs flavor='cv'; the HEST probe is fixed.")
+    if alpha_per_gene:
+        raise ValueError("rank and alpha_per_gene=True do not go together: a reduced-rank fit couples the genes.")
+    if not (rank == "auto" or (isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank > 0)):
+        raise ValueError(f"rank must be None, a positive integer or 'auto', got {rank!r}.")
+    grid = tuple(DEFAULT_RANKS if ranks is None else ranks)
+    if not grid or any(k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0)
+                       for k in grid):
+        raise ValueError(f"ranks must be a non-empty list of positive integers (or None for full rank), got {ranks!r}.")
+    return rank, grid
+
+
+def _target_components(yc: np.ndarray) -> np.ndarray:
+    """Principal axes (rows, by decreasing variance) of centred targets ``yc`` (tiles x genes), signs fixed."""
+    _, s, vt = np.linalg.svd(yc, full_matrices=False)
+    vt = vt[s > s[0] * 1e-10] if len(s) and s[0] > 0 else vt[:0]
+    signs = np.sign(vt[np.arange(len(vt)), np.argmax(np.abs(vt), axis=1)])
+    return vt * signs[:, None]
+
+
+class _LowRankRidge:
+    """Ridge on the first ``rank`` principal-component scores of the targets, mapped back to the genes.
+
+    Exposes ``coef_`` (genes x features) and ``intercept_`` of the composed linear map, like sklearn's ``Ridge``.
+    """
+
+    def __init__(self, alpha: float, rank: int) -> None:
+        self.alpha, self.rank = float(alpha), int(rank)
+
+    def fit(self, z: np.ndarray, y: np.ndarray) -> _LowRankRidge:
+        from sklearn.linear_model import Ridge
+
+        my = y.mean(axis=0)
+        comps = _target_components(y - my)[: self.rank]  # (k, genes)
+        self.rank_ = comps.shape[0]
+        if self.rank_ == 0:  # constant targets
+            self.coef_, self.intercept_ = np.zeros((y.shape[1], z.shape[1])), my
+            return self
+        r = Ridge(alpha=self.alpha, fit_intercept=True).fit(z, (y - my) @ comps.T)
+        self.coef_ = comps.T @ np.asarray(r.coef_).reshape(self.rank_, -1)
+        self.intercept_ = my + comps.T @ np.asarray(r.intercept_).reshape(self.rank_)
+        return self
+
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        return z @ self.coef_.T + self.intercept_
+
+
 class RidgeBaseline(Baseline):
     """Ridge regression on standardised features.
 
@@ -249,7 +303,15 @@ class RidgeBaseline(Baseline):
     divided by its training variance, averaged over genes (so every gene counts equally); the standardisation
     (and PCA, if any) is refitted inside every fold. An intercept is fitted.
 
-    Genes measured on only some training slides are fitted on those slides' tiles (one fit per panel pattern).
+    ``rank`` (``"cv"`` only) makes it *reduced-rank* ridge: the centred training targets are projected on their first
+    ``rank`` principal components (genes x tiles PCA), ridge predicts those scores, and the prediction is mapped back
+    to all genes. Expression varies along a few programmes (tumour, stroma, immune ...); per-gene ridge spends its
+    noise on the rest. With ``rank="auto"`` the rank is chosen from ``ranks`` jointly with ``alpha`` by the same
+    inner CV (same score). The fitted model is still one linear map (genes x features), so it predicts, saves and
+    loads like plain ridge.
+
+    Genes measured on only some training slides are fitted on those slides' tiles (one fit per panel pattern; with
+    ``rank``, one target PCA per pattern).
 
     Parameters
     ----------
@@ -267,15 +329,23 @@ class RidgeBaseline(Baseline):
         Default ``False`` for ``"hest"`` (as HEST), ``True`` for ``"cv"``.
     random_state
         Seed of the PCA (HEST uses the run seed).
+    rank
+        ``"cv"`` only: ``None`` (default; plain ridge, every gene on its own), a positive integer (reduced-rank
+        ridge of that rank), or ``"auto"`` (rank from ``ranks`` by inner CV).
+    ranks
+        The ranks ``rank="auto"`` tries (``None`` in it: full rank); default ``(1, 2, 3, 5, 10, 20, 50, None)``.
 
     Attributes
     ----------
     alpha_
         The alpha used (array per gene with ``alpha_per_gene``).
+    rank_
+        The target rank used (``None``: full rank, plain ridge).
     n_components_
         PCA width used (``None`` without PCA).
     cv_results_
-        ``"cv"``: DataFrame (index alpha) with ``score`` (mean normalised validation MSE).
+        ``"cv"``: DataFrame (index alpha; with ``rank="auto"`` a (rank, alpha) MultiIndex, rank 0 meaning full)
+        with ``score`` (mean normalised validation MSE).
     """
 
     name = "ridge"
@@ -290,9 +360,12 @@ class RidgeBaseline(Baseline):
         n_splits: int = 5,
         fit_intercept: bool | None = None,
         random_state: int | None = None,
+        rank: int | Literal["auto"] | None = None,
+        ranks: Sequence[int | None] | None = None,
     ) -> None:
         if flavor not in ("hest", "cv"):
             raise ValueError(f"flavor must be 'hest' or 'cv', got {flavor!r}.")
+        self.rank, self.ranks = _check_rank(rank, ranks, flavor, alpha_per_gene)
         self.flavor = flavor
         self.n_components = HEST_N_COMPONENTS if (flavor == "hest" and n_components is None) else n_components
         self.alphas = np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64)
@@ -317,20 +390,26 @@ class RidgeBaseline(Baseline):
             self._pipe, self.n_components_ = _prep(self.n_components, x.shape[0], x.shape[1], self._seed())
             z = self._pipe.fit_transform(x)
             self.alpha_ = 100.0 / (z.shape[1] * n_genes)
+            self.rank_ = None
             self.cv_results_ = None
         else:
             spatial = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) if SPATIAL_KEY in adata.obsm else None
-            self.alpha_ = self._cv_alpha(x, y, m, groups, spatial)
+            self.alpha_, self.rank_ = self._cv_alpha(x, y, m, groups, spatial)
             self._pipe, self.n_components_ = _prep(self.n_components, x.shape[0], x.shape[1], self._seed())
             z = self._pipe.fit_transform(x)
         self._models = []
         for genes_j in self._patterns:
             rows = m[:, genes_j[0]]
             alpha = self.alpha_[genes_j] if np.ndim(self.alpha_) else self.alpha_
-            self._models.append((genes_j, self._ridge(alpha).fit(z[rows], y[rows][:, genes_j])))
+            if self.rank_ is None:
+                model = self._ridge(alpha).fit(z[rows], y[rows][:, genes_j])
+            else:
+                model = _LowRankRidge(alpha, self.rank_).fit(z[rows], y[rows][:, genes_j])
+            self._models.append((genes_j, model))
         logger.info(f"{self.name}: {n_genes} genes on {x.shape[1]} features"
                     f"{f' (PCA {self.n_components_})' if self.n_components_ else ''}, alpha "
-                    f"{'per gene' if np.ndim(self.alpha_) else f'{self.alpha_:.3g}'}.")
+                    f"{'per gene' if np.ndim(self.alpha_) else f'{self.alpha_:.3g}'}"
+                    f"{'' if self.rank_ is None else f', target rank {self.rank_}'}.")
 
     def _ridge(self, alpha):
         from sklearn.linear_model import Ridge
@@ -341,9 +420,11 @@ class RidgeBaseline(Baseline):
         return Ridge(alpha=alpha, fit_intercept=self.fit_intercept)
 
     def _cv_alpha(self, x, y, m, groups, spatial):
+        """(alpha, rank) with the lowest mean normalised validation MSE over the inner folds."""
         folds, how = cv_folds(groups, spatial, x.shape[0], self.n_splits, self._seed())
         a = self.alphas
-        sse = np.zeros((len(a), y.shape[1]))
+        ranks = self._rank_grid()
+        sse = np.zeros((len(ranks), len(a), y.shape[1]))
         cnt = np.zeros(y.shape[1])
         for tr, va in folds:
             pipe, _ = _prep(self.n_components, len(tr), x.shape[1], self._seed())
@@ -358,28 +439,50 @@ class RidgeBaseline(Baseline):
                 mz = zt.mean(axis=0) if self.fit_intercept else np.zeros(zt.shape[1])
                 my = yt.mean(axis=0) if self.fit_intercept else np.zeros(yt.shape[1])
                 u, s, vt = np.linalg.svd(zt - mz, full_matrices=False)
-                uty = u.T @ (yt - my)
                 zv = (z[rv] - mz) @ vt.T
                 yv = y[rv][:, genes_j]
-                for i, alpha in enumerate(a):  # closed-form ridge for every alpha from one SVD
-                    pred = zv @ ((s / (s * s + alpha))[:, None] * uty) + my
-                    sse[i, genes_j] += ((yv - pred) ** 2).sum(axis=0)
+                if ranks == [None]:
+                    uty = u.T @ (yt - my)
+                    for i, alpha in enumerate(a):  # closed-form ridge for every alpha from one SVD
+                        pred = zv @ ((s / (s * s + alpha))[:, None] * uty) + my
+                        sse[0, i, genes_j] += ((yv - pred) ** 2).sum(axis=0)
+                else:
+                    comps = _target_components(yt - my)  # (r, genes): the fold's target PCA
+                    uts = u.T @ ((yt - my) @ comps.T)
+                    for i, alpha in enumerate(a):
+                        scores = zv @ ((s / (s * s + alpha))[:, None] * uts)  # predicted PC scores
+                        for q, k in enumerate(ranks):
+                            kk = comps.shape[0] if k is None else min(k, comps.shape[0])
+                            pred = scores[:, :kk] @ comps[:kk] + my
+                            sse[q, i, genes_j] += ((yv - pred) ** 2).sum(axis=0)
                 cnt[genes_j] += len(rv)
         if not (cnt > 0).any():
             raise ValueError("ridge CV: no fold has validation tiles for any gene.")
         var = np.array([np.var(y[m[:, j], j]) for j in range(y.shape[1])])
         score = sse / np.maximum(cnt, 1) / np.where(var > 0, var, 1.0)
         ok = cnt > 0
-        mean_score = score[:, ok].mean(axis=1)
-        self.cv_results_ = pd.DataFrame({"score": mean_score}, index=pd.Index(a, name="alpha"))
+        mean_score = score[:, :, ok].mean(axis=2)  # (ranks, alphas)
+        q, i = np.unravel_index(int(np.argmin(mean_score)), mean_score.shape)
+        if ranks == [None]:
+            self.cv_results_ = pd.DataFrame({"score": mean_score[0]}, index=pd.Index(a, name="alpha"))
+        else:
+            idx = pd.MultiIndex.from_product([[0 if k is None else int(k) for k in ranks], a], names=["rank", "alpha"])
+            self.cv_results_ = pd.DataFrame({"score": mean_score.reshape(-1)}, index=idx)
         self.cv_scheme_ = how
-        best = float(a[int(np.argmin(mean_score))])
+        best = float(a[i])
         if best in (a.min(), a.max()):
             logger.info(f"ridge CV: the best alpha {best:g} is at the edge of the grid.")
         if not self.alpha_per_gene:
-            return best
-        per_gene = a[np.argmin(score, axis=0)]
-        return np.where(ok, per_gene, best)
+            return best, ranks[q]
+        per_gene = a[np.argmin(score[0], axis=0)]
+        return np.where(ok, per_gene, best), None
+
+    def _rank_grid(self) -> list[int | None]:
+        if self.rank is None:
+            return [None]
+        if self.rank == "auto":
+            return list(self.ranks)
+        return [int(self.rank)]
 
     def _predict(self, xs) -> np.ndarray:
         z = self._pipe.transform(xs[0])
@@ -660,7 +763,8 @@ def fit_baseline(
     obsm_key, genes, layer, groups
         See :meth:`Baseline.fit`.
     **kwargs
-        Options of the baseline's constructor (e.g. ``alphas``, ``hidden``, ``random_state``).
+        Options of the baseline's constructor (e.g. ``alphas``, ``rank="auto"`` for reduced-rank ridge, ``hidden``,
+        ``random_state``).
 
     Returns
     -------

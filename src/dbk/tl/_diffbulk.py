@@ -27,6 +27,7 @@ from .._constants import (
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
+from ._context import UM_PER_PX_KEY, neighbor_mean, with_context
 
 FORMAT = "dbk.DiffBulk"
 FORMAT_VERSION = 1
@@ -262,14 +263,18 @@ class DiffBulk:
         """The head on ``adata``'s features after the model's :class:`InputScaler` (one per feature set)."""
         light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
         n_clipped, n_values = 0, 0
+        ctx = self.context_um
         for key, scaler in zip(self.head.obsm_keys_, self.scalers, strict=True):
             x = adata.obsm[key]
             x = np.asarray(x.to_numpy() if isinstance(x, pd.DataFrame) else x, dtype=np.float64)
-            if x.ndim != 2 or x.shape[1] != len(scaler.mean):
-                raise ValueError(f"obsm[{key!r}] has shape {x.shape}; the model takes {len(scaler.mean)} features.")
+            width = len(scaler.mean) // (1 if ctx is None else 2)
+            if x.ndim != 2 or x.shape[1] != width:
+                raise ValueError(f"obsm[{key!r}] has shape {x.shape}; the model takes {width} features.")
             if not np.isfinite(x).all():
                 raise ValueError(f"obsm[{key!r}] has non-finite values in {int((~np.isfinite(x)).any(axis=1).sum())} "
                                  "tiles.")
+            if ctx is not None:
+                x = with_context(adata, x, ctx)
             z, clipped = scaler.transform(x, return_clipped=True)
             n_clipped, n_values = n_clipped + int(clipped), n_values + x.size
             light.obsm[key] = z
@@ -287,6 +292,12 @@ class DiffBulk:
     @property
     def genes(self) -> list[str]:
         return list(self.config["genes"])
+
+    @property
+    def context_um(self) -> float | None:
+        """Radius (µm) of the neighbourhood whose mean features join each tile's (``None``: the tile alone)."""
+        c = self.config.get("context_um")
+        return None if c is None else float(c)
 
     @property
     def fm_id(self) -> str:
@@ -363,6 +374,7 @@ class DiffBulk:
         diffusion_features(sdata, self.pretrainer, sigma=float(d["sigma"]), tiles_key=tiles_key, table_key=table_key,
                            levels=list(d["levels"]), pool=str(d["pool"]), use_ema=bool(d["use_ema"]),
                            batch_size=batch_size, random_state=int(d["random_state"]), key_added=self.diff_key)
+        _record_pixel_size(sdata, tiles_key, table_key)
 
     def predict(
         self,
@@ -583,12 +595,13 @@ class DiffBulk:
             raise ValueError(f"{path / _HEAD_FILE} lacks the input scaling {err}.") from None
         if any(len(sc.mean) != d for sc, d in zip(scalers, dims, strict=True)):
             raise ValueError(f"{path / _HEAD_FILE}: the input scaling does not fit the feature widths {dims}.")
-        if dims[1] != int(dcfg["dim"]):
+        k = 2 if config.get("context_um") is not None else 1  # [features, neighbourhood mean]
+        if dims[1] != k * int(dcfg["dim"]):
             raise ValueError(f"{cfg_path}: the head takes {dims[1]} diffusion features, the layout has {dcfg['dim']}.")
         fm = _load_fm(fcfg, path, dev)
         model = cls(pretrainer=pretrainer, head=head, fm=fm, config=config, scalers=scalers)
         out_dim = _fm_dim(fm, int(fcfg["size_px"]), dev)
-        if out_dim != dims[0]:
+        if k * out_dim != dims[0]:
             raise ValueError(f"The foundation model {fcfg['id']!r} gives {out_dim} features; the head was trained on "
                              f"{dims[0]}: a different model is installed under that name.")
         hist = path / _HISTORY_FILE
@@ -604,8 +617,8 @@ def _head_tensors(head) -> dict[str, torch.Tensor]:
     if _is_ridge(head):
         alpha = np.broadcast_to(np.asarray(head.alpha_, np.float64), (len(head.genes_),))
         arrays = {"x_mean": head.x_mean_, "x_scale": head.x_scale_, "coef": head.coef_, "intercept": head.intercept_,
-                  "alpha": alpha, "cv_alphas": head.cv_results_.index.to_numpy(),
-                  "cv_score": head.cv_results_["score"].to_numpy()}
+                  "alpha": alpha, "cv_alphas": np.asarray(head.history_["alpha"]),
+                  "cv_ranks": np.asarray(head.history_["rank"]), "cv_score": np.asarray(head.history_["cv_score"])}
         return {f"ridge.{k}": torch.from_numpy(np.array(v, dtype=np.float64, order="C")) for k, v in arrays.items()}
     out = {f"module.{k}": v.detach().cpu().contiguous().clone() for k, v in head.module_.state_dict().items()}
     for i, (m, s) in enumerate(zip(head.x_mean_, head.x_std_, strict=True)):
@@ -634,6 +647,9 @@ def _head_config(head) -> dict:
             "n_splits": int(head.n_splits),
             "random_state": head.random_state,
             "alpha": "per gene" if np.ndim(head.alpha_) else float(head.alpha_),
+            "rank": head.rank,
+            "ranks": [None if k is None else int(k) for k in head.ranks],
+            "rank_chosen": head.rank_,
             "cv_scheme": head.cv_scheme_,
             "cv_score": float(head.cv_results_["score"].min()),
             "dims": [int(d) for d in head.n_features_in_],
@@ -662,9 +678,12 @@ def _ridge_head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list
 
     try:
         seed = hcfg.get("random_state")
+        rank = hcfg.get("rank")
         head = RidgeFusionRegressor(alphas=hcfg["alphas"], alpha_per_gene=bool(hcfg["alpha_per_gene"]),
                                     n_splits=int(hcfg["n_splits"]),
-                                    random_state=None if seed in (None, "None") else int(seed))
+                                    random_state=None if seed in (None, "None") else int(seed),
+                                    rank=rank if rank in (None, "auto") else int(rank), ranks=hcfg.get("ranks"))
+        chosen = hcfg.get("rank_chosen")
         dims = [int(d) for d in hcfg["dims"]]
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'}: invalid ridge head settings ({err}).") from None
@@ -672,12 +691,14 @@ def _ridge_head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list
     if missing:
         raise ValueError(f"{path / _HEAD_FILE} is not a ridge head: it lacks the tensors {missing}.")
     arrays = {k: t[f"ridge.{k}"].numpy().astype(np.float64, copy=False) for k in _RIDGE_TENSORS}
+    if "ridge.cv_ranks" in t:
+        arrays["cv_ranks"] = t["ridge.cv_ranks"].numpy().astype(np.float64, copy=False)
     if arrays["coef"].shape != (len(genes), sum(dims)):
         raise ValueError(f"{path / _HEAD_FILE} does not fit {len(genes)} genes and features {dims} of the config: "
                          f"ridge coefficients of shape {tuple(arrays['coef'].shape)}.")
     try:
-        head.set_arrays(**arrays)
-    except ValueError as err:
+        head.set_arrays(**arrays, rank=chosen)
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{path / _HEAD_FILE}: corrupt ridge head: {err}") from None
     try:
         head.obsm_keys_ = [str(k) for k in hcfg["obsm_keys"]]
@@ -785,6 +806,19 @@ def _check_training_table(sdata: SpatialData, name: str, tiles_key: str, table_k
     table_rows_to_tiles(sdata, table_key, tiles_key, np.asarray(sdata.shapes[tiles_key].index))
 
 
+def _record_pixel_size(sdata: SpatialData, tiles_key: str, table_key: str) -> float | None:
+    """Write the tiles' level-0 pixel size (µm) into ``tables[table_key].uns["dbk"]["um_per_px"]``; return it."""
+    from .._image import get_pixel_size
+
+    image_key = sdata.shapes[tiles_key].attrs.get("dbk", {}).get("image_key")
+    try:
+        px = float(get_pixel_size(sdata, image_key))
+    except (ValueError, KeyError):
+        return None
+    sdata.tables[table_key].uns.setdefault(UNS_KEY, {})[UM_PER_PX_KEY] = px
+    return px
+
+
 def _stack_obsm(slides, names, train: ad.AnnData, keys: list[str], table_key: str) -> None:
     """Put each slide's ``obsm[key]`` into the concatenated table (rows ``{name}:{tile}``)."""
     for key in keys:
@@ -842,6 +876,7 @@ def fit_diffbulk(
     sigma: float = 0.01,
     levels: Sequence[str] | None = None,
     pool: str = "mean",
+    context_um: float | None = None,
     tile_size_um: float = 112.0,
     validation: float | None = None,
     tiles_key: str = TILES_KEY,
@@ -898,6 +933,10 @@ def fit_diffbulk(
         ``image_size``).
     sigma, levels, pool
         Diffusion features (see :func:`dbk.tl.diffusion_features`).
+    context_um
+        Spatial context: when set, each tile's FM and diffusion features are joined by their mean over the tiles of
+        the same slide within this radius in µm (see :func:`dbk.tl.spatial_context`), here and in
+        :meth:`DiffBulk.predict`. ``None`` (default): each tile on its own, as in the paper.
     tile_size_um
         Tile side for slides without tiles.
     validation
@@ -921,7 +960,8 @@ def fit_diffbulk(
         Leave ``data`` untouched and work on copies.
     **head_kwargs
         Options of the head (:class:`dbk.tl.MLPBaseline`: ``hidden``, ``dropout``, ``lr``, ``max_epochs``,
-        ``patience`` ...); for ``fusion="ridge"``: ``alphas``, ``alpha_per_gene``, ``n_splits``.
+        ``patience`` ...); for ``fusion="ridge"``: ``alphas``, ``alpha_per_gene``, ``n_splits``, ``rank``
+        (``"auto"``: reduced-rank ridge, see :class:`dbk.tl.RidgeBaseline`), ``ranks``.
 
     Returns
     -------
@@ -956,6 +996,9 @@ def fit_diffbulk(
         _check_batch_size(pretrain_kwargs["batch_size"], "pretrain_kwargs['batch_size']")
     if not np.isfinite(tile_size_um) or tile_size_um <= 0:
         raise ValueError(f"tile_size_um must be a positive number, got {tile_size_um!r}.")
+    if context_um is not None and not (isinstance(context_um, (int, float)) and np.isfinite(context_um)
+                                       and context_um > 0):
+        raise ValueError(f"context_um must be a positive number of µm or None, got {context_um!r}.")
     if pretrainer is None:
         from ._presets import get_preset
 
@@ -1043,6 +1086,23 @@ def fit_diffbulk(
     t0 = time.perf_counter()
     train = concat(dict(zip(names, slides, strict=True)), genes=genes, table_key=table_key)
     _stack_obsm(slides, names, train, [fm_key, diff_key], table_key)
+    fm_dim = int(train.obsm[fm_key].shape[1])
+    for sd, name in zip(slides, names, strict=True):
+        if _record_pixel_size(sd, tiles_key, table_key) is None and context_um is not None:
+            raise ValueError(f"context_um needs the pixel size of slide {name!r}, and its image has none.")
+    if context_um is not None:  # [features, their mean within context_um], per slide
+        um = {n: np.asarray(sd.tables[table_key].obsm[SPATIAL_KEY], np.float64)
+              * float(sd.tables[table_key].uns[UNS_KEY][UM_PER_PX_KEY]) for n, sd in zip(names, slides, strict=True)}
+        rows = {n: pd.Index(sd.tables[table_key].obs_names) for n, sd in zip(names, slides, strict=True)}
+        slide_of, tile_of = zip(*(o.split(":", 1) for o in train.obs_names), strict=True)
+        slide_of = np.asarray(slide_of)
+        coords = np.zeros((train.n_obs, 2))
+        for n in names:
+            sel = slide_of == n
+            coords[sel] = um[n][rows[n].get_indexer(np.asarray(tile_of)[sel])]
+        for k in (fm_key, diff_key):
+            train.obsm[k] = np.hstack([np.asarray(train.obsm[k], np.float64),
+                                       neighbor_mean(coords, train.obsm[k], context_um, slide_of)])
     val_fraction = 0.2 if validation is None else float(validation)
     head_kwargs.setdefault("random_state", random_state)
     if fusion != "ridge":
@@ -1102,7 +1162,8 @@ def fit_diffbulk(
         "genes": list(genes),
         "tile_size_um": model_tile_um,
         "fusion": fusion,
-        "fm": {"id": fm_id, "key": fm_key, "size_px": int(fm_size_px), "dim": int(head.n_features_in_[0]),
+        "context_um": None if context_um is None else float(context_um),
+        "fm": {"id": fm_id, "key": fm_key, "size_px": int(fm_size_px), "dim": fm_dim,
                "kwargs": fm_kwargs,
                "timm_arch": getattr(fm_net, "pretrained_cfg", {}).get("architecture") if hasattr(
                    fm_net, "pretrained_cfg") else None},
@@ -1122,7 +1183,8 @@ def fit_diffbulk(
         "fm": fm_id, "fm_key": fm_key, "fm_size_px": int(fm_size_px), "fusion": fusion,
         "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step),
         "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(drec["levels"]),
-        "pool": pool, "tile_size_um": model_tile_um, "genes": list(genes), "samples": names,
+        "pool": pool, "context_um": None if context_um is None else float(context_um),
+        "tile_size_um": model_tile_um, "genes": list(genes), "samples": names,
         "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": int(random_state),
         "pred_key": key_added, "diff_key": diff_key, "head": {k: head_cfg[k] for k in _head_options(head)},
         "dbk_version": __version__,

@@ -16,7 +16,8 @@ from ._baselines import RidgeBaseline, TorchRegressor, _masked_mse, gene_decoder
 
 FUSIONS = ("gated", "concat", "add", "film")  # the fusions of the neural head (:class:`FusionHead`)
 DIFFBULK_FUSIONS = (*FUSIONS, "ridge")  # what fit_head / fit_diffbulk accept: the neural ones and the linear head
-RIDGE_OPTIONS = ("alphas", "alpha_per_gene", "n_splits", "random_state")  # options of RidgeFusionRegressor
+# options of RidgeFusionRegressor
+RIDGE_OPTIONS = ("alphas", "alpha_per_gene", "n_splits", "random_state", "rank", "ranks")
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,6 +177,9 @@ class RidgeFusionRegressor(RidgeBaseline):
         Number of inner folds (at most the number of slides).
     random_state
         Seed (of random folds, used only with one slide and no ``obsm["spatial"]``).
+    rank, ranks
+        Reduced-rank ridge (see :class:`dbk.tl.RidgeBaseline`): ``None`` (plain ridge), a target rank, or ``"auto"``
+        (chosen from ``ranks`` jointly with alpha by the inner CV).
 
     Attributes
     ----------
@@ -187,12 +191,15 @@ class RidgeFusionRegressor(RidgeBaseline):
         Intercept per gene.
     alpha_
         The chosen alpha (array per gene with ``alpha_per_gene``).
+    rank_
+        The target rank used (``None``: full rank).
     cv_results_
-        DataFrame (index alpha) with ``score``: the mean over genes of the validation MSE / training variance.
+        DataFrame (index alpha, or (rank, alpha) with ``rank``; rank 0 is full rank) with ``score``: the mean over
+        genes of the validation MSE / training variance.
     cv_scheme_
         The inner folds, e.g. ``"5-fold by slide"``.
     history_
-        ``{"alpha": [...], "cv_score": [...]}`` (the inner-CV curve).
+        ``{"alpha": [...], "rank": [...], "cv_score": [...]}`` (the inner-CV curve; rank 0 is full rank).
     """
 
     name = "fusion_ridge"
@@ -205,9 +212,11 @@ class RidgeFusionRegressor(RidgeBaseline):
         alpha_per_gene: bool = False,
         n_splits: int = 5,
         random_state: int | None = None,
+        rank: int | str | None = None,
+        ranks: Sequence[int | None] | None = None,
     ) -> None:
         super().__init__("cv", alphas=alphas, alpha_per_gene=alpha_per_gene, n_splits=n_splits,
-                         random_state=random_state)
+                         random_state=random_state, rank=rank, ranks=ranks)
         self.name = "fusion_ridge"
 
     def fit(
@@ -247,8 +256,7 @@ class RidgeFusionRegressor(RidgeBaseline):
         del self._pipe, self._models  # the arrays above are the model (what save writes, load reads)
         self.validation_ = f"alpha by inner CV ({self.cv_scheme_})"
         self.best_epoch_ = -1
-        self.history_ = {"alpha": [float(a) for a in self.cv_results_.index],
-                         "cv_score": [float(v) for v in self.cv_results_["score"]]}
+        self.history_ = _cv_history(self.cv_results_)
         dims = self.n_features_in_
         w = np.abs(coef)
         logger.info(f"{self.name}: mean |coefficient| {w[:, : dims[0]].mean():.3g} on the {dims[0]} FM features, "
@@ -257,7 +265,8 @@ class RidgeFusionRegressor(RidgeBaseline):
     def _predict(self, xs) -> np.ndarray:
         return ((np.hstack(xs) - self.x_mean_) / self.x_scale_) @ self.coef_.T + self.intercept_
 
-    def set_arrays(self, *, x_mean, x_scale, coef, intercept, alpha, cv_alphas, cv_score) -> RidgeFusionRegressor:
+    def set_arrays(self, *, x_mean, x_scale, coef, intercept, alpha, cv_alphas, cv_score, cv_ranks=None,
+                   rank=None) -> RidgeFusionRegressor:
         """Set the fitted arrays (used by :meth:`dbk.tl.DiffBulk.load`); checks shapes and finiteness.
 
         Parameters
@@ -272,6 +281,10 @@ class RidgeFusionRegressor(RidgeBaseline):
             The chosen alpha: one value, or one per gene (all equal unless :attr:`alpha_per_gene`).
         cv_alphas, cv_score
             The inner-CV curve.
+        cv_ranks
+            The rank of each point of the curve (0: full rank); default all 0 (plain ridge).
+        rank
+            The target rank used (``None``: full rank).
 
         Returns
         -------
@@ -298,11 +311,31 @@ class RidgeFusionRegressor(RidgeBaseline):
             raise ValueError("several alphas for a head fitted with one alpha for all genes (alpha_per_gene=False).")
         else:
             self.alpha_ = float(a[0])
-        self.cv_results_ = pd.DataFrame({"score": arrs["cv_score"]}, index=pd.Index(arrs["cv_alphas"], name="alpha"))
-        self.history_ = {"alpha": arrs["cv_alphas"].tolist(), "cv_score": arrs["cv_score"].tolist()}
+        ranks = np.zeros_like(arrs["cv_alphas"]) if cv_ranks is None else np.asarray(cv_ranks, np.float64)
+        if ranks.shape != arrs["cv_alphas"].shape or (ranks < 0).any() or (ranks != np.round(ranks)).any():
+            raise ValueError(f"ridge head cv_ranks must be {arrs['cv_alphas'].shape[0]} integers >= 0.")
+        if rank is not None and (int(rank) != rank or rank <= 0):
+            raise ValueError(f"ridge head rank must be a positive integer or None, got {rank!r}.")
+        self.rank_ = None if rank is None else int(rank)
+        if self.rank is None and not ranks.any():
+            index = pd.Index(arrs["cv_alphas"], name="alpha")
+        else:
+            index = pd.MultiIndex.from_arrays([ranks.astype(int), arrs["cv_alphas"]], names=["rank", "alpha"])
+        self.cv_results_ = pd.DataFrame({"score": arrs["cv_score"]}, index=index)
+        self.history_ = _cv_history(self.cv_results_)
         self.best_epoch_ = -1
         self.n_components_ = None
         return self
+
+
+def _cv_history(cv: pd.DataFrame) -> dict[str, list]:
+    """The inner-CV curve as lists: ``alpha``, ``rank`` (0: full rank) and ``cv_score``."""
+    if isinstance(cv.index, pd.MultiIndex):
+        ranks, alphas = cv.index.get_level_values("rank"), cv.index.get_level_values("alpha")
+    else:
+        alphas, ranks = cv.index, np.zeros(len(cv), int)
+    return {"alpha": [float(a) for a in alphas], "rank": [int(r) for r in ranks],
+            "cv_score": [float(v) for v in cv["score"]]}
 
 
 def fit_head(
@@ -337,7 +370,7 @@ def fit_head(
     **kwargs
         Training options of :class:`dbk.tl.MLPBaseline` (``hidden``, ``dropout``, ``lr``, ``max_epochs``,
         ``patience``, ``random_state`` ...); for ``"ridge"`` those of :class:`RidgeFusionRegressor` (``alphas``,
-        ``alpha_per_gene``, ``n_splits``, ``random_state``).
+        ``alpha_per_gene``, ``n_splits``, ``random_state``, ``rank``, ``ranks``).
 
     Returns
     -------
