@@ -336,6 +336,26 @@ def test_reduced_rank_ridge_with_spatial_context_round_trips_and_predicts(fitted
         fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fusion="ridge", context_um=-1.0, copy=True)
 
 
+def test_refit_reuses_diffusion_features_only_when_they_match(fitted, dbk_log):
+    import logging
+
+    model, train = fitted
+    slide = dbk.datasets.synthetic(shape=(1024, 1024), random_state=3)
+    kw = {"pretrainer": model.pretrainer, "fm": model.fm, "fm_size_px": 96, "tile_size_um": 56.0, "fusion": "ridge",
+          "random_state": 0}
+    fit_diffbulk(slide, **kw)
+    first = np.asarray(slide.tables["dbk_table"].obsm["X_dbk_diff"]).copy()
+    dbk_log.set_level(logging.INFO, logger="dbk")
+    dbk_log.clear()
+    fit_diffbulk(slide, rank="auto", **kw)  # another head, same features: reused
+    assert "reusing the diffusion features" in dbk_log.text
+    np.testing.assert_array_equal(slide.tables["dbk_table"].obsm["X_dbk_diff"], first)
+    dbk_log.clear()
+    fit_diffbulk(slide, sigma=0.05, **kw)  # other noise level: recomputed, and different
+    assert "reusing the diffusion features" not in dbk_log.text
+    assert not np.array_equal(slide.tables["dbk_table"].obsm["X_dbk_diff"], first)
+
+
 @pytest.fixture(scope="module")
 def saved_ridge(ridge_fitted, tmp_path_factory):
     return ridge_fitted[0].save(tmp_path_factory.mktemp("ridge") / "m")

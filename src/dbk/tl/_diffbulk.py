@@ -977,7 +977,7 @@ def fit_diffbulk(
     """
     from ..pp import concat, select_genes
     from ._baselines import holdout_split, resolve_groups
-    from ._diffusion_features import _resolve_pretrainer, diffusion_features, pretrainer_fingerprint
+    from ._diffusion_features import _resolve_pretrainer, diffusion_features, feature_levels, pretrainer_fingerprint
     from ._embed import load_foundation_model, model_key, resolve_device
     from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS, fit_head
     from ._pretrainer import fit_pretrainer
@@ -1076,7 +1076,17 @@ def fit_diffbulk(
     # diffusion features
     t0 = time.perf_counter()
     diff_key = DIFF_FEATURES_KEY
-    for sd in slides:
+    want = {"sigma": float(sigma), "random_state": int(random_state), "pool": pool, "use_ema": True,
+            "tiles_key": tiles_key, "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, True),
+            "levels": list(feature_levels(pretrainer.ema_net.unet) if levels is None else levels)}
+    for sd, name in zip(slides, names, strict=True):
+        a = sd.tables[table_key]
+        rec = a.uns.get(UNS_KEY, {}).get("diffusion_features", {}).get(diff_key, {})
+        if diff_key in a.obsm and len(a.obsm[diff_key]) == a.n_obs and all(
+                _jsonable(rec.get(k)) == _jsonable(v) for k, v in want.items()):
+            logger.info(f"slide {name!r}: reusing the diffusion features in obsm[{diff_key!r}] (same stage-1 weights "
+                        "and settings).")
+            continue
         diffusion_features(sd, pretrainer, sigma=sigma, tiles_key=tiles_key, table_key=table_key, levels=levels,
                            pool=pool, batch_size=batch_size, random_state=random_state, key_added=diff_key)
     drec = dict(slides[0].tables[table_key].uns[UNS_KEY]["diffusion_features"][diff_key])
