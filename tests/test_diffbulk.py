@@ -339,7 +339,7 @@ def test_reduced_rank_ridge_with_spatial_context_round_trips_and_predicts(fitted
 def test_refit_reuses_diffusion_features_only_when_they_match(fitted, dbk_log):
     import logging
 
-    model, train = fitted
+    model, _ = fitted
     slide = dbk.datasets.synthetic(shape=(1024, 1024), random_state=3)
     kw = {"pretrainer": model.pretrainer, "fm": model.fm, "fm_size_px": 96, "tile_size_um": 56.0, "fusion": "ridge",
           "random_state": 0}
