@@ -127,13 +127,22 @@ class DiffBulkContext:
     def features(self, kind: str, train: tuple[str, ...], genes: list[str], section: str) -> np.ndarray:
         """Diffusion features of one section's tiles from the fold's (trained / untrained) stage-1 model."""
         import dbk
+        from dbk.tl._diffusion_features import pretrainer_fingerprint
 
         key = (kind, train, tuple(genes), section)
         if key not in self._feats:
             model = self.pretrainer(kind, train, genes)
             sd = self.sdata(section)
-            dbk.tl.diffusion_features(sd, model, sigma=self.sigma, random_state=self.seed, key_added="bench_diff")
-            self._feats[key] = np.asarray(sd.tables["dbk_table"].obsm["bench_diff"]).copy()
+            table = sd.tables["dbk_table"]
+            # the key and settings fit_diffbulk uses, so that its fits of this fold reuse these features (and these
+            # reuse its): same weights (fingerprint), sigma, seed, default levels, mean pooling
+            rec = table.uns.get("dbk", {}).get("diffusion_features", {}).get(DIFF_KEY, {})
+            same = (DIFF_KEY in table.obsm and rec.get("pretrainer_fingerprint") == pretrainer_fingerprint(model)
+                    and rec.get("sigma") == self.sigma and rec.get("random_state") == self.seed
+                    and rec.get("pool") == "mean")
+            if not same:
+                dbk.tl.diffusion_features(sd, model, sigma=self.sigma, random_state=self.seed, key_added=DIFF_KEY)
+            self._feats[key] = np.asarray(table.obsm[DIFF_KEY]).copy()
         return self._feats[key]
 
     def forget_fold(self, train: tuple[str, ...]) -> None:

@@ -364,6 +364,32 @@ def print_table(df: pd.DataFrame, split: str, cols: list[str], methods: list[str
             print("  ".join("-" * w for w in widths))
 
 
+# the comparisons that say where a gain comes from: (method, reference, what the difference measures)
+VERDICT = (
+    ("diffbulk_ridge_rr_ctx", "ridge_cv", "DiffBulk (best head) vs the issue's best baseline"),
+    ("ridge_cv_rr_ctx", "ridge_cv", "the head alone (reduced rank + context), FM features only"),
+    ("diffbulk_ridge_rr_ctx", "ridge_cv_rr_ctx", "what the diffusion features add to that head"),
+    ("diffbulk_ridge_rr_ctx", "diffbulk_untrained_ridge_rr_ctx", "what stage-1 *training* adds (vs untrained U-Net)"),
+    ("fm_diff_ridge", "fm_diff_untrained_ridge", "stage-1 training, plain ridge on FM + diffusion features"),
+)
+
+
+def print_verdict(df: pd.DataFrame) -> None:
+    """Paired per-fold differences of mean Pearson (785 genes) for the pairs of :data:`VERDICT` that ran."""
+    wide = df.pivot_table(index="fold", columns="method", values="pearson_mean_all")
+    lines = []
+    for a, b, what in VERDICT:
+        if a in wide and b in wide:
+            d = (wide[a] - wide[b]).dropna()
+            if len(d) >= 2:
+                lines.append(f"  {a} - {b}: {d.mean():+.3f} ± {d.std(ddof=1):.3f} over {len(d)} folds, higher on "
+                             f"{int((d > 0).sum())}/{len(d)}  ({what})")
+    if lines:
+        print("\nWhere the gain comes from (LOSO, mean Pearson over the genes, paired by fold: mean ± std of the "
+              "difference):")
+        print("\n".join(lines))
+
+
 # ---- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -513,6 +539,7 @@ def main(args: argparse.Namespace) -> None:
     if "ridge_hest" in ran:
         print("ridge_hest has no intercept (faithful to HEST): its correlations are valid, its MSE/MAE are not "
               "comparable.")
+    print_verdict(df[df["split"] == "loso"])
     args.out.mkdir(parents=True, exist_ok=True)
     tag = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     path = args.out / f"her2st_folds{tag}.csv"
