@@ -178,6 +178,8 @@ def diffbulk_predict(ctx: DiffBulkContext, fusion: str, kind: str, train_s, test
 
     train_s, test_s = tuple(train_s), tuple(test_s)
     pre = ctx.pretrainer(kind, train_s, genes)
+    for s in (*train_s, *test_s):  # into the fold's cache and the tables (fit_diffbulk / predict reuse them)
+        ctx.features(kind, train_s, genes, s)
     model = dbk.tl.fit_diffbulk({s: ctx.sdata(s) for s in train_s}, genes=genes, fusion=fusion, pretrainer=pre,
                                 sigma=ctx.sigma, random_state=seed, tile_size_um=ctx.settings.tile_size_um,
                                 **options)

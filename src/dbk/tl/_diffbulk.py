@@ -129,6 +129,17 @@ def tile_size_um_of(sdata: SpatialData, tiles_key: str = TILES_KEY) -> float | N
     return float(np.median(b[:, 2] - b[:, 0])) * px if len(b) else None
 
 
+def _diff_features_match(adata: ad.AnnData, key: str, want: dict, name: str) -> bool:
+    """Whether ``obsm[key]`` holds diffusion features made with exactly the settings and weights in ``want``."""
+    rec = adata.uns.get(UNS_KEY, {}).get("diffusion_features", {}).get(key, {})
+    if key in adata.obsm and len(adata.obsm[key]) == adata.n_obs and all(
+            _jsonable(rec.get(k)) == _jsonable(v) for k, v in want.items()):
+        logger.info(f"slide {name!r}: reusing the diffusion features in obsm[{key!r}] (same stage-1 weights and "
+                    "settings).")
+        return True
+    return False
+
+
 def _embed_if_needed(sdata, fm, *, fm_id, key, size_px, tiles_key, table_key, batch_size, accelerator, name) -> None:
     from ._embed import embed_tiles
 
@@ -350,11 +361,14 @@ class DiffBulk:
         table_key: str = TILES_TABLE_KEY,
         batch_size: int = 32,
         reuse_fm: bool = True,
+        reuse_diff: bool = True,
     ) -> None:
         """Write the model's FM embeddings and diffusion features of ``sdata``'s tiles into the tile table's ``obsm``.
 
         Makes a table (tiles x 0 genes) when the slide has none. FM embeddings already there from the same model and
-        input size are reused when ``reuse_fm``; diffusion features are always recomputed.
+        input size are reused when ``reuse_fm``; diffusion features when ``reuse_diff`` and their record in
+        ``uns["dbk"]["diffusion_features"]`` names the same stage-1 weights (fingerprint), noise level, seed, levels,
+        pooling and tiles (features are deterministic, so reuse is exact).
         """
         from ._diffusion_features import diffusion_features
         from ._embed import resolve_device
@@ -371,9 +385,14 @@ class DiffBulk:
 
             embed_tiles(sdata, model=self.fm, tiles_key=tiles_key, table_key=table_key, size_px=int(f["size_px"]),
                         batch_size=batch_size, accelerator=device, key_added=self.fm_key)
-        diffusion_features(sdata, self.pretrainer, sigma=float(d["sigma"]), tiles_key=tiles_key, table_key=table_key,
-                           levels=list(d["levels"]), pool=str(d["pool"]), use_ema=bool(d["use_ema"]),
-                           batch_size=batch_size, random_state=int(d["random_state"]), key_added=self.diff_key)
+        want = {k: d[k] for k in ("sigma", "random_state", "pool", "use_ema", "levels", "pretrainer_fingerprint")}
+        if not (reuse_diff and table_key in sdata.tables
+                and _diff_features_match(sdata.tables[table_key], self.diff_key, {**want, "tiles_key": tiles_key},
+                                         name)):
+            diffusion_features(sdata, self.pretrainer, sigma=float(d["sigma"]), tiles_key=tiles_key,
+                               table_key=table_key, levels=list(d["levels"]), pool=str(d["pool"]),
+                               use_ema=bool(d["use_ema"]), batch_size=batch_size, random_state=int(d["random_state"]),
+                               key_added=self.diff_key)
         _record_pixel_size(sdata, tiles_key, table_key)
 
     def predict(
@@ -1080,12 +1099,7 @@ def fit_diffbulk(
             "tiles_key": tiles_key, "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, True),
             "levels": list(feature_levels(pretrainer.ema_net.unet) if levels is None else levels)}
     for sd, name in zip(slides, names, strict=True):
-        a = sd.tables[table_key]
-        rec = a.uns.get(UNS_KEY, {}).get("diffusion_features", {}).get(diff_key, {})
-        if diff_key in a.obsm and len(a.obsm[diff_key]) == a.n_obs and all(
-                _jsonable(rec.get(k)) == _jsonable(v) for k, v in want.items()):
-            logger.info(f"slide {name!r}: reusing the diffusion features in obsm[{diff_key!r}] (same stage-1 weights "
-                        "and settings).")
+        if _diff_features_match(sd.tables[table_key], diff_key, want, name):
             continue
         diffusion_features(sd, pretrainer, sigma=sigma, tiles_key=tiles_key, table_key=table_key, levels=levels,
                            pool=pool, batch_size=batch_size, random_state=random_state, key_added=diff_key)
