@@ -127,20 +127,20 @@ class DiffBulkContext:
     def features(self, kind: str, train: tuple[str, ...], genes: list[str], section: str) -> np.ndarray:
         """Diffusion features of one section's tiles from the fold's (trained / untrained) stage-1 model."""
         import dbk
-        from dbk.tl._diffusion_features import pretrainer_fingerprint
+        from dbk.tl._diffbulk import _diff_features_match
+        from dbk.tl._diffusion_features import feature_levels, pretrainer_fingerprint
 
         key = (kind, train, tuple(genes), section)
         if key not in self._feats:
             model = self.pretrainer(kind, train, genes)
             sd = self.sdata(section)
             table = sd.tables["dbk_table"]
-            # the key and settings fit_diffbulk uses, so that its fits of this fold reuse these features (and these
-            # reuse its): same weights (fingerprint), sigma, seed, default levels, mean pooling
-            rec = table.uns.get("dbk", {}).get("diffusion_features", {}).get(DIFF_KEY, {})
-            same = (DIFF_KEY in table.obsm and rec.get("pretrainer_fingerprint") == pretrainer_fingerprint(model)
-                    and rec.get("sigma") == self.sigma and rec.get("random_state") == self.seed
-                    and rec.get("pool") == "mean")
-            if not same:
+            # the key and settings fit_diffbulk uses (default levels, mean pooling, the EMA weights), checked the way it
+            # checks them, so that its fits of this fold reuse these features and these reuse its
+            want = {"sigma": self.sigma, "random_state": self.seed, "pool": "mean", "use_ema": True,
+                    "tiles_key": "dbk_tiles", "pretrainer_fingerprint": pretrainer_fingerprint(model, True),
+                    "levels": feature_levels(model.ema_net.unet)}
+            if not _diff_features_match(table, DIFF_KEY, want, section):
                 dbk.tl.diffusion_features(sd, model, sigma=self.sigma, random_state=self.seed, key_added=DIFF_KEY)
             self._feats[key] = np.asarray(table.obsm[DIFF_KEY]).copy()
         return self._feats[key]

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,9 +69,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from _her2st_diffbulk import DiffBulkContext
     from _her2st_features import SECTIONS, FeatureSettings, section_table
-    from her2st import CONTEXT_UM, stack
-
-    from dbk.tl._context import neighbor_mean
+    from her2st import CONTEXT_UM, _with_context, stack
 
     t_start = time.perf_counter()
     settings = FeatureSettings()
@@ -89,18 +88,11 @@ def main() -> None:
     ctx = DiffBulkContext(tables=full, folders=folders, obsm_key=key, cache=args.cache, settings=settings, seed=0,
                           steps=args.steps, preset="cpu-small", dense=args.dense, stage1_batch=None, sigma=0.01)
 
-    def with_context(a, k):
-        sections = a.obs["sample"].astype(str).to_numpy()
-        um = np.asarray([full[s].uns["her2st_bench"]["pixel_size_um"] for s in sections])
-        coords = np.asarray(a.obsm["spatial"], np.float64) * um[:, None]
-        x = np.asarray(a.obsm[k], np.float64)
-        return np.hstack([x, neighbor_mean(coords, x, CONTEXT_UM, sections)])
-
     def predict(k, *, rank, context):
         tr, te = train.copy(), test.copy()
         if context:
             for a in (tr, te):
-                a.obsm[k] = with_context(a, k)
+                a.obsm[k] = _with_context(a, SimpleNamespace(tables=full), k, CONTEXT_UM)
         model = dbk.tl.fit_baseline(tr, "ridge_cv", obsm_key=k, genes=genes, groups=groups, rank=rank)
         return model.predict(te)
 

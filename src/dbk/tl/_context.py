@@ -71,11 +71,8 @@ def tile_coords_um(adata: ad.AnnData, um_per_px: float | None = None) -> np.ndar
 
 
 def _groups(adata: ad.AnnData, groups: str | None) -> np.ndarray | None:
-    if groups is None:
-        return None
-    if groups not in adata.obs:
-        return None
-    return adata.obs[groups].astype(str).to_numpy()
+    """Each tile's slide from ``obs[groups]``; ``None`` (one slide) when there is no such column."""
+    return adata.obs[groups].astype(str).to_numpy() if groups is not None and groups in adata.obs else None
 
 
 def with_context(adata: ad.AnnData, x: np.ndarray, radius_um: float, *, um_per_px: float | None = None,

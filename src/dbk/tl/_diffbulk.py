@@ -27,7 +27,7 @@ from .._constants import (
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
-from ._context import UM_PER_PX_KEY, neighbor_mean, with_context
+from ._context import UM_PER_PX_KEY, neighbor_mean, tile_coords_um, with_context
 
 FORMAT = "dbk.DiffBulk"
 FORMAT_VERSION = 1
@@ -1115,8 +1115,7 @@ def fit_diffbulk(
         if _record_pixel_size(sd, tiles_key, table_key) is None and context_um is not None:
             raise ValueError(f"context_um needs the pixel size of slide {name!r}, and its image has none.")
     if context_um is not None:  # [features, their mean within context_um], per slide
-        um = {n: np.asarray(sd.tables[table_key].obsm[SPATIAL_KEY], np.float64)
-              * float(sd.tables[table_key].uns[UNS_KEY][UM_PER_PX_KEY]) for n, sd in zip(names, slides, strict=True)}
+        um = {n: tile_coords_um(sd.tables[table_key]) for n, sd in zip(names, slides, strict=True)}
         rows = {n: pd.Index(sd.tables[table_key].obs_names) for n, sd in zip(names, slides, strict=True)}
         slide_of, tile_of = zip(*(o.split(":", 1) for o in train.obs_names), strict=True)
         slide_of = np.asarray(slide_of)
