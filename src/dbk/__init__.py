@@ -1,8 +1,12 @@
-"""dbk — DiffBulk: spatial gene expression from H&E histology, scverse style."""
+"""dbk — DiffBulk: spatial gene expression from H&E histology, scverse style.
 
+The submodules (``io``, ``datasets``, ``pp``, ``tl``, ``pl``) load on first use, so ``import dbk`` is light and the
+torch core (``dbk.tl``'s networks and training loop) imports without the SpatialData stack, e.g. on a GPU node.
+"""
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, io, pl, pp, tl
 from ._settings import settings
 
 try:
@@ -10,4 +14,17 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
+_SUBMODULES = ("datasets", "io", "pl", "pp", "tl")
 __all__ = ["__version__", "datasets", "io", "pl", "pp", "settings", "tl"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import copy as _copy
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from spatialdata import SpatialData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+
+def is_sdata(obj) -> bool:
+    """Whether ``obj`` is a SpatialData (without importing spatialdata when nothing has loaded it)."""
+    mod = sys.modules.get("spatialdata")
+    return mod is not None and isinstance(obj, mod.SpatialData)
 
 
 def copy_sdata(sdata: SpatialData) -> SpatialData:
@@ -20,6 +30,8 @@ def copy_sdata(sdata: SpatialData) -> SpatialData:
     whole-slide object cheap. Their transformations are copied so that changing them on the copy leaves the input
     untouched.
     """
+    from spatialdata import SpatialData
+
     out = SpatialData(
         images={k: _with_own_attrs(v) for k, v in sdata.images.items()},
         labels={k: v.copy(deep=True) for k, v in sdata.labels.items()},

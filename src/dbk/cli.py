@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("data", nargs="*", help="SpatialData .zarr folders")
     _add_data_args(p_fit, many=True)
     p_fit.add_argument("--out", required=True, help="model folder to write")
-    p_fit.add_argument("--preset", default="cpu-small", help="stage-1 preset: tiny, cpu-small, paper")
+    p_fit.add_argument("--preset", default="auto",
+                       help="stage-1 preset: auto (gpu on CUDA, else a short cpu-small), tiny, cpu-small, gpu, paper")
     p_fit.add_argument("--pretrain-steps", type=int, default=None, help="stage-1 steps (default: the preset's)")
     p_fit.add_argument("--fm", default="efficientnet_lite0", help="foundation model (timm / hf-hub id)")
     p_fit.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")

@@ -1,23 +1,46 @@
-"""Preprocessing: tissue, tiles, pseudo-bulk, gene panels, normalisation, tile images."""
+"""Preprocessing: tissue, tiles, pseudo-bulk, gene panels, normalisation, tile images.
 
-from ._concat import concat, measured_mask, select_genes
-from ._dataset import TileDataset, export_tiles, read_tile
-from ._normalize import normalize
-from ._pseudobulk import is_control_probe, pseudobulk
-from ._tiles import make_tiles, tile_bounds
-from ._tissue import tissue_mask
+The functions load on first use (most need the SpatialData stack; ``measured_mask`` and friends do not).
+"""
 
-__all__ = [
-    "TileDataset",
-    "concat",
-    "export_tiles",
-    "is_control_probe",
-    "make_tiles",
-    "measured_mask",
-    "normalize",
-    "pseudobulk",
-    "read_tile",
-    "select_genes",
-    "tile_bounds",
-    "tissue_mask",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "concat": "._concat",
+    "measured_mask": "._concat",
+    "select_genes": "._concat",
+    "TileDataset": "._dataset",
+    "export_tiles": "._dataset",
+    "read_tile": "._dataset",
+    "normalize": "._normalize",
+    "is_control_probe": "._pseudobulk",
+    "pseudobulk": "._pseudobulk",
+    "make_tiles": "._tiles",
+    "tile_bounds": "._tiles",
+    "tissue_mask": "._tissue",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._concat import concat, measured_mask, select_genes
+    from ._dataset import TileDataset, export_tiles, read_tile
+    from ._normalize import normalize
+    from ._pseudobulk import is_control_probe, pseudobulk
+    from ._tiles import make_tiles, tile_bounds
+    from ._tissue import tissue_mask
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from spatialdata import SpatialData
 
 from .._constants import COUNTS_LAYER, MEASURED_LAYER, SAMPLE_COL, SPATIAL_KEY, TILES_TABLE_KEY
 from .._logging import logger
+from .._utils import is_sdata
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
 
 
 def _as_table(obj, table_key: str) -> ad.AnnData:
-    if isinstance(obj, SpatialData):
+    if is_sdata(obj):
         if table_key not in obj.tables:
             raise KeyError(f"No table {table_key!r} in sdata.tables (available: {list(obj.tables)}); run "
                            "dbk.pp.pseudobulk first.")
@@ -190,7 +193,7 @@ def select_genes(
     -------
     Gene names, best first (ties broken by name).
     """
-    if isinstance(adatas, (ad.AnnData, SpatialData)):
+    if isinstance(adatas, ad.AnnData) or is_sdata(adatas):
         adatas = [adatas]
     tables = [_as_table(a, table_key) for a in adatas]
     if n_top <= 0:

@@ -19,6 +19,8 @@ _EXPORTS = {
     "latest_checkpoint": "._pretrainer",
     "PretrainerPreset": "._presets",
     "PRESETS": "._presets",
+    "TileArrays": "._pretrainer",
+    "auto_preset": "._presets",
     "get_preset": "._presets",
     "embed_tiles": "._embed",
     "load_foundation_model": "._embed",
@@ -52,8 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._fusion import FusionHead, FusionRegressor, RidgeFusionRegressor, fit_head, masked_mse
     from ._gene_encoder import GeneEncoder
     from ._predictions import predictions_to_adata
-    from ._presets import PRESETS, PretrainerPreset, get_preset
-    from ._pretrainer import DiffusionPretrainer, GeneToImageNet, fit_pretrainer, latest_checkpoint
+    from ._presets import PRESETS, PretrainerPreset, auto_preset, get_preset
+    from ._pretrainer import DiffusionPretrainer, GeneToImageNet, TileArrays, fit_pretrainer, latest_checkpoint
     from ._vocab import GeneVocab
 
 

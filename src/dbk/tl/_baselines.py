@@ -495,6 +495,11 @@ class RidgeBaseline(Baseline):
 # ---- torch regressors (MLP baseline; the fusion head subclasses this) ------------------------------------------------
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (the stage-2 heads train and predict under it there); a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return torch.mean((pred - target) ** 2)
@@ -630,8 +635,9 @@ class TorchRegressor(Baseline):
             total, seen = 0.0, 0
             for s in range(0, len(perm), self.batch_size):
                 b = perm[s : s + self.batch_size]
-                out = net(*[t[b].to(device) for t in t_in])
-                loss = _masked_mse(out, t_y[b].to(device), t_m[b].to(device))
+                with _autocast(device):
+                    out = net(*[t[b].to(device) for t in t_in])
+                loss = _masked_mse(out.float(), t_y[b].to(device), t_m[b].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -657,7 +663,9 @@ class TorchRegressor(Baseline):
         for s in range(0, len(idx), 4096):
             b = idx[s : s + 4096]
             mb = t_m[b].to(device)
-            total += float(_masked_mse(net(*[t[b].to(device) for t in t_in]), t_y[b].to(device), mb)) * float(
+            with _autocast(device):
+                out = net(*[t[b].to(device) for t in t_in])
+            total += float(_masked_mse(out.float(), t_y[b].to(device), mb)) * float(
                 mb.sum().clamp_min(1.0))
             weight += float(mb.sum().clamp_min(1.0))
         return total / max(weight, 1.0)
@@ -668,8 +676,9 @@ class TorchRegressor(Baseline):
         device = next(net.parameters()).device
         net.eval()
         t_in = self._scale_inputs(xs)
-        outs = [net(*[t[s : s + 4096].to(device) for t in t_in]).float().cpu().numpy()
-                for s in range(0, len(t_in[0]), 4096)]
+        with _autocast(device):
+            outs = [net(*[t[s : s + 4096].to(device) for t in t_in]).float().cpu().numpy()
+                    for s in range(0, len(t_in[0]), 4096)]
         out = np.concatenate(outs) if outs else np.zeros((0, len(self.genes_)))
         return out * self.y_std_ + self.y_mean_
 

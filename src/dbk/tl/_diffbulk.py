@@ -28,6 +28,7 @@ from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
 from ._context import UM_PER_PX_KEY, neighbor_mean, tile_coords_um, with_context
+from ._scaler import INPUT_CLIP, InputScaler
 
 FORMAT = "dbk.DiffBulk"
 FORMAT_VERSION = 1
@@ -179,56 +180,6 @@ def _records_to_columns(records: list[dict]) -> dict[str, list]:
     for r in records:
         keys += [k for k in r if k not in keys]
     return {k: [float(r[k]) if isinstance(r.get(k), (int, float)) else float("nan") for r in records] for k in keys}
-
-
-# ---- robust inputs of the head ---------------------------------------------------------------------------------------
-
-INPUT_CLIP = 5.0
-
-
-class InputScaler:
-    """Standardise features on the head's training tiles, clip to ``±clip``, zero the features constant there.
-
-    Two failure modes of plain standardisation on foundation-model embeddings, both seen on the synthetic demo (the
-    head's held-out loss was 5 rather than 0.6, and ~1e28 once the features had been re-centred):
-
-    - a channel that barely fires on the training tiles (ReLU6 units of an ImageNet CNN on H&E) has a tiny standard
-      deviation; on a new slide where it fires, its z-score reaches hundreds or thousands and the head extrapolates;
-    - a channel constant on the training tiles, whose float standard deviation is a rounding residue (1e-17) rather
-      than 0, turns any other value into ~1e17.
-
-    So features are z-scored, clipped to ``±clip`` (a feature's training tiles too, so a rare channel keeps a bounded
-    spread), and those constant on the training tiles (std <= 1e-6 x the median std) are set to exactly 0. The
-    head's own standardisation then stays bounded.
-    """
-
-    def __init__(self, mean: np.ndarray, scale: np.ndarray, keep: np.ndarray, clip: float = INPUT_CLIP) -> None:
-        self.mean = np.asarray(mean, np.float64)
-        self.scale = np.asarray(scale, np.float64)
-        self.keep = np.asarray(keep, bool)
-        self.clip = float(clip)
-
-    @classmethod
-    def fit(cls, x: np.ndarray, clip: float = INPUT_CLIP) -> InputScaler:
-        x = np.asarray(x, np.float64)
-        mean, std = x.mean(axis=0), x.std(axis=0)
-        ref = float(np.median(std)) if std.size else 0.0
-        keep = std > 1e-6 * max(ref, 1e-12)
-        return cls(mean, np.where(keep, std, 1.0), keep, clip)
-
-    def transform(self, x: np.ndarray, *, return_clipped: bool = False):
-        z = (np.asarray(x, np.float64) - self.mean) / self.scale
-        clipped = int(((np.abs(z) > self.clip) & self.keep).sum())
-        z = np.where(self.keep, np.clip(z, -self.clip, self.clip), 0.0).astype(np.float32)
-        return (z, clipped) if return_clipped else z  # clipped: the number of values clipped
-
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}mean": torch.as_tensor(self.mean), f"{prefix}scale": torch.as_tensor(self.scale),
-                f"{prefix}keep": torch.as_tensor(self.keep.astype(np.uint8))}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, clip: float) -> InputScaler:
-        return cls(t[f"{prefix}mean"].numpy(), t[f"{prefix}scale"].numpy(), t[f"{prefix}keep"].numpy() > 0, clip)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -852,7 +803,9 @@ def _stack_obsm(slides, names, train: ad.AnnData, keys: list[str], table_key: st
 
 def _scaled_table(train: ad.AnnData, keys: list[str], scalers: list[InputScaler]) -> ad.AnnData:
     """The head's training table: targets, ``obs`` and ``obsm["spatial"]`` of ``train``, features ``keys`` scaled."""
-    out = ad.AnnData(X=train.X, obs=train.obs, var=train.var, layers=dict(train.layers))
+    # anndata >= 0.13 lists X as layers[None]; passing it back beside X raises, so copy the named layers only
+    layers = {k: v for k, v in train.layers.items() if k is not None}
+    out = ad.AnnData(X=train.X, obs=train.obs, var=train.var, layers=layers)
     if SPATIAL_KEY in train.obsm:  # spatial-stripe folds of the ridge head's inner CV on one slide
         out.obsm[SPATIAL_KEY] = np.asarray(train.obsm[SPATIAL_KEY])
     for k, sc in zip(keys, scalers, strict=True):
@@ -887,7 +840,7 @@ def fit_diffbulk(
     fm: str | torch.nn.Module = "efficientnet_lite0",
     fm_size_px: int = 224,
     fm_kwargs: dict | None = None,
-    preset: str = "cpu-small",
+    preset: str = "auto",
     fusion: str = "gated",
     pretrainer=None,
     pretrain_steps: int | None = None,
@@ -934,7 +887,9 @@ def fit_diffbulk(
     fm_kwargs
         Extra arguments of :func:`dbk.tl.load_foundation_model` (``arch``, ``model_kwargs``, ``data_config``).
     preset
-        Stage-1 preset: ``"cpu-small"`` (64 px, minutes on a CPU), ``"tiny"`` (tests, demos), ``"paper"`` (GPU).
+        Stage-1 preset: ``"auto"`` (``"gpu"`` when training on CUDA, else ``"cpu-small"`` shortened to a few
+        minutes), ``"cpu-small"`` (64 px, a CPU), ``"gpu"`` (128 px, one GPU), ``"paper"`` (224 px), ``"tiny"``
+        (tests, demos).
     fusion
         ``"gated"`` (default), ``"concat"``, ``"add"`` or ``"film"`` (neural heads, see :class:`dbk.tl.FusionHead`),
         or ``"ridge"``: a linear head, ridge regression on the concatenated ``[z_fm; z_diff]`` (each block first

@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from spatialdata import SpatialData
 
 from .._constants import DIFF_FEATURES_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._settings import settings
-from .._utils import copy_sdata
+from .._utils import copy_sdata, is_sdata
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
 
 POOLS = ("mean", "mean+std")
 
@@ -126,7 +129,8 @@ def _resolve_pretrainer(pretrainer):
 
 
 @torch.inference_mode()
-def _extract(net, loader, tile_ids: np.ndarray, *, sigma: float, random_state: int, levels, pool, device, n):
+def _extract(net, loader, tile_ids: np.ndarray, *, sigma: float, random_state: int, levels, pool, device, n,
+             bf16: bool = False):
     from tqdm.auto import tqdm
 
     feats = DecoderFeatures(net.unet, levels, pool)
@@ -138,7 +142,8 @@ def _extract(net, loader, tile_ids: np.ndarray, *, sigma: float, random_state: i
             b = x0.shape[0]
             noise = tile_noise(tuple(x0.shape[1:]), random_state, tile_ids[done : done + b]).to(device)
             s = torch.full((b,), float(sigma), device=device)
-            net(x0 + float(sigma) * noise, s)  # unconditioned: ids=None uses the learned null condition
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                net(x0 + float(sigma) * noise, s)  # unconditioned: ids=None uses the learned null condition
             out.append(feats.pop().cpu().numpy())
             done += b
             bar.update(b)
@@ -147,8 +152,47 @@ def _extract(net, loader, tile_ids: np.ndarray, *, sigma: float, random_state: i
     return (np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)), dims, shapes
 
 
+def _check_levels(net, levels, pool) -> list[str]:
+    available = feature_levels(net.unet)
+    levels = list(available if levels is None else levels)
+    bad = [lv for lv in levels if lv not in available]
+    if bad or not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"levels must be distinct names among {available}, got {levels}.")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}.")
+    return levels
+
+
+def _use_bf16(autocast: bool | None, device: torch.device) -> bool:
+    return device.type == "cuda" and (autocast is None or bool(autocast))
+
+
+def _array_features(images, pretrainer, *, tile_ids, sigma, levels, pool, use_ema, batch_size, random_state,
+                    autocast) -> np.ndarray:
+    """``diffusion_features`` of an (n, S, S, 3) uint8 array of tiles already at the model's resolution."""
+    from ._pretrainer import _resample
+
+    arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"images must be an (n, S, S, 3) uint8 array, got {arr.shape} {arr.dtype}.")
+    tile_ids = np.arange(len(arr)) if tile_ids is None else np.asarray(tile_ids)
+    if len(tile_ids) != len(arr):
+        raise ValueError(f"{len(tile_ids)} tile_ids for {len(arr)} images.")
+    pretrainer = _resolve_pretrainer(pretrainer)
+    net = pretrainer.ema_net if use_ema else pretrainer.net
+    net.eval()
+    levels = _check_levels(net, levels, pool)
+    arr = _resample(arr, pretrainer.image_size)
+    loader = ({"image": torch.from_numpy(arr[s : s + batch_size]).permute(0, 3, 1, 2)}
+              for s in range(0, len(arr), batch_size))
+    device = next(net.parameters()).device
+    feats, _, _ = _extract(net, loader, tile_ids, sigma=float(sigma), random_state=int(random_state), levels=levels,
+                           pool=pool, device=device, n=len(arr), bf16=_use_bf16(autocast, device))
+    return feats.astype(np.float32, copy=False)
+
+
 def diffusion_features(
-    data: SpatialData,
+    data: SpatialData | np.ndarray,
     pretrainer,
     *,
     sigma: float = 0.01,
@@ -161,9 +205,11 @@ def diffusion_features(
     batch_size: int = 32,
     num_workers: int = 0,
     random_state: int = 0,
+    autocast: bool | None = None,
+    tile_ids: Sequence | None = None,
     key_added: str = DIFF_FEATURES_KEY,
     copy: bool = False,
-) -> SpatialData | None:
+) -> SpatialData | np.ndarray | None:
     """Diffusion features ``z_diff`` of every tile from the frozen stage-1 U-Net (DiffBulk stage 2).
 
     Each tile is read at the pretrainer's resolution (``image_size`` px over its ``tile_size_um``: a square of
@@ -183,7 +229,9 @@ def diffusion_features(
     Parameters
     ----------
     data
-        SpatialData with the H&E image and the tiles (:func:`dbk.pp.make_tiles`).
+        SpatialData with the H&E image and the tiles (:func:`dbk.pp.make_tiles`); or an (n, S, S, 3) uint8 array of
+        tiles (resampled to the model's ``image_size``), for which the (n, features) array is returned and nothing
+        is written (the torch core's path, no SpatialData needed).
     pretrainer
         A trained :class:`~dbk.tl.DiffusionPretrainer` (or the folder it was saved to).
     sigma
@@ -207,6 +255,11 @@ def diffusion_features(
         ``DataLoader`` workers reading tiles.
     random_state
         Seed of the per-tile noise.
+    autocast
+        bf16 autocast of the forward pass on CUDA (``None``: on for CUDA; never on CPU). Features under autocast
+        differ from float32 ones by bf16 rounding (measured in ``benchmarks/device_check.py``).
+    tile_ids
+        Array input only: the id of each tile, which seeds its noise (default ``0 .. n-1``).
     key_added
         ``obsm`` key written.
     copy
@@ -222,12 +275,19 @@ def diffusion_features(
       the settings (``sigma``, ``random_state``, ``use_ema``, ``image_size``, ``um_per_px``, ``tiles_key``, the
       pretrainer's ``step`` and a ``pretrainer_fingerprint`` of its weights).
     """
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
+        return _array_features(data, pretrainer, tile_ids=tile_ids, sigma=sigma, levels=levels, pool=pool,
+                               use_ema=use_ema, batch_size=batch_size, random_state=random_state, autocast=autocast)
     from torch.utils.data import DataLoader, Subset
 
     from ..pp._dataset import TileDataset
     from ._embed import _image_only_table, _table_rows_to_tiles
 
-    if not isinstance(data, SpatialData):
+    if not is_sdata(data):
         raise TypeError(f"diffusion_features needs the SpatialData with the H&E image and tiles, got "
                         f"{type(data).__name__}.")
     if tiles_key not in data.shapes:
@@ -240,13 +300,7 @@ def diffusion_features(
     pretrainer = _resolve_pretrainer(pretrainer)
     net = pretrainer.ema_net if use_ema else pretrainer.net
     net.eval()
-    available = feature_levels(net.unet)
-    levels = list(available if levels is None else levels)
-    bad = [lv for lv in levels if lv not in available]
-    if bad or not levels or len(set(levels)) != len(levels):
-        raise ValueError(f"levels must be distinct names among {available}, got {levels}.")
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}.")
+    levels = _check_levels(net, levels, pool)
     if copy:
         data = copy_sdata(data)
     if table_key not in data.tables:
@@ -263,7 +317,8 @@ def diffusion_features(
                         generator=torch.Generator().manual_seed(0))
     device = next(net.parameters()).device
     feats, dims, shapes = _extract(net, loader, ds.tile_ids[rows], sigma=float(sigma), random_state=int(random_state),
-                                   levels=levels, pool=pool, device=device, n=len(rows))
+                                   levels=levels, pool=pool, device=device, n=len(rows),
+                                   bf16=_use_bf16(autocast, device))
     if not np.isfinite(feats).all():
         logger.warning(f"diffusion_features: {int((~np.isfinite(feats)).any(axis=1).sum())} tiles got non-finite "
                        "features.")
@@ -284,6 +339,7 @@ def diffusion_features(
         "tiles_key": tiles_key,
         "pretrainer_step": int(pretrainer.step),
         "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, use_ema),
+        "precision": "bf16" if _use_bf16(autocast, device) else "float32",
     }
     uns = adata.uns.setdefault(UNS_KEY, {})
     uns.setdefault("diffusion_features", {})[key_added] = record

@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from spatialdata import SpatialData
 
 from .._constants import INSTANCE_COL, REGION_COL, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._settings import settings
-from .._utils import copy_sdata
-from ..pp._tiles import table_rows_to_tiles as _table_rows_to_tiles
+from .._utils import copy_sdata, is_sdata
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
 
 DEFAULT_MODEL = "efficientnet_lite0"
 _LITE0_ARCH = "tf_efficientnet_lite0"
@@ -246,6 +247,12 @@ def load_foundation_model(
     return net, cfg
 
 
+def _table_rows_to_tiles(*args, **kwargs):
+    from ..pp._tiles import table_rows_to_tiles  # geopandas: imported only for SpatialData inputs
+
+    return table_rows_to_tiles(*args, **kwargs)
+
+
 def _image_only_table(sdata: SpatialData, tiles_key: str, table_key: str) -> None:
     """An obs-only table (tiles x 0 genes) annotating the tiles, for slides without expression."""
     import anndata as ad
@@ -371,7 +378,7 @@ def embed_tiles(
 
     from ..pp._dataset import TileDataset
 
-    if not isinstance(data, SpatialData):
+    if not is_sdata(data):
         raise TypeError(f"embed_tiles needs the SpatialData with the H&E image and tiles, got {type(data).__name__}.")
     if tiles_key not in data.shapes:
         raise KeyError(f"No tiles {tiles_key!r} in sdata.shapes (available: {list(data.shapes)}); run "

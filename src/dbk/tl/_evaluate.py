@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import rankdata
-from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
+from .._utils import is_sdata
 from ..pp._concat import measured_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
 
 PER_GENE_COLUMNS = ("pearson", "spearman", "mse", "mae", "n_tiles", "hvg")
 
 
 def _as_adata(data, table_key: str) -> ad.AnnData:
-    if isinstance(data, SpatialData):
+    if is_sdata(data):
         if table_key not in data.tables:
             raise KeyError(f"No table {table_key!r} in sdata.tables (available: {list(data.tables)}).")
         return data.tables[table_key]

@@ -27,6 +27,9 @@ class PretrainerPreset:
         gradient-norm clip, random flips / 90° rotations.
     checkpoint_every, log_every
         Steps between checkpoints (when a checkpoint folder is given) and between history records.
+    channels_last, compile
+        Speed settings (not architecture): train in the channels-last memory format; wrap the training forward pass
+        in ``torch.compile``. Set where measured to help (``benchmarks/device_check.py``).
     """
 
     name: str
@@ -52,6 +55,8 @@ class PretrainerPreset:
     augment: bool = True
     checkpoint_every: int = 500
     log_every: int = 10
+    channels_last: bool = False
+    compile: bool = False
 
     ARCHITECTURE = ("image_size", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
                     "attention_head_dim", "norm_num_groups", "gene_dim", "gene_layers", "gene_heads", "zscore")
@@ -133,6 +138,34 @@ PRESETS: dict[str, PretrainerPreset] = {
         checkpoint_every=250,
         log_every=10,
     ),
+    # For one GPU: 128 px of the 112 µm tile (0.875 µm/px), four levels of 64 / 128 / 256 / 256 channels with two
+    # residual blocks each and self-attention at 16 x 16 (and in the middle block): 29 M parameters, 203 GFLOP per
+    # image for a training step (forward + backward, torch.utils.flop_counter), a third of the paper's U-Net at the
+    # same size (625 GFLOP), so that a few minutes on one GPU see ~10^5 tiles and an hour millions. The fair trial of
+    # benchmarks/device_check.py trains this architecture; max_steps is sized from the throughput measured on an
+    # H200 (THROUGHPUT below).
+    "gpu": PretrainerPreset(
+        name="gpu",
+        image_size=128,
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=32,
+        norm_num_groups=32,
+        gene_dim=256,
+        gene_layers=4,
+        gene_heads=8,
+        batch_size=128,
+        lr=5e-4,
+        warmup_steps=200,
+        lr_decay_ref=20_000,
+        max_steps=20_000,  # 20k steps x 128 tiles / 767 images/s = 56 min on an H200, plus ~2 min of compilation
+        ema_decay=0.999,
+        checkpoint_every=2000,
+        log_every=50,
+        compile=True,  # measured on an H200: 767 images/s compiled vs 435 eager, 20 GiB vs 47 GiB (channels_last: 321)
+    ),
     # The reference setting: 224 px pixel space (0.5 µm/px for a 112 µm tile), EDM2-scale channels, for GPUs.
     "paper": PretrainerPreset(
         name="paper",
@@ -158,14 +191,97 @@ PRESETS: dict[str, PretrainerPreset] = {
 }
 
 
-def get_preset(preset: str | PretrainerPreset | dict = "cpu-small", **overrides) -> PretrainerPreset:
-    """A preset by name (``"tiny"``, ``"cpu-small"``, ``"paper"``), a preset object or a dict, with overrides.
+# Measured stage-1 training throughput (images per second, whole training step) of each preset, the machine, the
+# date and the command; the start-of-training time estimate and preset="auto" use it.
+# peak_gib: peak GPU memory (torch.cuda.max_memory_allocated) at that batch, which sizes the batch on smaller cards.
+THROUGHPUT: dict[tuple[str, str], dict] = {
+    ("cpu-small", "cpu"): {"images_per_s": 14.6, "batch": 16, "where": "2 CPU cores (2 threads)", "date": "2026-11",
+                           "command": "python benchmarks/stage1_throughput.py --presets cpu-small --threads 2"},
+    ("gpu", "cuda"): {"images_per_s": 767.1, "batch": 128, "peak_gib": 20.3, "compile_s": 130.0,
+                      "where": "one NVIDIA H200 (bf16 autocast, torch.compile, torch 2.11)", "date": "2026-12-04",
+                      "command": "python benchmarks/device_check.py --sections env,throughput "
+                                 "--configs 'gpu;gpu:compile=1'"},
+    ("paper", "cuda"): {"images_per_s": 78.7, "batch": 64, "peak_gib": 130.6,
+                        "where": "one NVIDIA H200 (bf16 autocast, no compile, torch 2.11)", "date": "2026-12-04",
+                        "command": "python benchmarks/device_check.py"},
+}
+# peak memory of the gpu preset without torch.compile (the eager kernels keep more activations)
+_EAGER_PEAK_GIB = {"gpu": 47.0}
 
+
+AUTO_CPU_STEPS = 200  # preset="auto" on a CPU: cpu-small for about 4 min on 2 cores (THROUGHPUT)
+
+
+def auto_preset(accelerator: str = "auto") -> str:
+    """The preset ``preset="auto"`` picks: ``"gpu"`` when training runs on CUDA, ``"cpu-small"`` otherwise.
+
+    On a CPU ``get_preset("auto")`` also shortens cpu-small to :data:`AUTO_CPU_STEPS` steps (a few minutes).
+    """
+    import torch
+
+    from .._settings import settings
+
+    acc = settings.device if accelerator in (None, "auto") else str(accelerator)
+    if acc in ("gpu",) or acc.startswith("cuda"):
+        return "gpu"
+    if acc == "auto" and torch.cuda.is_available():
+        return "gpu"
+    return "cpu-small"
+
+
+def auto_preset_for(accelerator: str = "auto") -> PretrainerPreset:
+    """The preset object of ``preset="auto"`` (:func:`auto_preset`; on CPUs cpu-small with AUTO_CPU_STEPS steps)."""
+    name = auto_preset(accelerator)
+    return PRESETS[name] if name != "cpu-small" else replace(PRESETS[name], max_steps=AUTO_CPU_STEPS)
+
+
+def _record(preset: PretrainerPreset, device) -> dict | None:
+    if "+custom" in preset.name:
+        return None  # another architecture: no measurement applies
+    return THROUGHPUT.get((preset.name, getattr(device, "type", str(device))))
+
+
+def expected_seconds(preset: PretrainerPreset, steps: int, batch_size: int, device) -> tuple[float, str] | None:
+    """(seconds, where it was measured) for ``steps`` steps of ``batch_size`` from :data:`THROUGHPUT`, if known."""
+    rec = _record(preset, device)
+    if rec is None:
+        return None
+    secs = steps * batch_size / rec["images_per_s"] + (rec.get("compile_s", 0.0) if preset.compile else 0.0)
+    return secs, f"{rec['images_per_s']:g} images/s measured on {rec['where']}"
+
+
+def batch_for_memory(preset: PretrainerPreset, batch_size: int, total_gib: float) -> int:
+    """The largest power-of-two batch <= ``batch_size`` whose measured memory fits 85% of a card of ``total_gib``.
+
+    Memory per tile is taken from :data:`THROUGHPUT` (peak at the measured batch, divided by it); without a
+    measurement the batch is returned unchanged.
+    """
+    rec = _record(preset, "cuda")
+    if rec is None or "peak_gib" not in rec:
+        return batch_size
+    peak = rec["peak_gib"] if preset.compile else _EAGER_PEAK_GIB.get(preset.name, rec["peak_gib"])
+    per_tile = peak / rec["batch"]
+    fits = int(0.85 * total_gib / per_tile)
+    if batch_size <= fits:
+        return batch_size
+    b = 1
+    while b * 2 <= fits:
+        b *= 2
+    return b
+
+
+def get_preset(preset: str | PretrainerPreset | dict = "cpu-small", **overrides) -> PretrainerPreset:
+    """A preset by name, a preset object or a dict, with overrides.
+
+    Names: ``"tiny"`` (tests), ``"cpu-small"`` (CPUs), ``"gpu"`` (one GPU), ``"paper"`` (the reference 224 px
+    setting), or ``"auto"`` (``"gpu"`` where CUDA is available, else ``"cpu-small"``; see :func:`auto_preset`).
     Overrides of architecture fields rename the result ``"<name>+custom"``.
     """
+    if preset == "auto":
+        return get_preset(auto_preset_for(), **overrides)
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)} or 'auto'.")
         p = PRESETS[preset]
     elif isinstance(preset, PretrainerPreset):
         p = preset

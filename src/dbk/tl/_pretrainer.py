@@ -24,7 +24,7 @@ from .._logging import logger
 from .._settings import settings
 from ._edm import EDM, edm_loss, heun_sample, precondition
 from ._gene_encoder import GeneEncoder
-from ._presets import PretrainerPreset, get_preset
+from ._presets import PretrainerPreset, auto_preset_for, batch_for_memory, expected_seconds, get_preset
 from ._vocab import GeneVocab
 
 FORMAT = "dbk.DiffusionPretrainer"
@@ -240,17 +240,128 @@ class _StepSampler(torch.utils.data.Sampler):
             yield glob[self.rank * self.b : (self.rank + 1) * self.b]
 
 
-def _as_list(data) -> list:
-    from spatialdata import SpatialData
+@dataclass
+class TileArrays:
+    """Tiles of one slide held as arrays: what the torch core trains on where no SpatialData is at hand.
 
-    if isinstance(data, SpatialData):
+    :func:`fit_pretrainer`, :meth:`DiffusionPretrainer.fit` and :meth:`DiffusionPretrainer.evaluate` take these
+    (alone, in a list, or mixed with SpatialData objects), so stage 1 trains on a bare GPU node from exported tiles
+    (``dbk.pp.export_tiles``) without spatialdata, geopandas or dask installed.
+
+    Parameters
+    ----------
+    images
+        (n, S, S, 3) uint8 RGB tiles; resampled (bilinear, antialiased) to the model's ``image_size`` when S differs.
+    X
+        (n, G) profiles (log1p-normalised, like ``X`` of the tile table), dense or scipy sparse; ``None`` for tiles
+        without expression (trained unconditionally).
+    genes
+        The G gene symbols of the columns of ``X``.
+    measured
+        (n, G) bool: which genes were measured on each tile (``None``: all).
+    name
+        Slide name (in logs).
+    tile_size_um
+        Side of the tiles in µm (recorded by the model; ``None``: unknown).
+    """
+
+    images: np.ndarray
+    X: np.ndarray | sp.spmatrix | None = None
+    genes: Sequence[str] | None = None
+    measured: np.ndarray | None = None
+    name: str = "arrays"
+    tile_size_um: float | None = None
+
+    def __post_init__(self) -> None:
+        im = self.images
+        if not isinstance(im, np.ndarray) or im.ndim != 4 or im.shape[-1] != 3 or im.shape[1] != im.shape[2]:
+            raise ValueError(f"TileArrays {self.name!r}: images must be an (n, S, S, 3) array, got "
+                             f"{getattr(im, 'shape', type(im).__name__)}.")
+        if im.dtype != np.uint8:
+            raise ValueError(f"TileArrays {self.name!r}: images must be uint8 (0-255), got {im.dtype}.")
+        n = im.shape[0]
+        if self.X is None:
+            if self.genes is not None or self.measured is not None:
+                raise ValueError(f"TileArrays {self.name!r}: genes / measured given without X.")
+            return
+        if self.genes is None:
+            raise ValueError(f"TileArrays {self.name!r}: X needs genes (its column names).")
+        self.genes = [str(g) for g in self.genes]
+        if self.X.ndim != 2 or self.X.shape != (n, len(self.genes)):
+            raise ValueError(f"TileArrays {self.name!r}: X must be (n_tiles, n_genes) = ({n}, {len(self.genes)}), "
+                             f"got {self.X.shape}.")
+        if len(set(self.genes)) != len(self.genes):
+            raise ValueError(f"TileArrays {self.name!r}: gene names are not unique.")
+        if self.measured is not None:
+            self.measured = np.asarray(self.measured, bool)
+            if self.measured.shape != self.X.shape:
+                raise ValueError(f"TileArrays {self.name!r}: measured must have the shape of X {self.X.shape}, got "
+                                 f"{self.measured.shape}.")
+        if self.tile_size_um is not None and not (np.isfinite(self.tile_size_um) and self.tile_size_um > 0):
+            raise ValueError(f"TileArrays {self.name!r}: tile_size_um must be positive, got {self.tile_size_um!r}.")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class _BalancedStepSampler(torch.utils.data.Sampler):
+    """Like :class:`_StepSampler`, with a fixed share of each batch drawn from the tiles that have a profile.
+
+    Labelled and unlabelled tiles run through their own seeded permutations (epochs counted per pool), so the
+    labelled tiles, often a few percent of a dense grid, fill ``n_labeled`` places of every batch instead of their
+    share of the data. Batch contents depend only on the step number (exact resume).
+    """
+
+    def __init__(self, labeled: np.ndarray, unlabeled: np.ndarray, batch_size: int, n_labeled: int, start: int,
+                 stop: int, seed: int, rank: int = 0, world: int = 1):
+        self.pools = [(np.asarray(labeled), int(n_labeled)), (np.asarray(unlabeled), int(batch_size - n_labeled))]
+        self.start, self.stop, self.seed, self.rank, self.world = start, stop, seed, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def _draw(self, pool: int, step: int) -> np.ndarray:
+        idx, k = self.pools[pool]
+        if k == 0:
+            return idx[:0]
+        gk = k * self.world
+        per_epoch = max(1, len(idx) // gk)
+        e, j = divmod(step, per_epoch)
+        perm = idx[np.random.default_rng([self.seed, 7 + pool, e]).permutation(len(idx))]
+        glob = perm[j * gk : (j + 1) * gk]
+        if len(glob) < gk:
+            glob = np.resize(perm, gk)
+        return glob[self.rank * k : (self.rank + 1) * k]
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield np.concatenate([self._draw(0, step), self._draw(1, step)])
+
+
+def _as_list(data) -> list:
+    from .._utils import is_sdata
+
+    if is_sdata(data) or isinstance(data, TileArrays):
         return [data]
     if isinstance(data, dict):
-        return list(data.values())
-    data = list(data)
-    if not data or not all(isinstance(d, SpatialData) for d in data):
-        raise TypeError("data must be a SpatialData or a non-empty list of SpatialData objects.")
+        data = list(data.values())
+    data = list(data) if isinstance(data, (list, tuple)) else None
+    if not data or not all(is_sdata(d) or isinstance(d, TileArrays) for d in data):
+        raise TypeError("data must be a SpatialData or a dbk.tl.TileArrays, or a non-empty list of them.")
     return data
+
+
+def _resample(images: np.ndarray, size: int) -> np.ndarray:
+    """(n, S, S, 3) uint8 -> (n, size, size, 3) uint8 (bilinear, antialiased; unchanged when S == size)."""
+    if images.shape[1] == size:
+        return images
+    out = np.empty((images.shape[0], size, size, 3), np.uint8)
+    for s in range(0, len(images), 256):
+        t = torch.from_numpy(np.ascontiguousarray(images[s : s + 256])).permute(0, 3, 1, 2).float()
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        out[s : s + 256] = t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def _tile_size_um(sdata, tiles_key: str, image_key: str | None) -> float | None:
@@ -266,9 +377,12 @@ def _tile_size_um(sdata, tiles_key: str, image_key: str | None) -> float | None:
 
 
 def _panel(sdata, table_key: str, genes: Sequence[str] | None) -> list[str]:
-    if table_key not in sdata.tables:
+    if isinstance(sdata, TileArrays):
+        names = [] if sdata.genes is None else list(sdata.genes)
+    elif table_key not in sdata.tables:
         return []
-    names = [str(g) for g in sdata.tables[table_key].var_names]
+    else:
+        names = [str(g) for g in sdata.tables[table_key].var_names]
     if genes is None:
         return names
     keep = set(names)
@@ -280,10 +394,16 @@ def _build_sources(datas, *, vocab: GeneVocab, image_size: int, genes, table_key
     """One source per (slide, tiles element); tiles are read into memory when they fit the budget."""
     from tqdm.auto import tqdm
 
-    from ..pp._dataset import TileDataset
-
-    plan = []
+    plan, arrays = [], []
     for i, sdata in enumerate(datas):
+        if isinstance(sdata, TileArrays):
+            panel = _panel(sdata, table_key, genes)
+            if sdata.X is not None and not panel:
+                logger.warning(f"Slide {sdata.name!r}: none of the chosen genes is in its profiles; its tiles train "
+                               "unconditioned.")
+            if panel or not labeled_only:
+                arrays.append((sdata, panel))
+            continue
         name = str(sdata.attrs.get("sample", f"slide{i}"))
         image_key = None
         if tiles_key in sdata.shapes:
@@ -300,12 +420,16 @@ def _build_sources(datas, *, vocab: GeneVocab, image_size: int, genes, table_key
         if not labeled_only and unlabeled_tiles_key is not None and unlabeled_tiles_key in sdata.shapes:
             ukey = sdata.shapes[unlabeled_tiles_key].attrs.get("dbk", {}).get("image_key", image_key)
             plan.append((sdata, f"{name}:{unlabeled_tiles_key}", unlabeled_tiles_key, ukey, []))
-    if not plan:
+    if not plan and not arrays:
         raise ValueError(f"No tiles with a profile in table {table_key!r} found in the data.")
+    sources = [_array_source(a, panel, vocab, image_size) for a, panel in arrays]
+    if not plan:
+        return sources
+    from ..pp._dataset import TileDataset  # the SpatialData stack, only for SpatialData inputs
+
     readers = [TileDataset(sd, key, image_key=ik, size_px=image_size) for sd, _, key, ik, _ in plan]
     total = sum(len(r) for r in readers) * image_size * image_size * 3
     preload = total <= _PRELOAD_MAX_BYTES
-    sources = []
     for (sdata, name, key, image_key, panel), reader in zip(plan, readers, strict=True):
         src = _Source(name=name, n=len(reader), tile_size_um=_tile_size_um(sdata, key, reader.image_key))
         if preload:
@@ -329,6 +453,18 @@ def _build_sources(datas, *, vocab: GeneVocab, image_size: int, genes, table_key
     return sources
 
 
+def _array_source(a: TileArrays, panel: list[str], vocab: GeneVocab, image_size: int) -> _Source:
+    src = _Source(name=a.name, n=len(a), tile_size_um=a.tile_size_um, images=_resample(a.images, image_size))
+    if panel:
+        cols = [a.genes.index(g) for g in panel]
+        src.ids = vocab.ids(panel)
+        x = a.X[:, cols]
+        src.x = x.tocsr() if sp.issparse(x) else np.asarray(x, np.float32)
+        if a.measured is not None and not a.measured[:, cols].all():
+            src.measured = a.measured[:, cols]
+    return src
+
+
 # ---- the model object ----------------------------------------------------------------------------------------------
 
 
@@ -350,7 +486,8 @@ class DiffusionPretrainer:
     vocab
         Gene vocabulary (or a list of genes).
     preset
-        ``"tiny"``, ``"cpu-small"``, ``"paper"``, a :class:`~dbk.tl.PretrainerPreset` or a dict.
+        ``"auto"`` (``"gpu"`` where CUDA is available, else ``"cpu-small"`` shortened to a few minutes),
+        ``"tiny"``, ``"cpu-small"``, ``"gpu"``, ``"paper"``, a :class:`~dbk.tl.PretrainerPreset` or a dict.
     tile_size_um
         Side of the tiles in µm (recorded; images are resampled from such tiles to ``preset.image_size`` px).
     random_state
@@ -365,7 +502,7 @@ class DiffusionPretrainer:
         self,
         vocab: GeneVocab | Sequence[str],
         *,
-        preset: str | PretrainerPreset | dict = "cpu-small",
+        preset: str | PretrainerPreset | dict = "auto",
         tile_size_um: float | None = None,
         random_state: int | None = None,
         edm: EDM | None = None,
@@ -476,6 +613,8 @@ class DiffusionPretrainer:
         tiles_key: str = TILES_KEY,
         num_workers: int | None = None,
         callbacks: Sequence[Callable[[DiffusionPretrainer, dict], None]] | None = None,
+        labeled_fraction: float | None = None,
+        max_time: float | None = None,
     ) -> DiffusionPretrainer:
         """Train (or continue training) on tiles and their profiles; see :func:`dbk.tl.fit_pretrainer`.
 
@@ -504,16 +643,32 @@ class DiffusionPretrainer:
             for enc in (self.encoder, self.ema_net.encoder):
                 enc.set_value_stats([self.vocab.genes[i] for i in seen], mean[seen], std[seen])
 
+        if labeled_fraction is not None and not 0.0 < float(labeled_fraction) < 1.0:
+            raise ValueError(f"labeled_fraction must be in (0, 1), got {labeled_fraction!r}.")
+        if max_time is not None and not float(max_time) > 0:
+            raise ValueError(f"max_time must be a positive number of seconds, got {max_time!r}.")
         acc = _accelerator(accelerator, devices)
         device = acc.device
         self.to(device)
         p = self.preset
+        if p.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         for name, v in (("batch_size", batch_size), ("max_steps", max_steps), ("max_epochs", max_epochs)):
             if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
         if lr is not None and not float(lr) > 0:
             raise ValueError(f"lr must be positive, got {lr!r}.")
         bsz = int(batch_size or p.batch_size)
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            fits = batch_for_memory(p, bsz, total)
+            if fits < bsz and batch_size is None:
+                logger.warning(f"fit: batch {bsz} of preset {p.name!r} needs more than this card's {total:.0f} GiB "
+                               f"(measured memory per tile); batch lowered to {fits}. Pass batch_size= to override.")
+                bsz = fits
+            elif fits < bsz:
+                logger.warning(f"fit: batch_size={bsz} may not fit this card's {total:.0f} GiB (about {fits} would, "
+                               "from the measured memory per tile).")
         if bsz * acc.num_processes > dataset.n:
             bsz = max(1, dataset.n // acc.num_processes)
             logger.warning(f"fit: only {dataset.n} tiles; batch size lowered to {bsz}.")
@@ -532,47 +687,77 @@ class DiffusionPretrainer:
             if latest is not None:
                 self._load_checkpoint(latest, optimizer, seed=seed, fingerprint=fingerprint)
         net, optimizer = acc.prepare(self.net, optimizer)
+        # torch.compile shares the parameters, so the saved state keeps its names; DBK_COMPILE_BACKEND (e.g. "eager")
+        # lets a CPU test run the same path
+        backend = os.environ.get("DBK_COMPILE_BACKEND")
+        compiled = p.compile and (device.type == "cuda" or backend is not None)
+        if p.compile and not compiled:
+            logger.info("fit: the preset's torch.compile is used on CUDA only (compiling for a CPU costs minutes and "
+                        "was not measured to help); training eagerly.")
+        fwd = torch.compile(net, backend=backend or "inductor") if compiled else net
         if self.step >= stop:
             logger.info(f"fit: already trained {self.step} steps (max_steps={stop}); nothing to do.")
             return self
 
         workers = (0 if sources[0].images is not None else min(4, max(1, (os.cpu_count() or 2) - 1))) \
             if num_workers is None else int(num_workers)
-        sampler = _StepSampler(dataset.n, bsz, self.step, stop, seed, acc.process_index, acc.num_processes)
+        labeled = np.concatenate([np.arange(o, o + s.n) for o, s in zip(dataset.offsets, sources, strict=False)
+                                  if s.ids is not None] + [np.zeros(0, np.int64)])
+        balanced = labeled_fraction is not None and 0 < len(labeled) < dataset.n
+        if labeled_fraction is not None and not balanced:
+            logger.warning("fit: labeled_fraction needs tiles with and without profiles; batches are drawn "
+                           "uniformly.")
+        if balanced:
+            n_lab = min(bsz - 1, max(1, round(bsz * float(labeled_fraction))))
+            sampler = _BalancedStepSampler(labeled, np.setdiff1d(np.arange(dataset.n), labeled), bsz, n_lab,
+                                           self.step, stop, seed, acc.process_index, acc.num_processes)
+        else:
+            sampler = _StepSampler(dataset.n, bsz, self.step, stop, seed, acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers,
                                              pin_memory=device.type == "cuda",
                                              prefetch_factor=4 if workers else None)
         logger.info(
             f"fit: {dataset.n} tiles ({dataset.n_labeled} with profiles) from {len(datas)} slide(s), "
             f"{len(self.vocab)} genes, preset {p.name!r} ({self.image_size} px), batch {bsz} x "
-            f"{acc.num_processes} device(s) on {device}, steps {self.step} -> {stop} ({per_epoch} per epoch)."
+            f"{acc.num_processes} device(s) on {device}, steps {self.step} -> {stop} ({per_epoch} per epoch)"
+            + (f", {n_lab} of each batch with profiles" if balanced else "")
+            + (f", at most {max_time:g} s" if max_time is not None else "") + "."
         )
+        eta = expected_seconds(p, stop - self.step, bsz, device)
+        if eta is not None:
+            logger.info(f"fit: expected {eta[0] / 60:.1f} min ({eta[1]}).")
         callbacks = list(callbacks or [])
+        cudnn_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = device.type == "cuda" or cudnn_benchmark  # fixed shapes: tuned kernels
         old_handlers = self._install_signal_handlers()
         pbar = tqdm(total=stop, initial=self.step, desc="stage 1", disable=not settings.progress or
                     not acc.is_main_process, dynamic_ncols=True)
         t_start, t_wait, t_logged = time.perf_counter(), 0.0, self.train_time
-        smooth = None
+        self.stopped_by = "max_steps"
         try:
             t0 = time.perf_counter()
             for batch in loader:
                 t1 = time.perf_counter()
                 t_wait += t1 - t0
-                loss = self._train_step(net, optimizer, batch, seed=seed, base_lr=base_lr, acc=acc)
-                self._window.append(loss)
-                smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+                loss = self._train_step(fwd, optimizer, batch, seed=seed, base_lr=base_lr, acc=acc)
+                self._window.append(loss)  # a device tensor: read (synchronised) only when logged
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{smooth:.4f}")
                 t0 = time.perf_counter()
                 self.train_time = t_logged + (t0 - t_start)
-                if self.step % p.log_every == 0 or self.step == stop:
+                out_of_time = max_time is not None and t0 - t_start >= max_time
+                if self.step % p.log_every == 0 or self.step == stop or out_of_time:
                     self._log(base_lr, t_wait / max(t0 - t_start, 1e-9))
-                if ckpt_dir is not None and (self.step % p.checkpoint_every == 0 or self.step == stop):
+                    pbar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+                if ckpt_dir is not None and (self.step % p.checkpoint_every == 0 or self.step == stop or out_of_time):
                     self._save_checkpoint(ckpt_dir, optimizer, seed=seed, fingerprint=fingerprint, acc=acc)
                 for cb in callbacks:
-                    cb(self, {"step": self.step, "loss": loss, "lr": self._lr(base_lr)})
+                    cb(self, {"step": self.step, "loss": float(loss), "lr": self._lr(base_lr), "data_wait": t_wait})
                 if self._stop_signal is not None:
                     raise _Stop()
+                if out_of_time:
+                    self.stopped_by = "max_time"
+                    logger.info(f"fit: stopped by max_time={max_time:g} s after step {self.step}.")
+                    break
         except (KeyboardInterrupt, _Stop):
             signum = self._stop_signal
             if ckpt_dir is not None:
@@ -589,6 +774,7 @@ class DiffusionPretrainer:
             raise KeyboardInterrupt from None
         finally:
             pbar.close()
+            torch.backends.cudnn.benchmark = cudnn_benchmark
             if old_handlers is not None:
                 self._restore_signal_handlers(old_handlers)
             self.net.eval()
@@ -617,6 +803,8 @@ class DiffusionPretrainer:
         device = acc.device
         g = torch.Generator(device=device).manual_seed(_seed(seed, self.step, acc.process_index))
         x0 = batch["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        if self.preset.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         b = x0.shape[0]
         if self.preset.augment:
             x0 = _dihedral(x0, torch.randint(0, 8, (b,), generator=g, device=device))
@@ -641,12 +829,13 @@ class DiffusionPretrainer:
             self.step += 1
         finally:
             self._in_update = False
-        return float(loss.detach())
+        return loss.detach()
 
     def _log(self, base_lr: float, data_wait: float) -> None:
         if not self._window:
             return
-        self.history.append({"step": self.step, "loss": float(np.mean(self._window)), "lr": self._lr(base_lr),
+        loss = float(torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in self._window]).mean())
+        self.history.append({"step": self.step, "loss": loss, "lr": self._lr(base_lr),
                              "time": round(self.train_time, 3), "data_wait": round(float(data_wait), 4)})
         self._window = []
 
@@ -704,7 +893,7 @@ class DiffusionPretrainer:
                 "ema": _cpu_state(self.ema_net),
                 "optimizer": optimizer.state_dict(),
                 "history": json.dumps(self.history),
-                "window": torch.tensor(self._window, dtype=torch.float64),
+                "window": torch.tensor([float(v) for v in self._window], dtype=torch.float64),
                 "train_time": self.train_time,
                 "torch_rng": torch.get_rng_state(),
             }
@@ -1128,7 +1317,7 @@ def fit_pretrainer(
     data,
     *,
     genes: Sequence[str] | None = None,
-    preset: str | PretrainerPreset | dict = "cpu-small",
+    preset: str | PretrainerPreset | dict = "auto",
     max_steps: int | None = None,
     max_epochs: int | None = None,
     batch_size: int | None = None,
@@ -1143,6 +1332,8 @@ def fit_pretrainer(
     tiles_key: str = TILES_KEY,
     num_workers: int | None = None,
     callbacks: Sequence[Callable[[DiffusionPretrainer, dict], None]] | None = None,
+    labeled_fraction: float | None = None,
+    max_time: float | None = None,
     **preset_overrides,
 ) -> DiffusionPretrainer:
     """Train the stage-1 gene-to-image diffusion model on tiles and their pseudo-bulk profiles.
@@ -1150,15 +1341,18 @@ def fit_pretrainer(
     Parameters
     ----------
     data
-        A SpatialData with tiles (:func:`dbk.pp.make_tiles`) and their table (:func:`dbk.pp.pseudobulk`), or a
-        list of them. Slides may carry different gene panels: the vocabulary is their union, and a gene absent from
-        a slide's panel (or not measured on a tile, per the table's ``measured`` layer) is absent from the tile's
-        token set rather than a zero. A slide without the table (H&E only) contributes its tiles unconditionally.
+        A SpatialData with tiles (:func:`dbk.pp.make_tiles`) and their table (:func:`dbk.pp.pseudobulk`), a
+        :class:`~dbk.tl.TileArrays` (tiles and profiles as arrays, no SpatialData needed), or a list of them.
+        Slides may carry different gene panels: the vocabulary is their union, and a gene absent from a slide's panel
+        (or not measured on a tile, per the table's ``measured`` layer) is absent from the tile's token set rather
+        than a zero. A slide without the table (H&E only) contributes its tiles unconditionally.
     genes
         Genes to condition on (all genes of the tables when ``None``).
     preset
-        ``"cpu-small"`` (64 px, trains in minutes on a laptop CPU), ``"paper"`` (224 px, GPUs), ``"tiny"`` (tests),
-        a :class:`~dbk.tl.PretrainerPreset` or a dict.
+        ``"auto"`` (default): ``"gpu"`` when training runs on CUDA, else ``"cpu-small"`` shortened to
+        ``AUTO_CPU_STEPS`` (200) steps, a few minutes on 2 cores; the choice and the expected time are logged.
+        ``"cpu-small"`` (64 px, a laptop CPU), ``"gpu"`` (128 px, the paper's U-Net, one GPU), ``"paper"``
+        (224 px, GPUs), ``"tiny"`` (tests), a :class:`~dbk.tl.PretrainerPreset` or a dict.
     max_steps
         Total optimizer steps (a resumed run continues up to it); the preset's when neither this nor
         ``max_epochs`` is given.
@@ -1189,7 +1383,15 @@ def fit_pretrainer(
     num_workers
         DataLoader workers (0 when the tiles fit in memory, which is the fast path).
     callbacks
-        Functions ``f(model, {"step", "loss", "lr"})`` called after every step.
+        Functions ``f(model, {"step", "loss", "lr", "data_wait"})`` called after every step (``data_wait``: seconds
+        spent waiting for batches so far in this call).
+    labeled_fraction
+        Share of each batch drawn from the tiles with a profile when there are also tiles without (a dense
+        unlabelled grid is often 20-50x larger than the labelled spots, and uniform batches would condition almost
+        nothing). ``None``: batches drawn uniformly from all tiles.
+    max_time
+        Wall-clock budget in seconds: training stops after the step that passes it (``model.stopped_by`` says
+        ``"max_time"``), with a checkpoint when ``checkpoint_dir`` is given.
     **preset_overrides
         Preset fields to change (e.g. ``image_size=32``, ``cond_drop=0.3``).
 
@@ -1206,8 +1408,13 @@ def fit_pretrainer(
     if len(vocab) == 0:
         raise ValueError(f"No genes found: no slide has a table {table_key!r} with the chosen genes; run "
                          "dbk.pp.pseudobulk first.")
+    if preset == "auto":
+        preset = auto_preset_for(accelerator)
+        logger.info(f"fit_pretrainer: preset='auto' -> {preset.name!r}, {preset.max_steps} steps "
+                    f"(accelerator={accelerator!r}).")
     model = DiffusionPretrainer(vocab, preset=preset, random_state=random_state, **preset_overrides)
     return model.fit(datas, genes=genes, max_steps=max_steps, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                      accelerator=accelerator, devices=devices, random_state=random_state,
                      checkpoint_dir=checkpoint_dir, resume=resume, unlabeled_tiles_key=unlabeled_tiles_key,
-                     table_key=table_key, tiles_key=tiles_key, num_workers=num_workers, callbacks=callbacks)
+                     table_key=table_key, tiles_key=tiles_key, num_workers=num_workers, callbacks=callbacks,
+                     labeled_fraction=labeled_fraction, max_time=max_time)
