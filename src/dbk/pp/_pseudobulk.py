@@ -100,7 +100,8 @@ def pseudobulk(
     image_key
         The H&E image the tiles were laid on; the only image when ``None``.
     genes
-        Genes to keep, in this order; all genes of the panel (minus control probes) when ``None``.
+        Genes to keep, in this order; all genes of the panel (minus control probes) when ``None``. An empty list
+        raises ``ValueError``.
     gene_key
         Column of the transcripts holding the gene name.
     qv_key
@@ -134,6 +135,11 @@ def pseudobulk(
     """
     if source not in ("transcripts", "cells", "spots"):
         raise ValueError(f"source must be 'transcripts', 'cells' or 'spots', got {source!r}.")
+    if genes is not None and len(genes) == 0:
+        raise ValueError(
+            "genes=[] selects no gene, so the table would have 0 genes; pass genes=None for all genes of the panel, "
+            "or the genes to keep."
+        )
     if copy:
         sdata = copy_sdata(sdata)
     bounds = tile_bounds(sdata, tiles_key)
