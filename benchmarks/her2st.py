@@ -5,7 +5,7 @@
     python benchmarks/her2st.py --methods mean,ridge_cv --splits loso
     python benchmarks/her2st.py --list-methods
 
-Protocol (DESIGN.md §2): one tile of 112 µm centred on each spot, resampled to 224 px, embedded with the offline
+Protocol (docs/method.md): one tile of 112 µm centred on each spot, resampled to 224 px, embedded with the offline
 ImageNet EfficientNet-Lite0 (the same features for every method); targets log1p of counts per 10k (normalised over
 the whole library); genes: the 785 of genes_785.txt, and the top 50 of them by variance on the *training* sections of
 each fold. Every model choice (ridge alpha, MLP early stopping) is made on training sections only, grouped by

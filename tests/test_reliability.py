@@ -360,7 +360,8 @@ def test_api_misuse_is_caught_before_any_work(fitted):
     model = fitted[0]
     s = _slide(0)
     for kw, err, msg in [
-        ({"preset": "huge"}, ValueError, r"Unknown preset 'huge'; choose one of \['cpu-small', 'gpu', 'paper', 'tiny'\] or 'auto'"),
+        ({"preset": "huge"}, ValueError,
+         r"Unknown preset 'huge'; choose one of \['cpu-small', 'gpu', 'paper', 'tiny'\] or 'auto'"),
         ({"fusion": "sum"}, ValueError, "Unknown fusion 'sum'; options: 'gated', 'concat', 'add', 'film'"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive integer, got 0"),
         ({"batch_size": -3}, ValueError, "batch_size must be a positive integer, got -3"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 # SpatialData element names
 TILES_KEY = "dbk_tiles"  # sdata.shapes[...]: the tiles
-# sdata.tables[...]: tiles x genes. DESIGN.md named it "dbk_tiles" too, but spatialdata >= 0.7 forbids one key for
-# two element types, so the table has its own name.
+# sdata.tables[...]: tiles x genes. The design first named it "dbk_tiles" too, but spatialdata >= 0.7 forbids one
+# key for two element types, so the table has its own name.
 TILES_TABLE_KEY = "dbk_table"
 CELLS_KEY = "cells"
 TRANSCRIPTS_KEY = "transcripts"

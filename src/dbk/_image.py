@@ -1,7 +1,7 @@
 """Shared helpers for the H&E image of a SpatialData object: which image, its pyramid levels, its pixel size.
 
-Convention (DESIGN.md §3): an H&E image lives in the coordinate system ``"global"`` with an identity transform
-(so ``"global"`` is H&E level-0 pixels) and carries a ``Scale`` transform to the coordinate system ``"um"``
+Convention (``docs/data_contract.md``): an H&E image lives in the coordinate system ``"global"`` with an identity
+transform (so ``"global"`` is H&E level-0 pixels) and carries a ``Scale`` transform to the coordinate system ``"um"``
 (micrometres). The pixel size is read back from that transform. Data made elsewhere (``spatialdata_io``) can be
 given a pixel size with :func:`dbk.io.set_pixel_size`.
 """

@@ -1,4 +1,4 @@
-"""Baselines on foundation-model features (DESIGN.md §2): mean predictor, HEST-Benchmark ridge, CV ridge, MLP.
+"""Baselines on foundation-model features (``docs/method.md``): mean predictor, HEST-Benchmark ridge, CV ridge, MLP.
 
 All share one interface: ``fit(adata_train, *, obsm_key, genes, layer, groups)`` on features in ``obsm`` and
 targets in ``X`` (or a layer), honouring ``layers["measured"]`` (a gene not measured on a training tile does not

@@ -1,4 +1,4 @@
-"""Metrics of predicted expression against measured expression, each under one exact name (DESIGN.md §2)."""
+"""Metrics of predicted expression against measured expression, each under one exact name (``docs/method.md``)."""
 
 from __future__ import annotations
 
