@@ -280,6 +280,11 @@ register("diffbulk_ridge_rr", _diffbulk("ridge", rank="auto"),
 register("diffbulk_ridge_rr_ctx", _diffbulk("ridge", rank="auto", context_um=CONTEXT_UM),
          f"DiffBulk, reduced-rank ridge head on FM + diffusion features and their mean within {CONTEXT_UM:g} µm "
          "(context_um)")
+register("diffbulk_ridge_rr_ctx_late", _diffbulk("ridge", rank="auto", context_um=CONTEXT_UM, blend="late"),
+         "diffbulk_ridge_rr_ctx with late fusion (blend='late': one ridge per feature block, FM weight by inner CV)")
+register("diffbulk_untrained_ridge_rr_ctx_late", _diffbulk("ridge", diffusion="untrained", rank="auto",
+                                                           context_um=CONTEXT_UM, blend="late"),
+         "control: diffbulk_ridge_rr_ctx_late with the diffusion features of an untrained U-Net")
 register("diffbulk_untrained_ridge_rr_ctx", _diffbulk("ridge", diffusion="untrained", rank="auto",
                                                       context_um=CONTEXT_UM),
          "control: diffbulk_ridge_rr_ctx with the diffusion features of an untrained U-Net")

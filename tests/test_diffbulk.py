@@ -255,6 +255,36 @@ def test_ridge_head_recovers_a_planted_linear_signal():
     assert per_gene.alpha_.shape == (6,) and per_gene.cv_scheme_ == "2-fold by slide"
 
 
+def test_late_fusion_ridge_weights_the_informative_block_and_is_one_linear_map():
+    from dbk.tl._fusion import BLEND_WEIGHTS, RidgeFusionRegressor, fit_head
+
+    tr, te = _planted_fm_table(320, 0), _planted_fm_table(200, 1)
+    head = fit_head(tr, fusion="ridge", rank="auto", blend="late")
+    assert isinstance(head, RidgeFusionRegressor) and head.blend == "late"
+    assert len(head.blend_cv_) == len(BLEND_WEIGHTS) and head.blend_weight_ >= 0.8  # the diffusion block is noise
+    assert head.cv_scheme_ == "4-fold by slide" and head.coef_.shape == (6, 40)
+    # the head is w * (FM ridge) + (1 - w) * (diffusion ridge), each block's ridge fitted alone with its own CV
+    w = head.blend_weight_
+    parts = []
+    for key, alpha, rank in zip(["X_fm", "X_dbk_diff"], head.block_alpha_, head.block_rank_, strict=True):
+        alone = dbk.tl.RidgeBaseline("cv", rank="auto").fit(tr, obsm_key=key)
+        assert alone.alpha_ == alpha and alone.rank_ == rank
+        parts.append(alone.predict(te).to_numpy(np.float64))
+    np.testing.assert_allclose(head.predict(te).to_numpy(), w * parts[0] + (1 - w) * parts[1], rtol=1e-5, atol=1e-5)
+    # swap the roles: now the first block is noise and the weight goes to the second
+    sw_tr, sw_te = tr.copy(), te.copy()
+    for a in (sw_tr, sw_te):
+        a.obsm["X_fm"], a.obsm["X_dbk_diff"] = a.obsm["X_dbk_diff"], a.obsm["X_fm"]
+    swapped = fit_head(sw_tr, fusion="ridge", rank="auto", blend="late")
+    assert swapped.blend_weight_ <= 0.2
+    r = [np.corrcoef(swapped.predict(sw_te).to_numpy()[:, j], sw_te.X[:, j])[0, 1] for j in range(te.n_vars)]
+    assert min(r) > 0.8, r
+    with pytest.raises(ValueError, match="blend must be one of"):
+        fit_head(tr, fusion="ridge", blend="middle")
+    with pytest.raises(ValueError, match="alpha_per_gene"):
+        fit_head(tr, fusion="ridge", blend="late", alpha_per_gene=True)
+
+
 @pytest.fixture(scope="module")
 def ridge_fitted(fitted):
     """fusion="ridge" on the training slide, with the fixture's stage-1 model and FM (no stage-1 training)."""
@@ -271,8 +301,9 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
     assert a.obsm["dbk_pred"].shape == (a.n_obs, 60) and np.isfinite(a.obsm["dbk_pred"].to_numpy()).all()
     uns = a.uns["dbk"]
     assert uns["params"]["fusion"] == "ridge" and set(uns["params"]["head"]) == {
-        "alphas", "alpha_per_gene", "n_splits", "random_state", "rank", "ranks"}
+        "alphas", "alpha_per_gene", "n_splits", "random_state", "rank", "ranks", "blend"}
     assert uns["params"]["head"]["rank"] == "None" and uns["params"]["context_um"] == "None"
+    assert uns["params"]["head"]["blend"] == "early"
     assert list(uns["history"]["head"]) == ["alpha", "rank", "cv_score"] and len(uns["history"]["head"]["alpha"]) == 21
     assert set(uns["history"]["head"]["rank"]) == {0}  # plain ridge: full rank
     tm = uns["training_metrics"]
@@ -292,6 +323,25 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
     assert ours["mse_mean_all"] < 0.92 * floor["mse_mean_all"]
     assert ours["pearson_mean_all"] > 0.2
     assert ours["spearman_per_tile_mean"] > floor["spearman_per_tile_mean"] + 0.05
+
+
+def test_late_fusion_head_in_fit_diffbulk_saves_and_loads_exactly(fitted, heldout, tmp_path):
+    model, train = fitted
+    late, out = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
+                             fusion="ridge", rank="auto", blend="late", context_um=120.0, random_state=0, copy=True)
+    assert late.head.blend == "late" and 0.0 <= late.head.blend_weight_ <= 1.0
+    inner = out.tables["dbk_table"].uns["dbk"]["training_metrics"]["head_inner_cv"]
+    assert inner["blend"] == "late" and inner["fm_weight"] == late.head.blend_weight_
+    new, _ = heldout
+    new = SpatialData(images={"he": new.images["he"]}, attrs={"sample": "late"})
+    late.predict(new)
+    loaded = DiffBulk.load(late.save(tmp_path / "late"), device="cpu")
+    assert loaded.head.blend == "late" and loaded.head.blend_weight_ == late.head.blend_weight_
+    assert loaded.head.block_rank_ == late.head.block_rank_ and loaded.head.block_alpha_ == late.head.block_alpha_
+    again = SpatialData(images={"he": new.images["he"]}, attrs={"sample": "late"})
+    loaded.predict(again)
+    np.testing.assert_array_equal(again.tables["dbk_table"].obsm["dbk_pred"].to_numpy(),
+                                  new.tables["dbk_table"].obsm["dbk_pred"].to_numpy())
 
 
 def test_reduced_rank_ridge_with_spatial_context_round_trips_and_predicts(fitted, ridge_fitted, heldout, tmp_path):

@@ -628,6 +628,10 @@ def _head_config(head) -> dict:
             "best_epoch": -1,
             "validation": head.validation_,
             "input_clip": INPUT_CLIP,
+            "blend": head.blend,
+            **({"blend_weight": head.blend_weight_, "block_alpha": head.block_alpha_,
+                "block_rank": [0 if r is None else int(r) for r in head.block_rank_],  # 0: full rank
+                "blend_cv": head.blend_cv_} if head.blend == "late" else {}),
         }
     return {
         "class": type(head).__name__,
@@ -652,7 +656,8 @@ def _ridge_head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list
         head = RidgeFusionRegressor(alphas=hcfg["alphas"], alpha_per_gene=bool(hcfg["alpha_per_gene"]),
                                     n_splits=int(hcfg["n_splits"]),
                                     random_state=None if seed in (None, "None") else int(seed),
-                                    rank=rank if rank in (None, "auto") else int(rank), ranks=hcfg.get("ranks"))
+                                    rank=rank if rank in (None, "auto") else int(rank), ranks=hcfg.get("ranks"),
+                                    blend=hcfg.get("blend", "early"))
         chosen = hcfg.get("rank_chosen")
         dims = [int(d) for d in hcfg["dims"]]
     except (KeyError, TypeError, ValueError) as err:
@@ -679,6 +684,14 @@ def _ridge_head_from_tensors(t: dict[str, torch.Tensor], hcfg: dict, genes: list
     head.layer_ = None if hcfg.get("layer") in (None, "None") else hcfg["layer"]
     head.cv_scheme_ = hcfg.get("cv_scheme")
     head.validation_ = hcfg.get("validation")
+    if head.blend == "late":
+        try:
+            head.blend_weight_ = float(hcfg["blend_weight"])
+            head.block_alpha_ = [float(a) for a in hcfg["block_alpha"]]
+            head.block_rank_ = [None if r in (None, "None", 0) else int(r) for r in hcfg["block_rank"]]
+            head.blend_cv_ = [float(v) for v in hcfg["blend_cv"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / 'config.json'}: invalid late-fusion settings ({err}).") from None
     return head
 
 
@@ -935,7 +948,8 @@ def fit_diffbulk(
     **head_kwargs
         Options of the head (:class:`dbk.tl.MLPBaseline`: ``hidden``, ``dropout``, ``lr``, ``max_epochs``,
         ``patience`` ...); for ``fusion="ridge"``: ``alphas``, ``alpha_per_gene``, ``n_splits``, ``rank``
-        (``"auto"``: reduced-rank ridge, see :class:`dbk.tl.RidgeBaseline`), ``ranks``.
+        (``"auto"``: reduced-rank ridge, see :class:`dbk.tl.RidgeBaseline`), ``ranks``, ``blend`` (``"late"``: one
+        ridge per feature block blended by inner CV, see :class:`~dbk.tl.RidgeFusionRegressor`).
 
     Returns
     -------
@@ -1132,6 +1146,11 @@ def fit_diffbulk(
         metrics["head_inner_cv"] = {"scheme": head.cv_scheme_, "alpha": _jsonable(head.alpha_),
                                     "score": float(head.cv_results_["score"].min()),
                                     "score_definition": "validation MSE / training variance, mean over genes"}
+        if head.blend == "late":
+            metrics["head_inner_cv"].update(blend="late", fm_weight=head.blend_weight_,
+                                            block_alpha=head.block_alpha_,
+                                            block_rank=[0 if r is None else int(r) for r in head.block_rank_],
+                                            blend_score=min(head.blend_cv_))
 
     from .. import __version__
 
