@@ -25,7 +25,9 @@ short keeps what it finished), in this order:
    sigma 0.2 / 0.5 / 1) and the stage-2 mean Pearson over the 785 genes on B4 with the reduced-rank + context ridge
    head (``RidgeBaseline("cv", rank="auto")`` on ``[x, 300 µm neighbour mean of x]`` of each feature block, blocks
    standardised and clipped as in ``fit_diffbulk(fusion="ridge")``), for the FM features alone and fused with each
-   model's diffusion features (sigma 0.01, all decoder levels, mean pool). Features are saved to
+   model's diffusion features (sigma 0.01, all decoder levels, mean pool), early (one ridge on both blocks) and late
+   (``RidgeFusionRegressor(blend="late")``: one ridge per block, blended by inner CV), with paired differences and
+   95 % intervals from resampling the test tiles. Features are saved to
    ``trial_features.npz`` so the stage-2 table can be recomputed anywhere (``--stage2-only``).
 4. ``throughput``: stage-1 training throughput (bf16 autocast) of the ``gpu`` preset at 128 and 224 px and of the
    ``paper`` preset at 224 px, each plain and channels-last, and with ``torch.compile`` while time remains:
@@ -509,20 +511,23 @@ def stage2(tables: dict, feats: dict) -> list[dict]:
         t = time.perf_counter()
         model, pred = fit_predict(keys, tr, te)
         record(label, pred, t, rank=model.rank_ or "full", alpha=float(model.alpha_))
-    # late fusion: the FM ridge's and the diffusion ridge's predictions averaged with a weight chosen by
-    # leave-one-training-section-out CV (training sections only), then both refitted on all training sections
-    weights = np.linspace(0.0, 1.0, 11)
-    inner = {}
-    for s in TRAIN:
-        itr, iva = tr & (sec != s), sec == s
-        inner[s] = {k: fit_predict([k], itr, iva)[1] for k in ("fm", *feats)}
+    # late fusion: dbk's RidgeFusionRegressor(blend="late"): one ridge per block (own alpha and rank), the FM
+    # weight of the blended prediction chosen by the same inner folds (training sections only)
+    from dbk.tl import RidgeFusionRegressor
+
     for k in feats:
         t = time.perf_counter()
-        score = [np.mean([np.nanmean(nan_pearson(y[sec == s], w * inner[s]["fm"] + (1 - w) * inner[s][k], axis=0))
-                          for s in TRAIN]) for w in weights]
-        w = float(weights[int(np.argmax(score))])
-        record(f"late fusion FM & diffusion ({k})", w * preds["FM (EfficientNet-Lite0)"] +
-               (1 - w) * preds[f"diffusion alone ({k})"], t, rank="-", alpha=float("nan"), fm_weight=w)
+        fm_tr, fm_te = _scaled(blocks["fm"][tr], blocks["fm"][te])
+        d_tr, d_te = _scaled(blocks[k][tr], blocks[k][te])
+        a_tr = ad.AnnData(X=y[tr].astype(np.float32))
+        a_tr.obs["sample"] = sec[tr]
+        a_tr.obsm["X_fm"], a_tr.obsm["X_dbk_diff"] = fm_tr, d_tr
+        a_te = ad.AnnData(X=y[te].astype(np.float32))
+        a_te.obsm["X_fm"], a_te.obsm["X_dbk_diff"] = fm_te, d_te
+        head = RidgeFusionRegressor(rank="auto", blend="late", random_state=0).fit(a_tr, obsm_key="X_fm",
+                                                                                  groups="sample")
+        record(f"late fusion FM & diffusion ({k})", head.predict(a_te).to_numpy(np.float64), t, rank="-",
+               alpha=float("nan"), fm_weight=head.blend_weight_)
     return rows, paired_bootstrap(y[te], preds, _pairs(list(feats)))
 
 
