@@ -5,8 +5,9 @@ The functions load on first use (most need the SpatialData stack; ``measured_mas
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "concat": "._concat",
@@ -34,13 +35,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._tissue import tissue_mask
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
