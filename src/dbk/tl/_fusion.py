@@ -188,7 +188,7 @@ class RidgeFusionRegressor(RidgeBaseline):
         ``w * pred_fm + (1 - w) * pred_diff`` with the FM weight ``w`` (0, 0.1, ..., 1) chosen by the same inner folds
         (fixed alphas and ranks, lowest mean validation MSE / training variance). With one shared penalty the larger
         FM block sets alpha and shrinks the diffusion block away; late fusion keeps each block's own penalty (on
-        her2st B4 with GPU-trained stage-1 features: 0.155 mean Pearson against 0.134 early, ``docs/benchmarks.md``).
+        her2st B4 with GPU-trained stage-1 features: 0.154 mean Pearson against 0.134 early, ``docs/benchmarks.md``).
         The blend is itself linear, so the fitted model is the same kind of arrays and saves exactly.
 
     Attributes
