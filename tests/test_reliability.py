@@ -78,7 +78,8 @@ def _table_snapshot(prefix: str, a, out: dict) -> None:
         v = a.obsm[k]
         out[f"{prefix}/obsm/{k}"] = v.copy() if isinstance(v, pd.DataFrame) else _dense(v)
     for k in a.layers:
-        out[f"{prefix}/layers/{k}"] = _dense(a.layers[k])
+        if k is not None:  # anndata >= 0.13 also lists X as layers[None]; X is snapshotted above
+            out[f"{prefix}/layers/{k}"] = _dense(a.layers[k])
     _flat(f"{prefix}/uns", dict(a.uns), out)
 
 
