@@ -43,7 +43,6 @@ def main() -> None:
     from _her2st_features import SECTIONS, FeatureSettings, section_table
 
     import dbk
-    from dbk._image import get_pixel_size
 
     if not args.data.is_dir():
         sys.exit(f"No her2st data at {args.data}.")
@@ -64,7 +63,7 @@ def main() -> None:
         spot_id.append(table.obs_names.to_numpy().astype(str))
         spot_sec += [s] * table.n_obs
         sd = dbk.io.read_st_folder(folder)
-        um.append(float(get_pixel_size(sd)))
+        um.append(float(dbk.io.get_pixel_size(sd)))
         dbk.pp.tissue_mask(sd)
         dbk.pp.make_tiles(sd, tile_size_um=args.tile_um, stride_um=args.dense_stride_um, mode="grid",
                           key_added="dense_tiles")

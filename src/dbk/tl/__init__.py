@@ -1,4 +1,4 @@
-"""Tools: the stage-1 gene encoder and gene-to-image diffusion pretrainer (more to come).
+"""Tools: stage 1 (gene encoder, diffusion pretrainer), stage 2 (features, heads, DiffBulk), baselines, metrics.
 
 The submodules import torch; they are loaded on first attribute access so that ``import dbk`` stays light.
 """
