@@ -89,7 +89,7 @@ class DiffBulkContext:
         slides = [self.sdata(s) for s in train]
         kw = {"batch_size": self.stage1_batch} if self.stage1_batch else {}
         if kind == "untrained":
-            from dbk.tl._pretrainer import DiffusionPretrainer, GeneVocab, _panel
+            from dbk.core._pretrainer import DiffusionPretrainer, GeneVocab, _panel
 
             vocab = GeneVocab()
             for sd in slides:

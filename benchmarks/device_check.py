@@ -457,7 +457,7 @@ def section_stage2(out: Path, data: Path) -> dict:
 
 
 def _scaled(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dbk.tl._scaler import InputScaler
+    from dbk.core._scaler import InputScaler
 
     sc = InputScaler.fit(xtr)
     return sc.transform(xtr), sc.transform(xte)

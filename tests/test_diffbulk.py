@@ -414,7 +414,7 @@ def saved_ridge(ridge_fitted, tmp_path_factory):
 def test_ridge_save_load_round_trips_exactly_and_refuses_corrupt_heads(ridge_fitted, saved_ridge, heldout, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dbk.tl._pretrainer import _sha256
+    from dbk.core._pretrainer import _sha256
 
     ridge = ridge_fitted[0]
     assert sorted(p.name for p in saved_ridge.iterdir()) == ["config.json", "head.safetensors", "history.json",
@@ -573,7 +573,7 @@ def test_load_fails_clearly_on_corrupt_or_mismatched_folders(fitted, saved, tmp_
     d = edit("swapped_resummed", lambda c: None)
     shutil.rmtree(d / "pretrainer")
     other.save(d / "pretrainer")
-    from dbk.tl._pretrainer import _sha256
+    from dbk.core._pretrainer import _sha256
 
     cfg = json.loads((d / "config.json").read_text())
     cfg["sha256"]["pretrainer/config.json"] = _sha256(d / "pretrainer" / "config.json")

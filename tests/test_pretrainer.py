@@ -21,8 +21,8 @@ from spatialdata.transformations import get_transformation
 
 import dbk
 from dbk._image import set_pixel_size
+from dbk.core._pretrainer import _build_sources, _TileBatches
 from dbk.tl import EDM, DiffusionPretrainer, fit_pretrainer, get_preset, heun_sample, latest_checkpoint
-from dbk.tl._pretrainer import _build_sources, _TileBatches
 
 # a model small enough for many short CPU trainings: 16 px images, two U-Net levels of 16 / 32 channels
 SMALL = {"preset": "tiny", "image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8,

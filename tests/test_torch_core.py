@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from dbk.core._presets import AUTO_CPU_STEPS, THROUGHPUT, auto_preset, batch_for_memory, expected_seconds
+from dbk.core._pretrainer import _BalancedStepSampler, _build_sources, _resample
+from dbk.core._vocab import GeneVocab
 from dbk.tl import DiffusionPretrainer, TileArrays, get_preset
-from dbk.tl._presets import AUTO_CPU_STEPS, THROUGHPUT, auto_preset, batch_for_memory, expected_seconds
-from dbk.tl._pretrainer import _BalancedStepSampler, _build_sources, _resample
-from dbk.tl._vocab import GeneVocab
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"block_out_channels": (16, 32), "gene_dim": 32, "log_every": 1}

@@ -1,7 +1,8 @@
 """dbk — DiffBulk: spatial gene expression from H&E histology, scverse style.
 
-The submodules (``io``, ``datasets``, ``pp``, ``tl``, ``pl``) load on first use, so ``import dbk`` is light and the
-torch core (``dbk.tl``'s networks and training loop) imports without the SpatialData stack, e.g. on a GPU node.
+The submodules (``io``, ``datasets``, ``pp``, ``tl``, ``pl``, ``core``) load on first use, so ``import dbk`` is light
+and the torch core (``dbk.core``: networks, training loop, datasets over arrays) imports without the SpatialData
+stack, e.g. on a GPU node.
 """
 
 import importlib
@@ -14,8 +15,8 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-_SUBMODULES = ("datasets", "io", "pl", "pp", "tl")
-__all__ = ["__version__", "datasets", "io", "pl", "pp", "settings", "tl"]
+_SUBMODULES = ("core", "datasets", "io", "pl", "pp", "tl")
+__all__ = ["__version__", "core", "datasets", "io", "pl", "pp", "settings", "tl"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Golden results of the DiffBulk pipeline, recorded before the issue-12 restructuring; tests/test_golden.py checks them.
+"""Golden results of the DiffBulk pipeline, recorded before the restructuring of issue 12; test_golden.py checks them.
 
     python tests/golden/record.py          # recompute and print the difference to the stored file
     python tests/golden/record.py --write  # overwrite tests/golden/pipeline.npz (only for an intended change)

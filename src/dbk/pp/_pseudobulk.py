@@ -790,7 +790,7 @@ def _table_counts(table: ad.AnnData, element_key: str, genes, keep_controls):
     attrs = table.uns.get("spatialdata_attrs", {})
     X = table.layers[COUNTS_LAYER] if COUNTS_LAYER in table.layers else table.X
     X = sp.csr_matrix(X)
-    from ..tl._vocab import check_gene_names
+    from .._genes import check_gene_names
 
     check_gene_names(table.var_names, f"table annotating {element_key!r}")
     names = _gene_filter(table.var_names, genes, keep_controls)

@@ -27,8 +27,8 @@ from .._constants import (
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata
+from ..core._scaler import INPUT_CLIP, InputScaler
 from ._context import UM_PER_PX_KEY, neighbor_mean, tile_coords_um, with_context
-from ._scaler import INPUT_CLIP, InputScaler
 
 FORMAT = "dbk.DiffBulk"
 FORMAT_VERSION = 1
@@ -455,7 +455,7 @@ class DiffBulk:
 
         from .. import __version__
         from .._utils import atomic_path
-        from ._pretrainer import _sha256
+        from ..core._pretrainer import _sha256
 
         path = Path(path)
         if path.exists() and not overwrite:
@@ -505,9 +505,9 @@ class DiffBulk:
         from safetensors.torch import load_file
 
         from .. import __version__
+        from ..core._pretrainer import DiffusionPretrainer, _sha256
         from ._diffusion_features import pretrainer_fingerprint
         from ._embed import resolve_device
-        from ._pretrainer import DiffusionPretrainer, _sha256
 
         path = Path(path)
         cfg_path = path / "config.json"
@@ -776,8 +776,8 @@ def _check_training_table(sdata: SpatialData, name: str, tiles_key: str, table_k
     """Clear errors, before any training, for a tile table fit cannot use as it is."""
     import scipy.sparse as sp
 
+    from .._genes import check_gene_names
     from ..pp._tiles import table_rows_to_tiles
-    from ._vocab import check_gene_names
 
     a = sdata.tables[table_key]
     check_gene_names(a.var_names, f"table {table_key!r} of slide {name!r}")
@@ -963,12 +963,12 @@ def fit_diffbulk(
     without the held-out tiles, as its ``note`` says, and ``head_inner_cv`` gives the chosen alpha and its inner-CV
     score).
     """
+    from ..core._pretrainer import fit_pretrainer
     from ..pp import concat, select_genes
     from ._baselines import holdout_split, resolve_groups
     from ._diffusion_features import _resolve_pretrainer, diffusion_features, feature_levels, pretrainer_fingerprint
     from ._embed import load_foundation_model, model_key, resolve_device
     from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS, fit_head
-    from ._pretrainer import fit_pretrainer
 
     if fusion not in DIFFBULK_FUSIONS:
         raise ValueError(f"Unknown fusion {fusion!r}; options: {', '.join(map(repr, DIFFBULK_FUSIONS))}.")
@@ -988,7 +988,7 @@ def fit_diffbulk(
                                        and context_um > 0):
         raise ValueError(f"context_um must be a positive number of µm or None, got {context_um!r}.")
     if pretrainer is None:
-        from ._presets import get_preset
+        from ..core._presets import get_preset
 
         get_preset(preset)  # an unknown preset fails now, not after the tiles are made and embedded
     slides = _as_slides(data)

@@ -118,7 +118,7 @@ class DecoderFeatures:
 
 
 def _resolve_pretrainer(pretrainer):
-    from ._pretrainer import DiffusionPretrainer
+    from ..core._pretrainer import DiffusionPretrainer
 
     if isinstance(pretrainer, (str, os.PathLike)):
         return DiffusionPretrainer.load(pretrainer)
@@ -170,7 +170,7 @@ def _use_bf16(autocast: bool | None, device: torch.device) -> bool:
 def _array_features(images, pretrainer, *, tile_ids, sigma, levels, pool, use_ema, batch_size, random_state,
                     autocast) -> np.ndarray:
     """``diffusion_features`` of an (n, S, S, 3) uint8 array of tiles already at the model's resolution."""
-    from ._pretrainer import _resample
+    from ..core._pretrainer import _resample
 
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
