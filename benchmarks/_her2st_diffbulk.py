@@ -89,7 +89,8 @@ class DiffBulkContext:
         slides = [self.sdata(s) for s in train]
         kw = {"batch_size": self.stage1_batch} if self.stage1_batch else {}
         if kind == "untrained":
-            from dbk.core._pretrainer import DiffusionPretrainer, GeneVocab, _panel
+            from dbk.core import DiffusionPretrainer, GeneVocab
+            from dbk.core._data import _panel
 
             vocab = GeneVocab()
             for sd in slides:
@@ -127,21 +128,15 @@ class DiffBulkContext:
     def features(self, kind: str, train: tuple[str, ...], genes: list[str], section: str) -> np.ndarray:
         """Diffusion features of one section's tiles from the fold's (trained / untrained) stage-1 model."""
         import dbk
-        from dbk.tl._diffbulk import _diff_features_match
-        from dbk.tl._diffusion_features import feature_levels, pretrainer_fingerprint
 
         key = (kind, train, tuple(genes), section)
         if key not in self._feats:
             model = self.pretrainer(kind, train, genes)
             sd = self.sdata(section)
             table = sd.tables["dbk_table"]
-            # the key and settings fit_diffbulk uses (default levels, mean pooling, the EMA weights), checked the way it
-            # checks them, so that its fits of this fold reuse these features and these reuse its
-            want = {"sigma": self.sigma, "random_state": self.seed, "pool": "mean", "use_ema": True,
-                    "tiles_key": "dbk_tiles", "pretrainer_fingerprint": pretrainer_fingerprint(model, True),
-                    "levels": feature_levels(model.ema_net.unet)}
-            if not _diff_features_match(table, DIFF_KEY, want, section):
-                dbk.tl.diffusion_features(sd, model, sigma=self.sigma, random_state=self.seed, key_added=DIFF_KEY)
+            # the key and settings fit_diffbulk uses (default levels, mean pooling, the EMA weights): diffusion_features
+            # keeps features made with the same weights and settings, so fit_diffbulk's fits of this fold reuse these
+            dbk.tl.diffusion_features(sd, model, sigma=self.sigma, random_state=self.seed, key_added=DIFF_KEY)
             self._feats[key] = np.asarray(table.obsm[DIFF_KEY]).copy()
         return self._feats[key]
 

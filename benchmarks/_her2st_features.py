@@ -46,7 +46,7 @@ class FeatureSettings:
 
     @property
     def obsm_key(self) -> str:
-        from dbk.tl._embed import model_key
+        from dbk.tl import model_key
 
         return model_key(self.model)
 
@@ -67,7 +67,7 @@ def cache_path(cache_dir: Path, folder: Path, settings: FeatureSettings) -> Path
 def build_section(folder: Path, settings: FeatureSettings, *, net=None) -> ad.AnnData:
     """Tile table of one section with its embeddings (not cached; see :func:`section_table`)."""
     import dbk
-    from dbk._image import get_pixel_size
+    from dbk.io import get_pixel_size
 
     sdata = dbk.io.read_st_folder(folder, pixel_size_um=settings.pixel_size_um)
     dbk.pp.make_tiles(sdata, tile_size_um=settings.tile_size_um, mode="spots")

@@ -457,7 +457,7 @@ def section_stage2(out: Path, data: Path) -> dict:
 
 
 def _scaled(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dbk.core._scaler import InputScaler
+    from dbk.core import InputScaler
 
     sc = InputScaler.fit(xtr)
     return sc.transform(xtr), sc.transform(xte)
@@ -467,9 +467,7 @@ def stage2(tables: dict, feats: dict) -> list[dict]:
     """Reduced-rank + context ridge on B4 for FM alone and FM fused with each model's diffusion features."""
     import anndata as ad
 
-    from dbk.tl import RidgeBaseline
-    from dbk.tl._context import neighbor_mean
-    from dbk.tl._evaluate import nan_pearson
+    from dbk.tl import RidgeBaseline, nan_pearson, neighbor_mean
 
     sec = tables["spot_section"]
     tr, te = np.isin(sec, TRAIN), sec == TEST
@@ -548,7 +546,7 @@ def paired_bootstrap(y: np.ndarray, preds: dict, pairs: list[tuple[str, str]], n
                      seed: int = 0) -> list[dict]:
     """Difference of mean Pearson (785 genes) between two predictions, with a 95% interval from resampling the test
     tiles (the same resample for both, so the interval is of the paired difference)."""
-    from dbk.tl._evaluate import nan_pearson
+    from dbk.tl import nan_pearson
 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), size=(n_boot, len(y)))

@@ -209,7 +209,7 @@ def _diffbulk(fusion: str, *, diffusion: str = "trained", **options) -> Callable
 
 def _with_context(adata, ctx, key: str, radius_um: float) -> np.ndarray:
     """``[features, their mean within radius_um]`` per section (µm from each section's estimated pixel size)."""
-    from dbk.tl._context import neighbor_mean
+    from dbk.tl import neighbor_mean
 
     sections = adata.obs["sample"].astype(str).to_numpy()
     um = np.asarray([ctx.tables[s].uns["her2st_bench"]["pixel_size_um"] for s in sections], np.float64)

@@ -16,7 +16,7 @@ from matplotlib.collections import PatchCollection
 from matplotlib.patches import Circle
 
 import dbk
-from dbk._image import image_levels
+from dbk.io import image_levels
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")

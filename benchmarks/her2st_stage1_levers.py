@@ -109,7 +109,7 @@ def main() -> None:
 
     def generative(model) -> dict:
         """Generative inference on args.generative test tiles (see the module docstring)."""
-        from dbk.core._pretrainer import _build_sources, _TileBatches
+        from dbk.core._data import _build_sources, _TileBatches
 
         def batches(sections):
             src = _build_sources([ctx.sdata(s) for s in sections], vocab=model.vocab, image_size=model.image_size,

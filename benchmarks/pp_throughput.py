@@ -105,7 +105,7 @@ def _image(width: int):
     import dask.array as da
     import numpy as np
 
-    from dbk.io._image import image_element
+    from dbk.io import image_element
 
     # a lazy blank slide with a pyramid (like a real whole-slide TIFF), so tissue detection reads a small level
     levels = [da.zeros((3, width >> k, width >> k), dtype=np.uint8, chunks=(3, 4096, 4096)) for k in range(0, 7)]
@@ -127,7 +127,7 @@ def _sdata(path: str, width: int, image):
     return sdata
 
 
-def w_dbk(path: str, width: int) -> dict:
+def w_dbk(path: str, width: int, reader: str = "auto") -> dict:
     import dbk
 
     dbk.settings.verbosity = 1
@@ -136,7 +136,7 @@ def w_dbk(path: str, width: int) -> dict:
     t, c = time.perf_counter(), _cpu()
     sdata = _sdata(path, width, image)  # the whole public path: read_parquet -> PointsModel -> make_tiles
     t1 = time.perf_counter()
-    dbk.pp.pseudobulk(sdata)  # ... -> pseudobulk -> sdata.tables["dbk_table"]
+    dbk.pp.pseudobulk(sdata, reader=reader)  # ... -> pseudobulk -> sdata.tables["dbk_table"]
     table = sdata.tables["dbk_table"]
     return {"wall": time.perf_counter() - t, "cpu": _cpu() - c, "total": int(table.layers["counts"].sum()),
             "tiles": table.n_obs, "pseudobulk_s": time.perf_counter() - t1,
@@ -144,10 +144,7 @@ def w_dbk(path: str, width: int) -> dict:
 
 
 def w_dbk_dask(path: str, width: int) -> dict:
-    from dbk.pp import _pseudobulk
-
-    _pseudobulk._DIRECT_PARQUET = False  # the general path (partition by partition through dask), for comparison
-    return w_dbk(path, width)
+    return w_dbk(path, width, reader="dask")  # the general path (partition by partition through dask), for comparison
 
 
 def w_aggregate(path: str, width: int) -> dict:

@@ -37,23 +37,18 @@ def run(preset: str, mode: str, sdata, steps: int, warmup: int, workers: int, ba
     import torch
 
     import dbk
-    from dbk.tl import _pretrainer
 
     stamps: list[float] = []
 
     def clock(model, rec):
         stamps.append(time.perf_counter())
 
-    old_budget = _pretrainer._PRELOAD_MAX_BYTES
-    if mode == "stream":
-        _pretrainer._PRELOAD_MAX_BYTES = 0
     t0 = time.perf_counter()
-    try:
-        model = dbk.tl.fit_pretrainer(sdata, preset=preset, max_steps=steps, batch_size=batch_size,
-                                      random_state=0, accelerator="cpu", callbacks=[clock],
-                                      num_workers=workers if mode == "stream" else 0, log_every=1)
-    finally:
-        _pretrainer._PRELOAD_MAX_BYTES = old_budget
+    # preload_max_bytes=0 streams the tiles with DataLoader workers; None reads them into memory when they fit
+    model = dbk.tl.fit_pretrainer(sdata, preset=preset, max_steps=steps, batch_size=batch_size,
+                                  random_state=0, accelerator="cpu", callbacks=[clock],
+                                  num_workers=workers if mode == "stream" else 0, log_every=1,
+                                  preload_max_bytes=0 if mode == "stream" else None)
     total = time.perf_counter() - t0
     step_s = np.diff(stamps[warmup:])
     # history "data_wait" is the share of training time (since the first step) spent waiting for the next batch

@@ -16,7 +16,7 @@ import torch
 from spatialdata import SpatialData
 
 import dbk
-from dbk.tl._diffbulk import DiffBulk, fit_diffbulk
+from dbk.tl import DiffBulk, fit_diffbulk
 from dbk.tl._diffusion_features import diffusion_features, feature_levels, tile_noise, tile_seed
 
 # a stage-1 model small enough to train in seconds on a CPU: 16 px images, two U-Net levels of 16 / 32 channels
@@ -132,7 +132,8 @@ def test_fit_writes_training_predictions_and_plain_uns(fitted, tmp_path):
     assert isinstance(pred, pd.DataFrame) and pred.shape == (a.n_obs, 60)
     assert list(pred.columns) == model.genes == list(a.var_names) and (pred.index == a.obs_names).all()
     assert np.isfinite(pred.to_numpy()).all()
-    uns = a.uns["dbk"]
+    assert "params" not in a.uns["dbk"]  # a fit's record is under its key_added, beside other fits'
+    uns = a.uns["dbk_pred"]
     assert uns["params"]["fusion"] == "gated" and uns["params"]["pretrain_steps"] == 20
     assert len(uns["history"]["stage1"]["loss"]) == 4  # every 5 of 20 steps
     assert len(uns["history"]["head"]["val_loss"]) >= 1
@@ -185,8 +186,9 @@ def test_shared_pretrainer_and_copy(fitted):
     model, _ = fitted
     slide = dbk.datasets.synthetic(shape=(1024, 1024), random_state=3)
     before = {k: v.clone() for k, v in model.pretrainer.ema_net.state_dict().items()}
-    m2, out = fit_diffbulk(slide, pretrainer=model.pretrainer, genes=["ERBB2", "KRT5", "PTPRC"], tile_size_um=56.0,
+    m2 = fit_diffbulk(slide, pretrainer=model.pretrainer, genes=["ERBB2", "KRT5", "PTPRC"], tile_size_um=56.0,
                            fm=model.fm, fm_size_px=96, fusion="concat", max_epochs=5, copy=True)
+    out = m2.training_data
     assert not slide.tables.keys() - {"table"} and "dbk_tiles" not in slide.shapes  # input untouched
     assert m2.pretrainer is model.pretrainer and m2.genes == ["ERBB2", "KRT5", "PTPRC"] and m2.fusion == "concat"
     for k, v in model.pretrainer.ema_net.state_dict().items():
@@ -289,8 +291,9 @@ def test_late_fusion_ridge_weights_the_informative_block_and_is_one_linear_map()
 def ridge_fitted(fitted):
     """fusion="ridge" on the training slide, with the fixture's stage-1 model and FM (no stage-1 training)."""
     model, train = fitted
-    return fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
-                        fusion="ridge", random_state=0, copy=True)
+    ridge = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
+                         fusion="ridge", random_state=0, copy=True)
+    return ridge, ridge.training_data
 
 
 def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, ridge_fitted, heldout, tmp_path):
@@ -299,7 +302,7 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
     assert ridge.fusion == "ridge" and ridge.genes == model.genes and "fusion 'ridge'" in repr(ridge)
     a = out.tables["dbk_table"]
     assert a.obsm["dbk_pred"].shape == (a.n_obs, 60) and np.isfinite(a.obsm["dbk_pred"].to_numpy()).all()
-    uns = a.uns["dbk"]
+    uns = a.uns["dbk_pred"]
     assert uns["params"]["fusion"] == "ridge" and set(uns["params"]["head"]) == {
         "alphas", "alpha_per_gene", "n_splits", "random_state", "rank", "ranks", "blend"}
     assert uns["params"]["head"]["rank"] == "None" and uns["params"]["context_um"] == "None"
@@ -327,10 +330,11 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
 
 def test_late_fusion_head_in_fit_diffbulk_saves_and_loads_exactly(fitted, heldout, tmp_path):
     model, train = fitted
-    late, out = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
+    late = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
                              fusion="ridge", rank="auto", blend="late", context_um=120.0, random_state=0, copy=True)
+    out = late.training_data
     assert late.head.blend == "late" and 0.0 <= late.head.blend_weight_ <= 1.0
-    inner = out.tables["dbk_table"].uns["dbk"]["training_metrics"]["head_inner_cv"]
+    inner = out.tables["dbk_table"].uns["dbk_pred"]["training_metrics"]["head_inner_cv"]
     assert inner["blend"] == "late" and inner["fm_weight"] == late.head.blend_weight_
     new, _ = heldout
     new = SpatialData(images={"he": new.images["he"]}, attrs={"sample": "late"})
@@ -346,15 +350,17 @@ def test_late_fusion_head_in_fit_diffbulk_saves_and_loads_exactly(fitted, heldou
 
 def test_reduced_rank_ridge_with_spatial_context_round_trips_and_predicts(fitted, ridge_fitted, heldout, tmp_path):
     model, train = fitted
-    rr, out = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
+    rr = fit_diffbulk(train, pretrainer=model.pretrainer, fm=model.fm, fm_size_px=96, tile_size_um=56.0,
                            fusion="ridge", rank="auto", context_um=120.0, random_state=0, copy=True)
+    out = rr.training_data
     plain = ridge_fitted[0]
     assert rr.context_um == 120.0 and rr.head.rank_ in (1, 2, 3, 5, 10, 20, 50, None)
     fm_dim, diff_dim = plain.head.n_features_in_
     assert rr.head.n_features_in_ == [2 * fm_dim, 2 * diff_dim]  # [features, their neighbourhood mean]
-    uns = out.tables["dbk_table"].uns["dbk"]
+    uns = out.tables["dbk_table"].uns["dbk_pred"]
     assert uns["params"]["context_um"] == 120.0 and uns["params"]["head"]["rank"] == "auto"
-    assert uns["um_per_px"] == pytest.approx(dbk.tl._diffbulk._record_pixel_size(out, "dbk_tiles", "dbk_table"))
+    px = dbk.pp._prepare.record_pixel_size(out, "dbk_tiles", "dbk_table")
+    assert out.tables["dbk_table"].uns["dbk"]["um_per_px"] == pytest.approx(px)
     cv = rr.head.cv_results_
     assert cv.index.names == ["rank", "alpha"] and len(cv) == 8 * 21
     # H&E only: tiles, features, pixel size and the context all come from the image
@@ -398,11 +404,11 @@ def test_refit_reuses_diffusion_features_only_when_they_match(fitted, dbk_log):
     dbk_log.set_level(logging.INFO, logger="dbk")
     dbk_log.clear()
     fit_diffbulk(slide, rank="auto", **kw)  # another head, same features: reused
-    assert "reusing the diffusion features" in dbk_log.text
+    assert "keeping obsm['X_dbk_diff']" in dbk_log.text
     np.testing.assert_array_equal(slide.tables["dbk_table"].obsm["X_dbk_diff"], first)
     dbk_log.clear()
     fit_diffbulk(slide, sigma=0.05, **kw)  # other noise level: recomputed, and different
-    assert "reusing the diffusion features" not in dbk_log.text
+    assert "keeping obsm['X_dbk_diff']" not in dbk_log.text
     assert not np.array_equal(slide.tables["dbk_table"].obsm["X_dbk_diff"], first)
 
 
@@ -414,7 +420,7 @@ def saved_ridge(ridge_fitted, tmp_path_factory):
 def test_ridge_save_load_round_trips_exactly_and_refuses_corrupt_heads(ridge_fitted, saved_ridge, heldout, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dbk.core._pretrainer import _sha256
+    from dbk.core._folder import sha256_file as _sha256
 
     ridge = ridge_fitted[0]
     assert sorted(p.name for p in saved_ridge.iterdir()) == ["config.json", "head.safetensors", "history.json",
@@ -499,7 +505,7 @@ def test_save_load_in_a_fresh_process_gives_identical_predictions(fitted, saved,
         torch.set_num_threads(1)
         import dbk
         from spatialdata import SpatialData
-        from dbk.tl._diffbulk import DiffBulk
+        from dbk.tl import DiffBulk
         dbk.settings.progress = False
         model = DiffBulk.load({str(saved)!r}, device="cpu")
         slide = dbk.datasets.synthetic(shape=(1024, 1024), random_state=2)
@@ -573,7 +579,7 @@ def test_load_fails_clearly_on_corrupt_or_mismatched_folders(fitted, saved, tmp_
     d = edit("swapped_resummed", lambda c: None)
     shutil.rmtree(d / "pretrainer")
     other.save(d / "pretrainer")
-    from dbk.core._pretrainer import _sha256
+    from dbk.core._folder import sha256_file as _sha256
 
     cfg = json.loads((d / "config.json").read_text())
     cfg["sha256"]["pretrainer/config.json"] = _sha256(d / "pretrainer" / "config.json")

@@ -62,7 +62,7 @@ def _fit(device: str, *, steps: int = 12, seed: int = 0, **kw):
 
 def test_stage1_training_steps_bf16(device):
     """Stage 1 trains on the device under bf16 autocast (Accelerate's mixed precision on CUDA); loss finite."""
-    from dbk.core._pretrainer import _accelerator
+    from dbk.core._device import _accelerator
 
     model = _fit(device, steps=12, labeled_fraction=0.5)
     assert model.step == 12

@@ -21,7 +21,7 @@ from spatialdata.models import Image2DModel, TableModel
 from spatialdata.transformations import Identity, get_transformation
 
 import dbk
-from dbk._image import image_levels
+from dbk.io import image_levels
 
 
 @contextmanager

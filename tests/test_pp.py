@@ -109,6 +109,22 @@ def test_pseudobulk_points_in_other_coordinate_system():
     )
 
 
+def test_empty_tile_table_has_the_rows_of_pseudobulk():
+    from dbk.pp._tile_table import empty_tile_table
+
+    sdata, _ = make_sdata(1000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
+    dbk.pp.pseudobulk(sdata)
+    full = sdata.tables["dbk_table"]
+    empty = empty_tile_table(sdata, table_key="empty")
+    assert empty is sdata.tables["empty"] and empty.shape == (full.n_obs, 0) and empty.X.dtype == np.float32
+    assert list(empty.obs.columns) == ["region", "instance_id"]
+    assert list(empty.obs_names) == list(full.obs_names)
+    np.testing.assert_array_equal(empty.obs["instance_id"], full.obs["instance_id"])
+    np.testing.assert_array_equal(empty.obsm["spatial"], full.obsm["spatial"])
+    assert empty.uns["spatialdata_attrs"]["region"] == "dbk_tiles"
+
+
 def test_pseudobulk_genes_order_and_copy():
     sdata, df = make_sdata(20_000)
     dbk.pp.make_tiles(sdata, tile_size_um=56.0)

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from _builders import make_sdata
 
 import dbk
-from dbk._image import image_levels
+from dbk.io import image_levels
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from spatialdata.models import Image2DModel, PointsModel, TableModel
 from spatialdata.transformations import Identity, Scale
 
 import dbk
+from dbk.io import _parquet
 from dbk.pp import _pseudobulk
 
 TILE = 64
@@ -100,11 +101,9 @@ def _brute(df: pd.DataFrame, bounds, genes, min_qv=20.0) -> np.ndarray:
 def _both(sdata, monkeypatch, **kw):
     """(direct-parquet table, dask table) for the same call."""
     out = []
-    for direct in (True, False):
-        monkeypatch.setattr(_pseudobulk, "_DIRECT_PARQUET", direct)
-        dbk.pp.pseudobulk(sdata, **kw)
+    for reader in ("auto", "dask"):
+        dbk.pp.pseudobulk(sdata, reader=reader, **kw)
         out.append(sdata.tables["dbk_table"])
-    monkeypatch.setattr(_pseudobulk, "_DIRECT_PARQUET", True)
     return out
 
 
@@ -188,10 +187,9 @@ def test_direct_parquet_warns_nonfinite_like_dask(transcripts, monkeypatch, capl
     logger = logging.getLogger("dbk")
     logger.addHandler(caplog.handler)
     try:
-        for direct in (True, False):
+        for reader in ("auto", "dask"):
             caplog.clear()
-            monkeypatch.setattr(_pseudobulk, "_DIRECT_PARQUET", direct)
-            dbk.pp.pseudobulk(sdata)
+            dbk.pp.pseudobulk(sdata, reader=reader)
             assert "16 transcripts of 'transcripts' have NaN/infinite coordinates" in caplog.text
     finally:
         logger.removeHandler(caplog.handler)
@@ -226,6 +224,15 @@ def test_direct_parquet_applies_the_points_transformation(tmp_path, monkeypatch)
     _assert_same(fast, slow)
     np.testing.assert_array_equal(fast.layers["counts"].toarray(),
                                   _brute(px, dbk.pp.tile_bounds(sdata), list(fast.var_names)))
+
+
+def test_reader_dask_is_the_general_path(transcripts):
+    path, _ = transcripts
+    sdata = _sdata(_read(path))
+    dbk.pp.pseudobulk(sdata, reader="dask")
+    assert sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]["reader"] == "dask"
+    with pytest.raises(ValueError, match="reader must be 'auto' or 'dask'"):
+        dbk.pp.pseudobulk(sdata, reader="arrow")
 
 
 def test_computed_or_filtered_points_fall_back_to_dask(transcripts, monkeypatch):
@@ -295,8 +302,8 @@ def test_spatialdata_zarr_points_read_directly(transcripts, tmp_path, monkeypatc
 def test_huge_row_groups_are_streamed_in_batches(transcripts, monkeypatch):
     path, df = transcripts
     sdata = _sdata(_read(path))
-    monkeypatch.setattr(_pseudobulk, "_BIG_ROW_GROUP", 1000)
-    monkeypatch.setattr(_pseudobulk, "_BATCH_ROWS", 333)
+    monkeypatch.setattr(_parquet, "_BIG_ROW_GROUP", 1000)
+    monkeypatch.setattr(_parquet, "_BATCH_ROWS", 333)
     monkeypatch.setattr(_pseudobulk, "_CHUNK", 100)
     fast, slow = _both(sdata, monkeypatch)
     _assert_same(fast, slow)

@@ -21,7 +21,7 @@ from spatialdata.transformations import get_transformation
 
 import dbk
 from dbk._image import set_pixel_size
-from dbk.core._pretrainer import _build_sources, _TileBatches
+from dbk.core._data import _build_sources, _TileBatches
 from dbk.tl import EDM, DiffusionPretrainer, fit_pretrainer, get_preset, heun_sample, latest_checkpoint
 
 # a model small enough for many short CPU trainings: 16 px images, two U-Net levels of 16 / 32 channels
@@ -310,8 +310,11 @@ def test_generate_inputs_seeds_and_guidance(slide, dbk_log):
     model = fit_pretrainer(slide, max_steps=3, random_state=0, **SMALL)
     table = slide.tables["dbk_table"]
     a = model.generate(table[:4], n_steps=3, random_state=5)
-    # the seed of sample i does not depend on batching; the same seed gives the same tiles
-    np.testing.assert_array_equal(model.generate(table[:4], n_steps=3, random_state=5, batch_size=3), a)
+    # the seed of sample i does not depend on batching; the same seed gives the same tiles. Another batch shape may
+    # take other CPU kernels (summation order), so a pixel may round to the neighbouring grey level
+    b = model.generate(table[:4], n_steps=3, random_state=5, batch_size=3)
+    diff = np.abs(b.astype(int) - a.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert not np.array_equal(model.generate(table[:4], n_steps=3, random_state=6), a)
     # a DataFrame / list of dicts with an unknown gene (dropped, with a warning naming it) gives the same tiles
     df = table[:4].to_df().assign(NOTAGENE=1.0)

@@ -21,7 +21,7 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import get_transformation
 
 import dbk
-from dbk.tl._diffbulk import DiffBulk, fit_diffbulk
+from dbk.tl import DiffBulk, fit_diffbulk
 
 # a fit of a few seconds on one CPU core: a 512 px slide (47 tiles of 28 µm), 16 px stage 1, 32 px FM input
 TINY = {"image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8, "warmup_steps": 2,
@@ -143,7 +143,8 @@ def fitted():
     dbk.settings.progress = False
     train = _slide(0)
     before = snapshot(train)
-    model, out = fit_diffbulk(train, copy=True, **FIT)
+    model = fit_diffbulk(train, copy=True, **FIT)
+    out = model.training_data
     return model, train, before, out
 
 

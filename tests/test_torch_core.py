@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from dbk.core._data import _BalancedStepSampler, _build_sources, _resample
 from dbk.core._presets import AUTO_CPU_STEPS, THROUGHPUT, auto_preset, batch_for_memory, expected_seconds
-from dbk.core._pretrainer import _BalancedStepSampler, _build_sources, _resample
 from dbk.core._vocab import GeneVocab
 from dbk.tl import DiffusionPretrainer, TileArrays, get_preset
 
@@ -153,15 +153,18 @@ def test_torch_core_imports_without_spatialdata(tmp_path):
     code = textwrap.dedent(
         """
         import sys
-        import sys
         BLOCKED = ("spatialdata", "anndata", "scanpy", "squidpy", "dask", "geopandas", "xarray")
         for name in BLOCKED:  # "import name" now raises ImportError, and find_spec(name) answers None
             sys.modules[name] = None
         import numpy as np, dbk
-        from dbk.tl import DiffusionPretrainer, TileArrays, diffusion_features
+        from dbk.core import DiffusionPretrainer, TileArrays
         rng = np.random.default_rng(0)
         t = TileArrays(rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), X=rng.random((12, 2)), genes=["a", "b"])
         m = DiffusionPretrainer(["a", "b"], preset="tiny", block_out_channels=(16, 32), gene_dim=32).fit(t, max_steps=2)
+        ev = m.evaluate(t, sigmas=(0.5,), max_tiles=None)
+        assert int(ev["n_tiles"].iloc[0]) == 12
+        assert "dbk.pp._tile_sources" not in sys.modules  # the SpatialData half of the sources stays unloaded
+        from dbk.tl import diffusion_features
         f = diffusion_features(t.images, m)
         assert f.shape[0] == 12 and np.isfinite(f).all()
         heavy = sorted({k.split(".")[0] for k, v in sys.modules.items() if v is not None} & set(BLOCKED))

@@ -13,6 +13,7 @@ SPOTS_KEY = "spots"
 TABLE_KEY = "table"
 TISSUE_KEY = "dbk_tissue"
 IMAGE_KEY = "he"
+PIXEL_SIZE_FIT_KEY = "dbk_pixel_size_fit"  # sdata.attrs[...]: how an estimated pixel size was found (dbk.io.read_st)
 
 # coordinate systems: images live in "global" with an identity transform (H&E pixels); "um" is micrometres
 PIXEL_CS = "global"
@@ -25,6 +26,7 @@ SPATIAL_KEY = "spatial"
 PRED_KEY = "dbk_pred"
 DIFF_FEATURES_KEY = "X_dbk_diff"
 UNS_KEY = "dbk"
+UM_PER_PX_KEY = "um_per_px"  # uns["dbk"][...]: level-0 pixel size of the table's tile coordinates
 
 # obs columns
 SAMPLE_COL = "sample"

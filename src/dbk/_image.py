@@ -41,7 +41,19 @@ def resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
 
 @dataclass(frozen=True)
 class ImageLevel:
-    """One level of an image pyramid: the lazy ``(c, y, x)`` array and its downsampling from level 0."""
+    """One level of an image pyramid: the lazy ``(c, y, x)`` array and its downsampling from level 0.
+
+    Attributes
+    ----------
+    data
+        The level's lazy ``(c, y, x)`` image.
+    downsample_y
+        Level-0 height over this level's height (``1.0`` for level 0).
+    downsample_x
+        Level-0 width over this level's width.
+    shape_yx
+        ``(height, width)`` of the level in pixels.
+    """
 
     data: xr.DataArray
     downsample_y: float
@@ -49,11 +61,32 @@ class ImageLevel:
 
     @property
     def shape_yx(self) -> tuple[int, int]:
+        """``(height, width)`` of the level in pixels."""
         return int(self.data.sizes["y"]), int(self.data.sizes["x"])
 
 
 def image_levels(sdata: SpatialData, image_key: str | None = None) -> list[ImageLevel]:
-    """Pyramid levels of an image, finest first (a single-scale image gives one level)."""
+    """Pyramid levels of an image, finest first (a single-scale image gives one level).
+
+    The levels are checked: dims ``(c, y, x)`` with 1, 3 or 4 channels, the same channels on every level, each
+    level smaller than the one before and downsampled equally in y and x (up to rounding).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the image.
+    image_key
+        The H&E image; the only image when ``None``.
+
+    Returns
+    -------
+    One :class:`~dbk.io.ImageLevel` per level (lazy data, nothing is read), level 0 first.
+
+    Raises
+    ------
+    ValueError
+        If the image has no level dbk can read as described above (e.g. swapped axes), naming the level.
+    """
     key = resolve_image_key(sdata, image_key)
     element = sdata.images[key]
     if isinstance(element, xr.DataArray):

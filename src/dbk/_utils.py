@@ -90,3 +90,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def jsonable(v, none="None"):
+    """Plain values for JSON / h5ad: numpy scalars and arrays to Python, ``None`` to ``none``.
+
+    h5ad cannot store ``None``, so ``uns`` gets the string ``"None"``; JSON keeps ``null`` with ``none=None``.
+    """
+    if isinstance(v, dict):
+        return {str(k): jsonable(x, none) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [jsonable(x, none) for x in v]
+    if v is None:
+        return none
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
+
+
+def records_to_columns(records: list[dict]) -> dict[str, list]:
+    """``[{k: v}, ...]`` -> ``{k: [v, ...]}`` (floats; NaN where a record lacks the key or holds no number)."""
+    keys = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    return {k: [float(r[k]) if isinstance(r.get(k), (int, float)) else float("nan") for r in records] for k in keys}
+
+
+def check_batch_size(batch_size, name: str = "batch_size") -> None:
+    """A clear error unless ``batch_size`` is a positive integer."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {batch_size!r}.")

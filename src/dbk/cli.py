@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from dbk._constants import PRED_KEY
+
 # the metrics printed by `dbk demo` and `dbk benchmark`, by their exact names in dbk.tl.evaluate's summary
 # (the top-k name is filled in with the k actually used)
 METRICS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all",
@@ -184,7 +186,7 @@ def demo(
               "skipped (use a larger --size or a smaller --tile-um).")
     else:
         model = fitted["model"]
-        tm = adata.uns["dbk"]["training_metrics"]
+        tm = adata.uns[PRED_KEY]["training_metrics"]
         head, diff = model.head, model.config["diffusion"]
         training = [
             ("stage 1", f"preset {model.pretrainer.preset.name!r}, {model.pretrainer.image_size} px, "
@@ -220,7 +222,7 @@ def _demo_model(sdata, out: Path, stage, *, size: int, tile_size_um: float, rand
 
     import dbk
     from dbk._constants import TILES_KEY, TILES_TABLE_KEY
-    from dbk.tl._diffbulk import fit_diffbulk
+    from dbk.tl import fit_diffbulk
 
     adata = sdata.tables[TILES_TABLE_KEY]
     fit_kw: dict = {"preset": "tiny", "pretrain_steps": DEMO_STAGE1_STEPS, "fm_size_px": 224}
@@ -328,7 +330,7 @@ def _read_genes(path) -> list[str]:
 
 def cmd_fit(args) -> int:
     """``dbk fit``: fit DiffBulk on the given slides and save the model folder."""
-    from dbk.tl._diffbulk import fit_diffbulk
+    from dbk.tl import fit_diffbulk
 
     slides = _read_slides(args.data, hest_root=args.hest_root, samples=args.sample, pixel_size_um=args.pixel_size_um)
     out = Path(args.out)
@@ -343,7 +345,7 @@ def cmd_fit(args) -> int:
         tile_size_um=args.tile_um, random_state=args.seed, checkpoint_dir=args.checkpoint_dir, **head)
     model.save(out, overwrite=args.overwrite)
     print(f"\n{model!r}\nfitted in {time.perf_counter() - t:.0f} s, saved to {out}")
-    tm = slides[0].tables["dbk_table"].uns["dbk"]["training_metrics"]
+    tm = slides[0].tables["dbk_table"].uns[PRED_KEY]["training_metrics"]
     if "validation" in tm:
         v = tm["validation"]
         how = ("a head refitted without them" if args.fusion == "ridge"
@@ -370,7 +372,7 @@ def cmd_predict(args) -> int:
         raise SystemExit("--out must differ from DATA (the input is read lazily while writing).")
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
-    from dbk.tl._diffbulk import DiffBulk
+    from dbk.tl import DiffBulk
 
     model = DiffBulk.load(args.model, device=args.device)
     sd = _one_slide(args)
@@ -385,7 +387,8 @@ def cmd_benchmark(args) -> int:
     """``dbk benchmark``: metrics of a saved model (and the training-mean predictor) on one labelled slide."""
     import pandas as pd
 
-    from dbk.tl._diffbulk import DiffBulk, prepare_slide
+    from dbk.pp._prepare import prepare_slide
+    from dbk.tl import DiffBulk
 
     model = DiffBulk.load(args.model, device=args.device)
     sd = _one_slide(args)

@@ -17,23 +17,32 @@ _EXPORTS = {
     "EDM": "._edm",
     "heun_sample": "._edm",
     "DiffusionPretrainer": "._pretrainer",
-    "GeneToImageNet": "._pretrainer",
-    "latest_checkpoint": "._pretrainer",
-    "TileArrays": "._pretrainer",
+    "GeneToImageNet": "._network",
+    "latest_checkpoint": "._checkpoint",
+    "TileArrays": "._data",
     "PretrainerPreset": "._presets",
     "PRESETS": "._presets",
     "auto_preset": "._presets",
     "get_preset": "._presets",
     "InputScaler": "._scaler",
+    "FusionHead": "._heads",
+    "MLPNet": "._heads",
+    "masked_mse": "._head_training",
+    "train_network": "._head_training",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._checkpoint import latest_checkpoint
+    from ._data import TileArrays
     from ._edm import EDM, heun_sample
     from ._gene_encoder import GeneEncoder
+    from ._head_training import masked_mse, train_network
+    from ._heads import FusionHead, MLPNet
+    from ._network import GeneToImageNet
     from ._presets import PRESETS, PretrainerPreset, auto_preset, get_preset
-    from ._pretrainer import DiffusionPretrainer, GeneToImageNet, TileArrays, latest_checkpoint
+    from ._pretrainer import DiffusionPretrainer
     from ._scaler import InputScaler
     from ._vocab import GeneVocab
 

@@ -139,6 +139,28 @@ def image_element(levels: list[da.Array], *, source: str | os.PathLike = "image"
     shape spatialdata expects, so no level is recomputed. A level whose shape does not fit an integer factor ends
     the pyramid there (logged). A single large level (or a file whose pyramid cannot be used) gets a lazily
     computed factor-2 pyramid.
+
+    Parameters
+    ----------
+    levels
+        The image's levels, finest first, as lazy ``(c, y, x)`` 8-bit RGB dask arrays (3 channels ``r, g, b``).
+    source
+        What to call the image in log messages (e.g. its file).
+
+    Returns
+    -------
+    The image element, to put into ``SpatialData(images={...})``: a ``DataArray`` for a single small level, else a
+    multiscale ``DataTree``. It has no pixel size yet; set one with :func:`dbk.io.set_pixel_size`.
+
+    Examples
+    --------
+    A lazy blank slide with a pyramid:
+
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import dbk
+    >>> levels = [da.zeros((3, 4096 >> k, 4096 >> k), dtype=np.uint8, chunks=(3, 1024, 1024)) for k in range(3)]
+    >>> element = dbk.io.image_element(levels)
     """
     level0 = levels[0]
     factors: list[int] = []

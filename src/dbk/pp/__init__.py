@@ -17,6 +17,8 @@ _EXPORTS = {
     "export_tiles": "._dataset",
     "read_tile": "._dataset",
     "normalize": "._normalize",
+    "prepare_slide": "._prepare",
+    "prepare_slides": "._prepare",
     "is_control_probe": "._pseudobulk",
     "pseudobulk": "._pseudobulk",
     "make_tiles": "._tiles",
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._concat import concat, measured_mask, select_genes
     from ._dataset import TileDataset, export_tiles, read_tile
     from ._normalize import normalize
+    from ._prepare import prepare_slide, prepare_slides
     from ._pseudobulk import is_control_probe, pseudobulk
     from ._tiles import make_tiles, tile_bounds
     from ._tissue import tissue_mask

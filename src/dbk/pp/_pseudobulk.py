@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Literal
 
 import anndata as ad
@@ -13,21 +10,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from spatialdata import SpatialData
-from spatialdata.models import TableModel
-from tqdm.auto import tqdm
 
 from .._constants import (
     CELLS_KEY,
     CONTROL_PREFIXES,
     COUNTS_LAYER,
     GENE_COL,
-    INSTANCE_COL,
     N_CELLS_COL,
     N_TRANSCRIPTS_COL,
     QV_COL,
-    REGION_COL,
     SAMPLE_COL,
-    SPATIAL_KEY,
     SPOTS_KEY,
     TILES_KEY,
     TILES_TABLE_KEY,
@@ -37,9 +29,11 @@ from .._constants import (
 )
 from .._image import affine_to_image_pixels
 from .._logging import logger
-from .._settings import settings
 from .._utils import copy_sdata
+from ..io._parquet import plan_parquet_read
+from ..io._points import known_categories, stream_points
 from ._binning import TileLookup, apply_affine
+from ._tile_table import tile_table, write_tile_table
 from ._tiles import tile_bounds
 
 _KERNEL_BYTES = 4 << 30  # the largest int32 tiles x genes table
@@ -66,6 +60,7 @@ def pseudobulk(
     keep_controls: bool = False,
     sample: str | None = None,
     target_sum: float | None = 1e4,
+    reader: Literal["auto", "dask"] = "auto",
     key_added: str = TILES_TABLE_KEY,
     copy: bool = False,
 ) -> SpatialData | None:
@@ -77,7 +72,8 @@ def pseudobulk(
     ``spatialdata.read_zarr`` give them; column selection, renaming and casts allowed) are read row group by row
     group straight from the files with pyarrow, the gene column dictionary-encoded, one row group per thread in
     flight; any other points (in memory, computed columns, parquet filters, ...) partition by partition through dask.
-    Both give the same table (``uns["dbk"]["pseudobulk"]["reader"]`` says which was used). From cells, each cell
+    Both give the same table (``uns["dbk"]["pseudobulk"]["reader"]`` says which was used; ``reader="dask"`` forces the
+    general path). From cells, each cell
     counts in the tile containing its centroid. From spots, a spot tile (``make_tiles(mode="spots")``) takes its
     spot's counts.
 
@@ -117,6 +113,10 @@ def pseudobulk(
         ``"sample"``.
     target_sum
         Library size for :func:`dbk.pp.normalize` of ``X``; ``None`` for log1p of raw counts.
+    reader
+        How transcripts are read: ``"auto"`` reads plain parquet points straight from their files and any other
+        points through dask; ``"dask"`` reads all points partition by partition through dask (the general path,
+        e.g. to compare speed; the counts are the same).
     key_added
         Name of the table written.
     copy
@@ -135,6 +135,8 @@ def pseudobulk(
     """
     if source not in ("transcripts", "cells", "spots"):
         raise ValueError(f"source must be 'transcripts', 'cells' or 'spots', got {source!r}.")
+    if reader not in ("auto", "dask"):
+        raise ValueError(f"reader must be 'auto' or 'dask', got {reader!r}.")
     if genes is not None and len(genes) == 0:
         raise ValueError(
             "genes=[] selects no gene, so the table would have 0 genes; pass genes=None for all genes of the panel, "
@@ -147,10 +149,10 @@ def pseudobulk(
     if image_key is None:
         image_key = tiles.attrs.get("dbk", {}).get("image_key")
 
-    reader = None
+    used = None  # the reader used for transcripts
     if source == "transcripts":
-        counts, gene_names, reader = _from_transcripts(
-            sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls
+        counts, gene_names, used = _from_transcripts(
+            sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, reader == "auto"
         )
     elif source == "cells":
         counts, gene_names = _from_cells(sdata, bounds, cells_key, table_key, image_key, genes, keep_controls)
@@ -158,21 +160,15 @@ def pseudobulk(
         counts, gene_names = _from_spots(sdata, tiles, table_key, genes, keep_controls)
 
     _check_counts(counts, f"expression summed into tiles {tiles_key!r}")
-    obs = pd.DataFrame(index=pd.Index(np.asarray(tiles.index.astype(str), dtype=object)))
-    obs[SAMPLE_COL] = pd.Categorical([sample if sample is not None else _sample_name(sdata, key_added)] * len(obs))
-    obs[N_TRANSCRIPTS_COL] = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64)
-    obs[N_CELLS_COL] = _count_cells(sdata, bounds, cells_key, image_key)
-    obs[TISSUE_FRACTION_COL] = (
-        tiles[TISSUE_FRACTION_COL].to_numpy() if TISSUE_FRACTION_COL in tiles.columns else np.nan
-    )
-    obs[REGION_COL] = pd.Categorical([tiles_key] * len(obs))
-    obs[INSTANCE_COL] = np.asarray(tiles.index)
+    obs = {  # obs columns, in this order (then region and instance_id)
+        SAMPLE_COL: pd.Categorical([sample if sample is not None else _sample_name(sdata, key_added)] * len(tiles)),
+        N_TRANSCRIPTS_COL: np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
+        N_CELLS_COL: _count_cells(sdata, bounds, cells_key, image_key),
+        TISSUE_FRACTION_COL: tiles[TISSUE_FRACTION_COL].to_numpy() if TISSUE_FRACTION_COL in tiles.columns else np.nan,
+    }
     var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
-    adata = ad.AnnData(X=_log1p_normalized(counts, target_sum), obs=obs, var=var)
+    adata = tile_table(sdata, tiles_key, _log1p_normalized(counts, target_sum), obs=obs, var=var, bounds=bounds)
     adata.layers[COUNTS_LAYER] = counts
-    adata.obsm[SPATIAL_KEY] = np.column_stack(
-        [(bounds[:, 0] + bounds[:, 2]) / 2.0, (bounds[:, 1] + bounds[:, 3]) / 2.0]
-    )
     adata.uns[UNS_KEY] = {
         "pseudobulk": {
             "source": source,
@@ -182,15 +178,11 @@ def pseudobulk(
             "target_sum": "None" if target_sum is None else float(target_sum),
         }
     }
-    if reader is not None:  # how the points were read: "parquet" (straight from the files) or "dask"
-        adata.uns[UNS_KEY]["pseudobulk"]["reader"] = reader
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = TableModel.parse(
-        adata, region=tiles_key, region_key=REGION_COL, instance_key=INSTANCE_COL
-    )
+    if used is not None:  # how the points were read: "parquet" (straight from the files) or "dask"
+        adata.uns[UNS_KEY]["pseudobulk"]["reader"] = used
+    write_tile_table(sdata, adata, tiles_key, key_added)
     logger.info(
-        f"pseudobulk: {adata.n_obs} tiles x {adata.n_vars} genes, {int(obs[N_TRANSCRIPTS_COL].sum()):,} counts "
+        f"pseudobulk: {adata.n_obs} tiles x {adata.n_vars} genes, {int(adata.obs[N_TRANSCRIPTS_COL].sum()):,} counts "
         f"from {source} -> sdata.tables[{key_added!r}]."
     )
     return sdata if copy else None
@@ -250,30 +242,7 @@ def _gene_filter(names, genes: list[str] | None, keep_controls: bool) -> list[st
     return [n for n in names if keep_controls or not is_control_probe(n)]
 
 
-def _gene_codes(g: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes (-1 for missing) and the category names of a gene column, without a Python loop."""
-    if isinstance(g.dtype, pd.CategoricalDtype):
-        return g.cat.codes.to_numpy().astype(np.int64), np.asarray(g.cat.categories.astype(str))
-    if isinstance(g.dtype, pd.ArrowDtype) or str(g.dtype).startswith("string"):
-        try:  # arrow-backed strings: dictionary-encode in C++ (several times faster than pandas' factorize)
-            import pyarrow as pa
-            import pyarrow.compute as pc
-
-            arr = g.array._pa_array if hasattr(g.array, "_pa_array") else pa.array(g)
-            enc = pc.dictionary_encode(arr).combine_chunks() if isinstance(arr, pa.ChunkedArray) else (
-                pc.dictionary_encode(arr))
-            codes = enc.indices.to_numpy(zero_copy_only=False)
-            codes = np.where(np.isnan(codes), -1, codes).astype(np.int64) if codes.dtype.kind == "f" else codes
-            names = enc.dictionary.to_numpy(zero_copy_only=False)
-            return codes.astype(np.int64), np.asarray([n.decode() if isinstance(n, bytes) else str(n) for n in names])
-        except (ImportError, AttributeError, TypeError):
-            pass
-    codes, uniques = pd.factorize(g)
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in uniques]
-    return codes.astype(np.int64), np.asarray(names, dtype=object)
-
-
-def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls):
+def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, direct):
     if points_key not in sdata.points:
         raise KeyError(f"No points {points_key!r} in sdata.points; available: {list(sdata.points)}.")
     points = sdata.points[points_key]
@@ -290,18 +259,13 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
 
     counter = _Counter(TileLookup.build(bounds), m[:2].copy(), genes, keep_controls,
                        float(min_qv) if use_qv else 0.0)
-    plan = _direct_parquet_plan(points, cols) if _DIRECT_PARQUET else None
+    plan = plan_parquet_read(points, cols) if direct else None  # None: not a plain parquet read, use dask
     if plan is not None:
         counter.allowed = plan.allowed
-    known = _known_categories(points, gene_key)
+    known = known_categories(points, gene_key)
     if known is not None:  # every partition of a known categorical brings all its categories: so does every path
         counter.lut(known)
-    if plan is not None:
-        logger.debug(f"pseudobulk: reading {len(plan.tasks)} row group(s) of {len(plan.files)} parquet file(s) "
-                     "directly with pyarrow.")
-        _stream_parquet(plan, counter)
-    else:
-        _stream_dask(points[cols], counter, gene_key, use_qv, qv_key)
+    reader = stream_points(points, cols, counter.count, plan=plan, desc="pseudobulk")
     n_bad = counter.n_bad
     if n_bad:
         logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
@@ -315,15 +279,12 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
             logger.warning(f"pseudobulk: {len(unseen)} of the {len(names)} requested genes have no transcript in any "
                            f"tile of {points_key!r} (not in the panel, misspelt, or only outside the tiles), e.g. "
                            f"{unseen[:10]}; their columns are zero.")
-    return counts, names, "parquet" if plan is not None else "dask"
+    return counts, names, reader
 
 
 # -- counting -----------------------------------------------------------------------------------------------------
 
-_DIRECT_PARQUET = True  # read plain read_parquet points straight from their files (tests switch it off to compare)
 _CHUNK = 1 << 16  # rows binned at a time (temporaries stay in cache)
-_BATCH_ROWS = 1 << 20  # rows per batch where a row group is larger than _BIG_ROW_GROUP
-_BIG_ROW_GROUP = 1 << 22  # row groups above this many rows are read in batches (bounded memory)
 _MERGE_CELLS = 4 << 20  # table cells turned into sparse rows at a time
 
 
@@ -461,316 +422,8 @@ class _Counter:
         return counts
 
 
-def _stream_dask(points, counter: _Counter, gene_key: str, use_qv: bool, qv_key: str) -> None:
-    """Count the points partition by partition, computing each (with dask) in the thread that counts it."""
-    no_qv = np.zeros(0, np.float32)
-
-    def run(part) -> None:  # read one partition (in this thread) and bin it at once: nothing read ahead
-        df = part.compute(scheduler="sync")
-        codes, cats = _gene_codes(df[gene_key])
-        counter.count(df["x"].to_numpy(), df["y"].to_numpy(), df[qv_key].to_numpy() if use_qv else no_qv, codes,
-                      tuple(str(c) for c in cats))
-        _release_arrow_memory()
-
-    parts = points.to_delayed()
-    n_threads = _n_threads()
-    # a sliding window of one partition per thread (+1) in flight: bounded memory, no barrier between batches
-    with tqdm(total=len(parts), desc="pseudobulk", unit="part", disable=not settings.progress) as bar, \
-            ThreadPoolExecutor(max_workers=n_threads) as pool:
-        pending: set = set()
-        for part in parts:
-            pending.add(pool.submit(run, part))
-            if len(pending) > n_threads:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()
-                    bar.update(1)
-        for f in pending:
-            f.result()
-            bar.update(1)
-
-
-# -- direct parquet reading ---------------------------------------------------------------------------------------
-
-
-class _Unsupported(Exception):
-    """The points are not a plain read of parquet files: use the dask path."""
-
-
-@dataclass
-class _ParquetPlan:
-    files: list[str]
-    tasks: list[tuple[int, int, int]]  # (file, row group, rows)
-    src: dict[str, str]  # points column -> file column
-    casts: dict[str, list]  # points column -> numpy dtypes to cast to, in order
-    allowed: frozenset | None  # gene names kept by a categorical cast (None: all)
-
-
-def _known_categories(points, gene_key: str) -> tuple | None:
-    try:
-        col = points[gene_key]
-        if isinstance(col.dtype, pd.CategoricalDtype) and col.cat.known:
-            return tuple(str(c) for c in col.dtype.categories)
-    except (AttributeError, NotImplementedError, TypeError):  # pragma: no cover
-        pass
-    return None
-
-
-def _direct_parquet_plan(points, cols: list[str]) -> _ParquetPlan | None:
-    """How to read ``cols`` of ``points`` straight from parquet, or ``None`` when they are not a plain read.
-
-    Plain means: a single ``dask.dataframe.read_parquet`` of local files (no filters, no partition selection), followed
-    only by column selection, renaming, re-assignment of columns and casts that do not change which rows are counted
-    (to float for coordinates and quality; to string or categorical for the gene). Transformations are in the
-    element's attrs and are applied in the same way on both paths.
-    """
-    try:
-        return _plan(points, cols)
-    except _Unsupported as e:
-        logger.debug(f"pseudobulk: points read through dask ({e}).")
-    except Exception as e:  # dask internals changed: never fail, use the general path
-        logger.debug(f"pseudobulk: points read through dask (plan failed: {type(e).__name__}: {e}).")
-    return None
-
-
-def _plan(points, cols: list[str]) -> _ParquetPlan:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        from dask.dataframe.dask_expr.io.parquet import ReadParquetFSSpec
-        from pyarrow.fs import LocalFileSystem
-    except ImportError as e:
-        raise _Unsupported(str(e)) from None
-    expr = getattr(points, "expr", None)
-    if expr is None:
-        raise _Unsupported("not a dask-expr collection")
-    leaves: dict = {}
-    lineage = _lineage(expr, leaves, ReadParquetFSSpec)
-    leaves.pop(None, None)
-    if not isinstance(lineage, dict) or len(leaves) != 1:
-        raise _Unsupported("not one parquet read")
-    leaf = next(iter(leaves.values()))
-    info = leaf._dataset_info
-    ds = info["ds"]
-    if not isinstance(ds.filesystem, LocalFileSystem):
-        raise _Unsupported(f"filesystem {type(ds.filesystem).__name__}")
-    files = list(ds.files)
-    if not files or not all(os.path.isfile(f) for f in files):
-        raise _Unsupported("files not on the local disk")
-    src = {c: lineage[c][0] for c in cols}
-    casts = {c: list(lineage[c][1]) for c in cols}
-    gene = cols[2]
-    allowed = None
-    for c in cols:
-        for kind, arg in casts[c]:
-            if c != gene and kind != "float":
-                raise _Unsupported(f"cast of {c!r} to {kind}")
-            if c == gene and kind == "float":
-                raise _Unsupported("numeric cast of the gene column")
-            if kind == "cat" and arg is not None:
-                allowed = frozenset(arg) if allowed is None else allowed & frozenset(arg)
-        casts[c] = [arg for kind, arg in casts[c] if kind == "float"]
-
-    tasks = []
-    for i, f in enumerate(files):
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        for c in cols:
-            if src[c] not in schema.names:
-                raise _Unsupported(f"column {src[c]!r} not in {f}")
-            typ = schema.field(src[c]).type
-            if c == gene:
-                val = typ.value_type if pa.types.is_dictionary(typ) else typ
-                is_str = pa.types.is_string(val) or pa.types.is_large_string(val)
-                if not (is_str or pa.types.is_binary(val) or pa.types.is_large_binary(val)):
-                    raise _Unsupported(f"gene column of type {typ}")
-                if not is_str and lineage[c][1]:  # pandas casts compare bytes with str: leave those to dask
-                    raise _Unsupported("cast of a binary gene column")
-            elif not (pa.types.is_integer(typ) or pa.types.is_float32(typ) or pa.types.is_float64(typ)):
-                raise _Unsupported(f"column {src[c]!r} of type {typ}")
-        md = pf.metadata
-        tasks += [(i, rg, md.row_group(rg).num_rows) for rg in range(md.num_row_groups)]
-    return _ParquetPlan(files, tasks, src, casts, allowed)
-
-
-def _cast_of(dtype) -> tuple[str, object]:
-    dtype = pd.api.types.pandas_dtype(dtype)
-    if isinstance(dtype, pd.CategoricalDtype):
-        cats = dtype.categories
-        if cats is None:
-            return "cat", None
-        if not all(isinstance(c, str) for c in cats):
-            raise _Unsupported("non-string categories")
-        return "cat", tuple(cats)
-    if isinstance(dtype, pd.StringDtype) or dtype == np.dtype(object):
-        return "str", None
-    if isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize >= 4:
-        return "float", dtype
-    raise _Unsupported(f"cast to {dtype}")
-
-
-def _lineage(expr, leaves: dict, read_cls):
-    """Trace each column of a dask-expr frame (dict) or series (tuple) back to ``(file column, casts)``.
-
-    Raises ``_Unsupported`` for any operation that may change values or rows other than the whitelisted ones.
-    """
-    from dask.dataframe.dask_expr import _expr as dx
-
-    memo = leaves.setdefault(None, {})  # traced sub-expressions by name (a points graph repeats them)
-    if expr._name in memo:
-        return memo[expr._name]
-    is_frame = isinstance(expr._meta, pd.DataFrame)
-    if isinstance(expr, read_cls):
-        if expr.operand("filters") or expr.operand("_partitions") is not None:
-            raise _Unsupported("filtered parquet read")
-        if set(expr.operand("kwargs") or {}) - {"dtype_backend"}:
-            raise _Unsupported(f"read_parquet options {sorted(expr.operand('kwargs'))}")
-        leaves[expr._name] = expr
-        out = {c: (c, ()) for c in expr._meta.columns} if is_frame else (expr._meta.name, ())
-    elif type(expr) is dx.Projection:
-        frame = _lineage(expr.frame, leaves, read_cls)
-        if not isinstance(frame, dict):
-            raise _Unsupported("projection of a series")
-        want = list(expr._meta.columns) if is_frame else expr.operand("columns")
-        try:
-            out = {c: frame[c] for c in want} if is_frame else frame[want]
-        except (KeyError, TypeError):
-            raise _Unsupported("projection of unknown columns") from None
-    elif type(expr) in (dx.RenameFrame, dx.ColumnsSetter):
-        frame = _lineage(expr.frame, leaves, read_cls)
-        if not isinstance(frame, dict) or not is_frame:
-            raise _Unsupported("rename of a series")
-        new = list(expr._meta.columns)
-        if len(new) != len(frame):
-            raise _Unsupported("rename changed the number of columns")
-        out = dict(zip(new, frame.values(), strict=True))
-        if type(expr) is dx.RenameFrame:  # a renamed frame keeps its column order: check it against the mapping
-            mapping = expr.operand("columns")
-            if not isinstance(mapping, dict) or any(mapping.get(o, o) != n for o, n in zip(frame, new, strict=True)):
-                raise _Unsupported("rename by a function")
-    elif type(expr) is dx.Assign:
-        frame = _lineage(expr.frame, leaves, read_cls)
-        if not isinstance(frame, dict):
-            raise _Unsupported("assign to a series")
-        out = dict(frame)
-        for k, v in zip(expr.keys, expr.vals, strict=True):
-            if not isinstance(v, dx.Expr):
-                raise _Unsupported(f"column {k!r} assigned a constant")
-            val = _lineage(v, leaves, read_cls)
-            if isinstance(val, dict):
-                raise _Unsupported("assigned a frame")
-            out[k] = val
-    elif type(expr) is dx.AsType:
-        frame = _lineage(expr.frame, leaves, read_cls)
-        dtypes = expr.operand("dtypes")
-        if isinstance(frame, dict):
-            per = dtypes if isinstance(dtypes, dict) else {c: dtypes for c in frame}
-            out = {c: (s, (*casts, _cast_of(per[c])) if c in per else casts) for c, (s, casts) in frame.items()}
-        else:
-            if isinstance(dtypes, dict):
-                raise _Unsupported("astype of a series with a dict")
-            out = (frame[0], (*frame[1], _cast_of(dtypes)))
-    else:
-        raise _Unsupported(f"operation {type(expr).__name__}")
-    if is_frame and list(out) != list(expr._meta.columns):
-        raise _Unsupported(f"column order of {type(expr).__name__} not understood")
-    memo[expr._name] = out
-    return out
-
-
-def _stream_parquet(plan: _ParquetPlan, counter: _Counter) -> None:
-    """Read the planned row groups with pyarrow, one per thread at a time, and count each as it arrives."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    x_col, y_col, gene_col = (plan.src[c] for c in list(plan.src)[:3])
-    qv_col = plan.src[list(plan.src)[3]] if len(plan.src) > 3 else None
-    casts = [plan.casts[c] for c in plan.src]
-    read_cols = list(dict.fromkeys(plan.src.values()))
-    no_qv = np.zeros(0, np.float32)
-    tasks = iter(plan.tasks)
-    lock = threading.Lock()
-    n_threads = max(1, min(_n_threads(), len(plan.tasks)))
-    bar = tqdm(total=len(plan.tasks), desc="pseudobulk", unit="row group", disable=not settings.progress)
-
-    def numeric(col, cast) -> np.ndarray:
-        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        a = arr.to_numpy(zero_copy_only=False)
-        for dt in cast:
-            a = a.astype(dt, copy=False)
-        return a
-
-    def count_batch(tb) -> None:
-        if tb.num_rows == 0:
-            return
-        if any(c.num_chunks != 1 for c in tb.columns):
-            tb = tb.unify_dictionaries().combine_chunks()
-        g = tb.column(gene_col).chunk(0)
-        if not pa.types.is_dictionary(g.type):
-            g = g.dictionary_encode()
-        idx = g.indices
-        if idx.null_count:
-            idx = pc.fill_null(idx, -1)
-        names = tuple(n.decode() if isinstance(n, bytes) else n for n in g.dictionary.to_pylist())
-        counter.count(numeric(tb.column(x_col), casts[0]), numeric(tb.column(y_col), casts[1]),
-                      numeric(tb.column(qv_col), casts[3]) if qv_col else no_qv,
-                      idx.to_numpy(zero_copy_only=False), names)
-
-    failed = threading.Event()
-
-    def work() -> None:
-        try:
-            _work()
-        except BaseException:
-            failed.set()  # the other threads stop at their next row group
-            raise
-
-    def _work() -> None:
-        handles: dict[int, pq.ParquetFile] = {}
-        while not failed.is_set():
-            with lock:
-                task = next(tasks, None)
-            if task is None:
-                return
-            i, rg, rows = task
-            f = handles.get(i)
-            if f is None:
-                f = handles[i] = pq.ParquetFile(plan.files[i], read_dictionary=[gene_col], pre_buffer=False,
-                                                buffer_size=1 << 22)
-            if rows <= _BIG_ROW_GROUP:
-                count_batch(f.read_row_group(rg, columns=read_cols, use_threads=False))
-            else:  # a huge row group: stream it in batches (bounded memory)
-                for b in f.iter_batches(batch_size=_BATCH_ROWS, row_groups=[rg], columns=read_cols,
-                                        use_threads=False):
-                    count_batch(pa.Table.from_batches([b]))
-            bar.update(1)
-
-    try:
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            for f in [pool.submit(work) for _ in range(n_threads)]:
-                f.result()
-    finally:
-        bar.close()
-        _release_arrow_memory()
-
-
-def _release_arrow_memory() -> None:
-    """Hand pyarrow's freed buffers back to the OS (its allocator keeps them otherwise, inflating RSS)."""
-    try:
-        import pyarrow as pa
-
-        pa.default_memory_pool().release_unused()
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-
-
 def _round_up(n: int, step: int = 16) -> int:
     return -(-n // step) * step
-
-
-def _n_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _annotating_table(sdata: SpatialData, element_key: str, table_key: str | None) -> ad.AnnData:

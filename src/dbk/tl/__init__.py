@@ -15,49 +15,59 @@ _EXPORTS = {
     "EDM": "..core._edm",
     "heun_sample": "..core._edm",
     "DiffusionPretrainer": "..core._pretrainer",
-    "GeneToImageNet": "..core._pretrainer",
+    "GeneToImageNet": "..core._network",
     "fit_pretrainer": "..core._pretrainer",
-    "latest_checkpoint": "..core._pretrainer",
+    "latest_checkpoint": "..core._checkpoint",
     "PretrainerPreset": "..core._presets",
     "PRESETS": "..core._presets",
-    "TileArrays": "..core._pretrainer",
+    "TileArrays": "..core._data",
     "auto_preset": "..core._presets",
     "get_preset": "..core._presets",
     "embed_tiles": "._embed",
     "load_foundation_model": "._embed",
     "fit_baseline": "._baselines",
     "MeanPredictor": "._baselines",
-    "RidgeBaseline": "._baselines",
+    "RidgeBaseline": "._ridge",
     "MLPBaseline": "._baselines",
     "evaluate": "._evaluate",
-    "FusionHead": "._fusion",
+    "FusionHead": "..core._heads",
     "FusionRegressor": "._fusion",
     "fit_head": "._fusion",
-    "masked_mse": "._fusion",
-    "fit_diffbulk": "._diffbulk",
-    "DiffBulk": "._diffbulk",
+    "masked_mse": "..core._head_training",
+    "fit_diffbulk": "._fit",
+    "DiffBulk": "._model",
     "diffusion_features": "._diffusion_features",
     "predictions_to_adata": "._predictions",
     "spatial_context": "._context",
+    "neighbor_mean": "._context",
+    "model_key": "._embed",
+    "nan_pearson": "._evaluate",
     "RidgeFusionRegressor": "._fusion",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ..core._checkpoint import latest_checkpoint
+    from ..core._data import TileArrays
     from ..core._edm import EDM, heun_sample
     from ..core._gene_encoder import GeneEncoder
+    from ..core._head_training import masked_mse
+    from ..core._heads import FusionHead
+    from ..core._network import GeneToImageNet
     from ..core._presets import PRESETS, PretrainerPreset, auto_preset, get_preset
-    from ..core._pretrainer import DiffusionPretrainer, GeneToImageNet, TileArrays, fit_pretrainer, latest_checkpoint
+    from ..core._pretrainer import DiffusionPretrainer, fit_pretrainer
     from ..core._vocab import GeneVocab
-    from ._baselines import MeanPredictor, MLPBaseline, RidgeBaseline, fit_baseline
-    from ._context import spatial_context
-    from ._diffbulk import DiffBulk, fit_diffbulk
+    from ._baselines import MeanPredictor, MLPBaseline, fit_baseline
+    from ._context import neighbor_mean, spatial_context
     from ._diffusion_features import diffusion_features
-    from ._embed import embed_tiles, load_foundation_model
-    from ._evaluate import evaluate
-    from ._fusion import FusionHead, FusionRegressor, RidgeFusionRegressor, fit_head, masked_mse
+    from ._embed import embed_tiles, load_foundation_model, model_key
+    from ._evaluate import evaluate, nan_pearson
+    from ._fit import fit_diffbulk
+    from ._fusion import FusionRegressor, RidgeFusionRegressor, fit_head
+    from ._model import DiffBulk
     from ._predictions import predictions_to_adata
+    from ._ridge import RidgeBaseline
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

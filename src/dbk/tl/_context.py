@@ -7,10 +7,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._constants import SAMPLE_COL, SPATIAL_KEY, UNS_KEY
+from .._constants import SAMPLE_COL, SPATIAL_KEY, UM_PER_PX_KEY, UNS_KEY
 from .._logging import logger
-
-UM_PER_PX_KEY = "um_per_px"  # uns["dbk"][...]: level-0 pixel size of the table's tile coordinates
 
 
 def neighbor_mean(coords: np.ndarray, x: np.ndarray, radius: float, groups: np.ndarray | None = None) -> np.ndarray:
@@ -78,8 +76,17 @@ def _groups(adata: ad.AnnData, groups: str | None) -> np.ndarray | None:
 def with_context(adata: ad.AnnData, x: np.ndarray, radius_um: float, *, um_per_px: float | None = None,
                  groups: str | None = SAMPLE_COL) -> np.ndarray:
     """``[x, neighbour mean of x]`` for the tiles of ``adata`` (the mean within ``radius_um``, per slide)."""
-    mean = neighbor_mean(tile_coords_um(adata, um_per_px), x, radius_um, _groups(adata, groups))
-    return np.hstack([np.asarray(x, np.float64), mean])
+    return context_features(tile_coords_um(adata, um_per_px), x, radius_um, _groups(adata, groups))
+
+
+def context_features(coords_um: np.ndarray, x: np.ndarray, radius_um: float,
+                     groups: np.ndarray | None = None) -> np.ndarray:
+    """``[x, neighbour mean of x within radius_um]`` (float64) for tiles centred at ``coords_um`` (µm), per group.
+
+    The one computation of spatial context, at fit (:func:`dbk.tl.fit_diffbulk` on its training table) and at
+    predict (:meth:`dbk.tl.DiffBulk.predict`, :func:`spatial_context`).
+    """
+    return np.hstack([np.asarray(x, np.float64), neighbor_mean(coords_um, x, radius_um, groups)])
 
 
 def spatial_context(

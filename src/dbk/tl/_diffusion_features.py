@@ -170,7 +170,7 @@ def _use_bf16(autocast: bool | None, device: torch.device) -> bool:
 def _array_features(images, pretrainer, *, tile_ids, sigma, levels, pool, use_ema, batch_size, random_state,
                     autocast) -> np.ndarray:
     """``diffusion_features`` of an (n, S, S, 3) uint8 array of tiles already at the model's resolution."""
-    from ..core._pretrainer import _resample
+    from ..core._data import _resample
 
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
@@ -208,6 +208,7 @@ def diffusion_features(
     autocast: bool | None = None,
     tile_ids: Sequence | None = None,
     key_added: str = DIFF_FEATURES_KEY,
+    overwrite: bool = False,
     copy: bool = False,
 ) -> SpatialData | np.ndarray | None:
     """Diffusion features ``z_diff`` of every tile from the frozen stage-1 U-Net (DiffBulk stage 2).
@@ -262,6 +263,11 @@ def diffusion_features(
         Array input only: the id of each tile, which seeds its noise (default ``0 .. n-1``).
     key_added
         ``obsm`` key written.
+    overwrite
+        Recompute even when ``obsm[key_added]`` already holds features whose record names the same stage-1 weights
+        (fingerprint) and settings (``sigma``, ``random_state``, ``levels``, ``pool``, ``use_ema``, ``tiles_key``,
+        ``image_size``, ``um_per_px``, ``precision``). Without it such features are kept (they are deterministic, so
+        reuse is exact).
     copy
         Return a modified copy instead of changing ``data`` in place.
 
@@ -309,40 +315,56 @@ def diffusion_features(
     if um_per_px is None:
         logger.warning("diffusion_features: the pretrainer does not know its tile size in µm; each tile is resampled "
                        f"to {pretrainer.image_size} px whatever its size.")
-    ds = TileDataset(data, tiles_key, image_key=image_key, size_px=pretrainer.image_size,
-                     target_um_per_px=um_per_px, dtype="uint8")
-    rows = _table_rows_to_tiles(data, table_key, tiles_key, ds.tile_ids)
-    # an own generator: a DataLoader iterator otherwise draws its workers' base seed from the global torch RNG
-    loader = DataLoader(Subset(ds, rows.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
     device = next(net.parameters()).device
-    feats, dims, shapes = _extract(net, loader, ds.tile_ids[rows], sigma=float(sigma), random_state=int(random_state),
-                                   levels=levels, pool=pool, device=device, n=len(rows),
-                                   bf16=_use_bf16(autocast, device))
-    if not np.isfinite(feats).all():
-        logger.warning(f"diffusion_features: {int((~np.isfinite(feats)).any(axis=1).sum())} tiles got non-finite "
-                       "features.")
-    adata = data.tables[table_key]
-    adata.obsm[key_added] = feats.astype(np.float32, copy=False)
-    record = {
-        "levels": levels,
-        "dims": [int(d) for d in dims],
-        "offsets": [int(o) for o in np.cumsum([0, *dims])[:-1]],
-        "shapes": [list(shapes[lv]) for lv in levels] if shapes else [],
-        "pool": pool,
-        "dim": int(feats.shape[1]),
+    bf16 = _use_bf16(autocast, device)
+    settings_rec = {
         "sigma": float(sigma),
         "random_state": int(random_state),
         "use_ema": bool(use_ema),
         "image_size": int(pretrainer.image_size),
         "um_per_px": "None" if um_per_px is None else float(um_per_px),
         "tiles_key": tiles_key,
-        "pretrainer_step": int(pretrainer.step),
         "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, use_ema),
-        "precision": "bf16" if _use_bf16(autocast, device) else "float32",
+        "precision": "bf16" if bf16 else "float32",
+        "levels": list(levels),
+        "pool": pool,
+    }
+    adata = data.tables[table_key]
+    if not overwrite and _stored_features_match(adata, key_added, settings_rec):
+        logger.info(f"diffusion_features: slide {str(data.attrs.get('sample', 'slide'))!r}: keeping obsm"
+                    f"[{key_added!r}] (same stage-1 weights and settings; overwrite=True recomputes).")
+        return data if copy else None
+    ds = TileDataset(data, tiles_key, image_key=image_key, size_px=pretrainer.image_size,
+                     target_um_per_px=um_per_px, dtype="uint8")
+    rows = _table_rows_to_tiles(data, table_key, tiles_key, ds.tile_ids)
+    # an own generator: a DataLoader iterator otherwise draws its workers' base seed from the global torch RNG
+    loader = DataLoader(Subset(ds, rows.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    feats, dims, shapes = _extract(net, loader, ds.tile_ids[rows], sigma=float(sigma), random_state=int(random_state),
+                                   levels=levels, pool=pool, device=device, n=len(rows), bf16=bf16)
+    if not np.isfinite(feats).all():
+        logger.warning(f"diffusion_features: {int((~np.isfinite(feats)).any(axis=1).sum())} tiles got non-finite "
+                       "features.")
+    adata.obsm[key_added] = feats.astype(np.float32, copy=False)
+    record = {
+        "dims": [int(d) for d in dims],
+        "offsets": [int(o) for o in np.cumsum([0, *dims])[:-1]],
+        "shapes": [list(shapes[lv]) for lv in levels] if shapes else [],
+        "dim": int(feats.shape[1]),
+        "pretrainer_step": int(pretrainer.step),
+        **settings_rec,
     }
     uns = adata.uns.setdefault(UNS_KEY, {})
     uns.setdefault("diffusion_features", {})[key_added] = record
     logger.info(f"diffusion_features: {feats.shape[0]} tiles x {feats.shape[1]} ({'+'.join(levels)}, {pool}, "
                 f"sigma={sigma:g}) -> sdata.tables[{table_key!r}].obsm[{key_added!r}].")
     return data if copy else None
+
+
+def _stored_features_match(adata, key: str, want: dict) -> bool:
+    """Whether ``obsm[key]`` holds one row per tile made with exactly the weights and settings in ``want``."""
+    from .._utils import jsonable
+
+    rec = adata.uns.get(UNS_KEY, {}).get("diffusion_features", {}).get(key, {})
+    return (key in adata.obsm and len(adata.obsm[key]) == adata.n_obs
+            and all(jsonable(rec.get(k)) == jsonable(v) for k, v in want.items()))

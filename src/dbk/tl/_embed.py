@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .._constants import INSTANCE_COL, REGION_COL, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
+from .._constants import TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._settings import settings
 from .._utils import copy_sdata, is_sdata
@@ -255,21 +254,10 @@ def _table_rows_to_tiles(*args, **kwargs):
 
 def _image_only_table(sdata: SpatialData, tiles_key: str, table_key: str) -> None:
     """An obs-only table (tiles x 0 genes) annotating the tiles, for slides without expression."""
-    import anndata as ad
-    from spatialdata.models import TableModel
+    from ..pp._tile_table import empty_tile_table  # geopandas: imported only for SpatialData inputs
 
-    from ..pp._tiles import tile_bounds
-
-    tiles = sdata.shapes[tiles_key]
-    b = tile_bounds(sdata, tiles_key)
-    obs = pd.DataFrame(index=pd.Index([str(i) for i in tiles.index]))
-    obs[REGION_COL] = pd.Categorical([tiles_key] * len(obs))
-    obs[INSTANCE_COL] = np.asarray(tiles.index)
-    adata = ad.AnnData(X=np.zeros((len(obs), 0), dtype=np.float32), obs=obs)
-    adata.obsm["spatial"] = np.column_stack([(b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0])
-    sdata.tables[table_key] = TableModel.parse(adata, region=tiles_key, region_key=REGION_COL,
-                                               instance_key=INSTANCE_COL)
-    logger.info(f"embed_tiles: no table {table_key!r}; made one with the {len(obs)} tiles and no genes.")
+    table = empty_tile_table(sdata, tiles_key, table_key)
+    logger.info(f"embed_tiles: no table {table_key!r}; made one with the {table.n_obs} tiles and no genes.")
 
 
 @torch.inference_mode()
@@ -321,6 +309,7 @@ def embed_tiles(
     model_kwargs: dict | None = None,
     data_config: dict | None = None,
     key_added: str | None = None,
+    overwrite: bool = False,
     copy: bool = False,
 ) -> SpatialData | None:
     """Embed every tile with an image foundation model (the ``z_fm`` of stage 2, features of the baselines).
@@ -363,6 +352,9 @@ def embed_tiles(
         Overrides of the model's data config (``mean``, ``std``).
     key_added
         ``obsm`` key; default ``X_<model name>`` (e.g. ``X_efficientnet_lite0``, ``X_uni``).
+    overwrite
+        Embed again even when ``obsm[key_added]`` already holds one row per tile from the same model, input size,
+        resolution and tiles (its record in ``uns["dbk"]["embeddings"]``); without it those are kept.
     copy
         Return a modified copy instead of changing ``data`` in place.
 
@@ -387,6 +379,10 @@ def embed_tiles(
         raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
     if copy:
         data = copy_sdata(data)
+    want = {"tiles_key": tiles_key, "target_um_per_px": target_um_per_px}
+    if not overwrite and isinstance(model, str) and size_px is not None and _kept(
+            data, table_key, key_added or model_key(model), {"model": model, "size_px": int(size_px), **want}):
+        return data if copy else None
     device = resolve_device(accelerator)
     if isinstance(model, torch.nn.Module):
         import timm
@@ -405,6 +401,9 @@ def embed_tiles(
     if cfg.get("fixed_input_size") and size != int(cfg["input_size"][-1]):
         raise ValueError(f"Model {model!r} takes {cfg['input_size'][-1]} px inputs only; pass size_px="
                          f"{cfg['input_size'][-1]} (or model_kwargs={{'dynamic_img_size': True}} for a ViT).")
+    if not overwrite and _kept(data, table_key, key_added or model_key(model), {"model": model, "size_px": size,
+                                                                                **want}):
+        return data if copy else None
     if table_key not in data.tables:
         _image_only_table(data, tiles_key, table_key)
     ds = TileDataset(data, tiles_key, image_key=image_key, size_px=size, target_um_per_px=target_um_per_px,
@@ -436,3 +435,18 @@ def embed_tiles(
     logger.info(f"embed_tiles: {emb.shape[0]} tiles x {emb.shape[1]} ({model}, {size} px) -> "
                 f"sdata.tables[{table_key!r}].obsm[{key!r}].")
     return data if copy else None
+
+
+def _kept(data, table_key: str, key: str, want: dict) -> bool:
+    """Whether the table already has embeddings ``obsm[key]`` of every tile made as ``want`` says (logged if so)."""
+    if table_key not in data.tables:
+        return False
+    a = data.tables[table_key]
+    rec = a.uns.get(UNS_KEY, {}).get("embeddings", {}).get(key, {})
+    same = {k: rec.get(k) for k in want} == {k: (float(v) if k == "target_um_per_px" and v is not None else v)
+                                             for k, v in want.items()}
+    if key in a.obsm and len(a.obsm[key]) == a.n_obs and same:
+        logger.info(f"embed_tiles: slide {str(data.attrs.get('sample', 'slide'))!r}: keeping obsm[{key!r}] (same "
+                    f"model {want['model']!r}, {want['size_px']} px and tiles; overwrite=True embeds again).")
+        return True
+    return False

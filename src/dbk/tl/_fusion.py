@@ -1,4 +1,8 @@
-"""The stage-2 head: fusion of foundation-model features ``z_fm`` with diffusion features ``z_diff``, gene decoder."""
+"""The stage-2 heads on foundation-model features ``z_fm`` and diffusion features ``z_diff``, and :func:`fit_head`.
+
+:class:`FusionRegressor` trains a :class:`~dbk.core._heads.FusionHead` (neural fusions), :class:`RidgeFusionRegressor`
+is the linear head (``fusion="ridge"``). Both save and rebuild with ``get_state()`` / ``from_state(...)``.
+"""
 
 from __future__ import annotations
 
@@ -6,115 +10,21 @@ from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
-import pandas as pd
-import torch
 from torch import nn
 
 from .._constants import DIFF_FEATURES_KEY, SPATIAL_KEY
 from .._logging import logger
-from ._baselines import RidgeBaseline, TorchRegressor, _masked_mse, gene_decoder, resolve_obsm_key
+from ..core._heads import FUSIONS, FusionHead
+from ._head_base import resolve_obsm_key
+from ._head_state import none
+from ._ridge import RidgeBaseline, cv_folds, cv_history
+from ._torch_head import TorchRegressor
 
-FUSIONS = ("gated", "concat", "add", "film")  # the fusions of the neural head (:class:`FusionHead`)
 DIFFBULK_FUSIONS = (*FUSIONS, "ridge")  # what fit_head / fit_diffbulk accept: the neural ones and the linear head
 # options of RidgeFusionRegressor
 RIDGE_OPTIONS = ("alphas", "alpha_per_gene", "n_splits", "random_state", "rank", "ranks", "blend")
 BLENDS = ("early", "late")
 BLEND_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # the FM block's weights late fusion tries
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error over the entries where ``mask`` is 1 (genes measured on the tile).
-
-    Masked entries contribute nothing, whatever they hold (NaN included), to the loss or its gradient; the mean is
-    over the unmasked entries (0 when there are none). ``mask=None`` is the plain MSE.
-    """
-    return _masked_mse(pred, target, mask)
-
-
-class FusionHead(nn.Module):
-    """Fuse ``z_fm`` (foundation model) and ``z_diff`` (frozen diffusion U-Net) and decode genes.
-
-    Fusions (``z`` is then decoded by :func:`gene_decoder`):
-
-    - ``"gated"`` (default, gated residual): ``z = z_fm + sigmoid(W_g [z_fm; z_diff]) * W_d z_diff``;
-    - ``"concat"``: ``z = [z_fm; z_diff]``;
-    - ``"add"``: ``z = z_fm + W_d z_diff``;
-    - ``"film"``: ``z = z_fm * (1 + gamma(z_diff)) + beta(z_diff)``, ``gamma``/``beta`` linear in ``z_diff`` and
-      initialised at 0 (the head starts as the FM path).
-
-    ``W_d`` projects ``z_diff`` to ``dim_fm``. With ``W_d`` = 0 the gated and add fusions are exactly the FM path
-    ``decoder(z_fm)`` (:meth:`forward_fm`), i.e. the MLP baseline.
-
-    Parameters
-    ----------
-    dim_fm, dim_diff
-        Widths of the two feature vectors.
-    n_genes
-        Outputs.
-    fusion
-        One of ``"gated"``, ``"concat"``, ``"add"``, ``"film"``.
-    hidden
-        Hidden width of the gene decoder (``None`` or 0: linear decoder).
-    dropout
-        Dropout in the decoder.
-    """
-
-    def __init__(
-        self,
-        dim_fm: int,
-        dim_diff: int,
-        n_genes: int,
-        *,
-        fusion: str = "gated",
-        hidden: int | None = 256,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"Unknown fusion {fusion!r}; options: {', '.join(map(repr, FUSIONS))}.")
-        for name, v in (("dim_fm", dim_fm), ("dim_diff", dim_diff), ("n_genes", n_genes)):
-            if int(v) != v or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
-        self.fusion = fusion
-        self.dim_fm, self.dim_diff, self.n_genes = int(dim_fm), int(dim_diff), int(n_genes)
-        if fusion in ("gated", "add"):
-            self.proj = nn.Linear(dim_diff, dim_fm)
-        if fusion == "gated":
-            self.gate = nn.Linear(dim_fm + dim_diff, dim_fm)
-        if fusion == "film":
-            self.film = nn.Linear(dim_diff, 2 * dim_fm)
-            nn.init.zeros_(self.film.weight)
-            nn.init.zeros_(self.film.bias)
-        dim = dim_fm + dim_diff if fusion == "concat" else dim_fm
-        self.decoder = gene_decoder(dim, n_genes, hidden, dropout)
-
-    def fuse(self, z_fm: torch.Tensor, z_diff: torch.Tensor) -> torch.Tensor:
-        """The fused representation ``z`` (before the decoder)."""
-        if z_fm.shape[-1] != self.dim_fm or z_diff.shape[-1] != self.dim_diff:
-            raise ValueError(f"Expected z_fm (..., {self.dim_fm}) and z_diff (..., {self.dim_diff}), got "
-                             f"{tuple(z_fm.shape)} and {tuple(z_diff.shape)}.")
-        if self.fusion == "gated":
-            g = torch.sigmoid(self.gate(torch.cat([z_fm, z_diff], dim=-1)))
-            return z_fm + g * self.proj(z_diff)
-        if self.fusion == "add":
-            return z_fm + self.proj(z_diff)
-        if self.fusion == "film":
-            gamma, beta = self.film(z_diff).chunk(2, dim=-1)
-            return z_fm * (1 + gamma) + beta
-        return torch.cat([z_fm, z_diff], dim=-1)
-
-    def forward(self, z_fm: torch.Tensor, z_diff: torch.Tensor) -> torch.Tensor:
-        """Predicted genes, (batch, n_genes)."""
-        return self.decoder(self.fuse(z_fm, z_diff))
-
-    def forward_fm(self, z_fm: torch.Tensor) -> torch.Tensor:
-        """The FM path alone, ``decoder(z_fm)`` (not defined for ``"concat"``)."""
-        if self.fusion == "concat":
-            raise ValueError("fusion='concat' has no FM-only path.")
-        return self.decoder(z_fm)
-
-    def extra_repr(self) -> str:
-        return f"fusion={self.fusion!r}, dim_fm={self.dim_fm}, dim_diff={self.dim_diff}, n_genes={self.n_genes}"
 
 
 class FusionRegressor(TorchRegressor):
@@ -152,7 +62,16 @@ class FusionRegressor(TorchRegressor):
         return self._fit_keys(adata, [obsm_key, diff_key], genes, layer, groups)
 
     def _build(self, dims: list[int], n_genes: int) -> nn.Module:
+        if len(dims) != 2:
+            raise ValueError(f"a fusion head takes two feature sets, got widths {dims}")
         return FusionHead(dims[0], dims[1], n_genes, fusion=self.fusion, hidden=self.hidden, dropout=self.dropout)
+
+    @classmethod
+    def _state_options(cls, config) -> dict:
+        return super()._state_options(config) | {"fusion": config["fusion"]}
+
+    def _state_config(self) -> dict:
+        return {"fusion": self.fusion, **super()._state_config()}
 
 
 class RidgeFusionRegressor(RidgeBaseline):
@@ -167,7 +86,7 @@ class RidgeFusionRegressor(RidgeBaseline):
 
     After fitting, the model is kept as plain arrays (:attr:`x_mean_`, :attr:`x_scale_`, :attr:`coef_`,
     :attr:`intercept_`) and predicts ``((x - x_mean_) / x_scale_) @ coef_.T + intercept_`` in float64, so a saved and
-    reloaded head (:meth:`dbk.tl.DiffBulk.save`) gives the same numbers.
+    reloaded head (:meth:`dbk.tl.DiffBulk.save`, :meth:`get_state` / :meth:`from_state`) gives the same numbers.
 
     Parameters
     ----------
@@ -218,6 +137,7 @@ class RidgeFusionRegressor(RidgeBaseline):
 
     name = "fusion_ridge"
     fusion = "ridge"
+    OPTIONS = RIDGE_OPTIONS
 
     def __init__(
         self,
@@ -266,12 +186,10 @@ class RidgeFusionRegressor(RidgeBaseline):
         if self.blend == "late":
             self._fit_late(xs, y, m, groups, adata)
             return
-        super()._fit([np.hstack(xs)], y, m, groups, adata)
-        self.x_mean_, self.x_scale_, self.coef_, self.intercept_ = _linear_arrays(self, y.shape[1])
-        del self._pipe, self._models  # the arrays above are the model (what save writes, load reads)
+        super()._fit([np.hstack(xs)], y, m, groups, adata)  # one linear map on the concatenated blocks
         self.validation_ = f"alpha by inner CV ({self.cv_scheme_})"
         self.best_epoch_ = -1
-        self.history_ = _cv_history(self.cv_results_)
+        self.history_ = cv_history(self.cv_results_)
         dims = self.n_features_in_
         w = np.abs(self.coef_)
         logger.info(f"{self.name}: mean |coefficient| {w[:, : dims[0]].mean():.3g} on the {dims[0]} FM features, "
@@ -284,12 +202,9 @@ class RidgeFusionRegressor(RidgeBaseline):
 
     def _fit_late(self, xs, y, m, groups, adata) -> None:
         """One ridge per block (own alpha and rank), blended with an FM weight chosen by the inner folds."""
-        from ._baselines import cv_folds
-
         blocks = []
         for x in xs:
             b = self._block()
-            b.genes_ = self.genes_
             b._fit([x], y, m, groups, adata)
             blocks.append(b)
         spatial = np.asarray(adata.obsm[SPATIAL_KEY], np.float64) if SPATIAL_KEY in adata.obsm else None
@@ -300,7 +215,6 @@ class RidgeFusionRegressor(RidgeBaseline):
             preds = []
             for x, b in zip(xs, blocks, strict=True):
                 fixed = self._block(alphas=[float(b.alpha_)], rank=b.rank_)
-                fixed.genes_ = self.genes_
                 fixed._fit([x[tr]], y[tr], m[tr], None if groups is None else groups[tr], adata[tr])
                 preds.append(fixed._predict([x[va]]))
             mv = m[va]
@@ -312,11 +226,11 @@ class RidgeFusionRegressor(RidgeBaseline):
         ok = cnt > 0
         score = (sse[:, ok] / cnt[ok] / np.where(var[ok] > 0, var[ok], 1.0)).mean(axis=1)
         w = float(weights[int(np.argmin(score))])
-        arrays = [_linear_arrays(b, y.shape[1]) for b in blocks]
-        self.x_mean_ = np.concatenate([a[0] for a in arrays])
-        self.x_scale_ = np.concatenate([a[1] for a in arrays])
-        self.coef_ = np.hstack([w * arrays[0][2], (1 - w) * arrays[1][2]])
-        self.intercept_ = w * arrays[0][3] + (1 - w) * arrays[1][3]
+        self.x_mean_ = np.concatenate([b.x_mean_ for b in blocks])
+        self.x_scale_ = np.concatenate([b.x_scale_ for b in blocks])
+        self.coef_ = np.hstack([w * blocks[0].coef_, (1 - w) * blocks[1].coef_])
+        self.intercept_ = w * blocks[0].intercept_ + (1 - w) * blocks[1].intercept_
+        self.n_components_ = None
         self.blend_weight_ = w
         self.block_alpha_ = [float(b.alpha_) for b in blocks]
         self.block_rank_ = [b.rank_ for b in blocks]
@@ -326,95 +240,37 @@ class RidgeFusionRegressor(RidgeBaseline):
                                                                       blocks[0].cv_results_, how)
         self.validation_ = f"alphas, ranks and blend weight by inner CV ({how})"
         self.best_epoch_ = -1
-        self.history_ = _cv_history(self.cv_results_)
+        self.history_ = cv_history(self.cv_results_)
         logger.info(f"{self.name}: late fusion, FM weight {w:g} (inner-CV scores {np.round(score, 4).tolist()}); "
                     f"alphas {self.block_alpha_}, ranks {self.block_rank_}.")
 
-    def _predict(self, xs) -> np.ndarray:
-        return ((np.hstack(xs) - self.x_mean_) / self.x_scale_) @ self.coef_.T + self.intercept_
+    # ---- state ----------------------------------------------------------------------------------------------------
 
-    def set_arrays(self, *, x_mean, x_scale, coef, intercept, alpha, cv_alphas, cv_score, cv_ranks=None,
-                   rank=None) -> RidgeFusionRegressor:
-        """Set the fitted arrays (used by :meth:`dbk.tl.DiffBulk.load`); checks shapes and finiteness.
+    @classmethod
+    def _state_options(cls, config) -> dict:
+        return cls._ridge_options(config) | {"blend": config.get("blend", "early")}
 
-        Parameters
-        ----------
-        x_mean, x_scale
-            Standardisation, one value per feature.
-        coef
-            Genes x features.
-        intercept
-            One per gene.
-        alpha
-            The chosen alpha: one value, or one per gene (all equal unless :attr:`alpha_per_gene`).
-        cv_alphas, cv_score
-            The inner-CV curve.
-        cv_ranks
-            The rank of each point of the curve (0: full rank); default all 0 (plain ridge).
-        rank
-            The target rank used (``None``: full rank).
+    def _state_config(self) -> dict:
+        late = {"blend_weight": self.blend_weight_, "block_alpha": self.block_alpha_,
+                "block_rank": [0 if r is None else int(r) for r in self.block_rank_],  # 0: full rank
+                "blend_cv": self.blend_cv_} if self.blend == "late" else {}
+        return {"fusion": "ridge", **super()._state_config(), "best_epoch": -1, "validation": self.validation_,
+                **late}
 
-        Returns
-        -------
-        self
-        """
-        arrs = {k: np.asarray(v, np.float64) for k, v in (("x_mean", x_mean), ("x_scale", x_scale), ("coef", coef),
-                                                           ("intercept", intercept), ("alpha", alpha),
-                                                           ("cv_alphas", cv_alphas), ("cv_score", cv_score))}
-        c = arrs["coef"]
-        if c.ndim != 2 or arrs["x_mean"].shape != (c.shape[1],) or arrs["x_scale"].shape != (c.shape[1],) \
-                or arrs["intercept"].shape != (c.shape[0],) or arrs["alpha"].shape not in ((), (1,), (c.shape[0],)) \
-                or arrs["cv_alphas"].shape != arrs["cv_score"].shape or arrs["cv_alphas"].ndim != 1:
-            raise ValueError(f"ridge head arrays of inconsistent shapes: "
-                             f"{ {k: tuple(v.shape) for k, v in arrs.items()} }.")
-        bad = [k for k in ("x_mean", "x_scale", "coef", "intercept", "alpha") if not np.isfinite(arrs[k]).all()]
-        if bad or (arrs["x_scale"] <= 0).any() or (arrs["alpha"] <= 0).any():
-            raise ValueError(f"ridge head arrays with non-finite or non-positive values: {bad or ['x_scale/alpha']}.")
-        self.x_mean_, self.x_scale_, self.coef_, self.intercept_ = (arrs["x_mean"], arrs["x_scale"], c,
-                                                                    arrs["intercept"])
-        a = arrs["alpha"].reshape(-1)
-        if self.alpha_per_gene:
-            self.alpha_ = np.broadcast_to(a, (c.shape[0],)).copy()
-        elif (a != a[0]).any():
-            raise ValueError("several alphas for a head fitted with one alpha for all genes (alpha_per_gene=False).")
-        else:
-            self.alpha_ = float(a[0])
-        ranks = np.zeros_like(arrs["cv_alphas"]) if cv_ranks is None else np.asarray(cv_ranks, np.float64)
-        if ranks.shape != arrs["cv_alphas"].shape or (ranks < 0).any() or (ranks != np.round(ranks)).any():
-            raise ValueError(f"ridge head cv_ranks must be {arrs['cv_alphas'].shape[0]} integers >= 0.")
-        if rank is not None and (int(rank) != rank or rank <= 0):
-            raise ValueError(f"ridge head rank must be a positive integer or None, got {rank!r}.")
-        self.rank_ = None if rank is None else int(rank)
-        if self.rank is None and not ranks.any():
-            index = pd.Index(arrs["cv_alphas"], name="alpha")
-        else:
-            index = pd.MultiIndex.from_arrays([ranks.astype(int), arrs["cv_alphas"]], names=["rank", "alpha"])
-        self.cv_results_ = pd.DataFrame({"score": arrs["cv_score"]}, index=index)
-        self.history_ = _cv_history(self.cv_results_)
+    def _restore(self, config, tensors, *, device, history, config_file, tensor_file) -> None:
+        super()._restore(config, tensors, device=device, history=history, config_file=config_file,
+                         tensor_file=tensor_file)
+        self.validation_ = config.get("validation")
         self.best_epoch_ = -1
-        self.n_components_ = None
-        return self
-
-
-def _linear_arrays(model: RidgeBaseline, n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_mean, x_scale, coef, intercept) of a fitted ``RidgeBaseline("cv")`` without PCA, as one linear map."""
-    scaler = model._pipe.named_steps["scaler"]
-    coef = np.zeros((n_genes, scaler.mean_.shape[0]))
-    intercept = np.zeros(n_genes)
-    for genes_j, fitted in model._models:
-        coef[genes_j] = np.asarray(fitted.coef_, np.float64).reshape(len(genes_j), -1)
-        intercept[genes_j] = np.asarray(fitted.intercept_, np.float64).reshape(len(genes_j))
-    return np.asarray(scaler.mean_, np.float64), np.asarray(scaler.scale_, np.float64), coef, intercept
-
-
-def _cv_history(cv: pd.DataFrame) -> dict[str, list]:
-    """The inner-CV curve as lists: ``alpha``, ``rank`` (0: full rank) and ``cv_score``."""
-    if isinstance(cv.index, pd.MultiIndex):
-        ranks, alphas = cv.index.get_level_values("rank"), cv.index.get_level_values("alpha")
-    else:
-        alphas, ranks = cv.index, np.zeros(len(cv), int)
-    return {"alpha": [float(a) for a in alphas], "rank": [int(r) for r in ranks],
-            "cv_score": [float(v) for v in cv["score"]]}
+        self.history_ = cv_history(self.cv_results_) if history is None else dict(history)
+        if self.blend == "late":
+            try:
+                self.blend_weight_ = float(config["blend_weight"])
+                self.block_alpha_ = [float(a) for a in config["block_alpha"]]
+                self.block_rank_ = [None if none(r) in (None, 0) else int(r) for r in config["block_rank"]]
+                self.blend_cv_ = [float(v) for v in config["blend_cv"]]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{config_file}: invalid late-fusion settings ({err}).") from None
 
 
 def fit_head(

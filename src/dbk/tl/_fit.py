@@ -1,0 +1,274 @@
+"""``fit_diffbulk``: DiffBulk end to end (stage 1, then stage 2) as a short sequence of named steps."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .._constants import DIFF_FEATURES_KEY, PRED_KEY, TILES_KEY, TILES_TABLE_KEY
+from .._logging import logger
+from .._settings import settings
+from .._utils import check_batch_size, is_sdata
+from ..core._scaler import INPUT_CLIP
+from ._diffusion_features import pretrainer_fingerprint
+from ._embed import resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+    from ._model import DiffBulk
+
+
+def fit_diffbulk(
+    data: SpatialData | Sequence[SpatialData] | dict[str, SpatialData],
+    *,
+    genes: Sequence[str] | None = None,
+    n_top_genes: int | None = None,
+    fm: str | torch.nn.Module = "efficientnet_lite0",
+    fm_size_px: int = 224,
+    fm_kwargs: dict | None = None,
+    preset: str = "auto",
+    fusion: str = "gated",
+    pretrainer=None,
+    pretrain_steps: int | None = None,
+    pretrain_kwargs: dict | None = None,
+    sigma: float = 0.01,
+    levels: Sequence[str] | None = None,
+    pool: str = "mean",
+    context_um: float | None = None,
+    tile_size_um: float = 112.0,
+    validation: float | None = None,
+    tiles_key: str = TILES_KEY,
+    table_key: str = TILES_TABLE_KEY,
+    batch_size: int = 32,
+    accelerator: str = "auto",
+    random_state: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    key_added: str = PRED_KEY,
+    copy: bool = False,
+    **head_kwargs,
+) -> DiffBulk:
+    """Fit DiffBulk on slides with H&E and expression: stage 1 (gene-to-image diffusion) then stage 2 (fusion head).
+
+    Named steps, each logged and timed (``uns[key_added]["training_metrics"]["timings_s"]``): tiles and the
+    pseudo-bulk table where missing (:func:`dbk.pp.prepare_slides`); the genes; foundation-model embeddings
+    (:func:`dbk.tl.embed_tiles`, kept when already made by the same model and input size); stage 1
+    (:func:`dbk.tl.fit_pretrainer`) unless a fitted ``pretrainer`` is given; diffusion features
+    (:func:`dbk.tl.diffusion_features`, kept when made by the same weights and settings); the training table with
+    spatial context; the fusion head (:func:`dbk.tl.fit_head`) with early stopping on held-out training slides when
+    there are several, else on held-out tiles (``fusion="ridge"``: alpha by inner cross-validation instead); the
+    predictions and the record written back to the slides.
+
+    Parameters
+    ----------
+    data
+        A SpatialData, or a list (or ``{name: sdata}`` dict) of slides. Panels may differ (genes not measured on a
+        slide are masked out of the loss).
+    genes
+        Genes to predict (default: all genes of the tables, the union over slides).
+    n_top_genes
+        Keep the ``n`` most variable of those, measured on every slide (:func:`dbk.pp.select_genes`).
+    fm
+        Foundation model: any id :func:`dbk.tl.load_foundation_model` accepts (default the offline ImageNet
+        EfficientNet-Lite0; ``"hf-hub:MahmoodLab/UNI"`` ...) or a module it returned.
+    fm_size_px
+        Input side of the foundation model in pixels (the tile is resampled to it).
+    fm_kwargs
+        Extra arguments of :func:`dbk.tl.load_foundation_model` (``arch``, ``model_kwargs``, ``data_config``).
+    preset
+        Stage-1 preset: ``"auto"`` (``"gpu"`` when training on CUDA, else ``"cpu-small"`` shortened to a few
+        minutes), ``"cpu-small"`` (64 px, a CPU), ``"gpu"`` (128 px, one GPU), ``"paper"`` (224 px), ``"tiny"``
+        (tests, demos).
+    fusion
+        ``"gated"`` (default), ``"concat"``, ``"add"`` or ``"film"`` (neural heads, see :class:`dbk.tl.FusionHead`),
+        or ``"ridge"``: a linear head, ridge regression on the concatenated ``[z_fm; z_diff]`` (each block first
+        scaled by :class:`InputScaler`), alpha chosen from ``logspace(-2, 8, 21)`` by inner cross-validation grouped
+        by training slide, exactly as ``fit_baseline(..., "ridge_cv")``
+        (:class:`~dbk.tl._fusion.RidgeFusionRegressor`). On small training sets (hundreds to a few thousand tiles)
+        the ridge head is the stronger one: the neural heads overfit there.
+    pretrainer
+        A fitted :class:`~dbk.tl.DiffusionPretrainer` (or its saved folder) to use instead of training stage 1,
+        e.g. one shared by several methods of a benchmark. Train it on training slides only.
+    pretrain_steps
+        Stage-1 optimizer steps (the preset's when ``None``).
+    pretrain_kwargs
+        Other arguments of :func:`dbk.tl.fit_pretrainer` (``batch_size``, ``lr``, preset overrides such as
+        ``image_size``).
+    sigma, levels, pool
+        Diffusion features (see :func:`dbk.tl.diffusion_features`).
+    context_um
+        Spatial context: when set, each tile's FM and diffusion features are joined by their mean over the tiles of
+        the same slide within this radius in µm (see :func:`dbk.tl.spatial_context`), here and in
+        :meth:`DiffBulk.predict`. ``None`` (default): each tile on its own, as in the paper.
+    tile_size_um
+        Tile side for slides without tiles.
+    validation
+        Fraction of training slides (tiles, with one slide) held out for early stopping of the head (default 0.2).
+        With ``fusion="ridge"`` (no early stopping) the split only gives the validation metrics: the ridge head is
+        fitted once on the remaining training tiles and evaluated on the held-out ones, then refitted on all
+        training tiles for the returned model.
+    tiles_key, table_key
+        Tiles and their table.
+    batch_size
+        Tiles per forward pass of the feature extractors.
+    accelerator
+        ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+    random_state
+        Seed of stage 1, the diffusion-feature noise and the head (``None``: ``dbk.settings.seed``).
+    checkpoint_dir
+        Folder for stage-1 checkpoints (resumed when present).
+    key_added
+        ``obsm`` key of the training predictions; the fit's record goes to ``uns[key_added]``, so a second fit with
+        another key keeps the first.
+    copy
+        Leave ``data`` untouched: work on copies, which the returned model keeps as ``model.training_data``.
+    **head_kwargs
+        Options of the head (:class:`dbk.tl.MLPBaseline`: ``hidden``, ``dropout``, ``lr``, ``max_epochs``,
+        ``patience`` ...); for ``fusion="ridge"``: ``alphas``, ``alpha_per_gene``, ``n_splits``, ``rank``
+        (``"auto"``: reduced-rank ridge, see :class:`dbk.tl.RidgeBaseline`), ``ranks``, ``blend`` (``"late"``: one
+        ridge per feature block blended by inner CV, see :class:`~dbk.tl.RidgeFusionRegressor`).
+
+    Returns
+    -------
+    The fitted :class:`DiffBulk` (also with ``copy=True``: a fit returns its model, as in scvi-tools). Writes, on each
+    slide's ``tables[table_key]``: ``obsm[key_added]`` (DataFrame, tiles x genes, predictions of the training tiles,
+    so in-sample), the features (``obsm["X_<fm>"]``, ``obsm["X_dbk_diff"]``) and ``uns[key_added]``: ``params`` (the
+    settings), ``history`` (``stage1``: step / loss / lr / time lists, ``head``: train / val loss per epoch; for
+    ``fusion="ridge"`` the inner-CV curve, alpha / cv_score) and ``training_metrics`` (:func:`dbk.tl.evaluate`
+    summaries on the held-out validation tiles for DiffBulk and the training-mean predictor, and in-sample on all
+    training tiles, plus seconds per step; for ``fusion="ridge"`` the validation summary is of the head refitted
+    without the held-out tiles, as its ``note`` says, and ``head_inner_cv`` gives the chosen alpha and its inner-CV
+    score).
+    """
+    from .._utils import records_to_columns
+    from ..pp._prepare import prepare_slides
+    from ._fit_steps import (
+        add_diffusion_features,
+        choose_genes,
+        embed_slides,
+        fit_fusion_head,
+        gene_stats,
+        load_fm,
+        model_tile_size,
+        train_stage1,
+        training_metrics,
+        training_table,
+        write_back,
+    )
+    from ._model import DiffBulk
+
+    _check_options(fusion=fusion, head_kwargs=head_kwargs, validation=validation, n_top_genes=n_top_genes,
+                   batch_size=batch_size, pretrain_kwargs=pretrain_kwargs, tile_size_um=tile_size_um,
+                   context_um=context_um, preset=preset if pretrainer is None else None)
+    random_state = int(settings.seed if random_state is None else random_state)
+    timings: dict[str, float] = {}
+    with _timed(timings, "prepare_s"):
+        slides, names = prepare_slides(data, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key,
+                                       copy=copy)
+    genes = choose_genes([sd.tables[table_key] for sd in slides], genes, n_top_genes)
+    logger.info(f"fit_diffbulk: {len(slides)} slide(s) {names}, {sum(sd.tables[table_key].n_obs for sd in slides)} "
+                f"tiles, {len(genes)} genes.")
+    with _timed(timings, "fm_embeddings_s"):
+        device = resolve_device(accelerator)
+        fm = load_fm(fm, size_px=fm_size_px, device=device, fm_kwargs=fm_kwargs)
+        embed_slides(slides, fm, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size,
+                     device=device)
+    with _timed(timings, "stage1_s"):
+        pretrainer = train_stage1(slides, genes, pretrainer=pretrainer, preset=preset, steps=pretrain_steps,
+                                  random_state=random_state, checkpoint_dir=checkpoint_dir, tiles_key=tiles_key,
+                                  table_key=table_key, accelerator=accelerator, pretrain_kwargs=pretrain_kwargs)
+    tile_um = model_tile_size(slides, pretrainer, tiles_key=tiles_key, default_um=tile_size_um)
+    with _timed(timings, "diffusion_features_s"):
+        drec = add_diffusion_features(slides, pretrainer, sigma=sigma, levels=levels, pool=pool,
+                                      random_state=random_state, tiles_key=tiles_key, table_key=table_key,
+                                      batch_size=batch_size)
+    with _timed(timings, "head_s"):
+        keys = [fm.key, DIFF_FEATURES_KEY]
+        train = training_table(slides, names, genes, keys, tiles_key=tiles_key, table_key=table_key,
+                               context_um=context_um)
+        fitted = fit_fusion_head(train, genes, keys, fusion=fusion, validation=validation,
+                                 random_state=random_state, accelerator=accelerator, head_kwargs=head_kwargs)
+    head = fitted.head
+    mean, var = gene_stats(train, genes)
+    hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
+    metrics = training_metrics(train, genes, fitted, hvg, fm_key=fm.key, timings=timings)
+
+    from .. import __version__
+
+    head_cfg = {**head.get_state()[0], "input_clip": INPUT_CLIP}
+    context = None if context_um is None else float(context_um)
+    fingerprint = pretrainer_fingerprint(pretrainer, True)
+    config = {
+        "genes": list(genes),
+        "tile_size_um": tile_um,
+        "fusion": fusion,
+        "context_um": context,
+        "fm": {"id": fm.id, "key": fm.key, "size_px": fm.size_px, "dim": int(train.obsm[fm.key].shape[1])
+               // (1 if context is None else 2), "kwargs": fm.kwargs, "timm_arch": fm.timm_arch},
+        "diffusion": {"key": DIFF_FEATURES_KEY, "dim": int(drec["dim"]), "levels": list(drec["levels"]),
+                      "dims": list(drec["dims"]), "pool": pool, "sigma": float(sigma),
+                      "random_state": random_state, "use_ema": True, "pretrainer_fingerprint": fingerprint},
+        "head": head_cfg,
+        "train": {"samples": names, "n_tiles": int(train.n_obs), "gene_mean": mean.tolist(),
+                  "gene_var": var.tolist(), "hvg_order": hvg},
+        "random_state": random_state,
+        "dbk_version": __version__,
+    }
+    model = DiffBulk(pretrainer=pretrainer, head=head, fm=fm.net, config=config, scalers=fitted.scalers)
+    params = {
+        "fm": fm.id, "fm_key": fm.key, "fm_size_px": fm.size_px, "fusion": fusion,
+        "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step),
+        "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(drec["levels"]),
+        "pool": pool, "context_um": context, "tile_size_um": tile_um, "genes": list(genes), "samples": names,
+        "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": random_state,
+        "pred_key": key_added, "diff_key": DIFF_FEATURES_KEY,
+        "head": {k: head_cfg[k] for k in head.OPTIONS}, "dbk_version": __version__,
+    }
+    history = {"stage1": records_to_columns(pretrainer.history),
+               "head": {k: [float(v) for v in vals] for k, vals in head.history_.items()}}
+    write_back(slides, names, fitted.pred, table_key=table_key, key_added=key_added,
+               results={"params": params, "history": history, "training_metrics": metrics})
+    if copy:
+        model.training_data = slides[0] if len(slides) == 1 and is_sdata(data) else slides
+    return model
+
+
+def _check_options(*, fusion, head_kwargs, validation, n_top_genes, batch_size, pretrain_kwargs, tile_size_um,
+                   context_um, preset) -> None:
+    """Every option of :func:`fit_diffbulk` checked before any work (an unknown preset fails before tiling)."""
+    from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS
+
+    if fusion not in DIFFBULK_FUSIONS:
+        raise ValueError(f"Unknown fusion {fusion!r}; options: {', '.join(map(repr, DIFFBULK_FUSIONS))}.")
+    if fusion == "ridge" and set(head_kwargs) - set(RIDGE_OPTIONS):
+        raise ValueError(f"fusion='ridge' takes the head options {list(RIDGE_OPTIONS)}, not "
+                         f"{sorted(set(head_kwargs) - set(RIDGE_OPTIONS))} (those are for the neural fusions).")
+    if validation is not None and not 0 < validation < 1:
+        raise ValueError(f"validation must be a fraction in (0, 1), got {validation!r}.")
+    if n_top_genes is not None and n_top_genes <= 0:
+        raise ValueError(f"n_top_genes must be positive, got {n_top_genes!r}.")
+    check_batch_size(batch_size)
+    if (pretrain_kwargs or {}).get("batch_size") is not None:
+        check_batch_size(pretrain_kwargs["batch_size"], "pretrain_kwargs['batch_size']")
+    if not np.isfinite(tile_size_um) or tile_size_um <= 0:
+        raise ValueError(f"tile_size_um must be a positive number, got {tile_size_um!r}.")
+    if context_um is not None and not (isinstance(context_um, (int, float)) and np.isfinite(context_um)
+                                       and context_um > 0):
+        raise ValueError(f"context_um must be a positive number of µm or None, got {context_um!r}.")
+    if preset is not None:
+        from ..core._presets import get_preset
+
+        get_preset(preset)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0

@@ -1,0 +1,302 @@
+"""The named steps of :func:`dbk.tl.fit_diffbulk`, each a function of its own (and a test of its own).
+
+prepare slides (:func:`dbk.pp.prepare_slides`) -> :func:`choose_genes` -> :func:`embed_slides` ->
+:func:`train_stage1` -> :func:`add_diffusion_features` -> :func:`training_table` (with spatial context) ->
+:func:`fit_fusion_head` -> :func:`write_back`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from .._constants import DIFF_FEATURES_KEY, SAMPLE_COL, SPATIAL_KEY, UNS_KEY
+from .._logging import logger
+from .._settings import settings
+from .._utils import jsonable
+from ..core._scaler import InputScaler
+
+
+def choose_genes(tables: list[ad.AnnData], genes: Sequence[str] | None = None,
+                 n_top_genes: int | None = None) -> list[str]:
+    """The genes to predict.
+
+    ``genes`` (checked against the tables), the ``n_top_genes`` most variable of them, or the union of the tables'
+    genes in order of first appearance.
+    """
+    from ..pp import select_genes
+
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        known = {g for t in tables for g in t.var_names}
+        missing = [g for g in genes if g not in known]
+        if missing:
+            raise KeyError(f"{len(missing)} genes are in no slide's table: {missing[:10]}.")
+        if len(set(genes)) != len(genes):
+            raise ValueError("genes has duplicates.")
+    if n_top_genes is not None:
+        cand = [t[:, [g for g in t.var_names if genes is None or g in set(genes)]] for t in tables]
+        genes = select_genes(cand, n_top=n_top_genes)
+    if genes is None:
+        genes = []
+        for t in tables:
+            genes += [g for g in t.var_names if g not in set(genes)]
+    return list(genes)
+
+
+@dataclass
+class FoundationModel:
+    """A loaded foundation model with its id, ``obsm`` key, input size and loader options."""
+
+    net: torch.nn.Module
+    id: str
+    key: str
+    size_px: int
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def timm_arch(self) -> str | None:
+        return getattr(self.net, "pretrained_cfg", {}).get("architecture") if hasattr(self.net, "pretrained_cfg") \
+            else None
+
+
+def load_fm(fm: str | torch.nn.Module, *, size_px: int, device: torch.device, fm_kwargs: dict | None = None
+            ) -> FoundationModel:
+    """The foundation model: a module as given (its id from ``dbk_model`` or timm's config), or loaded by id."""
+    from ._embed import load_foundation_model, model_key
+
+    kwargs = dict(fm_kwargs or {})
+    if isinstance(fm, torch.nn.Module):
+        net = fm.eval().to(device)
+        fm_id = str(getattr(net, "dbk_model", None) or getattr(net, "pretrained_cfg", {}).get("architecture")
+                    or type(net).__name__)
+    else:
+        fm_id = str(fm)
+        net, _ = load_foundation_model(fm_id, device=device, **kwargs)
+    return FoundationModel(net=net, id=fm_id, key=model_key(fm_id), size_px=int(size_px), kwargs=kwargs)
+
+
+def embed_slides(slides: list, fm: FoundationModel, *, tiles_key: str, table_key: str,
+                 batch_size: int, device) -> None:
+    """FM embeddings of every slide's tiles into ``obsm[fm.key]`` (kept when already made by the same model)."""
+    from ._embed import embed_tiles
+
+    for sd in slides:
+        embed_tiles(sd, model=fm.net, tiles_key=tiles_key, table_key=table_key, size_px=fm.size_px,
+                    batch_size=batch_size, accelerator=device, key_added=fm.key)
+
+
+def train_stage1(slides: list, genes: list[str], *, pretrainer=None, preset: str = "auto",
+                 steps: int | None = None, random_state: int = 0,
+                 checkpoint_dir: str | os.PathLike | None = None, tiles_key: str, table_key: str,
+                 accelerator: str = "auto", pretrain_kwargs: dict | None = None):
+    """Stage 1: train the gene-to-image diffusion model on the slides, or take the given one (or its folder)."""
+    from ..core._pretrainer import fit_pretrainer
+    from ._diffusion_features import _resolve_pretrainer
+
+    if pretrainer is not None:
+        pretrainer = _resolve_pretrainer(pretrainer)
+        logger.info(f"fit_diffbulk: using the given stage-1 model ({pretrainer!r}); no stage-1 training.")
+        return pretrainer
+    pretrainer = fit_pretrainer(slides, genes=genes, preset=preset, max_steps=steps, random_state=random_state,
+                                checkpoint_dir=checkpoint_dir, tiles_key=tiles_key, table_key=table_key,
+                                accelerator=accelerator, **dict(pretrain_kwargs or {}))
+    pretrainer.ema_net.eval()
+    return pretrainer
+
+
+def model_tile_size(slides: list, pretrainer, *, tiles_key: str, default_um: float) -> float:
+    """The tile side the model is trained on (median over slides, in µm); warns when stage 1 saw another size."""
+    from ..pp._prepare import tile_size_um
+
+    sizes = [s for s in (tile_size_um(sd, tiles_key) for sd in slides) if s is not None]
+    size = float(np.median(sizes)) if sizes else float(default_um)
+    if pretrainer.tile_size_um and abs(pretrainer.tile_size_um / size - 1) > 0.02:
+        logger.warning(f"fit_diffbulk: the stage-1 model works on {pretrainer.tile_size_um:g} µm tiles, the slides' "
+                       f"tiles are {size:g} µm; diffusion features see {pretrainer.tile_size_um:g} µm around each tile "
+                       "centre.")
+    return size
+
+
+def add_diffusion_features(slides: list, pretrainer, *, sigma: float, levels, pool: str,
+                           random_state: int, tiles_key: str, table_key: str, batch_size: int,
+                           key: str = DIFF_FEATURES_KEY) -> dict:
+    """Diffusion features of every slide into ``obsm[key]``; returns their record (``dim``, ``levels``, ``dims``...).
+
+    Features already made by the same weights and settings are kept (:func:`dbk.tl.diffusion_features`).
+    """
+    from ._diffusion_features import diffusion_features
+
+    for sd in slides:
+        diffusion_features(sd, pretrainer, sigma=sigma, tiles_key=tiles_key, table_key=table_key, levels=levels,
+                           pool=pool, batch_size=batch_size, random_state=random_state, key_added=key)
+    return dict(slides[0].tables[table_key].uns[UNS_KEY]["diffusion_features"][key])
+
+
+def training_table(slides: list, names: list[str], genes: list[str], keys: list[str], *, tiles_key: str,
+                   table_key: str, context_um: float | None = None) -> ad.AnnData:
+    """All training tiles in one table (:func:`dbk.pp.concat`) with the feature sets ``keys`` in ``obsm``.
+
+    With ``context_um`` each feature set becomes ``[features, their mean within context_um]`` per slide
+    (:func:`dbk.tl.spatial_context`'s computation, on the tiles' centres in µm).
+    """
+    from ..pp import concat
+    from ..pp._prepare import record_pixel_size
+    from ._context import context_features, tile_coords_um
+
+    train = concat(dict(zip(names, slides, strict=True)), genes=genes, table_key=table_key)
+    missing = [k for k in keys if k not in train.obsm]
+    if missing:
+        raise RuntimeError(f"The training table lacks the features {missing}; every slide must have them.")
+    for k in keys:
+        train.obsm[k] = np.asarray(train.obsm[k])
+    for sd, name in zip(slides, names, strict=True):
+        if record_pixel_size(sd, tiles_key, table_key) is None and context_um is not None:
+            raise ValueError(f"context_um needs the pixel size of slide {name!r}, and its image has none.")
+    if context_um is not None:
+        coords = np.vstack([tile_coords_um(sd.tables[table_key]) for sd in slides])
+        groups = train.obs[SAMPLE_COL].astype(str).to_numpy()
+        for k in keys:
+            train.obsm[k] = context_features(coords, train.obsm[k], context_um, groups)
+    return train
+
+
+def scaled_table(train: ad.AnnData, keys: list[str], scalers: list[InputScaler]) -> ad.AnnData:
+    """The head's table: targets, ``obs`` and ``obsm["spatial"]`` of ``train``, the features ``keys`` scaled."""
+    # anndata >= 0.13 lists X as layers[None]; passing it back beside X raises, so copy the named layers only
+    layers = {k: v for k, v in train.layers.items() if k is not None}
+    out = ad.AnnData(X=train.X, obs=train.obs, var=train.var, layers=layers)
+    if SPATIAL_KEY in train.obsm:  # spatial-stripe folds of the ridge head's inner CV on one slide
+        out.obsm[SPATIAL_KEY] = np.asarray(train.obsm[SPATIAL_KEY])
+    for k, sc in zip(keys, scalers, strict=True):
+        out.obsm[k] = sc.transform(np.asarray(train.obsm[k]))
+    return out
+
+
+@dataclass
+class FittedHead:
+    """What :func:`fit_fusion_head` returns: the head, its input scalers, training predictions and validation."""
+
+    head: object
+    scalers: list[InputScaler]
+    pred: pd.DataFrame
+    split: tuple[np.ndarray, np.ndarray, str]
+    pred_val: pd.DataFrame | None = None
+
+
+def fit_fusion_head(train: ad.AnnData, genes: list[str], keys: list[str], *, fusion: str, validation: float | None,
+                    random_state: int | None, accelerator: str, head_kwargs: dict) -> FittedHead:
+    """The stage-2 head on the training table's feature sets ``keys`` ([FM, diffusion]), inputs scaled per set.
+
+    The held-out split is the one the neural heads' early stopping draws; the input scaling is fitted on its training
+    part. The ridge head (no early stopping) is first fitted on that part for honest validation predictions, then
+    refitted, scaling included, on all training tiles (the head returned).
+    """
+    from ..core._head_training import holdout_split
+    from ._fusion import fit_head
+    from ._head_base import resolve_groups
+
+    val_fraction = 0.2 if validation is None else float(validation)
+    head_kwargs = dict(head_kwargs)
+    head_kwargs.setdefault("random_state", random_state)
+    if fusion != "ridge":
+        head_kwargs.setdefault("accelerator", accelerator)
+    seed = settings.seed if head_kwargs["random_state"] is None else int(head_kwargs["random_state"])
+    # the head's own split (TorchRegressor draws it first from default_rng(seed)), reproduced here
+    tr, va, how = holdout_split(train.n_obs, resolve_groups(train, None), val_fraction, np.random.default_rng(seed))
+    fm_key, diff_key = keys
+    pred_va = None
+    if fusion == "ridge":
+        sc_tr = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in keys]
+        part = fit_head(scaled_table(train[tr], keys, sc_tr), obsm_key=fm_key, diff_key=diff_key, genes=genes,
+                        fusion=fusion, **head_kwargs)
+        pred_va = part.predict(scaled_table(train[va], keys, sc_tr))
+        scalers = [InputScaler.fit(np.asarray(train.obsm[k])) for k in keys]
+    else:
+        scalers = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in keys]
+    scaled = scaled_table(train, keys, scalers)
+    if fusion == "ridge":
+        head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion, **head_kwargs)
+    else:
+        head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion,
+                        val_fraction=val_fraction, **head_kwargs)
+        if head.validation_ != how:  # pragma: no cover - only if TorchRegressor changes how it splits
+            logger.warning(f"fit_diffbulk: the head held out {head.validation_}, not {how} as expected; the input "
+                           "scaling saw some of its validation tiles.")
+    return FittedHead(head=head, scalers=scalers, pred=head.predict(scaled), split=(tr, va, how), pred_val=pred_va)
+
+
+def gene_stats(train: ad.AnnData, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of each gene over the training tiles where it was measured."""
+    from ._head_base import targets
+
+    y, m = targets(train, genes, None)
+    cnt = np.maximum(m.sum(axis=0), 1)
+    mean = (y * m).sum(axis=0) / cnt
+    var = (((y - mean) ** 2) * m).sum(axis=0) / cnt
+    return mean, var
+
+
+def _summary(adata: ad.AnnData, pred: pd.DataFrame, hvg: list[str]) -> dict:
+    from ._evaluate import evaluate
+
+    a = adata.copy()
+    a.obsm["_pred"] = pred.loc[a.obs_names]
+    top_k = min(50, len(pred.columns))
+    return jsonable(evaluate(a, pred_key="_pred", hvg_genes=hvg, top_k=top_k, key_added=None).attrs["summary"])
+
+
+def training_metrics(train: ad.AnnData, genes: list[str], fitted: FittedHead, hvg: list[str], *, fm_key: str,
+                     timings: dict[str, float]) -> dict:
+    """In-sample and held-out summaries (:func:`dbk.tl.evaluate`) of the head and of the training-mean predictor."""
+    head = fitted.head
+    tr, va, how = fitted.split
+    metrics: dict = {"timings_s": {k: round(v, 3) for k, v in timings.items()},
+                     "train_in_sample": _summary(train, fitted.pred, hvg)}
+    if fitted.pred_val is not None or head.validation_ == how:
+        from ._baselines import MeanPredictor
+
+        mp = MeanPredictor().fit(train[tr], obsm_key=fm_key, genes=genes)
+        val = train[va]
+        metrics["validation"] = {"split": how, "n_tiles": int(len(va)),
+                                 "diffbulk": _summary(val, fitted.pred if fitted.pred_val is None else fitted.pred_val,
+                                                      hvg),
+                                 "mean": _summary(val, mp.predict(val), hvg)}
+        if fitted.pred_val is not None:
+            metrics["validation"]["note"] = ("ridge head refitted (input scaling, inner-CV alpha, coefficients) on the "
+                                             "other training tiles, then evaluated on these; the returned model is "
+                                             "fitted on all training tiles")
+    if hasattr(head, "cv_scheme_"):
+        metrics["head_inner_cv"] = {"scheme": head.cv_scheme_, "alpha": jsonable(head.alpha_),
+                                    "score": float(head.cv_results_["score"].min()),
+                                    "score_definition": "validation MSE / training variance, mean over genes"}
+        if getattr(head, "blend", None) == "late":
+            metrics["head_inner_cv"].update(blend="late", fm_weight=head.blend_weight_,
+                                            block_alpha=head.block_alpha_,
+                                            block_rank=[0 if r is None else int(r) for r in head.block_rank_],
+                                            blend_score=min(head.blend_cv_))
+    v = metrics.get("validation")
+    if v:
+        logger.info(f"fit_diffbulk: validation ({v['split']}, {v['n_tiles']} tiles) mean Pearson "
+                    f"{v['diffbulk']['pearson_mean_all']:.3f} (training mean predictor: "
+                    f"{v['mean']['pearson_mean_all']:.3f}), MSE {v['diffbulk']['mse_mean_all']:.4f} "
+                    f"(mean predictor {v['mean']['mse_mean_all']:.4f}).")
+    return metrics
+
+
+def write_back(slides: list, names: list[str], pred: pd.DataFrame, *, table_key: str, key_added: str,
+               results: dict) -> None:
+    """Each slide's training predictions into ``obsm[key_added]`` and ``results`` into ``uns[key_added]``."""
+    for sd, name in zip(slides, names, strict=True):
+        a = sd.tables[table_key]
+        rows = pd.Index([f"{name}:{o}" for o in a.obs_names])
+        df = pred.loc[rows]
+        df.index = a.obs_names.copy()
+        a.obsm[key_added] = df
+        a.uns[key_added] = jsonable(results)

@@ -1,0 +1,454 @@
+"""The fitted DiffBulk model: predict on new slides, save to a folder, load back on CPU or GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
+from .._logging import logger
+from .._utils import check_batch_size, copy_sdata, is_sdata, jsonable
+from ..core._scaler import InputScaler
+from ..pp._prepare import prepare_slide, record_pixel_size, tile_size_um
+from ._context import with_context
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+FORMAT = "dbk.DiffBulk"
+FORMAT_VERSION = 1
+_HEAD_FILE = "head.safetensors"
+_FM_FILE = "fm.safetensors"
+_HISTORY_FILE = "history.json"
+_PRETRAINER_DIR = "pretrainer"
+
+
+class DiffBulk:
+    """A fitted DiffBulk model: frozen stage-1 diffusion U-Net, foundation model, fusion head.
+
+    Made by :func:`dbk.tl.fit_diffbulk` or :meth:`load`. :meth:`predict` writes predicted expression for the tiles of
+    any slide with an H&E image (with or without measured expression); :meth:`save` writes a folder that
+    :meth:`load` reads back on CPU or GPU.
+
+    Attributes
+    ----------
+    genes
+        The predicted genes, in output order.
+    pretrainer
+        The stage-1 :class:`~dbk.tl.DiffusionPretrainer` (its EMA U-Net gives the diffusion features).
+    fm
+        The foundation-model image encoder (a torch module); :attr:`fm_id` names it.
+    head
+        The fitted :class:`~dbk.tl.FusionRegressor`, or :class:`~dbk.tl._fusion.RidgeFusionRegressor` for
+        ``fusion="ridge"``.
+    history
+        ``{"stage1": [...], "head": {"train_loss": [...], "val_loss": [...]}}``; for ``fusion="ridge"`` the head's
+        entry is the inner-CV curve ``{"alpha": [...], "cv_score": [...]}``.
+    tile_size_um
+        Side of the tiles the model was trained on; :meth:`predict` makes such tiles on new slides.
+    config
+        Everything else that defines the model (JSON-ready): feature settings, training statistics, params.
+    scalers
+        The :class:`InputScaler` of the FM and the diffusion features (fitted on the head's training tiles).
+    training_data
+        With ``fit_diffbulk(..., copy=True)``: the copies of the training slides it wrote to (the slide, or a list);
+        otherwise ``None`` (the slides given were changed in place).
+    """
+
+    def __init__(self, *, pretrainer, head, fm: torch.nn.Module, config: dict, scalers: list[InputScaler]) -> None:
+        self.pretrainer = pretrainer
+        self.head = head
+        self.fm = fm
+        self.config = config
+        self.scalers = scalers
+        self.training_data = None
+
+    def _head_predict(self, adata: ad.AnnData, key_added: str | None) -> pd.DataFrame:
+        """The head on ``adata``'s features after the model's :class:`InputScaler` (one per feature set)."""
+        light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
+        n_clipped, n_values = 0, 0
+        ctx = self.context_um
+        for key, scaler in zip(self.head.obsm_keys_, self.scalers, strict=True):
+            x = adata.obsm[key]
+            x = np.asarray(x.to_numpy() if isinstance(x, pd.DataFrame) else x, dtype=np.float64)
+            width = len(scaler.mean) // (1 if ctx is None else 2)
+            if x.ndim != 2 or x.shape[1] != width:
+                raise ValueError(f"obsm[{key!r}] has shape {x.shape}; the model takes {width} features.")
+            if not np.isfinite(x).all():
+                raise ValueError(f"obsm[{key!r}] has non-finite values in {int((~np.isfinite(x)).any(axis=1).sum())} "
+                                 "tiles.")
+            if ctx is not None:
+                x = with_context(adata, x, ctx)
+            z, clipped = scaler.transform(x, return_clipped=True)
+            n_clipped, n_values = n_clipped + int(clipped), n_values + x.size
+            light.obsm[key] = z
+        if n_values and n_clipped > 0.01 * n_values:
+            logger.info(f"predict: {100 * n_clipped / n_values:.1f}% of the feature values lie beyond "
+                        f"±{self.scalers[0].clip:g} training standard deviations (clipped): the slide looks unlike "
+                        "the training slides.")
+        df = self.head.predict(light)
+        if key_added is not None:
+            adata.obsm[key_added] = df
+        return df
+
+    # ---- properties -------------------------------------------------------------------------------------------
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.config["genes"])
+
+    @property
+    def context_um(self) -> float | None:
+        """Radius (µm) of the neighbourhood whose mean features join each tile's (``None``: the tile alone)."""
+        c = self.config.get("context_um")
+        return None if c is None else float(c)
+
+    @property
+    def fm_id(self) -> str:
+        return str(self.config["fm"]["id"])
+
+    @property
+    def tile_size_um(self) -> float:
+        return float(self.config["tile_size_um"])
+
+    @property
+    def fusion(self) -> str:
+        return str(self.config["fusion"])
+
+    @property
+    def history(self) -> dict:
+        return {"stage1": list(self.pretrainer.history), "head": dict(self.head.history_)}
+
+    @property
+    def fm_key(self) -> str:
+        return str(self.config["fm"]["key"])
+
+    @property
+    def diff_key(self) -> str:
+        return str(self.config["diffusion"]["key"])
+
+    def __repr__(self) -> str:
+        d = self.config["diffusion"]
+        return (f"DiffBulk({len(self.genes)} genes, tile {self.tile_size_um:g} µm, FM {self.fm_id!r}, fusion "
+                f"{self.fusion!r}, stage 1 {self.pretrainer.preset.name!r} {self.pretrainer.image_size} px / "
+                f"{self.pretrainer.step} steps, z_diff {d['dim']} from {'+'.join(d['levels'])})")
+
+    def to(self, device: str | torch.device) -> DiffBulk:
+        """Move every network to ``device`` (``"auto"``: CUDA if available); returns self."""
+        from ._embed import resolve_device
+
+        dev = resolve_device(device)
+        self.pretrainer.to(dev)
+        self.fm.to(dev)
+        if hasattr(self.head, "module_"):  # the ridge head is numpy arrays, on the CPU
+            self.head.module_.to(dev)
+        return self
+
+    # ---- features and prediction ------------------------------------------------------------------------------
+
+    def features(
+        self,
+        sdata: SpatialData,
+        *,
+        tiles_key: str = TILES_KEY,
+        table_key: str = TILES_TABLE_KEY,
+        batch_size: int = 32,
+        reuse_fm: bool = True,
+        reuse_diff: bool = True,
+    ) -> None:
+        """Write the model's FM embeddings and diffusion features of ``sdata``'s tiles into the tile table's ``obsm``.
+
+        Makes a table (tiles x 0 genes) when the slide has none. FM embeddings already there from the same model and
+        input size are kept when ``reuse_fm`` (:func:`dbk.tl.embed_tiles`); diffusion features when ``reuse_diff`` and
+        their record in ``uns["dbk"]["diffusion_features"]`` names the same stage-1 weights (fingerprint), noise
+        level, seed, levels, pooling, tiles and precision (:func:`dbk.tl.diffusion_features`; features are
+        deterministic, so reuse is exact).
+        """
+        from ._diffusion_features import diffusion_features
+        from ._embed import embed_tiles, resolve_device
+
+        f, d = self.config["fm"], self.config["diffusion"]
+        device = resolve_device("auto") if self.fm is None else next(self.fm.parameters()).device
+        embed_tiles(sdata, model=self.fm, tiles_key=tiles_key, table_key=table_key, size_px=int(f["size_px"]),
+                    batch_size=batch_size, accelerator=device, key_added=self.fm_key, overwrite=not reuse_fm)
+        diffusion_features(sdata, self.pretrainer, sigma=float(d["sigma"]), tiles_key=tiles_key, table_key=table_key,
+                           levels=list(d["levels"]), pool=str(d["pool"]), use_ema=bool(d["use_ema"]),
+                           batch_size=batch_size, random_state=int(d["random_state"]), key_added=self.diff_key,
+                           overwrite=not reuse_diff)
+        record_pixel_size(sdata, tiles_key, table_key)
+
+    def predict(
+        self,
+        data: SpatialData | ad.AnnData,
+        *,
+        tiles_key: str = TILES_KEY,
+        table_key: str = TILES_TABLE_KEY,
+        key_added: str = PRED_KEY,
+        batch_size: int = 32,
+        accelerator: str | None = None,
+        copy: bool = False,
+    ) -> SpatialData | ad.AnnData | pd.DataFrame | None:
+        """Predict expression for every tile of a slide.
+
+        On a SpatialData: tiles of the model's size are laid over the tissue when ``tiles_key`` is missing
+        (:func:`dbk.pp.make_tiles`), a tile table with no genes is made when there is none (H&E-only slide), then
+        the FM embeddings, the diffusion features and the fusion head give the predictions. A slide with measured
+        expression keeps its table; the predictions are added beside the truth, ready for :func:`dbk.tl.evaluate`.
+
+        On an AnnData tile table that already holds both feature sets (``obsm`` keys :attr:`fm_key` and
+        :attr:`diff_key`, e.g. from :meth:`features`), only the head runs.
+
+        Parameters
+        ----------
+        data
+            SpatialData with the H&E image, or a tile table with the features.
+        tiles_key
+            Shapes element with the tiles (made when missing).
+        table_key
+            Tile table the features and predictions are written to.
+        key_added
+            ``obsm`` key of the predictions.
+        batch_size
+            Tiles per forward pass of the networks.
+        accelerator
+            Where the networks run: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... (the model
+            is moved there); ``None``: where the model is.
+        copy
+            Return a modified copy instead of changing ``data`` in place.
+
+        Returns
+        -------
+        With ``copy=True`` the modified copy of ``data``; otherwise ``None`` for a SpatialData and the predictions
+        DataFrame for a tile table (AnnData), as the heads' ``predict`` returns. Writes to
+        the tile table ``obsm[key_added]``, a DataFrame (tiles x :attr:`genes`, float32, index the table's
+        ``obs_names``), the features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model
+        summary and settings).
+        """
+        check_batch_size(batch_size)
+        if accelerator is not None:
+            self.to(accelerator)
+        if isinstance(data, ad.AnnData):
+            adata = data.copy() if copy else data
+            missing = [k for k in (self.fm_key, self.diff_key) if k not in adata.obsm]
+            if missing:
+                raise KeyError(f"The table lacks the features obsm{missing}; pass the SpatialData (with the H&E) so "
+                               "that they are computed, or run model.features(sdata) first.")
+            df = self._head_predict(adata, key_added)
+            self._record(adata, key_added, tiles_key)
+            return adata if copy else df
+        if not is_sdata(data):
+            raise TypeError(f"predict expects a SpatialData (or a tile table), got {type(data).__name__}.")
+        sdata = copy_sdata(data) if copy else data
+        name = str(sdata.attrs.get("sample", "slide"))
+        prepare_slide(sdata, tile_size_um=self.tile_size_um, tiles_key=tiles_key, table_key=table_key,
+                      need_table=False, name=name)
+        size = tile_size_um(sdata, tiles_key)
+        if size is not None and abs(size / self.tile_size_um - 1) > 0.02:
+            logger.warning(f"predict: the tiles {tiles_key!r} of slide {name!r} are {size:g} µm, the model was "
+                           f"trained on {self.tile_size_um:g} µm tiles; predictions on other tile sizes are not what "
+                           "it learned (use another tiles_key to let predict make matching tiles).")
+        self.features(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size)
+        adata = sdata.tables[table_key]
+        df = self._head_predict(adata, key_added)
+        self._record(adata, key_added, tiles_key)
+        logger.info(f"predict: {df.shape[0]} tiles x {df.shape[1]} genes -> sdata.tables[{table_key!r}]"
+                    f".obsm[{key_added!r}].")
+        return sdata if copy else None
+
+    def _record(self, adata: ad.AnnData, key_added: str, tiles_key: str) -> None:
+        from .. import __version__
+
+        if adata.n_vars and not set(map(str, adata.var_names)) & set(self.genes):
+            logger.warning(f"predict: the table's {adata.n_vars} measured genes (e.g. {list(adata.var_names[:5])}) "
+                           f"include none of the model's {len(self.genes)} genes (e.g. {self.genes[:5]}); the "
+                           "predictions are written but cannot be evaluated against this table.")
+
+        uns = adata.uns.setdefault(UNS_KEY, {})
+        uns["predict"] = jsonable({
+            "pred_key": key_added,
+            "tiles_key": tiles_key,
+            "model": repr(self),
+            "fm": self.fm_id,
+            "fm_key": self.fm_key,
+            "diff_key": self.diff_key,
+            "fusion": self.fusion,
+            "tile_size_um": self.tile_size_um,
+            "n_genes": len(self.genes),
+            "dbk_version": __version__,
+        })
+
+    # ---- save / load ------------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model to a folder, atomically (a temporary folder renamed into place).
+
+        Contents: ``config.json`` (format and dbk version, genes, tile geometry, FM id and input size, fusion,
+        diffusion-feature layout, head options, training statistics, SHA-256 of every other file),
+        ``head.safetensors`` (head weights and input / target standardisation; for ``fusion="ridge"`` the
+        coefficients, intercepts, standardisation, chosen alpha and inner-CV curve), ``history.json``, ``pretrainer/``
+        (the stage-1 model, :meth:`dbk.tl.DiffusionPretrainer.save`) and, for a foundation model that cannot be
+        reloaded by name (random weights), ``fm.safetensors``.
+        """
+        from safetensors.torch import save_file
+
+        from .. import __version__
+        from .._utils import atomic_path
+        from ..core._folder import sha256_file as _sha256
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        fm_cfg = dict(self.config["fm"])
+        save_fm = not bool(getattr(self.fm, "dbk_pretrained", False))
+        if save_fm and not fm_cfg.get("timm_arch"):
+            raise ValueError(f"The foundation model {self.fm_id!r} has no pretrained weights to reload by name and is "
+                             "not a timm architecture whose weights dbk can store; fit with fm=<timm model name or "
+                             "checkpoint>.")
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            self.pretrainer.save(tmp / _PRETRAINER_DIR)
+            _, tensors = self.head.get_state()
+            for i, scaler in enumerate(self.scalers):
+                tensors |= scaler.tensors(f"scaler.{i}.")
+            save_file(tensors, tmp / _HEAD_FILE, metadata={"format": FORMAT})
+            if save_fm:
+                state = {k: v.detach().cpu().contiguous().clone() for k, v in self.fm.state_dict().items()}
+                save_file(state, tmp / _FM_FILE, metadata={"format": FORMAT})
+            (tmp / _HISTORY_FILE).write_text(json.dumps({"head": self.head.history_}))
+            hashed = [_HEAD_FILE, _HISTORY_FILE, f"{_PRETRAINER_DIR}/config.json"] + ([_FM_FILE] if save_fm else [])
+            fm_cfg["weights_saved"] = save_fm
+            config = dict(self.config) | {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dbk_version": __version__,
+                "fm": fm_cfg,
+                "sha256": {f: _sha256(tmp / f) for f in hashed},
+            }
+            (tmp / "config.json").write_text(json.dumps(jsonable(config, none=None), indent=1))
+        logger.info(f"DiffBulk saved to {path}.")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> DiffBulk:
+        """Load a model written by :meth:`save` onto ``device`` (``"auto"``: CUDA if available, else CPU).
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` is not a folder with a ``config.json``.
+        ValueError
+            If the folder holds another kind of model or one written by a newer dbk, a file is missing or corrupt
+            (checksum), or the parts do not fit together (genes vs head outputs, feature widths, stage-1 weights).
+        """
+        from safetensors.torch import load_file
+
+        from .. import __version__
+        from ..core._folder import sha256_file as _sha256
+        from ..core._pretrainer import DiffusionPretrainer
+        from ._diffusion_features import pretrainer_fingerprint
+        from ._embed import resolve_device
+
+        path = Path(path)
+        cfg_path = path / "config.json"
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a folder (a saved DiffBulk model is a folder).")
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{path} is not a saved DiffBulk model (no config.json).")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{cfg_path} is corrupt: {err}.") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            got = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"{path} holds {got!r}, not a {FORMAT} model.")
+        if int(config.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{path} was written by a newer dbk ({config.get('dbk_version')}, format "
+                             f"{config.get('format_version')}); this is dbk {__version__}. Upgrade dbk.")
+        if config.get("dbk_version") != __version__:
+            logger.info(f"Loading a DiffBulk model saved by dbk {config.get('dbk_version')} into dbk {__version__}.")
+        sums = config.get("sha256")
+        if not isinstance(sums, dict) or _HEAD_FILE not in sums:
+            raise ValueError(f"{cfg_path} lists no checksums; the folder is incomplete or was not written by save().")
+        for fname, digest in sums.items():
+            f = path / fname
+            if not f.is_file():
+                raise ValueError(f"{path} is incomplete: {fname} is missing.")
+            if _sha256(f) != digest:
+                raise ValueError(f"{f} is corrupt or was changed after saving (checksum mismatch).")
+        try:
+            genes = [str(g) for g in config["genes"]]
+            hcfg, fcfg, dcfg = config["head"], config["fm"], config["diffusion"]
+            dims = [int(v) for v in hcfg["dims"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{cfg_path} does not describe a DiffBulk model: missing or invalid {err}.") from None
+        if len(dims) != 2 or config.get("fusion") != hcfg.get("fusion"):
+            raise ValueError(f"{cfg_path}: the head ({hcfg.get('fusion')!r}, feature widths {dims}) does not fit the "
+                             f"model's fusion {config.get('fusion')!r} with two feature sets.")
+        if not genes or len(set(genes)) != len(genes):
+            raise ValueError(f"{cfg_path}: the gene list is empty or has duplicates.")
+        dev = resolve_device(device)
+        try:
+            pretrainer = DiffusionPretrainer.load(path / _PRETRAINER_DIR, device=dev)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"{path / _PRETRAINER_DIR}: the stage-1 model does not load: {err}") from None
+        fp = pretrainer_fingerprint(pretrainer, bool(dcfg.get("use_ema", True)))
+        if dcfg.get("pretrainer_fingerprint") not in (None, fp):
+            raise ValueError(f"{path / _PRETRAINER_DIR} holds another stage-1 model than the one the head was trained "
+                             f"on (weights fingerprint {fp}, expected {dcfg.get('pretrainer_fingerprint')}).")
+        from ._head_state import head_from_state
+
+        tensors = load_file(path / _HEAD_FILE)
+        history = json.loads((path / _HISTORY_FILE).read_text()).get("head", {})
+        head = head_from_state(hcfg, tensors, genes=genes, device=dev, history=history, config_file=cfg_path,
+                               tensor_file=path / _HEAD_FILE)
+        try:
+            scalers = [InputScaler.from_tensors(tensors, f"scaler.{i}.", float(hcfg["input_clip"]))
+                       for i in range(len(dims))]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path / _HEAD_FILE} lacks the input scaling {err}.") from None
+        if any(len(sc.mean) != d for sc, d in zip(scalers, dims, strict=True)):
+            raise ValueError(f"{path / _HEAD_FILE}: the input scaling does not fit the feature widths {dims}.")
+        k = 2 if config.get("context_um") is not None else 1  # [features, neighbourhood mean]
+        if dims[1] != k * int(dcfg["dim"]):
+            raise ValueError(f"{cfg_path}: the head takes {dims[1]} diffusion features, the layout has {dcfg['dim']}.")
+        fm = _load_fm(fcfg, path, dev)
+        model = cls(pretrainer=pretrainer, head=head, fm=fm, config=config, scalers=scalers)
+        out_dim = _fm_dim(fm, int(fcfg["size_px"]), dev)
+        if k * out_dim != dims[0]:
+            raise ValueError(f"The foundation model {fcfg['id']!r} gives {out_dim} features; the head was trained on "
+                             f"{dims[0]}: a different model is installed under that name.")
+        return model
+
+
+def _load_fm(fcfg: dict, path: Path, device) -> torch.nn.Module:
+    from ._embed import load_foundation_model
+
+    kwargs = dict(fcfg.get("kwargs") or {})
+    if fcfg.get("weights_saved"):
+        import timm
+        from safetensors.torch import load_file
+
+        net = timm.create_model(fcfg["timm_arch"], pretrained=False, num_classes=0, **kwargs.get("model_kwargs", {}))
+        try:
+            net.load_state_dict(load_file(path / _FM_FILE), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path / _FM_FILE} does not fit timm {fcfg['timm_arch']!r}: "
+                             f"{str(err).splitlines()[0]}") from None
+        net.eval().requires_grad_(False).to(device)
+        net.dbk_pretrained, net.dbk_model = False, fcfg["id"]
+        return net
+    net, _ = load_foundation_model(fcfg["id"], device=device, **kwargs)
+    return net
+
+
+@torch.inference_mode()
+def _fm_dim(fm: torch.nn.Module, size_px: int, device) -> int:
+    x = torch.zeros(1, 3, size_px, size_px, device=device)
+    return int(fm(x).shape[-1])

@@ -1,0 +1,168 @@
+"""The named steps of fit_diffbulk, one test each (the whole pipeline is in test_diffbulk.py and test_golden.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dbk
+from dbk.pp._prepare import as_slides, prepare_slides, record_pixel_size, tile_size_um
+from dbk.tl._context import neighbor_mean
+from dbk.tl._fit_steps import (
+    add_diffusion_features,
+    choose_genes,
+    fit_fusion_head,
+    load_fm,
+    model_tile_size,
+    train_stage1,
+    training_table,
+    write_back,
+)
+
+TINY = {"image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8, "warmup_steps": 5,
+        "log_every": 5}
+
+
+@pytest.fixture(scope="module")
+def slides():
+    a = dbk.datasets.synthetic(shape=(768, 768), random_state=0)
+    b = dbk.datasets.synthetic(shape=(768, 640), random_state=1)
+    return prepare_slides({"A": a, "B": b}, tile_size_um=56.0)
+
+
+@pytest.fixture(scope="module")
+def pretrainer(slides):
+    s, _ = slides
+    return dbk.tl.fit_pretrainer(s, preset="tiny", max_steps=3, random_state=0, **TINY)
+
+
+def test_prepare_slides_names_copies_and_checks():
+    sd = dbk.datasets.synthetic(shape=(512, 512), random_state=0)
+    before = (set(sd.shapes), set(sd.tables))
+    out, names = prepare_slides([sd, sd], tile_size_um=56.0, copy=True)
+    assert (set(sd.shapes), set(sd.tables)) == before  # copy=True: the input is untouched
+    assert names == ["slide0", "slide1"] and all("dbk_table" in s.tables for s in out)
+    assert out[0] is not out[1] and out[0] is not sd
+    assert tile_size_um(out[0]) == pytest.approx(56.0)
+    assert as_slides({"x": sd})[1] == ["x"]
+    with pytest.raises(TypeError, match="SpatialData"):
+        as_slides([sd, "not a slide"])
+    bad = out[0]
+    bad.tables["dbk_table"].X = bad.tables["dbk_table"].X.astype(np.float32)
+    bad.tables["dbk_table"].X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        prepare_slides(bad, tile_size_um=56.0)
+
+
+def test_choose_genes_union_explicit_and_top():
+    t1 = ad.AnnData(np.array([[0.0, 1, 5], [1, 1, 0]]), var=pd.DataFrame(index=["A", "B", "C"]))
+    t2 = ad.AnnData(np.array([[2.0, 0], [0, 0]]), var=pd.DataFrame(index=["D", "A"]))
+    assert choose_genes([t1, t2]) == ["A", "B", "C", "D"]
+    assert choose_genes([t1, t2], ["D", "B"]) == ["D", "B"]
+    with pytest.raises(KeyError, match="in no slide"):
+        choose_genes([t1], ["Z"])
+    with pytest.raises(ValueError, match="duplicates"):
+        choose_genes([t1], ["A", "A"])
+    assert choose_genes([t1], n_top_genes=1) == ["C"]  # the most variable
+
+
+def test_load_fm_names_a_given_module():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    net.dbk_model = "my_net"
+    fm = load_fm(net, size_px=32, device=torch.device("cpu"))
+    assert fm.id == "my_net" and fm.key == "X_my_net" and fm.size_px == 32 and fm.net is net
+
+
+def test_train_stage1_takes_a_given_model_without_training(pretrainer, slides):
+    s, _ = slides
+    step = pretrainer.step
+    assert train_stage1(s, ["ERBB2"], pretrainer=pretrainer, tiles_key="dbk_tiles", table_key="dbk_table") \
+        is pretrainer
+    assert pretrainer.step == step
+
+
+def test_model_tile_size_is_the_median_and_warns_on_a_mismatch(pretrainer, slides, caplog):
+    s, _ = slides
+    assert model_tile_size(s, pretrainer, tiles_key="dbk_tiles", default_um=1.0) == pytest.approx(56.0)
+    old = pretrainer.tile_size_um
+    pretrainer.tile_size_um = 112.0
+    try:
+        with caplog.at_level(logging.WARNING, logger="dbk"):
+            model_tile_size(s, pretrainer, tiles_key="dbk_tiles", default_um=1.0)
+    finally:
+        pretrainer.tile_size_um = old
+    assert "112 µm tiles" in caplog.text
+
+
+def test_diffusion_features_are_kept_when_they_match_and_recomputed_otherwise(pretrainer, slides, caplog):
+    s, _ = slides
+    kw = {"sigma": 0.01, "levels": None, "pool": "mean", "random_state": 0, "tiles_key": "dbk_tiles",
+          "table_key": "dbk_table", "batch_size": 16, "key": "X_step_diff"}
+    rec = add_diffusion_features(s, pretrainer, **kw)
+    first = s[0].tables["dbk_table"].obsm["X_step_diff"]
+    assert rec["dim"] == first.shape[1] and rec["precision"] == "float32"
+    with caplog.at_level(logging.INFO, logger="dbk"):
+        add_diffusion_features(s, pretrainer, **kw)
+    assert "keeping obsm['X_step_diff']" in caplog.text
+    assert s[0].tables["dbk_table"].obsm["X_step_diff"] is first  # kept, not recomputed
+    add_diffusion_features(s, pretrainer, **(kw | {"random_state": 1}))
+    again = s[0].tables["dbk_table"].obsm["X_step_diff"]
+    assert again is not first and not np.allclose(again, first)
+    dbk.tl.diffusion_features(s[0], pretrainer, random_state=1, key_added="X_step_diff", overwrite=True)
+    np.testing.assert_allclose(s[0].tables["dbk_table"].obsm["X_step_diff"], again, rtol=1e-4, atol=1e-6)
+
+
+def test_training_table_context_equals_the_per_slide_computation(slides):
+    s, names = slides
+    rng = np.random.default_rng(0)
+    for sd in s:
+        sd.tables["dbk_table"].obsm["X_f"] = rng.normal(size=(sd.tables["dbk_table"].n_obs, 3)).astype(np.float32)
+    genes = list(s[0].tables["dbk_table"].var_names[:4])
+    plain = training_table(s, names, genes, ["X_f"], tiles_key="dbk_tiles", table_key="dbk_table")
+    ctx = training_table(s, names, genes, ["X_f"], tiles_key="dbk_tiles", table_key="dbk_table", context_um=120.0)
+    assert plain.n_obs == sum(sd.tables["dbk_table"].n_obs for sd in s) and plain.obsm["X_f"].shape[1] == 3
+    assert ctx.obsm["X_f"].shape[1] == 6
+    start = 0
+    for sd in s:  # the context of a slide's tiles is its own neighbourhood mean, never its neighbour slide's
+        a = sd.tables["dbk_table"]
+        px = record_pixel_size(sd)
+        mine = neighbor_mean(np.asarray(a.obsm["spatial"]) * px, a.obsm["X_f"], 120.0)
+        np.testing.assert_allclose(ctx.obsm["X_f"][start : start + a.n_obs, 3:], mine, rtol=1e-6)
+        np.testing.assert_array_equal(ctx.obsm["X_f"][start : start + a.n_obs, :3], a.obsm["X_f"])
+        start += a.n_obs
+
+
+def test_fit_fusion_head_ridge_validates_on_a_refit_and_scales_on_all_tiles(slides):
+    s, names = slides
+    rng = np.random.default_rng(1)
+    for sd in s:
+        n = sd.tables["dbk_table"].n_obs
+        sd.tables["dbk_table"].obsm["X_a"] = rng.normal(size=(n, 4)).astype(np.float32)
+        sd.tables["dbk_table"].obsm["X_b"] = rng.normal(size=(n, 2)).astype(np.float32)
+    genes = list(s[0].tables["dbk_table"].var_names[:5])
+    train = training_table(s, names, genes, ["X_a", "X_b"], tiles_key="dbk_tiles", table_key="dbk_table")
+    fitted = fit_fusion_head(train, genes, ["X_a", "X_b"], fusion="ridge", validation=None, random_state=0,
+                             accelerator="cpu", head_kwargs={})
+    tr, va, how = fitted.split
+    assert how == "held-out slides ['B']" and len(va) > 0 and len(np.intersect1d(tr, va)) == 0
+    assert fitted.pred_val is not None and len(fitted.pred_val) == len(va)
+    assert list(fitted.pred.columns) == genes and len(fitted.pred) == train.n_obs
+    np.testing.assert_allclose(fitted.scalers[0].mean, np.asarray(train.obsm["X_a"], np.float64).mean(0), rtol=1e-6)
+
+
+def test_write_back_keeps_a_first_fit_under_its_own_key(slides):
+    s, names = slides
+    genes = ["g1", "g2"]
+    for key, value in (("pred_a", 1.0), ("pred_b", 2.0)):
+        rows = [f"{n}:{o}" for n, sd in zip(names, s, strict=True) for o in sd.tables["dbk_table"].obs_names]
+        pred = pd.DataFrame(value, index=rows, columns=genes)
+        write_back(s, names, pred, table_key="dbk_table", key_added=key, results={"params": {"k": key}})
+    a = s[1].tables["dbk_table"]
+    assert (a.obsm["pred_a"].to_numpy() == 1).all() and (a.obsm["pred_b"].to_numpy() == 2).all()
+    assert list(a.obsm["pred_a"].index) == list(a.obs_names)
+    assert a.uns["pred_a"]["params"]["k"] == "pred_a" and a.uns["pred_b"]["params"]["k"] == "pred_b"
