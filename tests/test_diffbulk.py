@@ -582,10 +582,20 @@ def test_load_fails_clearly_on_corrupt_or_mismatched_folders(fitted, saved, tmp_
     from dbk.core._folder import sha256_file as _sha256
 
     cfg = json.loads((d / "config.json").read_text())
-    cfg["sha256"]["pretrainer/config.json"] = _sha256(d / "pretrainer" / "config.json")
+    cfg["sha256"] = {f: _sha256(d / f) for f in cfg["sha256"]}  # every file re-summed: the weights alone differ
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="another stage-1 model"):
         DiffBulk.load(d)
 
     loaded = DiffBulk.load(saved)  # the original still loads
     assert loaded.genes == fitted[0].genes and repr(loaded) == repr(fitted[0])
+
+
+def test_saved_model_files_follow_the_umask_like_any_other_file(saved):
+    import os
+
+    old = os.umask(0)
+    os.umask(old)
+    for f in saved.rglob("*"):  # weights as well as config.json: colleagues on a shared folder can load the model
+        want = (0o777 if f.is_dir() else 0o666) & ~old
+        assert f.stat().st_mode & 0o777 == want, f

@@ -294,44 +294,28 @@ class DiffBulk:
         ``head.safetensors`` (head weights and input / target standardisation; for ``fusion="ridge"`` the
         coefficients, intercepts, standardisation, chosen alpha and inner-CV curve), ``history.json``, ``pretrainer/``
         (the stage-1 model, :meth:`dbk.tl.DiffusionPretrainer.save`) and, for a foundation model that cannot be
-        reloaded by name (random weights), ``fm.safetensors``.
+        reloaded by name (random weights), ``fm.safetensors``. Files get the permissions of anything else the user
+        writes (the umask), so a lab folder can share them.
         """
-        from safetensors.torch import save_file
+        from ..core._folder import write_model_folder
 
-        from .. import __version__
-        from .._utils import atomic_path
-        from ..core._folder import sha256_file as _sha256
-
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         fm_cfg = dict(self.config["fm"])
         save_fm = not bool(getattr(self.fm, "dbk_pretrained", False))
         if save_fm and not fm_cfg.get("timm_arch"):
             raise ValueError(f"The foundation model {self.fm_id!r} has no pretrained weights to reload by name and is "
                              "not a timm architecture whose weights dbk can store; fit with fm=<timm model name or "
                              "checkpoint>.")
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            self.pretrainer.save(tmp / _PRETRAINER_DIR)
-            _, tensors = self.head.get_state()
-            for i, scaler in enumerate(self.scalers):
-                tensors |= scaler.tensors(f"scaler.{i}.")
-            save_file(tensors, tmp / _HEAD_FILE, metadata={"format": FORMAT})
-            if save_fm:
-                state = {k: v.detach().cpu().contiguous().clone() for k, v in self.fm.state_dict().items()}
-                save_file(state, tmp / _FM_FILE, metadata={"format": FORMAT})
-            (tmp / _HISTORY_FILE).write_text(json.dumps({"head": self.head.history_}))
-            hashed = [_HEAD_FILE, _HISTORY_FILE, f"{_PRETRAINER_DIR}/config.json"] + ([_FM_FILE] if save_fm else [])
-            fm_cfg["weights_saved"] = save_fm
-            config = dict(self.config) | {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "dbk_version": __version__,
-                "fm": fm_cfg,
-                "sha256": {f: _sha256(tmp / f) for f in hashed},
-            }
-            (tmp / "config.json").write_text(json.dumps(jsonable(config, none=None), indent=1))
+        _, tensors = self.head.get_state()
+        for i, scaler in enumerate(self.scalers):
+            tensors |= scaler.tensors(f"scaler.{i}.")
+        fm_cfg["weights_saved"] = save_fm
+        config = {k: v for k, v in self.config.items() if k not in ("format", "format_version", "dbk_version",
+                                                                     "sha256")} | {"fm": fm_cfg}
+        path = write_model_folder(
+            path, format=FORMAT, format_version=FORMAT_VERSION, config=jsonable(config, none=None),
+            tensors={_HEAD_FILE: tensors, **({_FM_FILE: self.fm.state_dict()} if save_fm else {})},
+            files={_HISTORY_FILE: json.dumps({"head": self.head.history_})},
+            subfolders={_PRETRAINER_DIR: self.pretrainer.save}, overwrite=overwrite)
         logger.info(f"DiffBulk saved to {path}.")
         return path
 
@@ -347,41 +331,16 @@ class DiffBulk:
             If the folder holds another kind of model or one written by a newer dbk, a file is missing or corrupt
             (checksum), or the parts do not fit together (genes vs head outputs, feature widths, stage-1 weights).
         """
-        from safetensors.torch import load_file
-
-        from .. import __version__
-        from ..core._folder import sha256_file as _sha256
+        from ..core._folder import load_tensors, read_model_folder
         from ..core._pretrainer import DiffusionPretrainer
         from ._diffusion_features import pretrainer_fingerprint
         from ._embed import resolve_device
 
         path = Path(path)
         cfg_path = path / "config.json"
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a folder (a saved DiffBulk model is a folder).")
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{path} is not a saved DiffBulk model (no config.json).")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{cfg_path} is corrupt: {err}.") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            got = config.get("format") if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"{path} holds {got!r}, not a {FORMAT} model.")
-        if int(config.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer dbk ({config.get('dbk_version')}, format "
-                             f"{config.get('format_version')}); this is dbk {__version__}. Upgrade dbk.")
-        if config.get("dbk_version") != __version__:
-            logger.info(f"Loading a DiffBulk model saved by dbk {config.get('dbk_version')} into dbk {__version__}.")
-        sums = config.get("sha256")
-        if not isinstance(sums, dict) or _HEAD_FILE not in sums:
+        config = read_model_folder(path, format=FORMAT, format_version=FORMAT_VERSION, what="DiffBulk model")
+        if _HEAD_FILE not in config.get("sha256", {}):
             raise ValueError(f"{cfg_path} lists no checksums; the folder is incomplete or was not written by save().")
-        for fname, digest in sums.items():
-            f = path / fname
-            if not f.is_file():
-                raise ValueError(f"{path} is incomplete: {fname} is missing.")
-            if _sha256(f) != digest:
-                raise ValueError(f"{f} is corrupt or was changed after saving (checksum mismatch).")
         try:
             genes = [str(g) for g in config["genes"]]
             hcfg, fcfg, dcfg = config["head"], config["fm"], config["diffusion"]
@@ -404,7 +363,7 @@ class DiffBulk:
                              f"on (weights fingerprint {fp}, expected {dcfg.get('pretrainer_fingerprint')}).")
         from ._head_state import head_from_state
 
-        tensors = load_file(path / _HEAD_FILE)
+        tensors = load_tensors(path, _HEAD_FILE)
         history = json.loads((path / _HISTORY_FILE).read_text()).get("head", {})
         head = head_from_state(hcfg, tensors, genes=genes, device=dev, history=history, config_file=cfg_path,
                                tensor_file=path / _HEAD_FILE)
