@@ -38,22 +38,23 @@ def as_profiles(profiles) -> list[Profile | None]:
 
     if profiles is None:
         return [None]
-    try:
-        import anndata as ad
+    if hasattr(profiles, "var_names") and hasattr(profiles, "layers"):  # an AnnData (duck-typed: no anndata import)
+        import scipy.sparse as sp
 
-        if isinstance(profiles, ad.AnnData):
-            from ..pp._concat import measured_mask
+        from .._constants import MEASURED_LAYER
 
-            x = profiles.X.toarray() if hasattr(profiles.X, "toarray") else np.asarray(profiles.X)
-            x = np.asarray(x, dtype=np.float32)
-            m = measured_mask(profiles)
-            genes = np.asarray(profiles.var_names.astype(str))
-            if m.all():
-                g = list(genes)
-                return [one(g, row) for row in x]
-            return [one(list(genes[mr]), row[mr]) for row, mr in zip(x, m, strict=True)]
-    except ImportError:  # pragma: no cover - anndata is a dependency
-        pass
+        x = profiles.X.toarray() if sp.issparse(profiles.X) else np.asarray(profiles.X)
+        x = np.asarray(x, dtype=np.float32)
+        if MEASURED_LAYER in profiles.layers:  # genes of another slide's panel: not measured here, not zero
+            m = profiles.layers[MEASURED_LAYER]
+            m = (m.toarray() if sp.issparse(m) else np.asarray(m)) > 0
+        else:
+            m = np.ones(x.shape, dtype=bool)
+        genes = np.asarray([str(g) for g in profiles.var_names])
+        if m.all():
+            g = list(genes)
+            return [one(g, row) for row in x]
+        return [one(list(genes[mr]), row[mr]) for row, mr in zip(x, m, strict=True)]
     if isinstance(profiles, pd.DataFrame):
         cols = [str(c) for c in profiles.columns]
         x = profiles.to_numpy(dtype=np.float32)
