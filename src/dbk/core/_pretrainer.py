@@ -25,7 +25,7 @@ from .._logging import logger
 from .._settings import settings
 from ._checkpoint import _CheckpointMixin, latest_checkpoint
 from ._data import _as_list, _BalancedStepSampler, _build_sources, _panel, _Source, _StepSampler, _TileBatches
-from ._device import _accelerator, _batch_for_device, _resolve_device
+from ._device import _accelerator, _batch_for_device, resolve_device, train_device
 from ._edm import EDM, edm_loss
 from ._folder import load_tensors, read_model_folder, write_model_folder
 from ._gene_encoder import GeneEncoder
@@ -62,7 +62,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
     tile_size_um
         Side of the tiles in µm (recorded; images are resampled from such tiles to ``preset.image_size`` px).
     random_state
-        Seed of the initial weights (and the default seed of :meth:`fit`).
+        Seed of the initial weights (and the default seed of :meth:`fit`); ``None``: ``dbk.settings.seed``.
     edm
         EDM constants.
     **overrides
@@ -126,7 +126,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
 
     def to(self, device: str | torch.device) -> DiffusionPretrainer:
         """Move the networks to ``device`` (``"auto"``: CUDA if available); returns self."""
-        device = _resolve_device(device)
+        device = resolve_device(device, what="device")
         self.net.to(device)
         self.ema_net.to(device)
         return self
@@ -218,7 +218,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         if max_time is not None and not float(max_time) > 0:
             raise ValueError(f"max_time must be a positive number of seconds, got {max_time!r}.")
         acc = _accelerator(accelerator, devices)
-        device = acc.device
+        device = train_device(acc, accelerator)
         self.to(device)
         p = self.preset
         if p.channels_last:
@@ -362,17 +362,23 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         return lr
 
     def _train_step(self, net, optimizer, batch, *, seed: int, base_lr: float, acc) -> float:
-        device = acc.device
-        g = torch.Generator(device=device).manual_seed(_seed(seed, self.step, acc.process_index))
+        device = self.device  # where fit put the model: acc.device, or the one accelerator named ("cuda:1" ...)
+        # the random draws of the whole (global) batch, from one seed per step, and this process's slice of them: n
+        # processes with batch b draw exactly what one process with batch n * b draws (same weights, up to the order
+        # of the gradient all-reduce)
+        g = torch.Generator(device=device).manual_seed(_seed(seed, self.step, 0))
         x0 = batch["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
         if self.preset.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        b = x0.shape[0]
+        b, world = x0.shape[0], acc.num_processes
+        mine = slice(acc.process_index * b, (acc.process_index + 1) * b)
         if self.preset.augment:
-            x0 = _dihedral(x0, torch.randint(0, 8, (b,), generator=g, device=device))
-        sigma = self.edm.sample_sigma(b, g, device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        drop = torch.rand(b, generator=g, device=device) < self.preset.cond_drop
+            x0 = _dihedral(x0, torch.randint(0, 8, (b * world,), generator=g, device=device)[mine])
+        sigma = self.edm.sample_sigma(b * world, g, device)[mine]
+        noise = torch.randn((b * world, *x0.shape[1:]), generator=g, device=device)[mine]
+        if self.preset.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        drop = (torch.rand(b * world, generator=g, device=device) < self.preset.cond_drop)[mine]
         net.train()
         with acc.autocast():
             denoised = net(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, batch["ids"].to(device),
@@ -391,7 +397,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
             self.step += 1
         finally:
             self._in_update = False
-        return loss.detach()
+        return acc.reduce(loss.detach(), "mean") if world > 1 else loss.detach()  # the global batch's loss
 
     def _log(self, base_lr: float, data_wait: float) -> None:
         if not self._window:
@@ -494,7 +500,7 @@ def fit_pretrainer(
     lr: float | None = None,
     accelerator: str = "auto",
     devices: int | str = "auto",
-    random_state: int | None = 0,
+    random_state: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
     unlabeled_tiles_key: str | None = None,
@@ -534,12 +540,14 @@ def fit_pretrainer(
     lr
         Peak AdamW learning rate (the preset's when ``None``).
     accelerator
-        ``"auto"`` (CUDA if available), ``"cpu"``, ``"gpu"``/``"cuda"``. Training uses HF Accelerate with bf16
-        autocast on CUDA; for several GPUs run the script with ``accelerate launch --num_processes N``.
+        ``"auto"`` (``dbk.settings.device``: CUDA if available), ``"cpu"``, ``"gpu"``/``"cuda"``, ``"cuda:1"`` ...,
+        ``"mps"``. Training uses HF Accelerate with bf16 autocast on CUDA; for several GPUs run the script with
+        ``accelerate launch --num_processes N`` (each process then trains on the device the launcher gives it).
     devices
         Number of devices, informative: the processes come from ``accelerate launch``.
     random_state
-        Seed of the weights, batches, noise and condition dropout: the same seed gives the same weights on CPU.
+        Seed of the weights, batches, noise and condition dropout: the same seed gives the same weights on CPU
+        (``None``: ``dbk.settings.seed``).
     checkpoint_dir
         Folder for periodic checkpoints (atomic writes, the last two kept), also written at the end and when
         training is interrupted (Ctrl-C / SIGTERM).
