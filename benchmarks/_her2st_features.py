@@ -72,7 +72,7 @@ def build_section(folder: Path, settings: FeatureSettings, *, net=None) -> ad.An
     sdata = dbk.io.read_st_folder(folder, pixel_size_um=settings.pixel_size_um)
     dbk.pp.make_tiles(sdata, tile_size_um=settings.tile_size_um, mode="spots")
     dbk.pp.pseudobulk(sdata, source="spots", target_sum=settings.target_sum)
-    dbk.tl.embed_tiles(sdata, model=net if net is not None else settings.model, size_px=settings.size_px,
+    dbk.tl.embed_tiles(sdata, fm=net if net is not None else settings.model, fm_size_px=settings.size_px,
                        key_added=settings.obsm_key)
     table = sdata.tables["dbk_table"]
     tiles = sdata.shapes["dbk_tiles"]

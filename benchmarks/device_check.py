@@ -493,7 +493,7 @@ def stage2(tables: dict, feats: dict) -> list[dict]:
         a_tr.obsm["X"] = np.hstack([p[0] for p in parts])
         a_te = ad.AnnData(X=y[rows_te].astype(np.float32))
         a_te.obsm["X"] = np.hstack([p[1] for p in parts])
-        model = RidgeBaseline("cv", rank="auto", random_state=0).fit(a_tr, obsm_key="X", groups="sample")
+        model = RidgeBaseline("cv", rank="auto", random_state=0).fit(a_tr, use_rep="X", groups="sample")
         return model, model.predict(a_te).to_numpy(np.float64)
 
     def record(label, pred, t, **extra):
@@ -522,7 +522,7 @@ def stage2(tables: dict, feats: dict) -> list[dict]:
         a_tr.obsm["X_fm"], a_tr.obsm["X_dbk_diff"] = fm_tr, d_tr
         a_te = ad.AnnData(X=y[te].astype(np.float32))
         a_te.obsm["X_fm"], a_te.obsm["X_dbk_diff"] = fm_te, d_te
-        head = RidgeFusionRegressor(rank="auto", blend="late", random_state=0).fit(a_tr, obsm_key="X_fm",
+        head = RidgeFusionRegressor(rank="auto", blend="late", random_state=0).fit(a_tr, use_rep="X_fm",
                                                                                   groups="sample")
         record(f"late fusion FM & diffusion ({k})", head.predict(a_te).to_numpy(np.float64), t, rank="-",
                alpha=float("nan"), fm_weight=head.blend_weight_)

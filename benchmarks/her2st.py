@@ -136,7 +136,7 @@ def _baseline(method: str, **kwargs) -> Callable:
     def fn(train, test, genes, groups, ctx):
         import dbk
 
-        model = dbk.tl.fit_baseline(train, method, obsm_key=ctx.obsm_key, genes=genes, groups=groups,
+        model = dbk.tl.fit_baseline(train, method, use_rep=ctx.obsm_key, genes=genes, groups=groups,
                                     **({"random_state": ctx.seed} if method != "mean" else {}), **kwargs)
         info = {}
         if hasattr(model, "alpha_"):

@@ -58,7 +58,7 @@ def main() -> None:
     model = ctx.pretrainer("trained", train_s, genes)
 
     def score(tr, te, obsm_key):
-        m = dbk.tl.fit_baseline(tr, "ridge_cv", obsm_key=obsm_key, genes=genes, groups=groups, random_state=0)
+        m = dbk.tl.fit_baseline(tr, "ridge_cv", use_rep=obsm_key, genes=genes, groups=groups, random_state=0)
         te.obsm["p"] = m.predict(te)
         s = dbk.tl.evaluate(te, pred_key="p", genes=genes, train_adata=tr, key_added=None).attrs["summary"]
         return float(m.cv_results_["score"].min()), float(np.median(np.atleast_1d(m.alpha_))), s["pearson_mean_all"]

@@ -93,7 +93,7 @@ def main() -> None:
         if context:
             for a in (tr, te):
                 a.obsm[k] = _with_context(a, SimpleNamespace(tables=full), k, CONTEXT_UM)
-        model = dbk.tl.fit_baseline(tr, "ridge_cv", obsm_key=k, genes=genes, groups=groups, rank=rank)
+        model = dbk.tl.fit_baseline(tr, "ridge_cv", use_rep=k, genes=genes, groups=groups, rank=rank)
         return model.predict(te)
 
     def pearson(k, *, rank, context):

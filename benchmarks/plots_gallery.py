@@ -80,8 +80,8 @@ def main() -> None:
     save("spatial_predictions_only", dbk.pl.spatial(he_only, GENES[:2], return_fig=True))
     save("scatter", dbk.pl.scatter(test, GENES[0], return_fig=True))
     per_gene = dbk.tl.evaluate(test, train_adata=train.tables["dbk_table"])
-    save("gene_metrics", dbk.pl.gene_metrics(per_gene, top=30, return_fig=True))
-    save("gene_metrics_mse", dbk.pl.gene_metrics(per_gene, metric="mse", top=10, return_fig=True))
+    save("gene_metrics", dbk.pl.gene_metrics(per_gene, top_k=30, return_fig=True))
+    save("gene_metrics_mse", dbk.pl.gene_metrics(per_gene, metric="mse", top_k=10, return_fig=True))
     save("training_history", dbk.pl.training_history(model.pretrainer, smooth=3, return_fig=True))
     rows = test.tables["dbk_table"]
     pick = rows.obs["n_cells"].sort_values().index[[0, len(rows) // 3, 2 * len(rows) // 3, -1]]

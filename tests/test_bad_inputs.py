@@ -80,8 +80,8 @@ def test_api_misuse(tmp_path, rng):
     dbk.pp.make_tiles(sdata, tile_size_um=50, min_tissue_fraction=0)
     with pytest.raises(ValueError, match="size_px must be a positive"):
         dbk.pp.TileDataset(sdata, size_px=-1)
-    with pytest.raises(ValueError, match="target_um_per_px must be positive"):
-        dbk.pp.TileDataset(sdata, target_um_per_px=0)
+    with pytest.raises(ValueError, match="target_pixel_size_um must be positive"):
+        dbk.pp.TileDataset(sdata, target_pixel_size_um=0)
 
 
 # ---- images: axes, pyramids, tiny and truncated files ---------------------------------------------------------------

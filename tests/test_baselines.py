@@ -55,7 +55,7 @@ def test_mean_predictor_equals_training_means_honouring_mask():
     tr.X[20:, 2] = 1000.0  # not measured there: must not count
     tr.layers["measured"] = sp.csr_matrix(measured)
     te = planted(n=8, g=3, seed=1)
-    p = MeanPredictor().fit(tr, obsm_key="X_fm").predict(te)
+    p = MeanPredictor().fit(tr, use_rep="X_fm").predict(te)
     expected = np.array([tr.X[:, 0].mean(), tr.X[:, 1].mean(), tr.X[:20, 2].mean()])
     assert list(p.columns) == ["g0", "g1", "g2"] and list(p.index) == list(te.obs_names)
     np.testing.assert_allclose(p.to_numpy(), np.broadcast_to(expected, (8, 3)), rtol=1e-6)
@@ -65,7 +65,7 @@ def test_gene_never_measured_is_an_error():
     tr = planted(n=20, g=2)
     tr.layers["measured"] = sp.csr_matrix(np.array([[1, 0]] * 20, dtype=np.uint8))
     with pytest.raises(ValueError, match="g1"):
-        MeanPredictor().fit(tr, obsm_key="X_fm")
+        MeanPredictor().fit(tr, use_rep="X_fm")
 
 
 # ---- ridge ----------------------------------------------------------------------------------------------------------
@@ -73,10 +73,10 @@ def test_gene_never_measured_is_an_error():
 
 def test_ridge_cv_recovers_planted_signal_far_better_than_mean():
     tr, te = planted(seed=0), planted(n=120, seed=1)
-    ridge = fit_baseline(tr, "ridge_cv", obsm_key="X_fm")
+    ridge = fit_baseline(tr, "ridge_cv", use_rep="X_fm")
     ridge.predict(te, key_added="dbk_pred")
     s_ridge = evaluate(te, train_adata=tr, top_k=4, key_added=None).attrs["summary"]
-    fit_baseline(tr, "mean", obsm_key="X_fm").predict(te, key_added="dbk_pred")
+    fit_baseline(tr, "mean", use_rep="X_fm").predict(te, key_added="dbk_pred")
     s_mean = evaluate(te, train_adata=tr, top_k=4, key_added=None).attrs["summary"]
     # noise 1, signal variance ~9 per gene: the best possible Pearson is ~0.95
     assert s_ridge["pearson_mean_all"] > 0.85
@@ -89,18 +89,18 @@ def test_ridge_cv_recovers_planted_signal_far_better_than_mean():
 
 def test_ridge_cv_picks_large_alpha_on_noise():
     tr = planted(signal=0.0, seed=2)
-    ridge = RidgeBaseline("cv").fit(tr, obsm_key="X_fm")
+    ridge = RidgeBaseline("cv").fit(tr, use_rep="X_fm")
     assert ridge.alpha_ >= 1e5
     scores = ridge.cv_results_["score"]
     assert scores.iloc[-1] < scores.iloc[0]  # heavy shrinkage beats fitting noise
-    per_gene = RidgeBaseline("cv", alpha_per_gene=True).fit(tr, obsm_key="X_fm").alpha_
+    per_gene = RidgeBaseline("cv", alpha_per_gene=True).fit(tr, use_rep="X_fm").alpha_
     assert per_gene.shape == (8,) and np.median(per_gene) >= 1e4  # per gene the choice is noisier
 
 
 def test_ridge_cv_one_slide_uses_spatial_stripes():
     tr = planted(n_slides=1)
     tr.obsm["spatial"] = np.random.default_rng(0).uniform(0, 1000, size=(tr.n_obs, 2))
-    ridge = RidgeBaseline("cv", n_splits=3).fit(tr, obsm_key="X_fm")
+    ridge = RidgeBaseline("cv", n_splits=3).fit(tr, use_rep="X_fm")
     assert ridge.cv_scheme_ == "3-fold by spatial stripe"
 
 
@@ -112,7 +112,7 @@ def test_ridge_hest_protocol(n, d, k):
 
     g = 5
     tr, te = planted(n=n, d=d, g=g, seed=3), planted(n=50, d=d, g=g, seed=4)
-    hest = RidgeBaseline("hest", random_state=1).fit(tr, obsm_key="X_fm")
+    hest = RidgeBaseline("hest", random_state=1).fit(tr, use_rep="X_fm")
     assert hest.n_components_ == k
     assert hest.alpha_ == pytest.approx(100.0 / (k * g))  # HEST: 100 / (n_features after PCA * n_genes)
     # the HEST-Benchmark code path, written out
@@ -136,21 +136,21 @@ def test_ridge_honours_measured_mask():
     garbage.X[100:, 1] = -50.0
     te = planted(n=30, g=3, seed=6)
     for flavor in ("hest", "cv"):
-        a = RidgeBaseline(flavor, alphas=[1.0, 10.0]).fit(tr, obsm_key="X_fm").predict(te)
-        b = RidgeBaseline(flavor, alphas=[1.0, 10.0]).fit(garbage, obsm_key="X_fm").predict(te)
+        a = RidgeBaseline(flavor, alphas=[1.0, 10.0]).fit(tr, use_rep="X_fm").predict(te)
+        b = RidgeBaseline(flavor, alphas=[1.0, 10.0]).fit(garbage, use_rep="X_fm").predict(te)
         np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-5, atol=1e-5)
     # g0 / g2 (all tiles) and g1 (half of them) are fitted on different rows: g1 equals a fit on its rows only
     only = tr[:100].copy()
     del only.layers["measured"]
-    c = RidgeBaseline("cv", alphas=[10.0]).fit(only, obsm_key="X_fm", genes=["g1"]).predict(te)
-    d = RidgeBaseline("cv", alphas=[10.0]).fit(tr, obsm_key="X_fm").predict(te)
+    c = RidgeBaseline("cv", alphas=[10.0]).fit(only, use_rep="X_fm", genes=["g1"]).predict(te)
+    d = RidgeBaseline("cv", alphas=[10.0]).fit(tr, use_rep="X_fm").predict(te)
     # same alpha and same rows for g1, but the standardisation is fitted on all 200 tiles in the full fit
     assert np.corrcoef(c["g1"], d["g1"])[0, 1] > 0.95
 
 
 def test_predict_checks_features():
     tr = planted(n=40)
-    m = RidgeBaseline("cv", alphas=[1.0]).fit(tr, obsm_key="X_fm")
+    m = RidgeBaseline("cv", alphas=[1.0]).fit(tr, use_rep="X_fm")
     bad = tr.copy()
     bad.obsm["X_fm"] = bad.obsm["X_fm"][:, :10]
     with pytest.raises(ValueError, match="fitted on 48"):
@@ -158,9 +158,9 @@ def test_predict_checks_features():
     with pytest.raises(RuntimeError, match="not fitted"):
         MeanPredictor().predict(tr)
     with pytest.raises(ValueError, match="method must be one of"):
-        fit_baseline(tr, "lasso", obsm_key="X_fm")
+        fit_baseline(tr, "lasso", use_rep="X_fm")
     tr.obsm["X_other"] = tr.obsm["X_fm"]
-    with pytest.raises(ValueError, match="obsm_key"):
+    with pytest.raises(ValueError, match="use_rep"):
         fit_baseline(tr, "mean")
 
 
@@ -170,14 +170,14 @@ def test_predict_checks_features():
 def test_mlp_learns_signal_early_stops_and_is_seeded():
     tr, te = planted(n=320, d=24, g=4, seed=7), planted(n=100, d=24, g=4, seed=8)
     kw = {"hidden": 32, "max_epochs": 60, "patience": 5, "batch_size": 64, "lr": 3e-3, "random_state": 0}
-    mlp = fit_baseline(tr, "mlp", obsm_key="X_fm", **kw)
+    mlp = fit_baseline(tr, "mlp", use_rep="X_fm", **kw)
     mlp.predict(te, key_added="dbk_pred")
     s = evaluate(te, top_k=2, hvg_genes=["g0", "g1"], key_added=None).attrs["summary"]
     assert s["pearson_mean_all"] > 0.8
     assert mlp.validation_.startswith("held-out slides")
     assert len(mlp.history_["val_loss"]) <= 60
     assert mlp.history_["val_loss"][mlp.best_epoch_] == min(mlp.history_["val_loss"])
-    again = MLPBaseline(**kw).fit(tr, obsm_key="X_fm").predict(te)
+    again = MLPBaseline(**kw).fit(tr, use_rep="X_fm").predict(te)
     np.testing.assert_array_equal(again.to_numpy(), te.obsm["dbk_pred"].to_numpy())
 
 
@@ -189,14 +189,14 @@ def test_mlp_bounded_on_features_that_barely_vary_in_training():
     rng = np.random.default_rng(0)
     tr.obsm["X_fm"] = np.hstack([tr.obsm["X_fm"], 1e-9 * rng.random((tr.n_obs, 1)), np.zeros((tr.n_obs, 1))])
     te.obsm["X_fm"] = np.hstack([te.obsm["X_fm"], np.ones((te.n_obs, 2))])
-    mlp = MLPBaseline(hidden=32, max_epochs=30, patience=5, random_state=0).fit(tr, obsm_key="X_fm")
+    mlp = MLPBaseline(hidden=32, max_epochs=30, patience=5, random_state=0).fit(tr, use_rep="X_fm")
     assert not mlp.x_keep_[0][-2:].any() and mlp.x_keep_[0][:-2].all()
     pred = mlp.predict(te).to_numpy()
     y = np.asarray(tr.X)
     span = y.max(axis=0) - y.min(axis=0)
     assert np.isfinite(pred).all()
     assert (pred.max(axis=0) < y.max(axis=0) + span).all() and (pred.min(axis=0) > y.min(axis=0) - span).all()
-    plain = MLPBaseline(hidden=32, max_epochs=30, patience=5, random_state=0, input_clip=None).fit(tr, obsm_key="X_fm")
+    plain = MLPBaseline(hidden=32, max_epochs=30, patience=5, random_state=0, input_clip=None).fit(tr, use_rep="X_fm")
     assert np.abs(plain.predict(te).to_numpy()).max() > np.abs(pred).max()  # the rare channel alone is unbounded
 
 
@@ -278,7 +278,7 @@ def test_fit_head_uses_diffusion_features():
     assert head.obsm_keys_ == ["X_fm", "X_dbk_diff"]
     head.predict(te, key_added="dbk_pred")
     fused = evaluate(te, top_k=2, hvg_genes=["a", "b"], key_added=None).attrs["summary"]["pearson_mean_all"]
-    fit_baseline(tr, "mlp", obsm_key="X_fm", **kw).predict(te, key_added="dbk_pred")
+    fit_baseline(tr, "mlp", use_rep="X_fm", **kw).predict(te, key_added="dbk_pred")
     fm_only = evaluate(te, top_k=2, hvg_genes=["a", "b"], key_added=None).attrs["summary"]["pearson_mean_all"]
     assert fused > 0.8 and abs(fm_only) < 0.4
 
@@ -305,13 +305,13 @@ def test_ridge_cv_on_efficientnet_features_predicts_a_second_slide():
     train, test = _persisted_slide(0, stride_um=28), _persisted_slide(1, stride_um=28)
     net, _ = load_foundation_model("efficientnet_lite0", device="cpu")
     for sdata in (train, test):
-        embed_tiles(sdata, model=net, size_px=64, batch_size=512, accelerator="cpu")
+        embed_tiles(sdata, fm=net, fm_size_px=64, batch_size=512, accelerator="cpu")
     tr, te = train.tables["dbk_table"], test.tables["dbk_table"]
     assert tr.obsm["X_efficientnet_lite0"].shape[1] == 1280
-    ridge = fit_baseline(tr, "ridge_cv", obsm_key="X_efficientnet_lite0")
+    ridge = fit_baseline(tr, "ridge_cv", use_rep="X_efficientnet_lite0")
     ridge.predict(te, key_added="dbk_pred")
     s = evaluate(te, train_adata=tr, top_k=10, key_added=None).attrs["summary"]
-    fit_baseline(tr, "mean", obsm_key="X_efficientnet_lite0").predict(te, key_added="dbk_pred")
+    fit_baseline(tr, "mean", use_rep="X_efficientnet_lite0").predict(te, key_added="dbk_pred")
     s_mean = evaluate(te, train_adata=tr, top_k=10, key_added=None).attrs["summary"]
     assert s["pearson_mean_all"] > 0.3
     assert s["pearson_mean_top10_hvg"] > 0.3
@@ -338,8 +338,8 @@ def low_rank(n=240, d=30, g=40, rank=2, noise=2.0, seed=0):
 
 def test_reduced_rank_ridge_finds_the_rank_and_beats_per_gene_ridge():
     tr, te = low_rank(seed=0), low_rank(n=400, seed=1)
-    full = RidgeBaseline("cv").fit(tr, obsm_key="X_fm")
-    rr = RidgeBaseline("cv", rank="auto").fit(tr, obsm_key="X_fm")
+    full = RidgeBaseline("cv").fit(tr, use_rep="X_fm")
+    rr = RidgeBaseline("cv", rank="auto").fit(tr, use_rep="X_fm")
     assert rr.rank_ in (2, 3)  # the planted rank (3 when noise happens to favour it), not the full 40
     assert rr.cv_results_.index.names == ["rank", "alpha"]
     assert rr.cv_results_["score"].min() < full.cv_results_["score"].min()
@@ -354,10 +354,10 @@ def test_reduced_rank_ridge_finds_the_rank_and_beats_per_gene_ridge():
 
 def test_full_rank_reduced_rank_ridge_equals_plain_ridge():
     tr, te = low_rank(g=12, seed=2), low_rank(n=50, g=12, seed=3)
-    a = RidgeBaseline("cv", alphas=[30.0]).fit(tr, obsm_key="X_fm").predict(te)
-    b = RidgeBaseline("cv", alphas=[30.0], rank=12).fit(tr, obsm_key="X_fm").predict(te)
+    a = RidgeBaseline("cv", alphas=[30.0]).fit(tr, use_rep="X_fm").predict(te)
+    b = RidgeBaseline("cv", alphas=[30.0], rank=12).fit(tr, use_rep="X_fm").predict(te)
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-6, atol=1e-6)
-    c = RidgeBaseline("cv", alphas=[30.0], rank=1).fit(tr, obsm_key="X_fm").predict(te)
+    c = RidgeBaseline("cv", alphas=[30.0], rank=1).fit(tr, use_rep="X_fm").predict(te)
     sv = np.linalg.svd(c.to_numpy().astype(np.float64) - c.to_numpy().mean(0), compute_uv=False)
     assert sv[1] < 1e-5 * sv[0]  # rank 1 (float32 predictions)
 
@@ -370,8 +370,8 @@ def test_reduced_rank_honours_measured_mask():
     garbage = tr.copy()
     garbage.X[100:, 1] = -50.0
     te = low_rank(n=30, g=6, seed=6)
-    a = RidgeBaseline("cv", rank="auto").fit(tr, obsm_key="X_fm")
-    b = RidgeBaseline("cv", rank="auto").fit(garbage, obsm_key="X_fm")
+    a = RidgeBaseline("cv", rank="auto").fit(tr, use_rep="X_fm")
+    b = RidgeBaseline("cv", rank="auto").fit(garbage, use_rep="X_fm")
     np.testing.assert_allclose(a.predict(te).to_numpy(), b.predict(te).to_numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -413,7 +413,7 @@ def test_spatial_context_writes_features_and_means_and_checks_inputs():
     a = planted(n=60, d=4, seed=1)
     a.obsm["spatial"] = np.c_[np.arange(60) % 10, np.arange(60) // 10].astype(float) * 200.0  # px, 10 x 6 grid
     before = a.copy()
-    out = spatial_context(a, use_rep="X_fm", radius_um=150.0, um_per_px=0.5, copy=True)  # 100 µm pitch
+    out = spatial_context(a, use_rep="X_fm", context_um=150.0, pixel_size_um=0.5, copy=True)  # 100 µm pitch
     assert "X_fm_ctx" not in a.obsm and set(a.obsm) == set(before.obsm)  # copy=True leaves the input alone
     ctx = out.obsm["X_fm_ctx"]
     assert ctx.shape == (60, 8)
@@ -422,13 +422,13 @@ def test_spatial_context_writes_features_and_means_and_checks_inputs():
     i = 25  # row 2, column 5: its 3 x 3 block (150 µm reaches the diagonal at 141 µm), within its slide
     nb = [j for j in range(60) if abs(j % 10 - 5) <= 1 and abs(j // 10 - 2) <= 1 and slide[j] == slide[i]]
     np.testing.assert_allclose(ctx[i, 4:], a.obsm["X_fm"][nb].mean(axis=0), rtol=1e-5)
-    with pytest.raises(ValueError, match="um_per_px"):
+    with pytest.raises(ValueError, match="pixel_size_um"):
         spatial_context(a, use_rep="X_fm")
     with pytest.raises(KeyError, match="X_nope"):
-        spatial_context(a, use_rep="X_nope", um_per_px=0.5)
+        spatial_context(a, use_rep="X_nope", pixel_size_um=0.5)
     b = a.copy()
     del b.obsm["spatial"]
     with pytest.raises(KeyError, match="spatial"):
-        spatial_context(b, use_rep="X_fm", um_per_px=0.5)
-    with pytest.raises(ValueError, match="radius"):
-        spatial_context(a, use_rep="X_fm", um_per_px=0.5, radius_um=-1)
+        spatial_context(b, use_rep="X_fm", pixel_size_um=0.5)
+    with pytest.raises(ValueError, match="context_um"):
+        spatial_context(a, use_rep="X_fm", pixel_size_um=0.5, context_um=-1)

@@ -306,8 +306,19 @@ def test_write_and_read_back(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------- HEST
+# Downloads go through huggingface_hub.hf_hub_download (dbk.datasets._hest._download); no test touches the network.
+
+
 def _never_download(*args, **kwargs):
     raise AssertionError("no download expected")
+
+
+@pytest.fixture(autouse=True)
+def _empty_hf_cache(tmp_path_factory, monkeypatch):
+    """An empty Hugging Face cache: what the machine's own cache holds must not leak into the tests."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
 
 
 def test_hest_offline_says_what_to_fetch(tmp_path, monkeypatch):
@@ -318,11 +329,26 @@ def test_hest_offline_says_what_to_fetch(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         dbk.datasets.hest("TENX95", root=tmp_path)
     msg = str(err.value)
-    assert "HF_HUB_OFFLINE" in msg and str(tmp_path) in msg
+    assert "HF_HUB_OFFLINE" in msg and str(tmp_path) in msg and "Put these files into that folder" in msg
     for path in ("metadata/TENX95.json", "st/TENX95.h5ad", "transcripts/TENX95_transcripts.parquet"):
         assert str(tmp_path / path) in msg
         assert f"https://huggingface.co/datasets/MahmoodLab/hest/resolve/main/{path}" in msg
     assert "wsis/TENX95.tif" not in msg  # present: not asked for
+    assert "snapshot_download('MahmoodLab/hest', repo_type='dataset'" in msg
+
+
+def test_hest_offline_fails_fast_without_any_network_call(tmp_path, monkeypatch):
+    """With HF_HUB_OFFLINE=1 and nothing local or cached, hest() raises before huggingface_hub is asked anything."""
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _never_download)
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"3 file\(s\) missing in .* downloads are off \(HF_HUB_OFFLINE='1'\)"):
+        dbk.datasets.hest("MEND139", root=tmp_path, load_transcripts=False, load_cells=False)
+    assert time.perf_counter() - t0 < 5
 
 
 def test_hest_offline_with_dbk_variable(tmp_path, monkeypatch):
@@ -341,16 +367,18 @@ def _fake_reader(calls):
     return read_hest
 
 
+_PATHS = {
+    "metadata": "metadata/{}.json",
+    "wsis": "wsis/{}.tif",
+    "st": "st/{}.h5ad",
+    "transcripts": "transcripts/{}_transcripts.parquet",
+    "xenium_seg": "xenium_seg/{}_xenium_cell_seg.parquet",
+}
+
+
 def _write_sample(root, sample_id, tech="Xenium", files=("metadata", "wsis", "st", "transcripts", "xenium_seg")):
-    paths = {
-        "metadata": f"metadata/{sample_id}.json",
-        "wsis": f"wsis/{sample_id}.tif",
-        "st": f"st/{sample_id}.h5ad",
-        "transcripts": f"transcripts/{sample_id}_transcripts.parquet",
-        "xenium_seg": f"xenium_seg/{sample_id}_xenium_cell_seg.parquet",
-    }
     for key in files:
-        path = root / paths[key]
+        path = root / _PATHS[key].format(sample_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"st_technology": tech}) if key == "metadata" else "x")
 
@@ -368,24 +396,51 @@ def test_hest_present_files_are_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _write_sample(tmp_path, "MEND139", tech="Visium", files=("metadata", "wsis", "st"))
     assert dbk.datasets.hest("MEND139", root=tmp_path) == "sdata"
+    # a slide converted to JPEG stands for the TIFF
+    _write_sample(tmp_path, "MEND140", tech="Visium", files=("metadata", "st"))
+    (tmp_path / "wsis" / "MEND140.jpg").write_bytes(b"x")
+    assert dbk.datasets.hest("MEND140", root=tmp_path) == "sdata"
+
+
+def test_hest_files_in_the_hugging_face_cache_are_found_offline(tmp_path, monkeypatch):
+    """A snapshot in the HF cache layout (datasets--MahmoodLab--hest/snapshots/<rev>/...) is used without network."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo = cache / "datasets--MahmoodLab--hest"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    _write_sample(repo / "snapshots" / "0123abcd", "MEND139", tech="Visium", files=("metadata", "wsis", "st"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(_hest, "_download", _never_download)
+    calls = []
+    monkeypatch.setattr(dbk.io, "read_hest", _fake_reader(calls))
+    root = tmp_path / "hest"
+    assert dbk.datasets.hest("MEND139", root=root) == "sdata"
+    assert calls[0][:2] == (root, "MEND139")
+    for key in ("metadata", "wsis", "st"):
+        assert (root / _PATHS[key].format("MEND139")).is_file()  # linked into the HEST layout
+    assert json.loads((root / "metadata" / "MEND139.json").read_text()) == {"st_technology": "Visium"}
 
 
 def test_hest_downloads_only_what_is_missing(tmp_path, monkeypatch):
+    from huggingface_hub.utils import EntryNotFoundError
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("DBK_OFFLINE", raising=False)
     monkeypatch.setenv("HF_TOKEN", "secret")
     fetched = []
 
-    class NotFound(Exception):
-        response = type("Response", (), {"status_code": 404})()
-
-    def fake_download(url, dest, *, token, timeout):
-        fetched.append(url.split("/resolve/main/")[1])
-        assert token == "secret"
-        if "xenium_seg" in url:
-            raise NotFound("404")
+    def fake_download(path, root, *, token, timeout):  # what hf_hub_download(..., local_dir=root) does
+        fetched.append(path)
+        assert token == "secret" and timeout == 30.0
+        if "xenium_seg" in path:
+            raise EntryNotFoundError("404 Client Error: Entry Not Found")
+        dest = root / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps({"st_technology": "Xenium"}) if dest.suffix == ".json" else "x")
+        return dest
 
     monkeypatch.setattr(_hest, "_download", fake_download)
     monkeypatch.setattr(dbk.io, "read_hest", _fake_reader([]))
@@ -398,14 +453,45 @@ def test_hest_downloads_only_what_is_missing(tmp_path, monkeypatch):
         "xenium_seg/TENX95_xenium_cell_seg.parquet",  # optional: its 404 is not an error
     ]
 
-    # a refused download fails at once with the listing and the reason
-    class Refused(Exception):
+
+def test_hest_refused_or_unreachable_download_says_why(tmp_path, monkeypatch):
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DBK_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+
+    class Refused(Exception):  # as huggingface_hub's HTTP errors: the response's status code
         response = type("Response", (), {"status_code": 401})()
 
-    def refuse(url, dest, *, token, timeout):
-        raise Refused("401")
+    def refuse(path, root, *, token, timeout):
+        raise Refused("401 Client Error")
 
     monkeypatch.setattr(_hest, "_download", refuse)
-    with pytest.raises(ConnectionError, match="gated") as err:
+    with pytest.raises(ConnectionError, match="gated.*no token was found") as err:
         dbk.datasets.hest("NCBI783", root=tmp_path)
     assert str(tmp_path / "wsis" / "NCBI783.tif") in str(err.value)
+
+    def unreachable(path, root, *, token, timeout):
+        raise LocalEntryNotFoundError("Cannot reach the hub")
+
+    monkeypatch.setattr(_hest, "_download", unreachable)
+    with pytest.raises(ConnectionError, match="the hub cannot be reached and the file is not cached"):
+        dbk.datasets.hest("NCBI783", root=tmp_path)
+
+
+def test_hest_download_calls_hf_hub_download_into_the_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_hf_hub_download(repo_id, filename, **kwargs):
+        seen.update(repo_id=repo_id, filename=filename, **kwargs)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    out = _hest._download("st/X.h5ad", tmp_path, token="t", timeout=7.0)
+    assert out == tmp_path / "st/X.h5ad"
+    assert seen == {"repo_id": "MahmoodLab/hest", "filename": "st/X.h5ad", "repo_type": "dataset",
+                    "local_dir": tmp_path, "token": "t", "etag_timeout": 7.0}

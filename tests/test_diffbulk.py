@@ -172,7 +172,7 @@ def test_prediction_beats_the_mean_predictor_on_a_new_slide(fitted, heldout):
     _, truth = heldout
     truth = truth.copy()
     ours = dbk.tl.evaluate(truth, train_adata=train.tables["dbk_table"], key_added=None).attrs["summary"]
-    mean = dbk.tl.fit_baseline(train.tables["dbk_table"], "mean", obsm_key=model.fm_key)
+    mean = dbk.tl.fit_baseline(train.tables["dbk_table"], "mean", use_rep=model.fm_key)
     truth.obsm["mean"] = mean.predict(truth)
     floor = dbk.tl.evaluate(truth, pred_key="mean", train_adata=train.tables["dbk_table"],
                             key_added=None).attrs["summary"]
@@ -200,8 +200,8 @@ def test_fit_rejects_bad_options():
     slide = dbk.datasets.synthetic(shape=(512, 512), random_state=0)
     with pytest.raises(ValueError, match="fusion"):
         fit_diffbulk(slide, fusion="sum")
-    with pytest.raises(ValueError, match="validation"):
-        fit_diffbulk(slide, validation=1.5)
+    with pytest.raises(ValueError, match="val_fraction"):
+        fit_diffbulk(slide, val_fraction=1.5)
     with pytest.raises(TypeError, match="SpatialData"):
         fit_diffbulk([1, 2])
     with pytest.raises(ValueError, match="max_epochs"):  # a neural-head option for the ridge head
@@ -250,10 +250,10 @@ def test_ridge_head_recovers_a_planted_linear_signal():
     # exactly the ridge_cv baseline on the concatenated features
     tr.obsm["cat"] = np.hstack([tr.obsm["X_fm"], tr.obsm["X_dbk_diff"]])
     te.obsm["cat"] = np.hstack([te.obsm["X_fm"], te.obsm["X_dbk_diff"]])
-    base = fit_baseline(tr, "ridge_cv", obsm_key="cat")
+    base = fit_baseline(tr, "ridge_cv", use_rep="cat")
     assert head.alpha_ == base.alpha_
     np.testing.assert_allclose(pred, base.predict(te).to_numpy(), rtol=1e-5, atol=1e-5)
-    per_gene = fit_head(tr, obsm_key="X_fm", fusion="ridge", alpha_per_gene=True, n_splits=2)
+    per_gene = fit_head(tr, use_rep="X_fm", fusion="ridge", alpha_per_gene=True, n_splits=2)
     assert per_gene.alpha_.shape == (6,) and per_gene.cv_scheme_ == "2-fold by slide"
 
 
@@ -269,7 +269,7 @@ def test_late_fusion_ridge_weights_the_informative_block_and_is_one_linear_map()
     w = head.blend_weight_
     parts = []
     for key, alpha, rank in zip(["X_fm", "X_dbk_diff"], head.block_alpha_, head.block_rank_, strict=True):
-        alone = dbk.tl.RidgeBaseline("cv", rank="auto").fit(tr, obsm_key=key)
+        alone = dbk.tl.RidgeBaseline("cv", rank="auto").fit(tr, use_rep=key)
         assert alone.alpha_ == alpha and alone.rank_ == rank
         parts.append(alone.predict(te).to_numpy(np.float64))
     np.testing.assert_allclose(head.predict(te).to_numpy(), w * parts[0] + (1 - w) * parts[1], rtol=1e-5, atol=1e-5)
@@ -319,7 +319,7 @@ def test_ridge_fusion_fits_and_beats_the_mean_predictor_on_a_new_slide(fitted, r
     truth = truth.copy()
     ridge.predict(truth)  # the tile table holds the FM and diffusion features (same stage-1 model, sigma, seed)
     ours = dbk.tl.evaluate(truth, train_adata=train.tables["dbk_table"], key_added=None).attrs["summary"]
-    mean = dbk.tl.fit_baseline(train.tables["dbk_table"], "mean", obsm_key=model.fm_key)
+    mean = dbk.tl.fit_baseline(train.tables["dbk_table"], "mean", use_rep=model.fm_key)
     truth.obsm["mean"] = mean.predict(truth)
     floor = dbk.tl.evaluate(truth, pred_key="mean", train_adata=train.tables["dbk_table"],
                             key_added=None).attrs["summary"]

@@ -85,7 +85,7 @@ def test_embed_tiles_writes_aligned_embeddings(slide, lite0):
     sdata = slide
     table = sdata.tables["dbk_table"]
     n = table.n_obs
-    out = embed_tiles(sdata, model="efficientnet_lite0", size_px=64, batch_size=16, accelerator="cpu", copy=True)
+    out = embed_tiles(sdata, fm="efficientnet_lite0", fm_size_px=64, batch_size=16, accelerator="cpu", copy=True)
     assert "X_efficientnet_lite0" not in table.obsm  # copy=True leaves the input alone
     t = out.tables["dbk_table"]
     emb = t.obsm["X_efficientnet_lite0"]
@@ -104,7 +104,7 @@ def test_embed_tiles_writes_aligned_embeddings(slide, lite0):
     from spatialdata.models import TableModel
 
     shuffled.tables["dbk_table"] = TableModel.parse(table[order].copy())
-    embed_tiles(shuffled, model=net, size_px=64, key_added="X_fm", batch_size=64)
+    embed_tiles(shuffled, fm=net, fm_size_px=64, key_added="X_fm", batch_size=64)
     np.testing.assert_allclose(shuffled.tables["dbk_table"].obsm["X_fm"], emb[order], rtol=1e-4, atol=1e-4)
 
 
@@ -112,7 +112,7 @@ def test_embed_tiles_image_only_slide_gets_a_table(slide, lite0):
     net, _ = lite0
     sdata = dbk.pp.make_tiles(slide, tile_size_um=112, copy=True)
     del sdata.tables["dbk_table"]
-    embed_tiles(sdata, model=net, size_px=32, key_added="X_lite")
+    embed_tiles(sdata, fm=net, fm_size_px=32, key_added="X_lite")
     t = sdata.tables["dbk_table"]
     assert t.n_vars == 0 and t.n_obs == len(sdata.shapes["dbk_tiles"])
     assert t.obsm["X_lite"].shape == (t.n_obs, 1280)

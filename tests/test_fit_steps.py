@@ -146,7 +146,7 @@ def test_fit_fusion_head_ridge_validates_on_a_refit_and_scales_on_all_tiles(slid
         sd.tables["dbk_table"].obsm["X_b"] = rng.normal(size=(n, 2)).astype(np.float32)
     genes = list(s[0].tables["dbk_table"].var_names[:5])
     train = training_table(s, names, genes, ["X_a", "X_b"], tiles_key="dbk_tiles", table_key="dbk_table")
-    fitted = fit_fusion_head(train, genes, ["X_a", "X_b"], fusion="ridge", validation=None, random_state=0,
+    fitted = fit_fusion_head(train, genes, ["X_a", "X_b"], fusion="ridge", val_fraction=None, random_state=0,
                              accelerator="cpu", head_kwargs={})
     tr, va, how = fitted.split
     assert how == "held-out slides ['B']" and len(va) > 0 and len(np.intersect1d(tr, va)) == 0

@@ -167,7 +167,7 @@ def test_stage2_heads_train_and_predict_on_device(device):
     adata.obs["sample"] = np.repeat(["a", "b", "c", "d"], n // 4)
     train, test = adata[:300].copy(), adata[300:].copy()
     head = FusionRegressor(fusion="gated", accelerator=device, max_epochs=60, random_state=0)
-    head.fit(train, obsm_key="X_fm")
+    head.fit(train, use_rep="X_fm")
     assert next(head.module_.parameters()).device.type == device
     pred = head.predict(test).to_numpy()
     mse = float(((pred - test.X) ** 2).mean())

@@ -78,7 +78,7 @@ def fitted(data):
     tr, _ = data
     out = {}
     for name, make in HEADS.items():
-        kw = {"obsm_key": "X_fm"} | ({"diff_key": "X_dbk_diff"} if name in FUSED else {})
+        kw = {"use_rep": "X_fm"} | ({"diff_key": "X_dbk_diff"} if name in FUSED else {})
         out[name] = make().fit(tr, **kw)
     return out
 

@@ -30,6 +30,8 @@ FORBIDDEN = {
 # handed a SpatialData rather than TileArrays, so importing and training the core never loads the SpatialData stack.
 KNOWN_OFFENDERS: set[tuple[str, str]] = {
     ("dbk.core._data", "pp"),  # dbk.pp._tile_sources (slide_panel, spatialdata_sources) for SpatialData inputs
+    # dbk.pp.prepare (a whole corpus, up to the embeddings) calls dbk.tl.embed_tiles inside its worker function only
+    ("dbk.pp._corpus", "tl"),
 }
 
 

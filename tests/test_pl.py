@@ -161,7 +161,7 @@ def test_tiles_colour_by_category_with_missing(predicted_sdata):
 def test_gene_metrics_ranked_and_mean(predicted_sdata):
     a = predicted_sdata.tables["dbk_table"]
     per_gene = dbk.tl.evaluate(a)
-    fig = dbk.pl.gene_metrics(per_gene, top=3, return_fig=True)
+    fig = dbk.pl.gene_metrics(per_gene, top_k=3, return_fig=True)
     ax = fig.axes[0]
     bars = [p.get_width() for p in ax.patches]
     assert len(bars) == 3
@@ -170,7 +170,7 @@ def test_gene_metrics_ranked_and_mean(predicted_sdata):
     (mean_line,) = [ln for ln in ax.lines if ln.get_label().startswith("mean")]
     assert np.isclose(mean_line.get_xdata()[0], per_gene["pearson"].mean())
     plt.close(fig)
-    fig = dbk.pl.gene_metrics(a, metric="mse", top=2, return_fig=True)  # evaluated on the fly, lowest first
+    fig = dbk.pl.gene_metrics(a, metric="mse", top_k=2, return_fig=True)  # evaluated on the fly, lowest first
     assert "lowest 2" in fig.axes[0].get_title()
     plt.close(fig)
 

@@ -49,7 +49,7 @@ def test_tile_dataset_uses_coarser_level(tiled):
 
 def test_tile_dataset_context_window_and_padding(tiled):
     sdata, lvl0 = tiled
-    ds = dbk.pp.TileDataset(sdata, size_px=224, target_um_per_px=0.5)  # 224 px = 112 µm around each tile centre
+    ds = dbk.pp.TileDataset(sdata, size_px=224, target_pixel_size_um=0.5)  # 224 px = 112 µm around each tile centre
     img = ds[0]["image"].numpy()  # tile 0 is at the corner: the context reaches outside -> white
     assert img.shape == (3, 224, 224)
     assert (img[:, :56, :56] == 255).all()
@@ -152,7 +152,7 @@ def test_concat_two_panels_mask():
     assert list(inter.var_names) == ["B"] and dbk.pp.measured_mask(inter).all()
     assert list(a.var_names) == ["A", "B", "C"]  # inputs untouched
     # a gene measured on one slide only is never picked as a common variable gene
-    assert dbk.pp.select_genes([a, b], n_top=5) == ["B"]
+    assert dbk.pp.select_genes([a, b], n_top_genes=5) == ["B"]
     with pytest.raises(ValueError, match="unique"):
         dbk.pp.concat([a, a])
 
@@ -160,8 +160,8 @@ def test_concat_two_panels_mask():
 def test_select_genes_variance_and_mean():
     counts = np.array([[0, 10, 5], [0, 0, 5], [0, 10, 6]])
     a = _table(["flat", "var", "high"], counts, "s")
-    assert dbk.pp.select_genes(a, n_top=1) == ["var"]
-    assert dbk.pp.select_genes(a, n_top=2, flavor="mean") == ["high", "var"]
+    assert dbk.pp.select_genes(a, n_top_genes=1) == ["var"]
+    assert dbk.pp.select_genes(a, n_top_genes=2, flavor="mean") == ["high", "var"]
 
 
 def test_tile_dataset_tiff_workers_match(tmp_path):

@@ -35,4 +35,4 @@ def test_two_panels_concat_mask_and_counts():
     j = list(out.var_names).index("ERBB2")
     assert counts[~is_a, j].sum() == 0 and not mask[~is_a, j].any()
     # the variable genes come only from genes both slides measured
-    assert set(dbk.pp.select_genes([a, b], n_top=10)) <= set(panel_a) & set(panel_b)
+    assert set(dbk.pp.select_genes([a, b], n_top_genes=10)) <= set(panel_a) & set(panel_b)

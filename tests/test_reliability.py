@@ -166,7 +166,7 @@ def test_copy_true_never_mutates_the_input(fitted):
     table = dbk.pp.pseudobulk(tiled, copy=True)
     calls += [
         ("normalize", table.tables["dbk_table"], lambda a: dbk.pp.normalize(a, target_sum=100, copy=True)),
-        ("embed_tiles", table, lambda d: dbk.tl.embed_tiles(d, size_px=32, batch_size=16, copy=True)),
+        ("embed_tiles", table, lambda d: dbk.tl.embed_tiles(d, fm_size_px=32, batch_size=16, copy=True)),
         ("diffusion_features", table, lambda d: dbk.tl.diffusion_features(d, model.pretrainer, copy=True)),
         ("predict", table, lambda d: model.predict(d, copy=True)),
         ("predict (he only)", _he_only(s), lambda d: model.predict(d, copy=True)),
@@ -199,7 +199,7 @@ def test_copy_false_changes_only_documented_slots(fitted):
     dbk.pp.normalize(a, target_sum=100)
     assert_only(b, snapshot(a), ("table/X", "table/uns/dbk/normalize"))
     b = snapshot(s)
-    dbk.tl.embed_tiles(s, size_px=32, batch_size=16)
+    dbk.tl.embed_tiles(s, fm_size_px=32, batch_size=16)
     assert_only(b, snapshot(s), ("tables/dbk_table/obsm/X_efficientnet_lite0",
                                  "tables/dbk_table/uns/dbk/embeddings/X_efficientnet_lite0"))
     b = snapshot(s)
@@ -312,7 +312,7 @@ def test_tile_table_not_linked_to_its_shapes():
     a.obs["instance_id"] = a.obs["instance_id"] + 1000
     with pytest.raises(ValueError, match=r"47 of 47 rows of table 'dbk_table' match no tile of 'dbk_tiles' by "
                                          r"obs\['instance_id'\] \(e.g. \[1000"):
-        dbk.tl.embed_tiles(s, size_px=32)
+        dbk.tl.embed_tiles(s, fm_size_px=32)
     a.obs = good.copy()
     a.obs["instance_id"] = 0
     with pytest.raises(ValueError, match="46 rows of table 'dbk_table' point to a tile of 'dbk_tiles' that an earlier "
@@ -327,7 +327,7 @@ def test_tile_table_not_linked_to_its_shapes():
     _no_work(s)
     # obs_names that are the tile ids are enough
     a.obs_names = [str(i) for i in range(a.n_obs)]
-    dbk.tl.embed_tiles(s, size_px=32)
+    dbk.tl.embed_tiles(s, fm_size_px=32)
     assert a.obsm["X_efficientnet_lite0"].shape[0] == a.n_obs
 
 

@@ -35,12 +35,12 @@ def predicted_slide():
                                    random_state=SEED)
     dbk.pp.make_tiles(sdata, tile_size_um=64)
     dbk.pp.pseudobulk(sdata)
-    dbk.tl.embed_tiles(sdata, size_px=64)
+    dbk.tl.embed_tiles(sdata, fm_size_px=64)
     table = sdata.tables["dbk_table"]
     left = table.obsm["spatial"][:, 0] < np.median(table.obsm["spatial"][:, 0])
     parts = []
     for test_side in (left, ~left):
-        model = dbk.tl.fit_baseline(table[~test_side].copy(), "ridge_cv", obsm_key="X_efficientnet_lite0",
+        model = dbk.tl.fit_baseline(table[~test_side].copy(), "ridge_cv", use_rep="X_efficientnet_lite0",
                                     alphas=np.logspace(1, 5, 5), n_splits=3)
         parts.append(model.predict(table[test_side]))
     table.obsm["dbk_pred"] = pd.concat(parts).loc[table.obs_names]

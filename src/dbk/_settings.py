@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from ._logging import logger
 
 _LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+# the device names dbk accepts, for ``settings.device`` and every ``accelerator=`` (dbk.core._device.resolve_device)
+DEVICE_NAMES = re.compile(r"auto|cpu|gpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:<i>', 'gpu' or 'mps'"
 
 
 class DbkSettings:
@@ -23,7 +27,8 @@ class DbkSettings:
     datasetdir
         Where :mod:`dbk.datasets` stores downloads (default ``$DBK_DATASETDIR`` or ``~/.cache/dbk``).
     device
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …
+        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …: what ``accelerator="auto"``
+        means wherever dbk trains or infers.
     progress
         Show ``tqdm`` progress bars on long work.
     """
@@ -60,8 +65,8 @@ class DbkSettings:
 
     @device.setter
     def device(self, value: str) -> None:
-        if not isinstance(value, str) or not (value in ("auto", "cpu", "mps") or value.startswith("cuda")):
-            raise ValueError(f"device must be 'auto', 'cpu', 'mps' or 'cuda[:i]', got {value!r}.")
+        if not isinstance(value, str) or not DEVICE_NAMES.fullmatch(value):
+            raise ValueError(f"device must be {DEVICE_CHOICES}, got {value!r}.")
         self._device = value
 
     def __repr__(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy as _copy
+import functools
 import os
 import sys
 import tempfile
@@ -60,11 +61,51 @@ def _with_own_attrs(element):
     return new
 
 
-def check_random_state(random_state: int | None) -> np.random.Generator:
-    """A numpy Generator from an int seed, or from ``dbk.settings.seed`` when ``None``."""
+def resolve_seed(random_state: int | None) -> int:
+    """The int seed of a ``random_state``: the given one, or ``dbk.settings.seed`` when ``None``."""
     from ._settings import settings
 
-    return np.random.default_rng(settings.seed if random_state is None else random_state)
+    return int(settings.seed if random_state is None else random_state)
+
+
+def check_random_state(random_state: int | None) -> np.random.Generator:
+    """A numpy Generator from an int seed, or from ``dbk.settings.seed`` when ``None``."""
+    return np.random.default_rng(resolve_seed(random_state))
+
+
+RENAMED_IN = "0.1"  # the dbk version whose vocabulary renamed the keywords listed with :func:`renamed_kwargs`
+
+
+def renamed_kwargs(**renames: str):
+    """Decorator: a keyword argument passed by an old name raises a ``TypeError`` that names the new one.
+
+    ``@renamed_kwargs(size_px="fm_size_px")`` on ``embed_tiles`` makes ``embed_tiles(sdata, size_px=64)`` raise
+    ``TypeError: embed_tiles: 'size_px' was renamed 'fm_size_px' (dbk 0.1)`` before the function runs (so an old name
+    never reaches a ``**kwargs`` that forwards options elsewhere). The wrapper keeps the function's name, docstring
+    and signature (:func:`functools.wraps`; ``inspect.signature`` and Sphinx follow ``__wrapped__``); the renames are
+    listed in its ``__renamed_kwargs__``.
+    """
+
+    def decorate(fn):
+        import inspect
+
+        method = list(inspect.signature(fn).parameters)[:1] in (["self"], ["cls"])
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            old = [k for k in kwargs if k in renames]
+            if old:
+                where = fn.__name__
+                if method and args:  # name the caller's class
+                    owner = args[0] if isinstance(args[0], type) else type(args[0])
+                    where = owner.__name__ if fn.__name__ == "__init__" else f"{owner.__name__}.{fn.__name__}"
+                raise TypeError(f"{where}: {old[0]!r} was renamed {renames[old[0]]!r} (dbk {RENAMED_IN}).")
+            return fn(*args, **kwargs)
+
+        wrapper.__renamed_kwargs__ = {**getattr(fn, "__renamed_kwargs__", {}), **renames}
+        return wrapper
+
+    return decorate
 
 
 @contextmanager

@@ -71,7 +71,7 @@ def demo(
     out: str | Path = "dbk_demo_output",
     *,
     size: int = 4096,
-    random_state: int = 0,
+    random_state: int | None = None,
     tile_size_um: float = 112.0,
     quick: bool = False,
 ) -> dict:
@@ -82,6 +82,8 @@ def demo(
     slide with fewer than 20 tiles the model stages are skipped.
 
     Returns a dict with the stage timings, the pseudo-bulk checks and the held-out metrics (also printed).
+    ``random_state`` seeds the training slide (the held-out one gets ``random_state + 1``) and the model; ``None``:
+    ``dbk.settings.seed``.
     """
     import matplotlib
 
@@ -91,7 +93,10 @@ def demo(
 
     import dbk
     from dbk._constants import QV_COL, TILES_TABLE_KEY
+    from dbk._utils import resolve_seed
     from dbk.pp._binning import TileLookup
+
+    random_state = resolve_seed(random_state)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +253,7 @@ def _demo_model(sdata, out: Path, stage, *, size: int, tile_size_um: float, rand
             raise RuntimeError("held-out tiles and predictions are not aligned")
         for key, value in pred_table.obsm.items():
             truth.obsm[key] = value
-        base = {m: dbk.tl.fit_baseline(adata, m, obsm_key=model.fm_key, genes=model.genes)
+        base = {m: dbk.tl.fit_baseline(adata, m, use_rep=model.fm_key, genes=model.genes)
                 for m in ("mean", "ridge_cv")}
         preds = {"DiffBulk": truth.obsm["dbk_pred"],
                  "mean (training mean per gene)": base["mean"].predict(truth),
@@ -342,7 +347,8 @@ def cmd_fit(args) -> int:
         slides if len(slides) > 1 else slides[0],
         genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes, fm=args.fm,
         fm_size_px=args.fm_size_px, preset=args.preset, fusion=args.fusion, pretrain_steps=args.pretrain_steps,
-        tile_size_um=args.tile_um, random_state=args.seed, checkpoint_dir=args.checkpoint_dir, **head)
+        tile_size_um=args.tile_um, random_state=args.seed, accelerator=args.accelerator,
+        checkpoint_dir=args.checkpoint_dir, **head)
     model.save(out, overwrite=args.overwrite)
     print(f"\n{model!r}\nfitted in {time.perf_counter() - t:.0f} s, saved to {out}")
     tm = slides[0].tables["dbk_table"].uns[PRED_KEY]["training_metrics"]
@@ -415,6 +421,51 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+# ---- prepare ---------------------------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args) -> int:
+    """``dbk prepare``: prepare a corpus of slides, one task per slide on a dask cluster; print the report."""
+    import contextlib
+    import os
+
+    import dbk
+
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    with contextlib.ExitStack() as stack:
+        client, threads = None, None
+        if args.scheduler == "local":
+            import importlib.util
+
+            from distributed import Client, LocalCluster
+
+            n = args.workers or max(1, (os.cpu_count() or 1) // 2)
+            threads = max(1, (os.cpu_count() or 1) // n)  # torch / dask threads of each slide
+            # ":0": a free port for the scheduler's HTTP server (the dashboard when bokeh is installed)
+            cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                       dashboard_address=":0"))
+            client = stack.enter_context(Client(cluster))
+            print(f"local dask cluster: {n} workers x 1 slide, {threads} thread(s) each"
+                  + (f", dashboard {client.dashboard_link}" if importlib.util.find_spec("bokeh") else ""))
+        elif args.scheduler != "none":
+            client = args.scheduler  # a scheduler address; prepare connects to it
+            if args.workers is not None:
+                print(f"--workers is ignored with --scheduler {args.scheduler} (the cluster has its own workers)")
+        report = dbk.pp.prepare(args.slides, out=args.out, tile_size_um=args.tile_um, fm=args.fm,
+                                fm_size_px=args.fm_size_px, client=client, overwrite=args.overwrite, threads=threads,
+                                accelerator=args.device)
+    shown = report[["name", "status", "n_tiles", "n_genes", "seconds", "path", "error"]].astype(object)
+    shown = shown.where(shown.notna(), "")
+    rows = [(n, st, t, g, f"{sec:.1f}", p, e if len(e) <= 100 else e[:97] + "...")
+            for n, st, t, g, sec, p, e in shown.itertuples(index=False)]
+    print(_table(rows, ("slide", "status", "tiles", "genes", "seconds", "path", "error")))
+    counts = report["status"].value_counts()
+    print(f"{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed "
+          f"-> {args.out}")
+    return 1 if counts.get("failed", 0) else 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------------------
 
 
@@ -457,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--max-epochs", type=int, default=None, help="fusion-head epochs (early stopping)")
     p_fit.add_argument("--checkpoint-dir", default=None, help="stage-1 checkpoints (resumed when present)")
     p_fit.add_argument("--seed", type=int, default=0)
+    p_fit.add_argument("--accelerator", default="auto",
+                       help="where to train: auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p_fit.add_argument("--overwrite", action="store_true")
 
     p_pred = sub.add_parser("predict", help="predict expression on a slide (H&E only is enough); write zarr")
@@ -475,6 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--top-k", type=int, default=50)
     p_bench.add_argument("--csv", default=None, help="write the metrics table to this CSV")
     p_bench.add_argument("--device", default="auto")
+
+    p_prep = sub.add_parser("prepare", help="prepare a corpus for training (tiles, pseudo-bulk, embeddings), "
+                            "one slide per task on a dask cluster; reruns skip finished slides")
+    p_prep.add_argument("slides", nargs="+",
+                        help="SpatialData .zarr stores, HEST folders (or HEST_ROOT/SAMPLE_ID), ST folders")
+    p_prep.add_argument("--out", required=True, help="output folder, one <name>.zarr per slide")
+    p_prep.add_argument("--scheduler", default="local",
+                        help="'local' (a LocalCluster of --workers processes), a scheduler address "
+                        "(tcp://host:8786), or 'none' (one slide after the other in this process)")
+    p_prep.add_argument("--workers", type=int, default=None, help="local workers (default: half the CPU cores)")
+    p_prep.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm")
+    p_prep.add_argument("--fm", default="efficientnet_lite0", help="foundation model of the embeddings")
+    p_prep.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
+    p_prep.add_argument("--device", default="auto", help="device of the embeddings on each worker")
+    p_prep.add_argument("--overwrite", action="store_true", help="prepare every slide again")
 
     args = parser.parse_args(argv)
     if args.version:
@@ -499,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_predict(args)
     if args.command == "benchmark":
         return cmd_benchmark(args)
+    if args.command == "prepare":
+        return cmd_prepare(args)
     parser.print_help()
     return 1
 

@@ -34,6 +34,7 @@ from ._presets import PretrainerPreset, auto_preset_for, expected_seconds, get_p
 from ._sampling import _dihedral, _SamplingMixin, _seed
 from ._vocab import GeneVocab
 
+LOG_INTERVAL_S = 60.0  # seconds between the progress lines of fit in the log (they do not depend on tqdm)
 FORMAT = "dbk.DiffusionPretrainer"
 FORMAT_VERSION = 1
 _WEIGHTS = ("model.safetensors", "ema.safetensors")  # net, ema_net
@@ -191,6 +192,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         from accelerate.utils import set_seed  # noqa: F401 - imported to fail early if accelerate is missing
         from tqdm.auto import tqdm
 
+        resolve_device(accelerator)  # a bad name, or CUDA where there is none, fails before any tile is read
         datas = _as_list(data)
         seed = self.random_state if random_state is None else int(random_state)
         new = self._grow_vocab([g for sd in datas for g in _panel(sd, table_key, genes)])
@@ -293,6 +295,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         pbar = tqdm(total=stop, initial=self.step, desc="stage 1", disable=not settings.progress or
                     not acc.is_main_process, dynamic_ncols=True)
         t_start, t_wait, t_logged = time.perf_counter(), 0.0, self.train_time
+        t_line, first_step = t_start, self.step
         self.stopped_by = "max_steps"
         try:
             t0 = time.perf_counter()
@@ -308,6 +311,13 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
                 if self.step % p.log_every == 0 or self.step == stop or out_of_time:
                     self._log(base_lr, t_wait / max(t0 - t_start, 1e-9))
                     pbar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+                if t0 - t_line >= LOG_INTERVAL_S or self.step == stop:  # a line now and then, progress bars or not
+                    t_line = t0
+                    done = self.step - first_step
+                    left = (stop - self.step) * (t0 - t_start) / max(done, 1)
+                    last = f", loss {self.history[-1]['loss']:.4f}" if self.history else ""
+                    logger.info(f"fit: step {self.step}/{stop}{last}, {(t0 - t_start) / 60:.1f} min, about "
+                                f"{left / 60:.1f} min left.")
                 if ckpt_dir is not None and (self.step % p.checkpoint_every == 0 or self.step == stop or out_of_time):
                     self._save_checkpoint(ckpt_dir, optimizer, seed=seed, fingerprint=fingerprint, acc=acc)
                 for cb in callbacks:

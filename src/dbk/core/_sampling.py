@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .._constants import TILES_KEY, TILES_TABLE_KEY
+from .._utils import resolve_seed
 from ._data import _as_list, _build_sources, _TileBatches
 from ._edm import heun_sample, precondition
 from ._network import GeneToImageNet
@@ -46,6 +47,13 @@ def _per_sample_noise(shape, random_state: int, stream: int) -> torch.Tensor:
 
 class _SamplingMixin:
     """Inference methods of the pretrainer (uses its ``net``, ``ema_net``, ``edm``, ``encoder``, ``image_size``)."""
+
+    def _move(self, accelerator) -> None:
+        """Move the model to the device ``accelerator`` names (``None``: leave it where it is)."""
+        if accelerator is not None:
+            from ._device import resolve_device
+
+            self.to(resolve_device(accelerator))
 
     def _model(self, use_ema: bool) -> GeneToImageNet:
         m = self.ema_net if use_ema else self.net
@@ -88,9 +96,10 @@ class _SamplingMixin:
         profiles=None,
         *,
         sigma: float,
-        random_state: int = 0,
+        random_state: int | None = None,
         use_ema: bool = True,
         batch_size: int = 64,
+        accelerator: str | None = None,
     ) -> np.ndarray:
         """Per-image mean squared error of the denoiser at one noise level (images scaled to [-1, 1]).
 
@@ -106,21 +115,25 @@ class _SamplingMixin:
         sigma
             Noise level.
         random_state
-            Seed of the noise.
+            Seed of the noise (``None``: ``dbk.settings.seed``).
         use_ema
             Use the EMA weights.
         batch_size
             Images per forward pass.
+        accelerator
+            Where the network runs: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... (the model is moved there);
+            ``None``: where the model is.
 
         Returns
         -------
         (N,) float array; multiply by ``(sigma^2 + 0.25) / (0.5 sigma)^2`` for the EDM-weighted training loss.
         """
+        self._move(accelerator)
         n = self._as_images(images).shape[0]
         tok = self._tokens(profiles, n, self.device)
         if tok is not None:
             tok = {k: tok[k] for k in ("ids", "values", "mask")}
-        return self._loss_tokens(images, tok, float(sigma), random_state, use_ema, batch_size)
+        return self._loss_tokens(images, tok, float(sigma), resolve_seed(random_state), use_ema, batch_size)
 
     @torch.no_grad()
     def generate(
@@ -129,10 +142,11 @@ class _SamplingMixin:
         *,
         n_steps: int = 18,
         guidance: float = 1.0,
-        random_state: int = 0,
+        random_state: int | None = None,
         use_ema: bool = True,
         batch_size: int = 64,
         s_churn: float = 0.0,
+        accelerator: str | None = None,
     ) -> np.ndarray:
         """Generate tiles from expression profiles with the EDM Heun sampler and classifier-free guidance.
 
@@ -149,19 +163,25 @@ class _SamplingMixin:
             Classifier-free guidance weight ``w``: ``D = D_uncond + w (D_cond - D_uncond)``; 1 is plain conditional
             sampling, 0 unconditional, > 1 strengthens the genes' effect.
         random_state
-            Sample ``i`` starts from noise seeded by ``(random_state, i)`` (independent of ``batch_size``).
+            Sample ``i`` starts from noise seeded by ``(random_state, i)`` (independent of ``batch_size``; ``None``:
+            ``dbk.settings.seed``).
         use_ema
             Use the EMA weights.
         batch_size
             Samples per batch.
         s_churn
             EDM stochasticity (0: deterministic ODE sampler).
+        accelerator
+            Where the network runs: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... (the model is moved there);
+            ``None``: where the model is.
 
         Returns
         -------
         (N, image_size, image_size, 3) uint8 RGB tiles.
         """
         _check_batch_size(batch_size)
+        self._move(accelerator)
+        random_state = resolve_seed(random_state)
         model = self._model(use_ema)
         device = self.device
         if isinstance(profiles, (int, np.integer)):
@@ -209,12 +229,13 @@ class _SamplingMixin:
         data,
         *,
         sigmas: Sequence[float] = (0.5, 1.0),
-        random_state: int = 0,
+        random_state: int | None = None,
         max_tiles: int | None = 512,
         use_ema: bool = True,
         genes: Sequence[str] | None = None,
         table_key: str = TILES_TABLE_KEY,
         tiles_key: str = TILES_KEY,
+        accelerator: str | None = None,
     ):
         """Does the model use the genes? Denoising loss with the tile's profile, without, and with another tile's.
 
@@ -229,8 +250,13 @@ class _SamplingMixin:
         ``loss_shuffled`` (each tile conditioned on the profile of another tile of the evaluated set, a random
         derangement seeded by ``random_state``), as mean per-pixel MSE in [-1, 1] units; ``gain``
         (``1 - loss_cond / loss_uncond``), ``gain_shuffled`` (``1 - loss_shuffled / loss_uncond``) and ``n_tiles``.
+        ``random_state=None`` means ``dbk.settings.seed``; ``accelerator`` as in :meth:`generate` (``None``: where the
+        model is).
         """
         import pandas as pd
+
+        self._move(accelerator)
+        random_state = resolve_seed(random_state)
 
         sources = _build_sources(_as_list(data), vocab=self.vocab, image_size=self.image_size, genes=genes,
                                  table_key=table_key, tiles_key=tiles_key, unlabeled_tiles_key=None,

@@ -1,9 +1,10 @@
-"""``dbk.datasets.hest``: fetch one HEST-1k sample from Hugging Face with pooch, then read it."""
+"""``dbk.datasets.hest``: fetch one HEST-1k sample from the Hugging Face hub (``huggingface_hub``), then read it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from spatialdata import SpatialData
@@ -15,6 +16,8 @@ HEST_REPO = "MahmoodLab/hest"
 HEST_URL = f"https://huggingface.co/datasets/{HEST_REPO}/resolve/main"
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "DBK_OFFLINE")
 _TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# other names of the H&E that dbk.io.read_hest reads (converted slides): any of them makes the download unnecessary
+_WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".jpeg", ".png")
 
 
 def hest(
@@ -28,16 +31,19 @@ def hest(
 ) -> SpatialData:
     """Download one HEST-1k sample (Jaume et al. 2024) if needed and read it with :func:`dbk.io.read_hest`.
 
-    Files are fetched with pooch from the Hugging Face dataset ``MahmoodLab/hest`` into ``root`` in HEST's layout;
-    files already there are never fetched again (nothing is checked online then, so a complete folder works
-    offline):
+    Files come from the Hugging Face dataset ``MahmoodLab/hest`` into ``root`` in HEST's layout, through
+    :func:`huggingface_hub.hf_hub_download` (``local_dir=root``: tokens, resumed downloads and ``HF_HUB_OFFLINE``
+    as ``huggingface_hub`` handles them). Files already in ``root`` are never fetched again (nothing is checked
+    online then, so a complete folder works offline); files that the Hugging Face cache holds (e.g. from an earlier
+    ``snapshot_download`` without ``local_dir``) are linked into ``root`` (copied where links fail), without network:
 
-    - ``metadata/{sample_id}.json``, ``wsis/{sample_id}.tif``, ``st/{sample_id}.h5ad``;
+    - ``metadata/{sample_id}.json``, ``wsis/{sample_id}.tif`` (a ``.jpg`` / ``.png`` / other TIFF of that name in
+      ``wsis/`` will do), ``st/{sample_id}.h5ad``;
     - for Xenium samples (``st_technology`` in the metadata): ``transcripts/{sample_id}_transcripts.parquet`` and,
       if published, ``xenium_seg/{sample_id}_xenium_cell_seg.parquet``.
 
     HEST is a gated dataset: accept its terms on https://huggingface.co/datasets/MahmoodLab/hest and pass a token
-    (``token=`` or the environment variable ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``).
+    (``token=``, the environment variable ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``, or ``hf auth login``).
 
     Parameters
     ----------
@@ -50,9 +56,9 @@ def hest(
     load_cells
         Fetch and read the Xenium cell segmentation where published.
     token
-        Hugging Face access token; default from the environment.
+        Hugging Face access token; default from the environment (or the token ``huggingface_hub`` has stored).
     timeout
-        Seconds to wait for the server to answer (connect and each read); there are no retries.
+        Seconds to wait for the hub to answer a file's metadata request (``etag_timeout`` of ``hf_hub_download``).
 
     Returns
     -------
@@ -61,16 +67,18 @@ def hest(
     Raises
     ------
     FileNotFoundError
-        If files are missing and downloads are off (``HF_HUB_OFFLINE`` or ``DBK_OFFLINE`` set); the message lists
-        each missing file, its URL and where to put it.
+        If files are missing and downloads are off (``HF_HUB_OFFLINE`` or ``DBK_OFFLINE`` set), at once, without
+        network; the message lists each missing file, where to put it and its URL.
     ConnectionError
-        If the server cannot be reached or refuses the download (the same listing, plus the reason).
+        If the hub cannot be reached or refuses the download (the same listing, plus the reason).
     """
     if not sample_id or any(ch in str(sample_id) for ch in "/\\"):
         raise ValueError(f"Invalid HEST sample id {sample_id!r}.")
     root = Path(root).expanduser() if root is not None else settings.datasetdir / "hest"
-    wanted = _wanted_files(root, sample_id, load_transcripts=load_transcripts, load_cells=load_cells)
-    missing = [f for f in wanted if not (root / f.path).is_file()]
+    kw = {"load_transcripts": load_transcripts, "load_cells": load_cells}
+    missing = [f for f in _wanted_files(root, sample_id, **kw) if not f.present(root)]
+    if missing and _link_from_cache(root, missing):
+        missing = [f for f in _wanted_files(root, sample_id, **kw) if not f.present(root)]
     if missing:
         _fetch(root, sample_id, missing, token=token, timeout=timeout)
 
@@ -82,18 +90,23 @@ def hest(
 class _File:
     """A file of the HEST layout: path relative to the download folder, and whether a sample may lack it."""
 
-    def __init__(self, path: str, *, optional: bool = False, xenium_only: bool = False) -> None:
+    def __init__(self, path: str, *, optional: bool = False, xenium_only: bool = False, alternatives=()) -> None:
         self.path = path
         self.optional = optional
         self.xenium_only = xenium_only
+        self.alternatives = tuple(alternatives)  # other local paths that stand for this file
 
     @property
     def url(self) -> str:
         return f"{HEST_URL}/{self.path}"
 
+    def present(self, root: Path) -> bool:
+        return any((root / p).is_file() for p in (self.path, *self.alternatives))
+
 
 def _layout(sample_id: str, *, load_transcripts: bool, load_cells: bool) -> list[_File]:
-    files = [_File(f"metadata/{sample_id}.json"), _File(f"wsis/{sample_id}.tif"), _File(f"st/{sample_id}.h5ad")]
+    wsi = [f"wsis/{sample_id}{s}" for s in _WSI_SUFFIXES]
+    files = [_File(f"metadata/{sample_id}.json"), _File(wsi[0], alternatives=wsi[1:]), _File(f"st/{sample_id}.h5ad")]
     if load_transcripts:
         files.append(_File(f"transcripts/{sample_id}_transcripts.parquet", xenium_only=True))
     if load_cells:
@@ -128,16 +141,37 @@ def _offline() -> str | None:
     return None
 
 
+def _link_from_cache(root: Path, missing: list[_File]) -> bool:
+    """Link (else copy) into ``root`` the missing files the Hugging Face cache holds; whether any was."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = False
+    for f in missing:
+        cached = try_to_load_from_cache(HEST_REPO, f.path, repo_type="dataset")
+        if not isinstance(cached, str) or not Path(cached).is_file():
+            continue
+        dest = root / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.symlink_to(Path(cached).resolve())
+        except OSError:
+            shutil.copyfile(cached, dest)
+        logger.info(f"HEST: {f.path} from the Hugging Face cache ({cached}) -> {dest}.")
+        found = True
+    return found
+
+
 def _listing(root: Path, files: list[_File]) -> str:
     lines = []
     for f in files:
         note = " (Xenium samples only)" if f.xenium_only else ""
         note += ", optional" if f.optional else ""
         lines.append(f"  {root / f.path}{note}\n      <- {f.url}")
-    include = " ".join(f"--include {f.path!r}" for f in files)
+    patterns = [f.path for f in files]
     return (
         "\n".join(lines)
-        + f"\nFor example: huggingface-cli download {HEST_REPO} --repo-type dataset {include} --local-dir {str(root)!r}"
+        + f"\nFor example, in Python: huggingface_hub.snapshot_download({HEST_REPO!r}, repo_type='dataset', "
+        + f"allow_patterns={patterns}, local_dir={str(root)!r})"
         + f"\n(HEST is gated: accept its terms on https://huggingface.co/datasets/{HEST_REPO} and set HF_TOKEN.)"
     )
 
@@ -147,28 +181,30 @@ def _fetch(root: Path, sample_id: str, missing: list[_File], *, token: str | Non
     if var is not None:
         raise FileNotFoundError(
             f"HEST sample {sample_id!r}: {len(missing)} file(s) missing in {root} and downloads are off "
-            f"({var}={os.environ[var]!r}). Fetch these files into that folder, or unset {var}:\n"
-            + _listing(root, missing)
+            f"({var}={os.environ[var]!r}); nor does the Hugging Face cache hold them. Put these files into that "
+            f"folder, or unset {var}:\n" + _listing(root, missing)
         )
     token = token or next((os.environ[v] for v in _TOKEN_VARS if os.environ.get(v)), None)
     pending = list(missing)
     while pending:
         f = pending.pop(0)
         try:
-            _download(f.url, root / f.path, token=token, timeout=timeout)
+            _download(f.path, root, token=token, timeout=timeout)
         except Exception as err:  # classified below and re-raised with the listing
-            status = getattr(getattr(err, "response", None), "status_code", None)
-            if status == 404 and (f.optional or f.xenium_only):
+            kind = _failure(err)
+            if kind == "missing" and (f.optional or f.xenium_only):
                 logger.info(f"HEST sample {sample_id!r} has no {f.path} on the hub; reading without it.")
                 continue
-            if status in (401, 403):
+            if kind == "refused":
                 reason = (
-                    f"the hub refused the download (HTTP {status}): HEST is gated; accept its terms on "
+                    f"the hub refused the download ({type(err).__name__}): HEST is gated; accept its terms on "
                     f"https://huggingface.co/datasets/{HEST_REPO} and pass token= or set HF_TOKEN"
                     + ("" if token else " (no token was found)")
                 )
-            elif status == 404:
+            elif kind == "missing":
                 reason = f"{f.url} does not exist (HTTP 404): is {sample_id!r} a HEST-1k sample id?"
+            elif kind == "unreachable":
+                reason = f"the hub cannot be reached and the file is not cached ({type(err).__name__}: {err})"
             else:
                 reason = f"{type(err).__name__}: {err}"
             raise ConnectionError(
@@ -179,11 +215,23 @@ def _fetch(root: Path, sample_id: str, missing: list[_File], *, token: str | Non
             pending = [p for p in pending if not p.xenium_only]
 
 
-def _download(url: str, dest: Path, *, token: str | None, timeout: float) -> None:
-    """Fetch ``url`` to ``dest`` with pooch (one attempt, written atomically)."""
-    import pooch
+def _failure(err: Exception) -> str:
+    """``"unreachable"``, ``"refused"`` (gated, no or a bad token), ``"missing"`` (404) or ``"other"``."""
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    downloader = pooch.HTTPDownloader(progressbar=settings.progress, headers=headers, timeout=timeout)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    pooch.retrieve(url, known_hash=None, fname=dest.name, path=dest.parent, downloader=downloader)
+    if isinstance(err, LocalEntryNotFoundError):  # no connection (or the hub offline) and nothing cached
+        return "unreachable"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, RepositoryNotFoundError) or status in (401, 403):  # GatedRepoError is one; so is a 401
+        return "refused"
+    if isinstance(err, EntryNotFoundError) or status == 404:
+        return "missing"
+    return "other"
+
+
+def _download(path: str, root: Path, *, token: str | None, timeout: float) -> Path:
+    """Fetch ``path`` of the HEST dataset into ``root / path`` with :func:`huggingface_hub.hf_hub_download`."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(HEST_REPO, path, repo_type="dataset", local_dir=root, token=token,
+                                etag_timeout=timeout))

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ from .._constants import (
     TABLE_KEY,
     TRANSCRIPTS_KEY,
 )
+from .._genes import rename_genes, warn_if_ensembl
 from .._image import set_pixel_size
-from ._image import open_he_image, require_file
+from ._image import PLAIN_SUFFIXES, TIFF_SUFFIXES, open_he_image, require_file
+from ._spot_positions import spot_positions
 from ._st import spot_circles, spot_table
 
 logger = logging.getLogger("dbk")
@@ -57,15 +60,23 @@ def read_hest(
     *,
     load_transcripts: bool = True,
     load_cells: bool = True,
+    pixel_size_um: float | None = None,
+    gene_symbols: str | Mapping | pd.Series | None = None,
 ) -> SpatialData:
     """Read one HEST-1k sample (H&E, spots, and for Xenium samples transcripts and cells) into SpatialData.
 
-    Expects the layout of a HEST-1k download under ``root``:
+    Expects the layout of a HEST-1k download under ``root`` (also as other tools pass HEST-derived data around):
 
-    - ``wsis/{sample_id}.tif`` — pyramidal H&E (required), read lazily level by level;
-    - ``metadata/{sample_id}.json`` — required for the pixel size (``pixel_size_um_estimated``, else
-      ``pixel_size_um_embedded``) and the spot size (``spot_diameter``, ``inter_spot_dist``, in µm);
-    - ``st/{sample_id}.h5ad`` — spots or pseudo-spots, ``obsm["spatial"]`` in H&E pixels (optional);
+    - ``wsis/{sample_id}.tif`` — pyramidal H&E (required), read lazily level by level; or any other TIFF
+      (``.tiff``, ``.svs``, ...), or a ``.jpg`` / ``.jpeg`` / ``.png``, decoded into memory with Pillow (a warning
+      gives the memory needed for a very large one);
+    - ``metadata/{sample_id}.json`` — for the pixel size (``pixel_size_um_estimated``, else
+      ``pixel_size_um_embedded``) and the spot size (``spot_diameter``, ``inter_spot_dist``, in µm); required
+      unless ``pixel_size_um`` is given;
+    - ``st/{sample_id}.h5ad`` — spots or pseudo-spots (optional), centres in H&E level-0 pixels in
+      ``obsm["spatial"]``, else in ``obs`` columns (``pxl_col_in_fullres`` / ``pxl_row_in_fullres``,
+      ``imagecol`` / ``imagerow``, ``x_pixel`` / ``y_pixel``, ``pixel_x`` / ``pixel_y``); the axis order is checked
+      against the image (see Warns);
     - ``transcripts/{sample_id}_transcripts.parquet`` — columns ``he_x, he_y, feature_name`` and optionally
       ``qv, cell_id`` (optional; read lazily);
     - ``xenium_seg/{sample_id}_xenium_cell_seg.parquet`` — cell polygons in a ``geometry`` column (GeoParquet or
@@ -83,6 +94,13 @@ def read_hest(
         Read the transcripts (lazily) when present.
     load_cells
         Read the cell segmentation when present.
+    pixel_size_um
+        µm per level-0 pixel of the H&E, for samples whose metadata json lacks it (or has none); it wins over the
+        json's (a warning says when they differ by more than 5%).
+    gene_symbols
+        The genes of the spot table by symbol (dbk matches genes by symbol): the name of a ``var`` column holding
+        the symbols (as scanpy's ``gene_symbols``, e.g. ``"gene_symbols"``), or a dict / Series id -> symbol. Genes
+        of one symbol are summed; genes without one keep their name (warned). See :func:`dbk.pp.map_gene_names`.
 
     Returns
     -------
@@ -97,21 +115,36 @@ def read_hest(
     - ``shapes["cells"]``: cell polygons indexed by cell id;
     - ``attrs["hest_metadata"]``: the metadata json (non-finite numbers replaced by ``None``).
 
+    Warns
+    -----
+    Through the ``"dbk"`` logger: when the spot centres fit the image (or, when both orders fit it, the tissue)
+    clearly better with x and y swapped, they are read swapped, with the numbers; when the spot table's genes look
+    like Ensembl ids (pass ``gene_symbols``).
+
     Raises
     ------
     FileNotFoundError
-        If the H&E image or the metadata json is missing.
+        If the H&E image is missing, or the metadata json and ``pixel_size_um`` are.
     ValueError
-        If the metadata gives no usable pixel size, or a present file lacks required columns.
+        If neither the metadata nor ``pixel_size_um`` gives a usable pixel size (naming the file and the keys), a
+        present file lacks required columns, or the spot centres fit the image in neither axis order (naming the
+        file, the columns and the image's extent).
     """
     root = Path(root)
-    wsi_path = require_file(root / "wsis" / f"{sample_id}.tif", f"HEST H&E image of sample {sample_id!r}")
-    meta_path = require_file(
-        root / "metadata" / f"{sample_id}.json", f"HEST metadata json of sample {sample_id!r} (needed for pixel size)"
-    )
-    with _reading(meta_path, "HEST metadata json"), open(meta_path) as f:
-        metadata = _json_safe(json.load(f))
-    pixel_size_um = _pixel_size(metadata, meta_path)
+    wsi_path = _find_wsi(root, sample_id)
+    if pixel_size_um is not None and not (isinstance(pixel_size_um, (int, float)) and math.isfinite(pixel_size_um)
+                                          and pixel_size_um > 0):
+        raise ValueError(f"pixel_size_um must be a positive number (µm per pixel), got {pixel_size_um!r}.")
+    meta_path = root / "metadata" / f"{sample_id}.json"
+    if pixel_size_um is None or meta_path.is_file():
+        meta_path = require_file(meta_path, f"HEST metadata json of sample {sample_id!r} (needed for the pixel "
+                                 "size; or pass read_hest(..., pixel_size_um=))")
+        with _reading(meta_path, "HEST metadata json"), open(meta_path) as f:
+            metadata = _json_safe(json.load(f))
+    else:
+        logger.info(f"{sample_id}: no metadata json ({meta_path}); pixel size {pixel_size_um} µm/px as given.")
+        metadata = {}
+    pixel_size_um = _pixel_size(metadata, meta_path, pixel_size_um, wsi_path)
 
     images = {IMAGE_KEY: open_he_image(wsi_path, what=f"HEST H&E image of sample {sample_id!r}")}
     shapes: dict[str, Any] = {}
@@ -124,6 +157,8 @@ def read_hest(
         with _reading(st_path, "HEST spot table", "Delete or re-download it (without it the sample is read "
                       "without spots)."):
             adata = _read_spot_table(st_path, sample_id)
+        adata.obsm[SPATIAL_KEY] = spot_positions(adata, images[IMAGE_KEY], st_path)
+        adata = _gene_names(adata, st_path, gene_symbols)
         shapes[SPOTS_KEY] = spot_circles(np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64), radius_px)
         tables[TABLE_KEY] = spot_table(adata, region=SPOTS_KEY)
     else:
@@ -150,6 +185,7 @@ def read_hest(
     sdata = SpatialData(images=images, shapes=shapes, points=points, tables=tables)
     set_pixel_size(sdata, IMAGE_KEY, pixel_size_um=pixel_size_um, elements=[*shapes, *points])
     sdata.attrs[HEST_METADATA_KEY] = metadata
+    sdata.attrs["sample"] = str(sample_id)  # the slide's name in logs and in fit_diffbulk / predict records
     return sdata
 
 
@@ -250,28 +286,52 @@ def _reading(path: Path, what: str, hint: str = ""):
                          f"{err}). {hint}".rstrip()) from err
 
 
+def _find_wsi(root: Path, sample_id: str) -> Path:
+    """``wsis/{sample_id}.tif``, else the same name with another TIFF suffix or ``.jpg`` / ``.jpeg`` / ``.png``."""
+    folder = root / "wsis"
+    suffixes = (".tif", *(s for s in TIFF_SUFFIXES if s != ".tif"), *PLAIN_SUFFIXES)
+    for suffix in suffixes:
+        for name in (f"{sample_id}{suffix}", f"{sample_id}{suffix.upper()}"):
+            if (folder / name).is_file():
+                return folder / name
+    raise FileNotFoundError(f"HEST H&E image of sample {sample_id!r} not found: {folder / f'{sample_id}.tif'} (nor "
+                            f"{sample_id} with suffix {', '.join(suffixes[1:])})")
+
+
 def _read_spot_table(path: Path, sample_id: str) -> ad.AnnData:
     adata = ad.read_h5ad(path)
-    if SPATIAL_KEY not in adata.obsm:
-        raise ValueError(f"{path} has no obsm['spatial'] (spot centres in H&E pixels); cannot place the spots.")
     adata.obs_names = adata.obs_names.astype(str)
     if not (sparse.issparse(adata.X) and adata.X.format == "csr"):
         adata.X = sparse.csr_matrix(adata.X)
     adata.layers[COUNTS_LAYER] = adata.X.copy()
     adata.obs[SAMPLE_COL] = pd.Categorical([sample_id] * adata.n_obs)
-    adata.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     return adata
 
 
-def _pixel_size(metadata: dict, meta_path: Path) -> float:
-    for key in _PIXEL_SIZE_KEYS:
-        value = _positive_number(metadata.get(key))
-        if value is not None:
-            logger.debug(f"Pixel size {value} µm/px from {key!r} in {meta_path}.")
-            return value
+def _gene_names(adata: ad.AnnData, path: Path, gene_symbols) -> ad.AnnData:
+    """Rename the genes by ``gene_symbols`` when given, else warn when they look like Ensembl ids."""
+    if gene_symbols is not None:
+        adata = rename_genes(adata, gene_symbols, what=f"spot table {path}")
+    warn_if_ensembl(adata.var_names, f"spot table {path}", how_to_map=(
+        f"read it with dbk.io.read_hest(..., gene_symbols=<the var column of the symbols>) (its var columns: "
+        f"{list(adata.var.columns)}) or a dict id -> symbol, or map them with dbk.pp.map_gene_names(sdata, mapping)"))
+    return adata
+
+
+def _pixel_size(metadata: dict, meta_path: Path, given: float | None, wsi_path: Path) -> float:
+    found = next(((k, v) for k in _PIXEL_SIZE_KEYS if (v := _positive_number(metadata.get(k))) is not None), None)
+    if given is not None:
+        if found is not None and abs(found[1] - given) > 0.05 * given:
+            logger.warning(f"pixel_size_um={given} differs from {found[0]}={found[1]} in {meta_path}; using "
+                           f"{given} µm/px as given.")
+        return float(given)
+    if found is not None:
+        logger.debug(f"Pixel size {found[1]} µm/px from {found[0]!r} in {meta_path}.")
+        return found[1]
     raise ValueError(
         f"No usable pixel size in {meta_path}: keys {list(_PIXEL_SIZE_KEYS)} are missing or not positive numbers "
-        f"({ {k: metadata.get(k) for k in _PIXEL_SIZE_KEYS} })."
+        f"({ {k: metadata.get(k) for k in _PIXEL_SIZE_KEYS} }). Pass read_hest(..., pixel_size_um=) with the µm per "
+        f"level-0 pixel of {wsi_path}."
     )
 
 

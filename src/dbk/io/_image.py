@@ -22,6 +22,8 @@ logger = logging.getLogger("dbk")
 
 RGB_CHANNELS = ["r", "g", "b"]
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi", ".scn", ".qptiff")
+PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png")  # read with Pillow, decoded into memory
+LARGE_PLAIN_IMAGE_PX = 200_000_000  # a JPEG/PNG above this many pixels (~0.6 GB as RGB) is decoded with a warning
 # a file level may differ from the shape spatialdata expects (floor of the previous level / factor) by this much
 _LEVEL_SHAPE_TOLERANCE = 2
 _PLAIN_CHUNK = 1024  # chunk size of images decoded into memory (JPEG, PNG)
@@ -59,7 +61,7 @@ def read_image(path: str | os.PathLike, *, pixel_size_um: float, image_key: str 
         If ``path`` does not exist.
     """
     element = open_he_image(path, what="H&E image")
-    sdata = SpatialData(images={image_key: element})
+    sdata = SpatialData(images={image_key: element}, attrs={"sample": Path(path).stem})
     set_pixel_size(sdata, image_key, pixel_size_um=pixel_size_um)
     return sdata
 
@@ -86,13 +88,22 @@ def open_he_image(path: str | os.PathLike, *, what: str = "H&E image") -> xr.Dat
 def read_plain_image(path: str | os.PathLike) -> da.Array:
     """Decode a JPEG/PNG/... with Pillow into memory and wrap it as a ``(c, y, x)`` dask array.
 
-    These formats cannot be read by region, so the whole image is decoded once (fine up to a few hundred megapixels).
-    Pillow's decompression-bomb limit is lifted for this call: the file is the user's own slide.
+    These formats cannot be read by region, so the whole image is decoded once (fine up to a few hundred megapixels;
+    above :data:`LARGE_PLAIN_IMAGE_PX` a warning gives the memory needed). Pillow's decompression-bomb limit is
+    lifted for this call: the file is the user's own slide.
     """
     old_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > LARGE_PLAIN_IMAGE_PX:
+                gb = w * h * max(len(img.getbands()), 3) / 1e9
+                logger.warning(
+                    f"{path} is a {w:,} x {h:,} px {img.format or 'plain'} image: decoding it takes about {gb:.1f} GB "
+                    "of memory, since JPEG/PNG cannot be read by region. A pyramidal TIFF is read lazily instead "
+                    "(e.g. vips tiffsave in.jpg out.tif --tile --pyramid --compression jpeg)."
+                )
             if img.mode not in ("RGB", "RGBA", "L", "LA") and not img.mode.startswith("I;16"):
                 logger.info(f"Converting {path} from Pillow mode {img.mode!r} to RGB.")
                 img = img.convert("RGB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import geopandas as gpd
@@ -26,6 +27,7 @@ from .._constants import (
     SPOTS_KEY,
     TABLE_KEY,
 )
+from .._genes import rename_genes, warn_if_ensembl
 from .._image import set_pixel_size
 from ._image import open_he_image
 from ._st_arrays import (
@@ -64,6 +66,7 @@ def read_st(
     spot_pitch_um: float | None = None,
     spot_diameter_um: float | None = None,
     sample: str | None = None,
+    gene_symbols: Mapping | pd.Series | None = None,
 ) -> SpatialData:
     """Read a legacy Spatial Transcriptomics (ST) section: counts table, spot file and H&E image.
 
@@ -118,6 +121,11 @@ def read_st(
         Spot diameter in µm; sets the circles' radius. ``None``: 55 for Visium, else 100 (legacy ST).
     sample
         Sample name written to ``obs["sample"]``; by default the name of the folder holding ``counts``.
+    gene_symbols
+        Gene id -> symbol (a dict or Series) for counts tables whose columns are Ensembl ids (dbk matches genes by
+        symbol; a warning says when they look like ids). Genes of one symbol are summed; genes without one keep
+        their name (warned). The counts table has no gene annotation columns, so a column name is not accepted
+        here (as :func:`dbk.io.read_hest` does). See :func:`dbk.pp.map_gene_names`.
 
     Returns
     -------
@@ -206,6 +214,14 @@ def read_st(
     adata = AnnData(X=counts_matrix(counts_df, sample), obs=obs, var=var)
     adata.obsm[SPATIAL_KEY] = xy
     adata.layers[COUNTS_LAYER] = adata.X.copy()
+    if gene_symbols is not None:
+        if isinstance(gene_symbols, str):
+            raise TypeError(f"gene_symbols={gene_symbols!r}: the ST counts table has no gene annotation columns to "
+                            "name; pass a dict or pandas Series id -> symbol.")
+        adata = rename_genes(adata, gene_symbols, what=f"counts table {counts_source}")
+    warn_if_ensembl(adata.var_names, f"counts table {counts_source}", how_to_map=(
+        "read it with gene_symbols={id: symbol} (a dict or Series), or map them with "
+        "dbk.pp.map_gene_names(sdata, mapping)"))
 
     sdata = SpatialData(
         images={IMAGE_KEY: open_he_image(image, what="H&E image")},
@@ -215,6 +231,7 @@ def read_st(
     set_pixel_size(sdata, IMAGE_KEY, pixel_size_um=pixel_size_um, elements=[SPOTS_KEY])
     if fit is not None:
         sdata.attrs[PIXEL_SIZE_FIT_KEY] = fit
+    sdata.attrs["sample"] = str(sample)  # the slide's name in logs and in fit_diffbulk / predict records
     return sdata
 
 
@@ -227,6 +244,7 @@ def read_st_folder(
     spot_diameter_um: float | None = None,
     sample: str | None = None,
     section: str | None = None,
+    gene_symbols: Mapping | pd.Series | None = None,
 ) -> SpatialData:
     """Read a legacy ST section from one folder holding its counts table, spot file and H&E image.
 
@@ -262,6 +280,8 @@ def read_st_folder(
         ``<name>`` (STUtility layout).
     section
         The ``<name>`` of the section to read from a STUtility folder holding several.
+    gene_symbols
+        Gene id -> symbol (a dict or Series) for Ensembl-keyed counts (see :func:`read_st`).
 
     Returns
     -------
@@ -304,6 +324,7 @@ def read_st_folder(
         spot_pitch_um=spot_pitch_um,
         spot_diameter_um=spot_diameter_um,
         sample=sample if sample is not None else default_sample,
+        gene_symbols=gene_symbols,
     )
 
 

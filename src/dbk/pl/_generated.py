@@ -8,6 +8,7 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import INSTANCE_COL, TILES_KEY
+from .._utils import resolve_seed
 from ._utils import finish, new_axes, plot_docs
 
 
@@ -20,7 +21,8 @@ def generated(
     n_samples: int = 1,
     n_steps: int = 18,
     guidance: float = 1.0,
-    random_state: int = 0,
+    random_state: int | None = None,
+    accelerator: str | None = None,
     tiles_key: str = TILES_KEY,
     image_key: str | None = None,
     ax=None,
@@ -54,7 +56,10 @@ def generated(
     guidance
         Classifier-free guidance weight (1: plain conditional sampling, > 1 strengthens the genes' effect).
     random_state
-        Seed of the sampler noise.
+        Seed of the sampler noise (``None``: ``dbk.settings.seed``).
+    accelerator
+        Where the sampler runs (the model is moved there; ``None``: where it is), see
+        :meth:`~dbk.tl.DiffusionPretrainer.generate`.
     tiles_key
         Tiles in ``sdata.shapes`` (with a SpatialData ``real_tiles``).
     image_key
@@ -73,8 +78,10 @@ def generated(
     if int(n_samples) < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples!r}.")
     n_samples = int(n_samples)
+    random_state = resolve_seed(random_state)
     samples = [
-        pretrainer.generate(profiles, n_steps=n_steps, guidance=guidance, random_state=random_state + j)
+        pretrainer.generate(profiles, n_steps=n_steps, guidance=guidance, random_state=random_state + j,
+                            accelerator=accelerator)
         for j in range(n_samples)
     ]
     n = samples[0].shape[0]

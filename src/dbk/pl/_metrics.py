@@ -10,15 +10,17 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_TABLE_KEY
+from .._utils import renamed_kwargs
 from ._utils import finish, new_axes, plot_docs
 
 
+@renamed_kwargs(top="top_k")
 @plot_docs
 def gene_metrics(
     data: pd.DataFrame | ad.AnnData | SpatialData,
     *,
     metric: str = "pearson",
-    top: int = 30,
+    top_k: int = 30,
     pred_key: str = PRED_KEY,
     table_key: str = TILES_TABLE_KEY,
     ax=None,
@@ -26,7 +28,7 @@ def gene_metrics(
     return_fig: bool = False,
     save: str | None = None,
 ):
-    """Per-gene metric, ranked: the ``top`` best genes as horizontal bars, with the mean over all genes marked.
+    """Per-gene metric, ranked: the ``top_k`` best genes as horizontal bars, with the mean over all genes marked.
 
     Parameters
     ----------
@@ -35,7 +37,7 @@ def gene_metrics(
         here with :func:`dbk.tl.evaluate`).
     metric
         Column to rank by: ``"pearson"``, ``"spearman"``, ``"mse"`` or ``"mae"`` (errors are ranked lowest first).
-    top
+    top_k
         Number of genes shown.
     pred_key
         Predictions in ``adata.obsm`` (when evaluating here).
@@ -56,7 +58,7 @@ def gene_metrics(
     values = df[metric].astype(float).dropna()
     lower_better = _lower_is_better(metric)
     ranked = values.sort_values(ascending=lower_better)
-    shown = ranked.iloc[:top]
+    shown = ranked.iloc[:top_k]
     fig, (axis,) = new_axes(ax, 1, figsize=(5.5, max(3.0, 0.24 * len(shown) + 1.2)))
     axis.barh(np.arange(len(shown))[::-1], shown.to_numpy(), color="#4c72b0")
     axis.set_ylim(-0.6, len(shown) - 0.4)

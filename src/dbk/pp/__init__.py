@@ -1,4 +1,4 @@
-"""Preprocessing: tissue, tiles, pseudo-bulk, gene panels, normalisation, tile images.
+"""Preprocessing: tissue, tiles, pseudo-bulk, gene panels and names, normalisation, train/test blocks, tile images.
 
 The functions load on first use (most need the SpatialData stack; ``measured_mask`` and friends do not).
 """
@@ -13,14 +13,17 @@ _EXPORTS = {
     "concat": "._concat",
     "measured_mask": "._concat",
     "select_genes": "._concat",
+    "prepare": "._corpus",
     "TileDataset": "._dataset",
     "export_tiles": "._dataset",
     "read_tile": "._dataset",
+    "map_gene_names": "._genes",
     "normalize": "._normalize",
     "prepare_slide": "._prepare",
     "prepare_slides": "._prepare",
     "is_control_probe": "._pseudobulk",
     "pseudobulk": "._pseudobulk",
+    "spatial_blocks": "._split",
     "make_tiles": "._tiles",
     "tile_bounds": "._tiles",
     "tissue_mask": "._tissue",
@@ -30,10 +33,13 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._concat import concat, measured_mask, select_genes
+    from ._corpus import prepare
     from ._dataset import TileDataset, export_tiles, read_tile
+    from ._genes import map_gene_names
     from ._normalize import normalize
     from ._prepare import prepare_slide, prepare_slides
     from ._pseudobulk import is_control_probe, pseudobulk
+    from ._split import spatial_blocks
     from ._tiles import make_tiles, tile_bounds
     from ._tissue import tissue_mask
 

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from .._constants import COUNTS_LAYER, MEASURED_LAYER, SAMPLE_COL, SPATIAL_KEY, TILES_TABLE_KEY
 from .._logging import logger
-from .._utils import is_sdata
+from .._utils import is_sdata, renamed_kwargs
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -29,8 +29,9 @@ def _as_table(obj, table_key: str) -> ad.AnnData:
     raise TypeError(f"Expected AnnData or SpatialData, got {type(obj).__name__}.")
 
 
+@renamed_kwargs(tables="data")
 def concat(
-    tables: Sequence[ad.AnnData | SpatialData] | dict[str, ad.AnnData | SpatialData],
+    data: Sequence[ad.AnnData | SpatialData] | dict[str, ad.AnnData | SpatialData],
     *,
     genes: Literal["union", "intersection"] | list[str] = "union",
     table_key: str = TILES_TABLE_KEY,
@@ -43,7 +44,7 @@ def concat(
 
     Parameters
     ----------
-    tables
+    data
         Tile tables (AnnData) or SpatialData objects holding them; a dict names the samples by its keys.
     genes
         ``"union"`` of all panels, ``"intersection"`` (genes measured on every slide), or an explicit list.
@@ -61,10 +62,10 @@ def concat(
     of their columns, in order of first appearance, with NaN where an input lacks a column (a gene that model did
     not predict), and re-indexed to the new ``obs_names``. The inputs are not modified.
     """
-    if isinstance(tables, dict):
-        names, objs = list(tables.keys()), list(tables.values())
+    if isinstance(data, dict):
+        names, objs = list(data.keys()), list(data.values())
     else:
-        objs, names = list(tables), None
+        objs, names = list(data), None
     if not objs:
         raise ValueError("concat needs at least one table.")
     adatas = [_as_table(o, table_key) for o in objs]
@@ -163,24 +164,25 @@ def measured_mask(adata: ad.AnnData) -> np.ndarray:
     return (m.toarray() if sp.issparse(m) else np.asarray(m)) > 0
 
 
+@renamed_kwargs(adatas="data", n_top="n_top_genes")
 def select_genes(
-    adatas: ad.AnnData | SpatialData | Sequence[ad.AnnData | SpatialData],
+    data: ad.AnnData | SpatialData | Sequence[ad.AnnData | SpatialData],
     *,
-    n_top: int = 50,
+    n_top_genes: int = 50,
     flavor: Literal["variance", "mean"] = "variance",
     layer: str | None = None,
     table_key: str = TILES_TABLE_KEY,
 ) -> list[str]:
-    """Pick the ``n_top`` genes with the highest variance (or mean) over tiles of the *training* slides.
+    """Pick the ``n_top_genes`` genes with the highest variance (or mean) over tiles of the *training* slides.
 
     Only genes measured on every given slide are candidates; values are taken from ``X`` (log1p-normalised) or
     ``layers[layer]``, pooled over all tiles. Pass training slides only, so the test slides never shape the choice.
 
     Parameters
     ----------
-    adatas
+    data
         One or several tile tables (or SpatialData holding them).
-    n_top
+    n_top_genes
         Number of genes.
     flavor
         ``"variance"`` or ``"mean"`` of the values over tiles.
@@ -193,11 +195,11 @@ def select_genes(
     -------
     Gene names, best first (ties broken by name).
     """
-    if isinstance(adatas, ad.AnnData) or is_sdata(adatas):
-        adatas = [adatas]
-    tables = [_as_table(a, table_key) for a in adatas]
-    if n_top <= 0:
-        raise ValueError(f"n_top must be positive, got {n_top!r}.")
+    if isinstance(data, ad.AnnData) or is_sdata(data):
+        data = [data]
+    tables = [_as_table(a, table_key) for a in data]
+    if n_top_genes <= 0:
+        raise ValueError(f"n_top_genes must be positive, got {n_top_genes!r}.")
     if flavor not in ("variance", "mean"):
         raise ValueError(f"flavor must be 'variance' or 'mean', got {flavor!r}.")
     common = [g for g in tables[0].var_names if all(g in t.var_names for t in tables[1:])]
@@ -216,4 +218,4 @@ def select_genes(
     score = np.nanvar(x, axis=0) if flavor == "variance" else np.nanmean(x, axis=0)
     score = np.nan_to_num(score, nan=-np.inf)
     order = sorted(range(len(common)), key=lambda j: (-score[j], common[j]))
-    return [common[j] for j in order[:n_top]]
+    return [common[j] for j in order[:n_top_genes]]

@@ -13,6 +13,7 @@ from .._constants import TILES_KEY, TILES_TABLE_KEY
 from .._image import ImageLevel, get_pixel_size, image_levels, resolve_image_key
 from .._logging import logger
 from .._settings import settings
+from .._utils import renamed_kwargs, resolve_seed
 from ._tiles import tile_bounds
 
 
@@ -144,10 +145,10 @@ class TileDataset:
         The H&E image; the only image when ``None``.
     size_px
         Output side in pixels.
-    target_um_per_px
-        Output resolution. ``None``: the tile itself is resampled to ``size_px`` (so the resolution is
-        tile side / ``size_px``). Otherwise a square of ``size_px * target_um_per_px`` µm centred on the tile is
-        read (more or less context than the tile).
+    target_pixel_size_um
+        Output resolution in µm per pixel. ``None``: the tile itself is resampled to ``size_px`` (so the resolution
+        is tile side / ``size_px``). Otherwise a square of ``size_px * target_pixel_size_um`` µm centred on the tile
+        is read (more or less context than the tile).
     table_key
         Tile table to return expression from (``None``: images only). Rows are matched to tiles by instance id.
     genes
@@ -166,7 +167,7 @@ class TileDataset:
         Folder of a zarr cache of the (un-augmented) resampled tiles; built on first use and reused when it matches
         the tiles and settings, so repeated epochs never touch the slide again.
     random_state
-        Seed of the augmentation.
+        Seed of the augmentation (``None``: ``dbk.settings.seed``).
 
     Notes
     -----
@@ -174,6 +175,7 @@ class TileDataset:
     (float32, genes) and ``"mask"`` (1 where the gene was measured).
     """
 
+    @renamed_kwargs(target_um_per_px="target_pixel_size_um")
     def __init__(
         self,
         sdata: SpatialData,
@@ -181,7 +183,7 @@ class TileDataset:
         *,
         image_key: str | None = None,
         size_px: int = 224,
-        target_um_per_px: float | None = None,
+        target_pixel_size_um: float | None = None,
         table_key: str | None = None,
         genes: list[str] | None = None,
         layer: str | None = None,
@@ -204,18 +206,18 @@ class TileDataset:
         self.tile_ids = np.asarray(sdata.shapes[tiles_key].index)
         self.levels = image_levels(sdata, self.image_key)
         side0 = float(np.median(self.bounds[:, 2] - self.bounds[:, 0]))
-        if target_um_per_px is None:
+        if target_pixel_size_um is None:
             self.boxes = self.bounds.astype(np.float64)
             downsample = side0 / self.size_px
         else:
-            if target_um_per_px <= 0:
-                raise ValueError(f"target_um_per_px must be positive, got {target_um_per_px!r}.")
+            if target_pixel_size_um <= 0:
+                raise ValueError(f"target_pixel_size_um must be positive, got {target_pixel_size_um!r}.")
             px = get_pixel_size(sdata, self.image_key)
-            half = self.size_px * target_um_per_px / px / 2
+            half = self.size_px * target_pixel_size_um / px / 2
             cx = (self.bounds[:, 0] + self.bounds[:, 2]) / 2
             cy = (self.bounds[:, 1] + self.bounds[:, 3]) / 2
             self.boxes = np.column_stack([cx - half, cy - half, cx + half, cy + half])
-            downsample = target_um_per_px / px
+            downsample = target_pixel_size_um / px
         self.level_index = _level_for(self.levels, downsample)
         from ..io._tiff import direct_reader
 
@@ -225,7 +227,7 @@ class TileDataset:
         self.augment = bool(augment)
         self.color_jitter = float(color_jitter)
         self.dtype = dtype
-        self.random_state = settings.seed if random_state is None else int(random_state)
+        self.random_state = resolve_seed(random_state)
         self.expr = self.mask = None
         self.genes: list[str] | None = None
         if table_key is not None:
@@ -349,6 +351,7 @@ class TileDataset:
         return zarr.open_array(str(path), mode="r")
 
 
+@renamed_kwargs(target_um_per_px="target_pixel_size_um")
 def export_tiles(
     sdata: SpatialData,
     path: str | Path,
@@ -356,20 +359,21 @@ def export_tiles(
     tiles_key: str = TILES_KEY,
     table_key: str | None = TILES_TABLE_KEY,
     size_px: int = 224,
-    target_um_per_px: float | None = None,
+    target_pixel_size_um: float | None = None,
     image_key: str | None = None,
 ) -> Path:
     """Write tiles and their pseudo-bulk to one file for other tools (``.h5``/``.hdf5`` with h5py, else zarr).
 
     Datasets: ``images`` (n, size_px, size_px, 3) uint8, ``tile_id``, ``bounds`` (x0, y0, x1, y1 level-0 px),
     and with a table ``counts`` (n, genes; raw counts when present, else ``X``), ``X`` and ``genes``. Written to a
-    temporary file and renamed, so an interrupted export leaves no partial file.
+    temporary file and renamed, so an interrupted export leaves no partial file. ``size_px`` and
+    ``target_pixel_size_um`` as in :class:`TileDataset`.
     """
     from .._utils import atomic_path
 
     table_key = table_key if table_key is not None and table_key in sdata.tables else None
-    ds = TileDataset(sdata, tiles_key, image_key=image_key, size_px=size_px, target_um_per_px=target_um_per_px,
-                     table_key=table_key)
+    ds = TileDataset(sdata, tiles_key, image_key=image_key, size_px=size_px,
+                     target_pixel_size_um=target_pixel_size_um, table_key=table_key)
     images = np.stack([ds.read(i) for i in range(len(ds))])
     out = {"images": images, "tile_id": np.asarray(ds.tile_ids).astype(str).astype("S"), "bounds": ds.bounds}
     if table_key is not None:

@@ -25,14 +25,17 @@ from .._constants import (
     TILES_TABLE_KEY,
     TISSUE_FRACTION_COL,
     TRANSCRIPTS_KEY,
+    UM_PER_PX_KEY,
     UNS_KEY,
 )
-from .._image import affine_to_image_pixels
+from .._genes import check_gene_names, warn_if_ensembl
+from .._image import affine_to_image_pixels, get_pixel_size, image_shape, resolve_image_key
 from .._logging import logger
 from .._utils import copy_sdata
 from ..io._parquet import plan_parquet_read
 from ..io._points import known_categories, stream_points
 from ._binning import TileLookup, apply_affine
+from ._coverage import Coverage, n_points_in_tiles, report_pseudobulk
 from ._tile_table import tile_table, write_tile_table
 from ._tiles import tile_bounds
 
@@ -131,7 +134,20 @@ def pseudobulk(
     - ``X``: log1p of normalised counts (see :func:`dbk.pp.normalize`),
     - ``obs``: ``sample``, ``n_transcripts``, ``n_cells`` (NaN where unknown), ``tissue_fraction``,
     - ``obsm["spatial"]``: tile centres in level-0 pixels,
-    - ``uns["dbk"]["pseudobulk"]``: the parameters (and, from transcripts, the ``reader``).
+    - ``uns["dbk"]["pseudobulk"]``: the parameters (and, from transcripts, the ``reader``), and how much of the
+      expression the tiles hold: ``n_counts_source`` (the transcripts passing the filters, or the cells' / spots'
+      counts of the genes kept), ``fraction_in_image`` (the share of them on the image) and ``fraction_in_tiles``
+      (the share inside a tile; ``"None"`` where unknown),
+    - ``uns["dbk"]["um_per_px"]``: the image's pixel size, when it has one (so :func:`dbk.tl.spatial_context` can
+      put the tile centres in µm).
+
+    Warns
+    -----
+    Through the ``"dbk"`` logger, naming the numbers, the extent of the points and the likely causes (x and y
+    swapped, a wrong pixel size, another coordinate system): when more than 5% of the counts lie off the image
+    (off the image is always suspicious), and when more than half of the counts on the image lie outside every tile
+    (some is expected: grid tiles cover the tissue only). Also when the genes look like Ensembl ids (dbk matches
+    genes by symbol; see :func:`dbk.pp.map_gene_names`).
     """
     if source not in ("transcripts", "cells", "spots"):
         raise ValueError(f"source must be 'transcripts', 'cells' or 'spots', got {source!r}.")
@@ -149,17 +165,29 @@ def pseudobulk(
     if image_key is None:
         image_key = tiles.attrs.get("dbk", {}).get("image_key")
 
+    shape = _image_extent(sdata, image_key)  # (h, w) of level 0; None when there is no one image to measure
     used = None  # the reader used for transcripts
     if source == "transcripts":
-        counts, gene_names, used = _from_transcripts(
-            sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, reader == "auto"
+        counts, gene_names, used, cov = _from_transcripts(
+            sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, reader == "auto",
+            shape,
         )
+        what = f"transcripts of {points_key!r}" + (" passing the quality filter" if min_qv is not None else "")
     elif source == "cells":
-        counts, gene_names = _from_cells(sdata, bounds, cells_key, table_key, image_key, genes, keep_controls)
+        counts, gene_names, cov = _from_cells(sdata, bounds, cells_key, table_key, image_key, genes, keep_controls,
+                                              shape)
+        what = f"counts of the cells of {cells_key!r}"
     else:
-        counts, gene_names = _from_spots(sdata, tiles, table_key, genes, keep_controls)
+        counts, gene_names, cov, spots_key = _from_spots(sdata, tiles, table_key, image_key, genes, keep_controls,
+                                                         shape)
+        what = f"counts of the spots of {spots_key!r}"
 
     _check_counts(counts, f"expression summed into tiles {tiles_key!r}")
+    warn_if_ensembl(gene_names, f"table made by pseudobulk from {source}", how_to_map=(
+        "map them to symbols before pseudobulk with dbk.pp.map_gene_names(sdata, mapping) (a dict id -> symbol, or "
+        "the name of a var column holding the symbols), or read the data with gene_symbols="))
+    coverage = report_pseudobulk(cov, what, resolve_image_key(sdata, image_key) if shape else None, shape,
+                                 tiles_key, len(tiles))
     obs = {  # obs columns, in this order (then region and instance_id)
         SAMPLE_COL: pd.Categorical([sample if sample is not None else _sample_name(sdata, key_added)] * len(tiles)),
         N_TRANSCRIPTS_COL: np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
@@ -176,8 +204,12 @@ def pseudobulk(
             "min_qv": "None" if min_qv is None else float(min_qv),
             "keep_controls": bool(keep_controls),
             "target_sum": "None" if target_sum is None else float(target_sum),
+            **coverage,
         }
     }
+    um_per_px = _pixel_size(sdata, image_key)
+    if um_per_px is not None:  # so that dbk.tl.spatial_context (and others) can put the tiles in µm
+        adata.uns[UNS_KEY][UM_PER_PX_KEY] = um_per_px
     if used is not None:  # how the points were read: "parquet" (straight from the files) or "dask"
         adata.uns[UNS_KEY]["pseudobulk"]["reader"] = used
     write_tile_table(sdata, adata, tiles_key, key_added)
@@ -242,7 +274,8 @@ def _gene_filter(names, genes: list[str] | None, keep_controls: bool) -> list[st
     return [n for n in names if keep_controls or not is_control_probe(n)]
 
 
-def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, direct):
+def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, direct,
+                      shape):
     if points_key not in sdata.points:
         raise KeyError(f"No points {points_key!r} in sdata.points; available: {list(sdata.points)}.")
     points = sdata.points[points_key]
@@ -258,7 +291,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         raise ValueError("genes contains duplicates.")
 
     counter = _Counter(TileLookup.build(bounds), m[:2].copy(), genes, keep_controls,
-                       float(min_qv) if use_qv else 0.0)
+                       float(min_qv) if use_qv else 0.0, shape)
     plan = plan_parquet_read(points, cols) if direct else None  # None: not a plain parquet read, use dask
     if plan is not None:
         counter.allowed = plan.allowed
@@ -279,7 +312,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
             logger.warning(f"pseudobulk: {len(unseen)} of the {len(names)} requested genes have no transcript in any "
                            f"tile of {points_key!r} (not in the panel, misspelt, or only outside the tiles), e.g. "
                            f"{unseen[:10]}; their columns are zero.")
-    return counts, names, reader
+    return counts, names, reader, counter.cov
 
 
 # -- counting -----------------------------------------------------------------------------------------------------
@@ -298,8 +331,11 @@ class _Counter:
 
     _FLUSH_AT = 2**31 - 1
 
-    def __init__(self, lookup: TileLookup, affine: np.ndarray, genes, keep_controls: bool, min_qv: float) -> None:
+    def __init__(self, lookup: TileLookup, affine: np.ndarray, genes, keep_controls: bool, min_qv: float,
+                 shape: tuple[int, int] | None = None) -> None:
         self.lookup, self.affine, self.min_qv = lookup, affine, np.float64(min_qv)
+        self.shape = shape  # (h, w) of the image, to count the points on it
+        self.cov = Coverage()
         self.n_tiles = len(lookup.bounds)
         self.fixed = genes is not None
         self.keep_controls = keep_controls
@@ -376,7 +412,10 @@ class _Counter:
         xf, yf = apply_affine(x[idx], y[idx], self.affine)
         p, t = self.lookup.assign(xf, yf)  # half-open bounds; a point in several (overlapping) tiles counts in each
         g = g[idx][p]
+        cov = Coverage()
+        cov.add(xf, yf, n_points_in_tiles(self.lookup, p), self.shape)
         with self._lock:
+            self.cov.merge(cov)
             self.n_bad += n_bad
             if self.seen + len(t) > self._FLUSH_AT:
                 self._flush()
@@ -443,8 +482,6 @@ def _table_counts(table: ad.AnnData, element_key: str, genes, keep_controls):
     attrs = table.uns.get("spatialdata_attrs", {})
     X = table.layers[COUNTS_LAYER] if COUNTS_LAYER in table.layers else table.X
     X = sp.csr_matrix(X)
-    from .._genes import check_gene_names
-
     check_gene_names(table.var_names, f"table annotating {element_key!r}")
     names = _gene_filter(table.var_names, genes, keep_controls)
     missing = [g for g in names if g not in table.var_names]
@@ -457,7 +494,7 @@ def _table_counts(table: ad.AnnData, element_key: str, genes, keep_controls):
     return X[:, cols], names, np.asarray(instance)
 
 
-def _from_cells(sdata, bounds, cells_key, table_key, image_key, genes, keep_controls):
+def _from_cells(sdata, bounds, cells_key, table_key, image_key, genes, keep_controls, shape):
     if cells_key not in sdata.shapes:
         raise KeyError(f"No shapes {cells_key!r} with cells in sdata.shapes; available: {list(sdata.shapes)}.")
     table = _annotating_table(sdata, cells_key, table_key)
@@ -468,12 +505,18 @@ def _from_cells(sdata, bounds, cells_key, table_key, image_key, genes, keep_cont
     if (pos < 0).any():
         raise ValueError(f"{int((pos < 0).sum())} rows of the cell table have no shape in {cells_key!r}.")
     cx, cy = _centroids_in_image(sdata, cells_key, image_key)
-    p, t = TileLookup.build(bounds).assign(cx[pos], cy[pos])
+    lookup = TileLookup.build(bounds)
+    p, t = lookup.assign(cx[pos], cy[pos])
     assign = sp.csr_matrix((np.ones(len(p), dtype=np.int64), (t, p)), shape=(len(bounds), X.shape[0]))
-    return (assign @ X.astype(np.int64)).tocsr(), names
+    weights = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()  # each cell's counts of the genes kept
+    cov = Coverage()
+    ok = np.isfinite(cx[pos]) & np.isfinite(cy[pos])
+    cov.add(cx[pos][ok], cy[pos][ok], n_points_in_tiles(lookup, p, weights), shape, weights[ok])
+    cov.n_total = float(weights.sum())  # cells without a finite centroid count as off the image
+    return (assign @ X.astype(np.int64)).tocsr(), names, cov
 
 
-def _from_spots(sdata, tiles, table_key, genes, keep_controls):
+def _from_spots(sdata, tiles, table_key, image_key, genes, keep_controls, shape):
     if "spot_id" not in tiles.columns:
         raise ValueError("source='spots' needs tiles made with dbk.pp.make_tiles(mode='spots') (no 'spot_id').")
     spots_key = tiles.attrs.get("dbk", {}).get("spots_key", SPOTS_KEY)
@@ -482,7 +525,37 @@ def _from_spots(sdata, tiles, table_key, genes, keep_controls):
     row = pd.Index(instance).get_indexer(tiles["spot_id"].to_numpy())
     if (row < 0).any():
         raise ValueError(f"{int((row < 0).sum())} spot tiles have no row in the table annotating {spots_key!r}.")
-    return X[row].astype(np.int64).tocsr(), names
+    weights = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()  # each spot's counts of the genes kept
+    cov = Coverage(n_total=float(weights.sum()), n_in_tiles=float(weights[np.unique(row)].sum()))
+    if spots_key in sdata.shapes and shape is not None:
+        spots = sdata.shapes[spots_key]
+        at = spots.index.get_indexer(instance)
+        sx, sy = _centroids_in_image(sdata, spots_key, image_key)
+        has = at >= 0
+        sx, sy, w = sx[at[has]], sy[at[has]], weights[has]
+        ok = np.isfinite(sx) & np.isfinite(sy)
+        on = Coverage()
+        on.add(sx[ok], sy[ok], 0.0, shape, w[ok])
+        cov.n_in_image, cov.xmin, cov.xmax, cov.ymin, cov.ymax = on.n_in_image, on.xmin, on.xmax, on.ymin, on.ymax
+    else:
+        cov.n_in_image = np.nan  # unknown: no spot shapes or no image extent
+    return X[row].astype(np.int64).tocsr(), names, cov, spots_key
+
+
+def _image_extent(sdata: SpatialData, image_key: str | None) -> tuple[int, int] | None:
+    """``(h, w)`` of the image's level 0, ``None`` when there is no one image (the fractions on it are unknown)."""
+    try:
+        _, h, w = image_shape(sdata, image_key)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return h, w
+
+
+def _pixel_size(sdata: SpatialData, image_key: str | None) -> float | None:
+    try:
+        return float(get_pixel_size(sdata, image_key))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _centroids_in_image(sdata, key, image_key):

@@ -1,6 +1,6 @@
 """Baselines on foundation-model features (``docs/method.md``): mean predictor, HEST-Benchmark ridge, CV ridge, MLP.
 
-All share one interface (:class:`~dbk.tl._head_base.Baseline`): ``fit(adata_train, *, obsm_key, genes, layer,
+All share one interface (:class:`~dbk.tl._head_base.Baseline`): ``fit(adata, *, use_rep, genes, layer,
 groups)`` on features in ``obsm`` and targets in ``X`` (or a layer), honouring ``layers["measured"]`` (a gene not
 measured on a training tile does not count in its fit), ``predict(adata) -> DataFrame`` (tiles x genes), and
 ``get_state()`` / ``from_state(...)`` to save and rebuild a fitted one. The ridge baselines are in
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._utils import renamed_kwargs
 from ..core._heads import MLPNet
 from ._head_base import Baseline
 from ._head_state import arrays, tensor
@@ -78,9 +79,10 @@ class MLPBaseline(TorchRegressor):
     val_fraction
         Fraction of training slides (or tiles) held out for early stopping.
     random_state
-        Seed.
+        Seed (``None``: ``dbk.settings.seed``).
     accelerator
-        ``"auto"``, ``"cpu"``, ``"cuda"`` ...
+        Where the network trains and predicts: ``"auto"`` (``dbk.settings.device``: CUDA if available), ``"cpu"``,
+        ``"cuda"``, ``"cuda:1"`` ...
     input_clip
         Standardised inputs are clipped to ``±input_clip``, and features constant on the training part (standard
         deviation below 1e-6 of the median one) are set to 0, so a feature that barely varies in training cannot
@@ -107,11 +109,12 @@ class MLPBaseline(TorchRegressor):
 BASELINES = ("mean", "ridge_hest", "ridge_cv", "mlp")
 
 
+@renamed_kwargs(adata_train="adata", obsm_key="use_rep")
 def fit_baseline(
-    adata_train: ad.AnnData,
+    adata: ad.AnnData,
     method: Literal["ridge_cv", "ridge_hest", "mean", "mlp"] = "ridge_cv",
     *,
-    obsm_key: str | None = None,
+    use_rep: str | None = None,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
     groups: str | Sequence | None = None,
@@ -121,16 +124,16 @@ def fit_baseline(
 
     Parameters
     ----------
-    adata_train
+    adata
         Training tiles (training slides only) with features in ``obsm``.
     method
         ``"mean"`` (:class:`MeanPredictor`), ``"ridge_hest"`` (:class:`RidgeBaseline` ``flavor="hest"``),
         ``"ridge_cv"`` (``flavor="cv"``) or ``"mlp"`` (:class:`MLPBaseline`).
-    obsm_key, genes, layer, groups
-        See :meth:`Baseline.fit`.
+    use_rep, genes, layer, groups
+        See :meth:`Baseline.fit` (``use_rep``: the features' ``obsm`` key, as in scanpy).
     **kwargs
         Options of the baseline's constructor (e.g. ``alphas``, ``rank="auto"`` for reduced-rank ridge, ``hidden``,
-        ``random_state``).
+        ``random_state``, ``accelerator`` for ``"mlp"``).
 
     Returns
     -------
@@ -138,7 +141,7 @@ def fit_baseline(
 
     Examples
     --------
-    >>> model = dbk.tl.fit_baseline(train, "ridge_cv", obsm_key="X_efficientnet_lite0")  # doctest: +SKIP
+    >>> model = dbk.tl.fit_baseline(train, "ridge_cv", use_rep="X_efficientnet_lite0")  # doctest: +SKIP
     >>> model.predict(test, key_added="dbk_pred")  # doctest: +SKIP
     >>> dbk.tl.evaluate(test, train_adata=train)  # doctest: +SKIP
     """
@@ -152,4 +155,4 @@ def fit_baseline(
         model = MLPBaseline(**kwargs)
     else:
         raise ValueError(f"method must be one of {list(BASELINES)}, got {method!r}.")
-    return model.fit(adata_train, obsm_key=obsm_key, genes=genes, layer=layer, groups=groups)
+    return model.fit(adata, use_rep=use_rep, genes=genes, layer=layer, groups=groups)

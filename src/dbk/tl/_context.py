@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -9,6 +11,7 @@ import scipy.sparse as sp
 
 from .._constants import SAMPLE_COL, SPATIAL_KEY, UM_PER_PX_KEY, UNS_KEY
 from .._logging import logger
+from .._utils import renamed_kwargs
 
 
 def neighbor_mean(coords: np.ndarray, x: np.ndarray, radius: float, groups: np.ndarray | None = None) -> np.ndarray:
@@ -52,20 +55,20 @@ def neighbor_mean(coords: np.ndarray, x: np.ndarray, radius: float, groups: np.n
     return out
 
 
-def tile_coords_um(adata: ad.AnnData, um_per_px: float | None = None) -> np.ndarray:
+def tile_coords_um(adata: ad.AnnData, pixel_size_um: float | None = None) -> np.ndarray:
     """Tile centres in µm: ``obsm["spatial"]`` (level-0 pixels) times the pixel size (given, or ``uns["dbk"]``)."""
     if SPATIAL_KEY not in adata.obsm:
         raise KeyError(f"The tile table has no obsm[{SPATIAL_KEY!r}] (tile centres); it comes from dbk.pp.pseudobulk "
                        "or DiffBulk.predict.")
-    if um_per_px is None:
-        um_per_px = adata.uns.get(UNS_KEY, {}).get(UM_PER_PX_KEY)
-    if um_per_px is None:
-        raise ValueError(f"The pixel size of the tile table is unknown: pass um_per_px, or set "
+    if pixel_size_um is None:
+        pixel_size_um = adata.uns.get(UNS_KEY, {}).get(UM_PER_PX_KEY)
+    if pixel_size_um is None:
+        raise ValueError(f"The pixel size of the tile table is unknown: pass pixel_size_um, or set "
                          f"adata.uns[{UNS_KEY!r}][{UM_PER_PX_KEY!r}] (DiffBulk.predict on a SpatialData writes it).")
-    um_per_px = float(um_per_px)
-    if not (np.isfinite(um_per_px) and um_per_px > 0):
-        raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}.")
-    return np.asarray(adata.obsm[SPATIAL_KEY], np.float64) * um_per_px
+    pixel_size_um = float(pixel_size_um)
+    if not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
+        raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}.")
+    return np.asarray(adata.obsm[SPATIAL_KEY], np.float64) * pixel_size_um
 
 
 def _groups(adata: ad.AnnData, groups: str | None) -> np.ndarray | None:
@@ -73,28 +76,29 @@ def _groups(adata: ad.AnnData, groups: str | None) -> np.ndarray | None:
     return adata.obs[groups].astype(str).to_numpy() if groups is not None and groups in adata.obs else None
 
 
-def with_context(adata: ad.AnnData, x: np.ndarray, radius_um: float, *, um_per_px: float | None = None,
+def with_context(adata: ad.AnnData, x: np.ndarray, context_um: float, *, pixel_size_um: float | None = None,
                  groups: str | None = SAMPLE_COL) -> np.ndarray:
-    """``[x, neighbour mean of x]`` for the tiles of ``adata`` (the mean within ``radius_um``, per slide)."""
-    return context_features(tile_coords_um(adata, um_per_px), x, radius_um, _groups(adata, groups))
+    """``[x, neighbour mean of x]`` for the tiles of ``adata`` (the mean within ``context_um``, per slide)."""
+    return context_features(tile_coords_um(adata, pixel_size_um), x, context_um, _groups(adata, groups))
 
 
-def context_features(coords_um: np.ndarray, x: np.ndarray, radius_um: float,
+def context_features(coords_um: np.ndarray, x: np.ndarray, context_um: float,
                      groups: np.ndarray | None = None) -> np.ndarray:
-    """``[x, neighbour mean of x within radius_um]`` (float64) for tiles centred at ``coords_um`` (µm), per group.
+    """``[x, neighbour mean of x within context_um]`` (float64) for tiles centred at ``coords_um`` (µm), per group.
 
     The one computation of spatial context, at fit (:func:`dbk.tl.fit_diffbulk` on its training table) and at
     predict (:meth:`dbk.tl.DiffBulk.predict`, :func:`spatial_context`).
     """
-    return np.hstack([np.asarray(x, np.float64), neighbor_mean(coords_um, x, radius_um, groups)])
+    return np.hstack([np.asarray(x, np.float64), neighbor_mean(coords_um, x, context_um, groups)])
 
 
+@renamed_kwargs(radius_um="context_um", um_per_px="pixel_size_um")
 def spatial_context(
     adata: ad.AnnData,
     *,
     use_rep: str,
-    radius_um: float = 300.0,
-    um_per_px: float | None = None,
+    context_um: float = 300.0,
+    pixel_size_um: float | None = None,
     groups: str | None = SAMPLE_COL,
     key_added: str | None = None,
     copy: bool = False,
@@ -102,8 +106,8 @@ def spatial_context(
     """Add spatial context to tile features: each tile's features, then their mean over the tiles around it.
 
     Expression is spatially smooth and one tile's image is a noisy view of its tissue; the mean of the features
-    over the neighbouring tiles (a disc of ``radius_um`` around the tile centre, the tile itself included, within
-    the same slide) gives a regressor the neighbourhood too. On her2st (spots on a 200 µm pitch) 300 µm is the
+    over the neighbouring tiles (a disc of radius ``context_um`` around the tile centre, the tile itself included,
+    within the same slide) gives a regressor the neighbourhood too. On her2st (spots on a 200 µm pitch) 300 µm is the
     tile and its 8 nearest spots. ``DiffBulk`` does the same to its FM and diffusion features with
     ``fit_diffbulk(..., context_um=...)``.
 
@@ -113,10 +117,10 @@ def spatial_context(
         Tile table with the features ``obsm[use_rep]`` and tile centres ``obsm["spatial"]`` (level-0 pixels).
     use_rep
         The features' ``obsm`` key.
-    radius_um
-        Radius of the neighbourhood in µm.
-    um_per_px
-        Pixel size of ``obsm["spatial"]``; default ``adata.uns["dbk"]["um_per_px"]``.
+    context_um
+        Radius of the neighbourhood in µm (as ``fit_diffbulk(..., context_um=)``).
+    pixel_size_um
+        Pixel size (µm) of ``obsm["spatial"]``; default ``adata.uns["dbk"]["um_per_px"]``.
     groups
         ``obs`` column naming each tile's slide (neighbours never cross slides); ``None`` or a missing column: one
         slide.
@@ -132,20 +136,22 @@ def spatial_context(
 
     Examples
     --------
-    >>> dbk.tl.spatial_context(adata, use_rep="X_efficientnet_lite0", radius_um=300)  # doctest: +SKIP
-    >>> dbk.tl.fit_baseline(adata, "ridge_cv", obsm_key="X_efficientnet_lite0_ctx", rank="auto")  # doctest: +SKIP
+    >>> dbk.tl.spatial_context(adata, use_rep="X_efficientnet_lite0", context_um=300)  # doctest: +SKIP
+    >>> dbk.tl.fit_baseline(adata, "ridge_cv", use_rep="X_efficientnet_lite0_ctx", rank="auto")  # doctest: +SKIP
     """
     if use_rep not in adata.obsm:
         raise KeyError(f"No features adata.obsm[{use_rep!r}] (obsm keys: {list(adata.obsm)}).")
+    if not (isinstance(context_um, numbers.Real) and np.isfinite(context_um) and context_um >= 0):
+        raise ValueError(f"context_um must be a radius in µm >= 0, got {context_um!r}.")
     x = adata.obsm[use_rep]
     x = np.asarray(x.to_numpy() if isinstance(x, pd.DataFrame) else x, np.float64)
     if x.ndim != 2 or not np.isfinite(x).all():
         raise ValueError(f"obsm[{use_rep!r}] must be a finite 2-D array, got shape {x.shape}.")
-    out = with_context(adata, x, radius_um, um_per_px=um_per_px, groups=groups)
+    out = with_context(adata, x, context_um, pixel_size_um=pixel_size_um, groups=groups)
     if copy:
         adata = adata.copy()
     key = key_added or f"{use_rep}_ctx"
     adata.obsm[key] = out.astype(np.float32)
     logger.info(f"spatial_context: {adata.n_obs} tiles x {out.shape[1]} ({use_rep} and its mean within "
-                f"{radius_um:g} µm) -> obsm[{key!r}].")
+                f"{context_um:g} µm) -> obsm[{key!r}].")
     return adata if copy else None

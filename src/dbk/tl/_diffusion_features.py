@@ -13,7 +13,7 @@ import torch
 from .._constants import DIFF_FEATURES_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._settings import settings
-from .._utils import copy_sdata, is_sdata
+from .._utils import copy_sdata, is_sdata, resolve_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -117,15 +117,18 @@ class DecoderFeatures:
         return [self.shapes[lv][0] * k for lv in self.levels]
 
 
-def _resolve_pretrainer(pretrainer):
+def _resolve_pretrainer(pretrainer, accelerator: str | None = None):
+    """The pretrainer (loaded from its folder), moved to the device ``accelerator`` names (``None``: left as is)."""
+    from ..core._device import resolve_device
     from ..core._pretrainer import DiffusionPretrainer
 
+    device = None if accelerator is None else resolve_device(accelerator)  # a bad name fails before any loading
     if isinstance(pretrainer, (str, os.PathLike)):
-        return DiffusionPretrainer.load(pretrainer)
+        return DiffusionPretrainer.load(pretrainer, device="auto" if device is None else device)
     if not hasattr(pretrainer, "ema_net") or not hasattr(pretrainer, "preset"):
         raise TypeError(f"pretrainer must be a dbk.tl.DiffusionPretrainer (or the folder of a saved one), got "
                         f"{type(pretrainer).__name__}.")
-    return pretrainer
+    return pretrainer if device is None else pretrainer.to(device)
 
 
 @torch.inference_mode()
@@ -168,7 +171,7 @@ def _use_bf16(autocast: bool | None, device: torch.device) -> bool:
 
 
 def _array_features(images, pretrainer, *, tile_ids, sigma, levels, pool, use_ema, batch_size, random_state,
-                    autocast) -> np.ndarray:
+                    autocast, accelerator=None) -> np.ndarray:
     """``diffusion_features`` of an (n, S, S, 3) uint8 array of tiles already at the model's resolution."""
     from ..core._data import _resample
 
@@ -178,7 +181,7 @@ def _array_features(images, pretrainer, *, tile_ids, sigma, levels, pool, use_em
     tile_ids = np.arange(len(arr)) if tile_ids is None else np.asarray(tile_ids)
     if len(tile_ids) != len(arr):
         raise ValueError(f"{len(tile_ids)} tile_ids for {len(arr)} images.")
-    pretrainer = _resolve_pretrainer(pretrainer)
+    pretrainer = _resolve_pretrainer(pretrainer, accelerator)
     net = pretrainer.ema_net if use_ema else pretrainer.net
     net.eval()
     levels = _check_levels(net, levels, pool)
@@ -204,7 +207,8 @@ def diffusion_features(
     use_ema: bool = True,
     batch_size: int = 32,
     num_workers: int = 0,
-    random_state: int = 0,
+    random_state: int | None = None,
+    accelerator: str | None = None,
     autocast: bool | None = None,
     tile_ids: Sequence | None = None,
     key_added: str = DIFF_FEATURES_KEY,
@@ -255,7 +259,10 @@ def diffusion_features(
     num_workers
         ``DataLoader`` workers reading tiles.
     random_state
-        Seed of the per-tile noise.
+        Seed of the per-tile noise (``None``: ``dbk.settings.seed``).
+    accelerator
+        Where the U-Net runs: ``"auto"`` (``dbk.settings.device``: CUDA if available), ``"cpu"``, ``"cuda"``,
+        ``"cuda:1"`` ... (the pretrainer is moved there); ``None`` (default): where the pretrainer is.
     autocast
         bf16 autocast of the forward pass on CUDA (``None``: on for CUDA; never on CPU). Features under autocast
         differ from float32 ones by bf16 rounding (measured in ``benchmarks/device_check.py``).
@@ -281,13 +288,15 @@ def diffusion_features(
       the settings (``sigma``, ``random_state``, ``use_ema``, ``image_size``, ``um_per_px``, ``tiles_key``, the
       pretrainer's ``step`` and a ``pretrainer_fingerprint`` of its weights).
     """
+    random_state = resolve_seed(random_state)
     if isinstance(data, (np.ndarray, torch.Tensor)):
         if not (np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive number, got {sigma!r}.")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
         return _array_features(data, pretrainer, tile_ids=tile_ids, sigma=sigma, levels=levels, pool=pool,
-                               use_ema=use_ema, batch_size=batch_size, random_state=random_state, autocast=autocast)
+                               use_ema=use_ema, batch_size=batch_size, random_state=random_state, autocast=autocast,
+                               accelerator=accelerator)
     from torch.utils.data import DataLoader, Subset
 
     from ..pp._dataset import TileDataset
@@ -303,7 +312,7 @@ def diffusion_features(
         raise ValueError(f"sigma must be a positive number, got {sigma!r}.")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
-    pretrainer = _resolve_pretrainer(pretrainer)
+    pretrainer = _resolve_pretrainer(pretrainer, accelerator)
     net = pretrainer.ema_net if use_ema else pretrainer.net
     net.eval()
     levels = _check_levels(net, levels, pool)
@@ -311,8 +320,8 @@ def diffusion_features(
         data = copy_sdata(data)
     if table_key not in data.tables:
         _image_only_table(data, tiles_key, table_key)
-    um_per_px = pretrainer.um_per_px
-    if um_per_px is None:
+    pixel_size_um = pretrainer.um_per_px
+    if pixel_size_um is None:
         logger.warning("diffusion_features: the pretrainer does not know its tile size in µm; each tile is resampled "
                        f"to {pretrainer.image_size} px whatever its size.")
     device = next(net.parameters()).device
@@ -322,7 +331,7 @@ def diffusion_features(
         "random_state": int(random_state),
         "use_ema": bool(use_ema),
         "image_size": int(pretrainer.image_size),
-        "um_per_px": "None" if um_per_px is None else float(um_per_px),
+        "um_per_px": "None" if pixel_size_um is None else float(pixel_size_um),  # record key: data contract
         "tiles_key": tiles_key,
         "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, use_ema),
         "precision": "bf16" if bf16 else "float32",
@@ -335,7 +344,7 @@ def diffusion_features(
                     f"[{key_added!r}] (same stage-1 weights and settings; overwrite=True recomputes).")
         return data if copy else None
     ds = TileDataset(data, tiles_key, image_key=image_key, size_px=pretrainer.image_size,
-                     target_um_per_px=um_per_px, dtype="uint8")
+                     target_pixel_size_um=pixel_size_um, dtype="uint8")
     rows = _table_rows_to_tiles(data, table_key, tiles_key, ds.tile_ids)
     # an own generator: a DataLoader iterator otherwise draws its workers' base seed from the global torch RNG
     loader = DataLoader(Subset(ds, rows.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,

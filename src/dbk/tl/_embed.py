@@ -13,7 +13,8 @@ import torch
 from .._constants import TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._settings import settings
-from .._utils import copy_sdata, is_sdata
+from .._utils import copy_sdata, is_sdata, renamed_kwargs
+from ..core._device import resolve_device  # the one resolver of accelerator= / device= (imported from here by tl)
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -22,26 +23,6 @@ DEFAULT_MODEL = "efficientnet_lite0"
 _LITE0_ARCH = "tf_efficientnet_lite0"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
-
-
-def resolve_device(accelerator: str | torch.device | None = "auto") -> torch.device:
-    """The torch device of an ``accelerator`` setting.
-
-    ``"auto"`` (``dbk.settings.device``, then CUDA if available, else CPU), ``"cpu"``, ``"cuda[:i]"``/``"gpu"``,
-    ``"mps"`` or a :class:`torch.device`.
-    """
-    if isinstance(accelerator, torch.device):
-        return accelerator
-    acc = "auto" if accelerator is None else str(accelerator)
-    if acc == "auto":
-        acc = settings.device
-    if acc == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if acc == "gpu":
-        acc = "cuda"
-    if acc.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"accelerator={accelerator!r} asks for CUDA, but torch sees no CUDA device.")
-    return torch.device(acc)
 
 
 def model_key(model: str) -> str:
@@ -185,7 +166,7 @@ def load_foundation_model(
     arch
         timm architecture of a checkpoint file.
     device
-        ``"auto"``, ``"cpu"``, ``"cuda"`` ...
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
     model_kwargs
         Extra keyword arguments of ``timm.create_model`` (e.g. ``init_values``, ``dynamic_img_size``,
         ``mlp_layer``).
@@ -240,7 +221,7 @@ def load_foundation_model(
         cfg["fixed_input_size"] = bool(getattr(net, "pretrained_cfg", {}).get("fixed_input_size", False))
     cfg.update(data_config or {})
     net.eval().requires_grad_(False)
-    net.to(resolve_device(device))
+    net.to(resolve_device(device, what="device"))
     net.dbk_pretrained = pretrained
     net.dbk_model = model
     return net, cfg
@@ -293,16 +274,17 @@ def encode_images(
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+@renamed_kwargs(data="sdata", model="fm", size_px="fm_size_px", target_um_per_px="target_pixel_size_um")
 def embed_tiles(
-    data: SpatialData,
+    sdata: SpatialData,
     *,
-    model: str | torch.nn.Module = DEFAULT_MODEL,
+    fm: str | torch.nn.Module = DEFAULT_MODEL,
     arch: str | None = None,
     tiles_key: str = TILES_KEY,
     table_key: str = TILES_TABLE_KEY,
     image_key: str | None = None,
-    size_px: int | None = 224,
-    target_um_per_px: float | None = None,
+    fm_size_px: int | None = 224,
+    target_pixel_size_um: float | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     accelerator: str = "auto",
@@ -315,19 +297,19 @@ def embed_tiles(
     """Embed every tile with an image foundation model (the ``z_fm`` of stage 2, features of the baselines).
 
     Tiles are read from the H&E pyramid with :class:`dbk.pp.TileDataset` (the finest level not coarser than needed,
-    resampled to ``size_px``), normalised with the model's own data config (mean / std), and passed through the
+    resampled to ``fm_size_px``), normalised with the model's own data config (mean / std), and passed through the
     model without its classifier, in eval mode under ``torch.inference_mode`` (bf16 autocast on CUDA only). The
     pooled pre-classifier output is stored as float32, one row per row of the tile table (matched by instance id).
 
     Parameters
     ----------
-    data
+    sdata
         SpatialData with the H&E image and the tiles (:func:`dbk.pp.make_tiles`).
-    model
-        ``"efficientnet_lite0"`` (offline ImageNet weights, the default), an ``"hf-hub:"`` id (UNI, H-optimus,
-        Virchow ...), ``"local-dir:/folder"``, a checkpoint file with ``arch=``, or a timm model name; see
-        :func:`dbk.tl.load_foundation_model`. A module returned by it (or any timm model with ``num_classes=0``)
-        is used as is, so that several slides reuse one loaded model.
+    fm
+        The foundation model: ``"efficientnet_lite0"`` (offline ImageNet weights, the default), an ``"hf-hub:"`` id
+        (UNI, H-optimus, Virchow ...), ``"local-dir:/folder"``, a checkpoint file with ``arch=``, or a timm model
+        name; see :func:`dbk.tl.load_foundation_model`. A module returned by it (or any timm model with
+        ``num_classes=0``) is used as is, so that several slides reuse one loaded model.
     arch
         timm architecture of a checkpoint file.
     tiles_key
@@ -336,16 +318,18 @@ def embed_tiles(
         Tile table the embeddings are written to; made (tiles x 0 genes) when the slide has none (H&E only).
     image_key
         The H&E image; the only image when ``None``.
-    size_px
+    fm_size_px
         Side of the model input in pixels; ``None``: the model's own input size (its data config).
-    target_um_per_px
-        Input resolution; ``None``: the tile is resampled to ``size_px`` (see :class:`dbk.pp.TileDataset`).
+    target_pixel_size_um
+        Input resolution in µm per pixel; ``None``: the tile is resampled to ``fm_size_px`` (see
+        :class:`dbk.pp.TileDataset`).
     batch_size
         Tiles per forward pass.
     num_workers
         ``DataLoader`` workers reading tiles.
     accelerator
-        ``"auto"`` (``dbk.settings.device``: CUDA if available), ``"cpu"``, ``"cuda"`` ...
+        ``"auto"`` (``dbk.settings.device``: CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...; a module
+        given as ``fm`` is moved there.
     model_kwargs
         Extra arguments of ``timm.create_model``.
     data_config
@@ -356,69 +340,71 @@ def embed_tiles(
         Embed again even when ``obsm[key_added]`` already holds one row per tile from the same model, input size,
         resolution and tiles (its record in ``uns["dbk"]["embeddings"]``); without it those are kept.
     copy
-        Return a modified copy instead of changing ``data`` in place.
+        Return a modified copy instead of changing ``sdata`` in place.
 
     Returns
     -------
     ``None``, or the copy when ``copy=True``. Writes to ``sdata.tables[table_key]``:
 
     - ``obsm[key_added]``: float32 (tiles x dim) embeddings, rows aligned with the table;
-    - ``uns["dbk"]["embeddings"][key_added]``: ``model``, ``dim``, ``size_px``, ``pretrained`` and the tile
-      geometry used.
+    - ``uns["dbk"]["embeddings"][key_added]``: ``model`` (the FM's id), ``dim``, ``size_px`` (the input side),
+      ``pretrained`` and the tile geometry used (``target_um_per_px`` when given).
     """
     from torch.utils.data import DataLoader, Subset
 
     from ..pp._dataset import TileDataset
 
-    if not is_sdata(data):
-        raise TypeError(f"embed_tiles needs the SpatialData with the H&E image and tiles, got {type(data).__name__}.")
-    if tiles_key not in data.shapes:
-        raise KeyError(f"No tiles {tiles_key!r} in sdata.shapes (available: {list(data.shapes)}); run "
+    if not is_sdata(sdata):
+        raise TypeError(f"embed_tiles needs the SpatialData with the H&E image and tiles, got {type(sdata).__name__}.")
+    if tiles_key not in sdata.shapes:
+        raise KeyError(f"No tiles {tiles_key!r} in sdata.shapes (available: {list(sdata.shapes)}); run "
                        "dbk.pp.make_tiles first.")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
     if copy:
-        data = copy_sdata(data)
-    want = {"tiles_key": tiles_key, "target_um_per_px": target_um_per_px}
-    if not overwrite and isinstance(model, str) and size_px is not None and _kept(
-            data, table_key, key_added or model_key(model), {"model": model, "size_px": int(size_px), **want}):
-        return data if copy else None
+        sdata = copy_sdata(sdata)
+    # the record keeps its key "target_um_per_px" (data contract), so embeddings made before stay reusable
+    want = {"tiles_key": tiles_key, "target_um_per_px": target_pixel_size_um}
+    if not overwrite and isinstance(fm, str) and fm_size_px is not None and _kept(
+            sdata, table_key, key_added or model_key(fm), {"model": fm, "size_px": int(fm_size_px), **want}):
+        return sdata if copy else None
     device = resolve_device(accelerator)
-    if isinstance(model, torch.nn.Module):
+    if isinstance(fm, torch.nn.Module):
         import timm
 
-        net = model.eval().to(device)
+        net = fm.eval().to(device)
         cfg = dict(timm.data.resolve_model_data_config(net))
         cfg.update(data_config or {})
-        model = str(getattr(net, "dbk_model", None) or getattr(net, "default_cfg", {}).get("architecture")
+        fm_id = str(getattr(net, "dbk_model", None) or getattr(net, "default_cfg", {}).get("architecture")
                     or type(net).__name__)
         pretrained = getattr(net, "dbk_pretrained", None)
     else:
-        net, cfg = load_foundation_model(model, arch=arch, device=device, model_kwargs=model_kwargs,
+        fm_id = fm
+        net, cfg = load_foundation_model(fm, arch=arch, device=device, model_kwargs=model_kwargs,
                                          data_config=data_config)
         pretrained = net.dbk_pretrained
-    size = int(cfg["input_size"][-1]) if size_px is None else int(size_px)
+    size = int(cfg["input_size"][-1]) if fm_size_px is None else int(fm_size_px)
     if cfg.get("fixed_input_size") and size != int(cfg["input_size"][-1]):
-        raise ValueError(f"Model {model!r} takes {cfg['input_size'][-1]} px inputs only; pass size_px="
+        raise ValueError(f"Model {fm_id!r} takes {cfg['input_size'][-1]} px inputs only; pass fm_size_px="
                          f"{cfg['input_size'][-1]} (or model_kwargs={{'dynamic_img_size': True}} for a ViT).")
-    if not overwrite and _kept(data, table_key, key_added or model_key(model), {"model": model, "size_px": size,
-                                                                                **want}):
-        return data if copy else None
-    if table_key not in data.tables:
-        _image_only_table(data, tiles_key, table_key)
-    ds = TileDataset(data, tiles_key, image_key=image_key, size_px=size, target_um_per_px=target_um_per_px,
+    if not overwrite and _kept(sdata, table_key, key_added or model_key(fm_id), {"model": fm_id, "size_px": size,
+                                                                                 **want}):
+        return sdata if copy else None
+    if table_key not in sdata.tables:
+        _image_only_table(sdata, tiles_key, table_key)
+    ds = TileDataset(sdata, tiles_key, image_key=image_key, size_px=size, target_pixel_size_um=target_pixel_size_um,
                      dtype="uint8")
-    rows = _table_rows_to_tiles(data, table_key, tiles_key, ds.tile_ids)
+    rows = _table_rows_to_tiles(sdata, table_key, tiles_key, ds.tile_ids)
     loader = DataLoader(Subset(ds, rows.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    emb = encode_images(net, cfg, loader, len(rows), device=device, desc=f"embed {model}")
+    emb = encode_images(net, cfg, loader, len(rows), device=device, desc=f"embed {fm_id}")
     if not np.isfinite(emb).all():
         logger.warning(f"embed_tiles: {int((~np.isfinite(emb)).any(axis=1).sum())} tiles got non-finite features.")
-    key = key_added or model_key(model)
-    adata = data.tables[table_key]
+    key = key_added or model_key(fm_id)
+    adata = sdata.tables[table_key]
     adata.obsm[key] = emb.astype(np.float32, copy=False)
     record = {
-        "model": model,
+        "model": fm_id,
         "dim": int(emb.shape[1]),
         "size_px": size,
         "pretrained": "unknown" if pretrained is None else bool(pretrained),
@@ -428,13 +414,13 @@ def embed_tiles(
     }
     if arch is not None:
         record["arch"] = arch
-    if target_um_per_px is not None:
-        record["target_um_per_px"] = float(target_um_per_px)
+    if target_pixel_size_um is not None:
+        record["target_um_per_px"] = float(target_pixel_size_um)
     uns = adata.uns.setdefault(UNS_KEY, {})
     uns.setdefault("embeddings", {})[key] = record
-    logger.info(f"embed_tiles: {emb.shape[0]} tiles x {emb.shape[1]} ({model}, {size} px) -> "
+    logger.info(f"embed_tiles: {emb.shape[0]} tiles x {emb.shape[1]} ({fm_id}, {size} px) -> "
                 f"sdata.tables[{table_key!r}].obsm[{key!r}].")
-    return data if copy else None
+    return sdata if copy else None
 
 
 def _kept(data, table_key: str, key: str, want: dict) -> bool:

@@ -13,8 +13,7 @@ import torch
 
 from .._constants import DIFF_FEATURES_KEY, PRED_KEY, TILES_KEY, TILES_TABLE_KEY
 from .._logging import logger
-from .._settings import settings
-from .._utils import check_batch_size, is_sdata
+from .._utils import check_batch_size, is_sdata, renamed_kwargs, resolve_seed
 from ..core._scaler import INPUT_CLIP
 from ._diffusion_features import pretrainer_fingerprint
 from ._embed import resolve_device
@@ -25,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._model import DiffBulk
 
 
+@renamed_kwargs(validation="val_fraction")
 def fit_diffbulk(
     data: SpatialData | Sequence[SpatialData] | dict[str, SpatialData],
     *,
@@ -43,7 +43,7 @@ def fit_diffbulk(
     pool: str = "mean",
     context_um: float | None = None,
     tile_size_um: float = 112.0,
-    validation: float | None = None,
+    val_fraction: float | None = None,
     tiles_key: str = TILES_KEY,
     table_key: str = TILES_TABLE_KEY,
     batch_size: int = 32,
@@ -108,8 +108,9 @@ def fit_diffbulk(
         :meth:`DiffBulk.predict`. ``None`` (default): each tile on its own, as in the paper.
     tile_size_um
         Tile side for slides without tiles.
-    validation
-        Fraction of training slides (tiles, with one slide) held out for early stopping of the head (default 0.2).
+    val_fraction
+        Fraction of training slides (tiles, with one slide) held out for early stopping of the head (default 0.2;
+        the heads' ``val_fraction``).
         With ``fusion="ridge"`` (no early stopping) the split only gives the validation metrics: the ridge head is
         fitted once on the remaining training tiles and evaluated on the held-out ones, then refitted on all
         training tiles for the returned model.
@@ -118,7 +119,8 @@ def fit_diffbulk(
     batch_size
         Tiles per forward pass of the feature extractors.
     accelerator
-        ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+        Where everything trains and runs: ``"auto"`` (``dbk.settings.device``: CUDA if available), ``"cpu"``,
+        ``"cuda"``, ``"cuda:1"`` ... (checked before any work).
     random_state
         Seed of stage 1, the diffusion-feature noise and the head (``None``: ``dbk.settings.seed``).
     checkpoint_dir
@@ -163,10 +165,10 @@ def fit_diffbulk(
     )
     from ._model import DiffBulk
 
-    _check_options(fusion=fusion, head_kwargs=head_kwargs, validation=validation, n_top_genes=n_top_genes,
+    _check_options(fusion=fusion, head_kwargs=head_kwargs, val_fraction=val_fraction, n_top_genes=n_top_genes,
                    batch_size=batch_size, pretrain_kwargs=pretrain_kwargs, tile_size_um=tile_size_um,
-                   context_um=context_um, preset=preset if pretrainer is None else None)
-    random_state = int(settings.seed if random_state is None else random_state)
+                   context_um=context_um, preset=preset if pretrainer is None else None, accelerator=accelerator)
+    random_state = resolve_seed(random_state)
     timings: dict[str, float] = {}
     with _timed(timings, "prepare_s"):
         slides, names = prepare_slides(data, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key,
@@ -192,7 +194,7 @@ def fit_diffbulk(
         keys = [fm.key, DIFF_FEATURES_KEY]
         train = training_table(slides, names, genes, keys, tiles_key=tiles_key, table_key=table_key,
                                context_um=context_um)
-        fitted = fit_fusion_head(train, genes, keys, fusion=fusion, validation=validation,
+        fitted = fit_fusion_head(train, genes, keys, fusion=fusion, val_fraction=val_fraction,
                                  random_state=random_state, accelerator=accelerator, head_kwargs=head_kwargs)
     head = fitted.head
     mean, var = gene_stats(train, genes)
@@ -239,8 +241,8 @@ def fit_diffbulk(
     return model
 
 
-def _check_options(*, fusion, head_kwargs, validation, n_top_genes, batch_size, pretrain_kwargs, tile_size_um,
-                   context_um, preset) -> None:
+def _check_options(*, fusion, head_kwargs, val_fraction, n_top_genes, batch_size, pretrain_kwargs, tile_size_um,
+                   context_um, preset, accelerator="auto") -> None:
     """Every option of :func:`fit_diffbulk` checked before any work (an unknown preset fails before tiling)."""
     from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS
 
@@ -249,8 +251,8 @@ def _check_options(*, fusion, head_kwargs, validation, n_top_genes, batch_size, 
     if fusion == "ridge" and set(head_kwargs) - set(RIDGE_OPTIONS):
         raise ValueError(f"fusion='ridge' takes the head options {list(RIDGE_OPTIONS)}, not "
                          f"{sorted(set(head_kwargs) - set(RIDGE_OPTIONS))} (those are for the neural fusions).")
-    if validation is not None and not 0 < validation < 1:
-        raise ValueError(f"validation must be a fraction in (0, 1), got {validation!r}.")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be a fraction in (0, 1), got {val_fraction!r}.")
     if n_top_genes is not None and n_top_genes <= 0:
         raise ValueError(f"n_top_genes must be positive, got {n_top_genes!r}.")
     check_batch_size(batch_size)
@@ -265,6 +267,7 @@ def _check_options(*, fusion, head_kwargs, validation, n_top_genes, batch_size, 
         from ..core._presets import get_preset
 
         get_preset(preset)
+    resolve_device(accelerator)  # an unknown name, or CUDA where there is none, fails before any work
 
 
 @contextmanager

@@ -18,8 +18,7 @@ import torch
 
 from .._constants import DIFF_FEATURES_KEY, SAMPLE_COL, SPATIAL_KEY, UNS_KEY
 from .._logging import logger
-from .._settings import settings
-from .._utils import jsonable
+from .._utils import jsonable, resolve_seed
 from ..core._scaler import InputScaler
 
 
@@ -42,7 +41,7 @@ def choose_genes(tables: list[ad.AnnData], genes: Sequence[str] | None = None,
             raise ValueError("genes has duplicates.")
     if n_top_genes is not None:
         cand = [t[:, [g for g in t.var_names if genes is None or g in set(genes)]] for t in tables]
-        genes = select_genes(cand, n_top=n_top_genes)
+        genes = select_genes(cand, n_top_genes=n_top_genes)
     if genes is None:
         genes = []
         for t in tables:
@@ -88,7 +87,7 @@ def embed_slides(slides: list, fm: FoundationModel, *, tiles_key: str, table_key
     from ._embed import embed_tiles
 
     for sd in slides:
-        embed_tiles(sd, model=fm.net, tiles_key=tiles_key, table_key=table_key, size_px=fm.size_px,
+        embed_tiles(sd, fm=fm.net, tiles_key=tiles_key, table_key=table_key, fm_size_px=fm.size_px,
                     batch_size=batch_size, accelerator=device, key_added=fm.key)
 
 
@@ -190,8 +189,9 @@ class FittedHead:
     pred_val: pd.DataFrame | None = None
 
 
-def fit_fusion_head(train: ad.AnnData, genes: list[str], keys: list[str], *, fusion: str, validation: float | None,
-                    random_state: int | None, accelerator: str, head_kwargs: dict) -> FittedHead:
+def fit_fusion_head(train: ad.AnnData, genes: list[str], keys: list[str], *, fusion: str,
+                    val_fraction: float | None, random_state: int | None, accelerator: str,
+                    head_kwargs: dict) -> FittedHead:
     """The stage-2 head on the training table's feature sets ``keys`` ([FM, diffusion]), inputs scaled per set.
 
     The held-out split is the one the neural heads' early stopping draws; the input scaling is fitted on its training
@@ -202,19 +202,19 @@ def fit_fusion_head(train: ad.AnnData, genes: list[str], keys: list[str], *, fus
     from ._fusion import fit_head
     from ._head_base import resolve_groups
 
-    val_fraction = 0.2 if validation is None else float(validation)
+    val_fraction = 0.2 if val_fraction is None else float(val_fraction)
     head_kwargs = dict(head_kwargs)
     head_kwargs.setdefault("random_state", random_state)
     if fusion != "ridge":
         head_kwargs.setdefault("accelerator", accelerator)
-    seed = settings.seed if head_kwargs["random_state"] is None else int(head_kwargs["random_state"])
+    seed = resolve_seed(head_kwargs["random_state"])
     # the head's own split (TorchRegressor draws it first from default_rng(seed)), reproduced here
     tr, va, how = holdout_split(train.n_obs, resolve_groups(train, None), val_fraction, np.random.default_rng(seed))
     fm_key, diff_key = keys
     pred_va = None
     if fusion == "ridge":
         sc_tr = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in keys]
-        part = fit_head(scaled_table(train[tr], keys, sc_tr), obsm_key=fm_key, diff_key=diff_key, genes=genes,
+        part = fit_head(scaled_table(train[tr], keys, sc_tr), use_rep=fm_key, diff_key=diff_key, genes=genes,
                         fusion=fusion, **head_kwargs)
         pred_va = part.predict(scaled_table(train[va], keys, sc_tr))
         scalers = [InputScaler.fit(np.asarray(train.obsm[k])) for k in keys]
@@ -222,9 +222,9 @@ def fit_fusion_head(train: ad.AnnData, genes: list[str], keys: list[str], *, fus
         scalers = [InputScaler.fit(np.asarray(train.obsm[k])[tr]) for k in keys]
     scaled = scaled_table(train, keys, scalers)
     if fusion == "ridge":
-        head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion, **head_kwargs)
+        head = fit_head(scaled, use_rep=fm_key, diff_key=diff_key, genes=genes, fusion=fusion, **head_kwargs)
     else:
-        head = fit_head(scaled, obsm_key=fm_key, diff_key=diff_key, genes=genes, fusion=fusion,
+        head = fit_head(scaled, use_rep=fm_key, diff_key=diff_key, genes=genes, fusion=fusion,
                         val_fraction=val_fraction, **head_kwargs)
         if head.validation_ != how:  # pragma: no cover - only if TorchRegressor changes how it splits
             logger.warning(f"fit_diffbulk: the head held out {head.validation_}, not {how} as expected; the input "
@@ -262,7 +262,7 @@ def training_metrics(train: ad.AnnData, genes: list[str], fitted: FittedHead, hv
     if fitted.pred_val is not None or head.validation_ == how:
         from ._baselines import MeanPredictor
 
-        mp = MeanPredictor().fit(train[tr], obsm_key=fm_key, genes=genes)
+        mp = MeanPredictor().fit(train[tr], use_rep=fm_key, genes=genes)
         val = train[va]
         metrics["validation"] = {"split": how, "n_tiles": int(len(va)),
                                  "diffbulk": _summary(val, fitted.pred if fitted.pred_val is None else fitted.pred_val,

@@ -14,8 +14,9 @@ from torch import nn
 
 from .._constants import DIFF_FEATURES_KEY, SPATIAL_KEY
 from .._logging import logger
+from .._utils import renamed_kwargs
 from ..core._heads import FUSIONS, FusionHead
-from ._head_base import resolve_obsm_key
+from ._head_base import resolve_use_rep
 from ._head_state import none
 from ._ridge import RidgeBaseline, cv_folds, cv_history
 from ._torch_head import TorchRegressor
@@ -30,7 +31,8 @@ BLEND_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # the FM block's 
 class FusionRegressor(TorchRegressor):
     """A :class:`FusionHead` trained on ``obsm`` features like :class:`dbk.tl.MLPBaseline`.
 
-    Same options plus ``fusion``: standardised inputs and targets, AdamW, masked MSE, early stopping on held-out
+    Same options (``hidden``, ``dropout``, ``lr``, ..., ``val_fraction``, ``random_state``, ``accelerator``,
+    ``input_clip``) plus ``fusion``: standardised inputs and targets, AdamW, masked MSE, early stopping on held-out
     training slides.
     """
 
@@ -42,24 +44,25 @@ class FusionRegressor(TorchRegressor):
         super().__init__(**kwargs)
         self.fusion = fusion
 
+    @renamed_kwargs(obsm_key="use_rep")
     def fit(
         self,
         adata: ad.AnnData,
         *,
-        obsm_key: str | None = None,
+        use_rep: str | None = None,
         diff_key: str = DIFF_FEATURES_KEY,
         genes: Sequence[str] | None = None,
         layer: str | None = None,
         groups: str | Sequence | None = None,
     ) -> FusionRegressor:
-        """Fit on FM features ``obsm[obsm_key]`` and diffusion features ``obsm[diff_key]`` of training tiles.
+        """Fit on FM features ``obsm[use_rep]`` and diffusion features ``obsm[diff_key]`` of training tiles.
 
         Other parameters as :meth:`dbk.tl.MLPBaseline.fit`.
         """
         if diff_key not in adata.obsm:
             raise KeyError(f"No diffusion features adata.obsm[{diff_key!r}] (obsm keys: {list(adata.obsm)}).")
-        obsm_key = resolve_obsm_key(adata, obsm_key, exclude=(diff_key,))
-        return self._fit_keys(adata, [obsm_key, diff_key], genes, layer, groups)
+        use_rep = resolve_use_rep(adata, use_rep, exclude=(diff_key,))
+        return self._fit_keys(adata, [use_rep, diff_key], genes, layer, groups)
 
     def _build(self, dims: list[int], n_genes: int) -> nn.Module:
         if len(dims) != 2:
@@ -159,17 +162,18 @@ class RidgeFusionRegressor(RidgeBaseline):
         self.blend = blend
         self.name = "fusion_ridge"
 
+    @renamed_kwargs(obsm_key="use_rep")
     def fit(
         self,
         adata: ad.AnnData,
         *,
-        obsm_key: str | None = None,
+        use_rep: str | None = None,
         diff_key: str = DIFF_FEATURES_KEY,
         genes: Sequence[str] | None = None,
         layer: str | None = None,
         groups: str | Sequence | None = None,
     ) -> RidgeFusionRegressor:
-        """Fit on FM features ``obsm[obsm_key]`` and diffusion features ``obsm[diff_key]`` of training tiles.
+        """Fit on FM features ``obsm[use_rep]`` and diffusion features ``obsm[diff_key]`` of training tiles.
 
         Other parameters as :meth:`dbk.tl.RidgeBaseline.fit`.
 
@@ -179,8 +183,8 @@ class RidgeFusionRegressor(RidgeBaseline):
         """
         if diff_key not in adata.obsm:
             raise KeyError(f"No diffusion features adata.obsm[{diff_key!r}] (obsm keys: {list(adata.obsm)}).")
-        obsm_key = resolve_obsm_key(adata, obsm_key, exclude=(diff_key,))
-        return self._fit_keys(adata, [obsm_key, diff_key], genes, layer, groups)
+        use_rep = resolve_use_rep(adata, use_rep, exclude=(diff_key,))
+        return self._fit_keys(adata, [use_rep, diff_key], genes, layer, groups)
 
     def _fit(self, xs, y, m, groups, adata) -> None:
         if self.blend == "late":
@@ -273,10 +277,11 @@ class RidgeFusionRegressor(RidgeBaseline):
                 raise ValueError(f"{config_file}: invalid late-fusion settings ({err}).") from None
 
 
+@renamed_kwargs(adata_train="adata", obsm_key="use_rep")
 def fit_head(
-    adata_train: ad.AnnData,
+    adata: ad.AnnData,
     *,
-    obsm_key: str | None = None,
+    use_rep: str | None = None,
     diff_key: str = DIFF_FEATURES_KEY,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
@@ -291,10 +296,10 @@ def fit_head(
 
     Parameters
     ----------
-    adata_train
-        Training tiles with ``obsm[obsm_key]`` (FM) and ``obsm[diff_key]`` (diffusion features).
-    obsm_key
-        FM features; default the only other embedding in ``obsm``.
+    adata
+        Training tiles with ``obsm[use_rep]`` (FM) and ``obsm[diff_key]`` (diffusion features).
+    use_rep
+        The FM features' ``obsm`` key; default the only other embedding in ``obsm``.
     diff_key
         Diffusion features.
     genes, layer, groups
@@ -304,15 +309,16 @@ def fit_head(
         ``"ridge"`` (:class:`RidgeFusionRegressor`: ridge on the concatenated features, alpha by inner CV).
     **kwargs
         Training options of :class:`dbk.tl.MLPBaseline` (``hidden``, ``dropout``, ``lr``, ``max_epochs``,
-        ``patience``, ``random_state`` ...); for ``"ridge"`` those of :class:`RidgeFusionRegressor` (``alphas``,
-        ``alpha_per_gene``, ``n_splits``, ``random_state``, ``rank``, ``ranks``).
+        ``patience``, ``val_fraction``, ``random_state``, ``accelerator`` ...); for ``"ridge"`` those of
+        :class:`RidgeFusionRegressor` (``alphas``, ``alpha_per_gene``, ``n_splits``, ``random_state``, ``rank``,
+        ``ranks``).
 
     Returns
     -------
     The fitted head.
     """
     if fusion == "ridge":
-        return RidgeFusionRegressor(**kwargs).fit(adata_train, obsm_key=obsm_key, diff_key=diff_key, genes=genes,
+        return RidgeFusionRegressor(**kwargs).fit(adata, use_rep=use_rep, diff_key=diff_key, genes=genes,
                                                   layer=layer, groups=groups)
-    return FusionRegressor(fusion=fusion, **kwargs).fit(adata_train, obsm_key=obsm_key, diff_key=diff_key,
-                                                       genes=genes, layer=layer, groups=groups)
+    return FusionRegressor(fusion=fusion, **kwargs).fit(adata, use_rep=use_rep, diff_key=diff_key, genes=genes,
+                                                       layer=layer, groups=groups)

@@ -1,6 +1,6 @@
 """The common AnnData interface of the heads: features from ``obsm``, targets, slides, and the base class.
 
-All heads share one interface: ``fit(adata_train, *, obsm_key, genes, layer, groups)`` on features in ``obsm`` and
+All heads share one interface: ``fit(adata, *, use_rep, genes, layer, groups)`` on features in ``obsm`` and
 targets in ``X`` (or a layer), honouring ``layers["measured"]`` (a gene not measured on a training tile does not
 count in its fit), ``predict(adata) -> DataFrame`` (tiles x genes), and ``get_state()`` / ``from_state(...)``.
 """
@@ -17,24 +17,25 @@ import scipy.sparse as sp
 import torch
 
 from .._constants import PRED_KEY, SAMPLE_COL, SPATIAL_KEY, UNS_KEY
+from .._utils import renamed_kwargs
 from ..pp._concat import measured_mask
 from ._head_state import check_class, check_genes, none, plain, read_layout
 
 # ---- data access shared by every head ------------------------------------------------------------------------------
 
 
-def resolve_obsm_key(adata: ad.AnnData, obsm_key: str | None, *, exclude: Sequence[str] = ()) -> str:
-    """The features' ``obsm`` key: ``obsm_key``, else the only embedding (not counting ``exclude``)."""
-    if obsm_key is not None:
-        if obsm_key not in adata.obsm:
-            raise KeyError(f"No features adata.obsm[{obsm_key!r}] (obsm keys: {list(adata.obsm)}); run "
+def resolve_use_rep(adata: ad.AnnData, use_rep: str | None, *, exclude: Sequence[str] = ()) -> str:
+    """The features' ``obsm`` key: ``use_rep``, else the only embedding (not counting ``exclude``)."""
+    if use_rep is not None:
+        if use_rep not in adata.obsm:
+            raise KeyError(f"No features adata.obsm[{use_rep!r}] (obsm keys: {list(adata.obsm)}); run "
                            "dbk.tl.embed_tiles first.")
-        return obsm_key
+        return use_rep
     skip = {SPATIAL_KEY, PRED_KEY, *exclude}
     recorded = [k for k in adata.uns.get(UNS_KEY, {}).get("embeddings", {}) if k in adata.obsm and k not in skip]
     cands = recorded or [k for k in adata.obsm if k not in skip and not isinstance(adata.obsm[k], pd.DataFrame)]
     if len(cands) != 1:
-        raise ValueError(f"Pass obsm_key= to say which features to use (candidates: {cands or list(adata.obsm)}).")
+        raise ValueError(f"Pass use_rep= to say which features to use (candidates: {cands or list(adata.obsm)}).")
     return cands[0]
 
 
@@ -97,11 +98,12 @@ class Baseline:
     OPTIONS: tuple[str, ...] = ()  # the constructor options the state records (``config[option]``)
     _STATE_WHAT = "head"  # what the state is, in error messages
 
+    @renamed_kwargs(obsm_key="use_rep")
     def fit(
         self,
         adata: ad.AnnData,
         *,
-        obsm_key: str | None = None,
+        use_rep: str | None = None,
         genes: Sequence[str] | None = None,
         layer: str | None = None,
         groups: str | Sequence | None = None,
@@ -111,10 +113,10 @@ class Baseline:
         Parameters
         ----------
         adata
-            Training tiles: features in ``obsm[obsm_key]``, targets in ``X`` (or ``layer``), optional
+            Training tiles: features in ``obsm[use_rep]``, targets in ``X`` (or ``layer``), optional
             ``layers["measured"]``.
-        obsm_key
-            Features (e.g. ``"X_efficientnet_lite0"``); default the only embedding in ``obsm``.
+        use_rep
+            The features' ``obsm`` key (e.g. ``"X_efficientnet_lite0"``); default the only embedding in ``obsm``.
         genes
             Genes to predict; default all of the table.
         layer
@@ -127,7 +129,7 @@ class Baseline:
         -------
         self
         """
-        return self._fit_keys(adata, [resolve_obsm_key(adata, obsm_key)], genes, layer, groups)
+        return self._fit_keys(adata, [resolve_use_rep(adata, use_rep)], genes, layer, groups)
 
     def _fit_keys(self, adata, keys, genes, layer, groups):
         if not isinstance(adata, ad.AnnData):

@@ -16,7 +16,7 @@ from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._utils import check_batch_size, copy_sdata, is_sdata, jsonable
 from ..core._scaler import InputScaler
-from ..pp._prepare import prepare_slide, record_pixel_size, tile_size_um
+from ..pp._prepare import prepare_slide, record_pixel_size, slide_names, tile_size_um
 from ._context import with_context
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -144,7 +144,7 @@ class DiffBulk:
         """Move every network to ``device`` (``"auto"``: CUDA if available); returns self."""
         from ._embed import resolve_device
 
-        dev = resolve_device(device)
+        dev = resolve_device(device, what="device")
         self.pretrainer.to(dev)
         self.fm.to(dev)
         if hasattr(self.head, "module_"):  # the ridge head is numpy arrays, on the CPU
@@ -162,6 +162,7 @@ class DiffBulk:
         batch_size: int = 32,
         reuse_fm: bool = True,
         reuse_diff: bool = True,
+        accelerator: str | None = None,
     ) -> None:
         """Write the model's FM embeddings and diffusion features of ``sdata``'s tiles into the tile table's ``obsm``.
 
@@ -169,14 +170,17 @@ class DiffBulk:
         input size are kept when ``reuse_fm`` (:func:`dbk.tl.embed_tiles`); diffusion features when ``reuse_diff`` and
         their record in ``uns["dbk"]["diffusion_features"]`` names the same stage-1 weights (fingerprint), noise
         level, seed, levels, pooling, tiles and precision (:func:`dbk.tl.diffusion_features`; features are
-        deterministic, so reuse is exact).
+        deterministic, so reuse is exact). ``accelerator``: where the networks run, as in :meth:`predict` (``None``:
+        where the model is).
         """
         from ._diffusion_features import diffusion_features
         from ._embed import embed_tiles, resolve_device
 
+        if accelerator is not None:
+            self.to(resolve_device(accelerator))
         f, d = self.config["fm"], self.config["diffusion"]
         device = resolve_device("auto") if self.fm is None else next(self.fm.parameters()).device
-        embed_tiles(sdata, model=self.fm, tiles_key=tiles_key, table_key=table_key, size_px=int(f["size_px"]),
+        embed_tiles(sdata, fm=self.fm, tiles_key=tiles_key, table_key=table_key, fm_size_px=int(f["size_px"]),
                     batch_size=batch_size, accelerator=device, key_added=self.fm_key, overwrite=not reuse_fm)
         diffusion_features(sdata, self.pretrainer, sigma=float(d["sigma"]), tiles_key=tiles_key, table_key=table_key,
                            levels=list(d["levels"]), pool=str(d["pool"]), use_ema=bool(d["use_ema"]),
@@ -233,7 +237,9 @@ class DiffBulk:
         """
         check_batch_size(batch_size)
         if accelerator is not None:
-            self.to(accelerator)
+            from ._embed import resolve_device
+
+            self.to(resolve_device(accelerator))
         if isinstance(data, ad.AnnData):
             adata = data.copy() if copy else data
             missing = [k for k in (self.fm_key, self.diff_key) if k not in adata.obsm]
@@ -246,7 +252,7 @@ class DiffBulk:
         if not is_sdata(data):
             raise TypeError(f"predict expects a SpatialData (or a tile table), got {type(data).__name__}.")
         sdata = copy_sdata(data) if copy else data
-        name = str(sdata.attrs.get("sample", "slide"))
+        name = slide_names([sdata], table_key)[0]  # attrs["sample"] (the readers set it), else the table's
         prepare_slide(sdata, tile_size_um=self.tile_size_um, tiles_key=tiles_key, table_key=table_key,
                       need_table=False, name=name)
         size = tile_size_um(sdata, tiles_key)

@@ -12,7 +12,7 @@ import torch
 
 from .._constants import SPATIAL_KEY
 from .._logging import logger
-from .._settings import settings
+from .._utils import resolve_seed
 from ._head_base import Baseline, mask_patterns
 from ._head_state import arrays, none, tensor
 
@@ -154,7 +154,8 @@ class RidgeBaseline(Baseline):
     fit_intercept
         Default ``False`` for ``"hest"`` (as HEST), ``True`` for ``"cv"``.
     random_state
-        Seed of the PCA (HEST uses the run seed).
+        Seed of the PCA (HEST uses the run seed) and of random inner-CV folds (one slide without
+        ``obsm["spatial"]``); ``None``: ``dbk.settings.seed``.
     rank
         ``"cv"`` only: ``None`` (default; plain ridge, every gene on its own), a positive integer (reduced-rank
         ridge of that rank), or ``"auto"`` (rank from ``ranks`` by inner CV).
@@ -215,7 +216,7 @@ class RidgeBaseline(Baseline):
         self.name = f"ridge_{flavor}"
 
     def _seed(self) -> int:
-        return settings.seed if self.random_state is None else int(self.random_state)
+        return resolve_seed(self.random_state)
 
     def _fit(self, xs, y, m, groups, adata) -> None:
         x = xs[0]

@@ -14,6 +14,7 @@ from torch import nn
 
 from .._logging import logger
 from .._settings import settings
+from .._utils import resolve_seed
 from ..core._head_training import holdout_split, predict_network, train_network
 from ._head_base import Baseline
 from ._head_state import arrays, tensor
@@ -81,7 +82,7 @@ class TorchRegressor(Baseline):
     def _fit(self, xs, y, m, groups, adata) -> None:
         from ._embed import resolve_device
 
-        seed = settings.seed if self.random_state is None else int(self.random_state)
+        seed = resolve_seed(self.random_state)
         rng = np.random.default_rng(seed)
         tr, va, how = holdout_split(len(y), groups, self.val_fraction, rng)
         # A feature that barely varies on the training tiles (a ReLU unit that rarely fires on H&E, or a constant one
@@ -198,4 +199,4 @@ class TorchRegressor(Baseline):
             raise ValueError(f"{config_file}: invalid head settings ({err}).") from None
         self.validation_ = config.get("validation")
         self.history_ = dict(history or {})
-        self.module_ = module.to(resolve_device("auto" if device is None else device)).eval()
+        self.module_ = module.to(resolve_device("auto" if device is None else device, what="device")).eval()

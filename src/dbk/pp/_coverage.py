@@ -1,0 +1,183 @@
+"""How much of a slide's expression the tiles hold: counts off the image or outside every tile never vanish silently.
+
+:func:`dbk.pp.pseudobulk` records the share of counts (transcripts, cell counts, spot counts) on the image and inside
+a tile and warns when it is suspiciously low; :func:`dbk.pp.make_tiles` records the share of cells / spots /
+transcripts that the tissue filter (``min_tissue_fraction``) dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from spatialdata import SpatialData
+
+from .._constants import CELLS_KEY, SPOTS_KEY, TRANSCRIPTS_KEY
+from .._image import affine_to_image_pixels
+from .._logging import logger
+from ._binning import TileLookup
+
+# Thresholds (documented in dbk.pp.pseudobulk / dbk.pp.make_tiles):
+OFF_IMAGE_WARN = 0.05  # counts off the image: always suspicious; warn above 5% of the counts
+OUTSIDE_TILES_WARN = 0.5  # counts on the image outside every tile: expected in part (tiles cover tissue); warn > 50%
+TISSUE_LOSS_WARN = 0.25  # cells / spots / transcripts in grid tiles the tissue filter dropped: warn above 25%
+SAMPLE_PARTITIONS = 8  # transcripts (no cells, no spots): make_tiles looks at up to this many evenly spaced partitions
+SAMPLE_ROWS = 50_000  # ... and up to this many rows of each
+
+_CAUSE_LIST = ("x and y swapped, a wrong pixel size (the scale between the points and the image), or the points in "
+               "another coordinate system than the image (check their transformations)")
+_CAUSES = f"Likely causes: {_CAUSE_LIST}."
+
+
+@dataclass
+class Coverage:
+    """Counts seen, on the image and inside a tile, and the extent of the points in image pixels."""
+
+    n_total: float = 0.0
+    n_in_image: float = 0.0
+    n_in_tiles: float = 0.0
+    xmin: float = np.inf
+    xmax: float = -np.inf
+    ymin: float = np.inf
+    ymax: float = -np.inf
+
+    def add(self, x: np.ndarray, y: np.ndarray, in_tiles: float, shape: tuple[int, int] | None,
+            weights: np.ndarray | None = None) -> None:
+        """Add points at image pixels ``x, y`` (all finite), ``in_tiles`` of them (weighted) inside a tile."""
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.n_total += float(len(x)) if w is None else float(w.sum())
+        self.n_in_tiles += float(in_tiles)
+        if shape is not None and len(x):
+            inside = (x >= 0) & (x < shape[1]) & (y >= 0) & (y < shape[0])
+            self.n_in_image += float(np.count_nonzero(inside)) if w is None else float(w[inside].sum())
+        if len(x):
+            self.xmin, self.xmax = min(self.xmin, float(x.min())), max(self.xmax, float(x.max()))
+            self.ymin, self.ymax = min(self.ymin, float(y.min())), max(self.ymax, float(y.max()))
+
+    def merge(self, other: Coverage) -> None:
+        self.n_total += other.n_total
+        self.n_in_image += other.n_in_image
+        self.n_in_tiles += other.n_in_tiles
+        self.xmin, self.xmax = min(self.xmin, other.xmin), max(self.xmax, other.xmax)
+        self.ymin, self.ymax = min(self.ymin, other.ymin), max(self.ymax, other.ymax)
+
+
+def report_pseudobulk(cov: Coverage, what: str, image_key: str | None, shape: tuple[int, int] | None,
+                      tiles_key: str, n_tiles: int) -> dict:
+    """Log (and warn about) the counts off the image / outside every tile; return the record for ``uns``."""
+    rec: dict = {"n_counts_source": int(round(cov.n_total))}
+    if cov.n_total <= 0:
+        rec["fraction_in_image"] = rec["fraction_in_tiles"] = "None"
+        return rec
+    f_tiles = cov.n_in_tiles / cov.n_total
+    rec["fraction_in_tiles"] = float(f_tiles)
+    if shape is None or not np.isfinite(cov.n_in_image):
+        rec["fraction_in_image"] = "None"
+        logger.info(f"pseudobulk: {f_tiles:.1%} of the {cov.n_total:,.0f} {what} lie inside a tile.")
+        return rec
+    f_image = cov.n_in_image / cov.n_total
+    rec["fraction_in_image"] = float(f_image)
+    h, w = shape
+    logger.info(f"pseudobulk: of the {cov.n_total:,.0f} {what}, {f_image:.1%} lie on image {image_key!r} and "
+                f"{f_tiles:.1%} inside a tile of {tiles_key!r}.")
+    extent = (f"they span x {cov.xmin:,.0f} to {cov.xmax:,.0f} and y {cov.ymin:,.0f} to {cov.ymax:,.0f} in the "
+              f"image's pixels, the image is {w:,} px wide (x) and {h:,} px high (y)")
+    if 1 - f_image > OFF_IMAGE_WARN:
+        swapped = (cov.xmin >= -0.05 * h and cov.xmax <= 1.05 * h and cov.ymin >= -0.05 * w and cov.ymax <= 1.05 * w)
+        logger.warning(
+            f"pseudobulk: {1 - f_image:.1%} of the {cov.n_total:,.0f} {what} ({cov.n_total - cov.n_in_image:,.0f}) "
+            f"lie off image {image_key!r} and were not counted; {extent}"
+            + (" (their extent fits the image with x and y swapped)" if swapped else "") + f". {_CAUSES}"
+        )
+    outside = 1 - cov.n_in_tiles / cov.n_in_image if cov.n_in_image > 0 else 0.0
+    if outside > OUTSIDE_TILES_WARN:
+        logger.warning(
+            f"pseudobulk: {outside:.1%} of the {cov.n_in_image:,.0f} {what} on image {image_key!r} lie outside every "
+            f"one of the {n_tiles:,} tiles of {tiles_key!r} and were not counted. Some is expected (tiles cover the "
+            "tissue only), this much suggests the tiles miss the tissue the counts are on: points and image not "
+            f"aligned ({_CAUSE_LIST}), or a tissue mask that misses tissue (lower "
+            "make_tiles(min_tissue_fraction=) or check the tissue mask)."
+        )
+    return rec
+
+
+def n_points_in_tiles(lookup: TileLookup, p: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """How many of the points with pairs ``p`` (from :meth:`TileLookup.assign`) lie in at least one tile."""
+    if lookup.table.shape[2] > 1:  # a point may be in several (overlapping) tiles: count it once
+        p = np.unique(p)
+    return float(len(p)) if weights is None else float(np.asarray(weights, dtype=np.float64)[p].sum())
+
+
+# -- make_tiles: what the tissue filter drops ------------------------------------------------------------------------
+
+
+def tissue_filter_loss(
+    sdata: SpatialData, image_key: str, x0: np.ndarray, y0: np.ndarray, size: int, keep: np.ndarray,
+    min_tissue_fraction: float, spots_key: str | None,
+) -> dict | None:
+    """Share of the cells (else spots, else a sample of the transcripts) of the grid that the tissue filter dropped.
+
+    Logs it and warns above :data:`TISSUE_LOSS_WARN`; returns the record for the tiles' attrs (``None`` when the
+    slide has none of these).
+    """
+    found = _positions(sdata, image_key, spots_key)
+    if found is None:
+        return None
+    what, x, y = found
+    bounds = np.column_stack([x0, y0, x0 + size, y0 + size]).astype(np.int64)
+    lookup = TileLookup.build(bounds)
+    p, t = lookup.assign(x, y)
+    n_grid = n_points_in_tiles(lookup, p)
+    kept = keep[t]
+    n_kept = n_points_in_tiles(lookup, p[kept])
+    rec = {"objects": what, "n_in_grid": int(n_grid), "n_dropped": int(n_grid - n_kept),
+           "fraction_dropped": float((n_grid - n_kept) / n_grid) if n_grid else 0.0}
+    if not n_grid:
+        return rec
+    frac = rec["fraction_dropped"]
+    msg = (f"make_tiles: dropping the tiles with tissue fraction < {min_tissue_fraction:g} drops {frac:.1%} of the "
+           f"{what} in the grid ({rec['n_dropped']:,} of {int(n_grid):,})")
+    if frac > TISSUE_LOSS_WARN:
+        logger.warning(f"{msg}. The tissue mask may miss tissue (faint staining, fat, ...): check it (sdata.labels), "
+                       "lower min_tissue_fraction, or check that the points are aligned with the image.")
+    else:
+        logger.info(f"{msg}.")
+    return rec
+
+
+def _positions(sdata: SpatialData, image_key: str, spots_key: str | None):
+    """``(what, x, y)``: cell centroids, else spot centres, else a sample of the transcripts, in image pixels."""
+    for key, what in ((CELLS_KEY, "cell centroids"), (spots_key or SPOTS_KEY, "spots")):
+        if key in sdata.shapes and len(sdata.shapes[key]):
+            c = sdata.shapes[key].geometry.centroid
+            x, y = _to_image(sdata, key, image_key, c.x.to_numpy(), c.y.to_numpy())
+            if x is not None:
+                return what, x, y
+    if TRANSCRIPTS_KEY in sdata.points:
+        points = sdata.points[TRANSCRIPTS_KEY]
+        if "x" not in points.columns or "y" not in points.columns:
+            return None
+        n = points.npartitions
+        parts = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_PARTITIONS)).round().astype(int))
+        rng = np.random.default_rng(0)
+        xs, ys = [], []
+        for i in parts:
+            df = points.partitions[int(i)][["x", "y"]].compute()
+            if len(df) > SAMPLE_ROWS:
+                df = df.iloc[np.sort(rng.choice(len(df), SAMPLE_ROWS, replace=False))]
+            xs.append(df["x"].to_numpy(np.float64))
+            ys.append(df["y"].to_numpy(np.float64))
+        x, y = _to_image(sdata, TRANSCRIPTS_KEY, image_key, np.concatenate(xs), np.concatenate(ys))
+        if x is not None:
+            return f"transcripts (a sample of {len(x):,} from {len(parts)} of {n} partitions)", x, y
+    return None
+
+
+def _to_image(sdata, key, image_key, x, y):
+    try:
+        m = affine_to_image_pixels(sdata, key, image_key)
+    except ValueError:  # no shared coordinate system: nothing to say here (pseudobulk raises on it)
+        return None, None
+    xi, yi = m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
+    ok = np.isfinite(xi) & np.isfinite(yi)
+    return xi[ok], yi[ok]

@@ -1,0 +1,202 @@
+"""dbk.pp.prepare and ``dbk prepare``: a corpus slide by slide on a dask.distributed LocalCluster.
+
+Tiny synthetic slides (512 x 512 px, 56 µm tiles, 32 px embeddings) keep the whole file to about a minute or two on
+two cores. The cluster run must give the very tables of an in-process run; a rerun skips what is done and redoes
+what a killed run left incomplete; a corrupt slide is reported and the others land.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import spatialdata
+from distributed import Client, LocalCluster
+
+import dbk
+from dbk.cli import main
+from dbk.pp._corpus import MARKER
+
+KW = {"tile_size_um": 56.0, "fm_size_px": 32, "threads": 1}
+NAMES = ("s0", "s1", "s2")
+EMB = "X_efficientnet_lite0"
+
+
+def _slides() -> dict:
+    # partials of a library function travel to the workers by reference (a test-module function may not import there)
+    return {n: functools.partial(dbk.datasets.synthetic, shape=(512, 512), random_state=i)
+            for i, n in enumerate(NAMES)}
+
+
+def _garbage_zarr(path):
+    path.mkdir(parents=True)
+    (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')  # truncated mid-write
+    return path
+
+
+def _table(path):
+    return spatialdata.read_zarr(path).tables["dbk_table"]
+
+
+def _dense(x):
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+def _assert_same_tables(a, b):
+    assert a.shape == b.shape and a.n_obs > 0
+    np.testing.assert_array_equal(_dense(a.X), _dense(b.X))
+    np.testing.assert_array_equal(_dense(a.layers["counts"]), _dense(b.layers["counts"]))
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    assert list(a.var_names) == list(b.var_names)
+    assert sorted(a.obsm) == sorted(b.obsm) and EMB in a.obsm
+    for k in a.obsm:
+        np.testing.assert_array_equal(np.asarray(a.obsm[k]), np.asarray(b.obsm[k]))
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    return out, dbk.pp.prepare(_slides(), out=out, **KW)
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory, client):
+    """The three slides and a corrupt store, on the 2-worker cluster."""
+    out = tmp_path_factory.mktemp("clustered")
+    bad = _garbage_zarr(tmp_path_factory.mktemp("inputs") / "broken.zarr")
+    slides = [*_slides().values(), bad]
+    return out, dbk.pp.prepare(slides, names=[*NAMES, "broken"], out=out, client=client, **KW)
+
+
+def test_sequential_run_writes_complete_stores(sequential):
+    out, report = sequential
+    assert list(report.columns[:7]) == ["name", "status", "n_tiles", "n_genes", "seconds", "error", "path"]
+    assert report["name"].tolist() == list(NAMES) and (report["status"] == "done").all()
+    assert (report["n_tiles"] > 0).all() and (report["n_genes"] == 60).all()
+    for name in NAMES:
+        marker = json.loads((out / f"{name}.zarr" / MARKER).read_text())
+        assert marker["settings"] == report.attrs["settings"] and marker["embedding_key"] == EMB
+        t = _table(out / f"{name}.zarr")
+        assert t.obsm[EMB].shape == (t.n_obs, 1280) and t.obsm[EMB].dtype == np.float32
+        assert (t.obs["sample"] == name).all()
+
+
+def test_cluster_run_equals_the_sequential_run(sequential, clustered):
+    seq, _ = sequential
+    out, report = clustered
+    done = report[report["name"].isin(NAMES)]
+    assert (done["status"] == "done").all(), report[["name", "status", "error"]]
+    assert all(w and not w.endswith(f":{__import__('os').getpid()}") for w in done["worker"])  # not this process
+    for name in NAMES:
+        _assert_same_tables(_table(out / f"{name}.zarr"), _table(seq / f"{name}.zarr"))
+
+
+def test_a_corrupt_slide_is_reported_and_the_others_land(clustered):
+    out, report = clustered
+    bad = report.set_index("name").loc["broken"]
+    assert bad["status"] == "failed" and bad["error"] and pd.isna(bad["n_tiles"])
+    assert "read_zarr" in bad["traceback"] or "zarr" in bad["traceback"].lower()
+    assert not (out / "broken.zarr").exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"{n}.zarr" for n in NAMES]
+
+
+def test_a_killed_run_resumes(sequential, clustered, client, tmp_path):
+    seq, _ = sequential
+    src, _ = clustered
+    out = tmp_path / "corpus"
+    shutil.copytree(src, out)
+    again = dbk.pp.prepare(_slides(), out=out, client=client, **KW)
+    assert (again["status"] == "skipped").all() and again["n_tiles"].tolist() == clustered[1]["n_tiles"][:3].tolist()
+
+    # killed after s1's store landed but before its marker; killed while s2 was writing (only a temporary left)
+    (out / "s1.zarr" / MARKER).unlink()
+    shutil.rmtree(out / "s2.zarr")
+    (out / ".s2.zarr.k1ll3d.tmp" / "s2.zarr" / "images").mkdir(parents=True)  # what the atomic writer leaves
+    before = (out / "s0.zarr" / MARKER).stat().st_mtime_ns
+    resumed = dbk.pp.prepare(_slides(), out=out, client=client, **KW)
+    assert resumed.set_index("name")["status"].to_dict() == {"s0": "skipped", "s1": "done", "s2": "done"}
+    assert (out / "s0.zarr" / MARKER).stat().st_mtime_ns == before
+    for name in ("s1", "s2"):
+        _assert_same_tables(_table(out / f"{name}.zarr"), _table(seq / f"{name}.zarr"))
+
+
+def test_other_settings_need_overwrite(sequential, tmp_path):
+    src, _ = sequential
+    out = tmp_path / "corpus"
+    shutil.copytree(src / "s0.zarr", out / "s0.zarr")
+    slide = {"s0": _slides()["s0"]}
+    refused = dbk.pp.prepare(slide, out=out, **{**KW, "fm_size_px": 64})
+    assert refused["status"].tolist() == ["failed"]
+    assert "other settings (fm_size_px: 32 -> 64)" in refused["error"][0] and "overwrite=True" in refused["error"][0]
+    redone = dbk.pp.prepare(slide, out=out, overwrite=True, **{**KW, "fm_size_px": 64})
+    assert redone["status"].tolist() == ["done"]
+    assert json.loads((out / "s0.zarr" / MARKER).read_text())["settings"]["fm_size_px"] == 64
+
+
+def test_a_slide_that_raises_does_not_stop_the_others(tmp_path):
+    def broken():
+        raise RuntimeError("scanner file truncated")
+
+    report = dbk.pp.prepare({"broken": broken, "s2": _slides()["s2"]}, out=tmp_path, **KW)
+    assert report["status"].tolist() == ["failed", "done"]
+    assert report["error"][0] == "read: RuntimeError: scanner file truncated"
+    assert "in broken" in report["traceback"][0]
+
+
+def _cli(*argv) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main([str(a) for a in argv])
+    return rc, buf.getvalue()
+
+
+def test_cli_prepare_on_a_local_cluster(tmp_path):
+    stores = []
+    for name, make in _slides().items():
+        dbk.io.write_zarr(make(), tmp_path / "in" / f"{name}.zarr")
+        stores.append(tmp_path / "in" / f"{name}.zarr")
+    out = tmp_path / "out"
+    args = ("--scheduler", "local", "--workers", 2, "--tile-um", 56, "--fm-size-px", 32, "--out", out)
+    rc, text = _cli("prepare", *stores, *args)
+    print(text)
+    assert rc == 0 and "3 done, 0 skipped, 0 failed" in text
+    assert "local dask cluster: 2 workers" in text and text.count(" done ") == 3
+    for name in NAMES:
+        assert (out / f"{name}.zarr" / MARKER).exists()
+        assert EMB in _table(out / f"{name}.zarr").obsm
+
+    rc, text = _cli("prepare", *stores, *args)
+    print(text)
+    assert rc == 0 and "0 done, 3 skipped, 0 failed" in text
+
+    bad = _garbage_zarr(tmp_path / "in" / "broken.zarr")
+    rc, text = _cli("prepare", *stores, bad, *args)
+    print(text)
+    assert rc == 1 and "0 done, 3 skipped, 1 failed" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("broken "))
+    assert "failed" in line and "Error" in line
+
+
+def test_prepare_help_does_not_load_the_spatialdata_stack():
+    code = ("import sys, contextlib, io\nfrom dbk.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['prepare', '--help'])\n"
+            "print([m for m in ('spatialdata', 'torch', 'distributed', 'anndata') if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
