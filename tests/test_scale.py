@@ -159,6 +159,18 @@ def test_a_slide_that_raises_does_not_stop_the_others(tmp_path):
     assert "in broken" in report["traceback"][0]
 
 
+def test_a_hest_folder_gives_one_slide_per_sample(io_hest_sample, tmp_path):
+    root = io_hest_sample.root
+    out = tmp_path / "corpus"
+    report = dbk.pp.prepare(root, out=out, **KW)  # every sample of the HEST download
+    assert report["name"].tolist() == ["TINY1"] and report["status"].tolist() == ["done"], report["error"].tolist()
+    assert (_table(out / "TINY1.zarr").obs["sample"] == "TINY1").all()
+    again = dbk.pp.prepare(root / "TINY1", out=out, **KW)  # <hest root>/<sample id>
+    assert again["status"].tolist() == ["skipped"]
+    missing = dbk.pp.prepare([tmp_path / "nowhere.zarr"], out=out, **KW)
+    assert missing["status"].tolist() == ["failed"] and "read: FileNotFoundError" in missing["error"][0]
+
+
 def _cli(*argv) -> tuple[int, str]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -9,7 +9,6 @@ the slides whose marker says they are done with the same settings, so a killed r
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -78,20 +77,14 @@ def _embed(sdata, *, fm: str, fm_size_px: int, tiles_key: str, table_key: str, b
            accelerator: str) -> str:
     """``dbk.tl.embed_tiles`` of every tile; returns the ``obsm`` key written.
 
-    Imported here, on the worker, so that ``dbk.pp`` never loads the tools layer (and torch) on import. The keyword
-    names of the foundation model and its input size are read from the signature (``fm`` / ``fm_size_px``, formerly
-    ``model`` / ``size_px``).
+    Imported here, on the worker, so that ``dbk.pp`` never loads the tools layer (and torch) on import.
     """
-    from ..tl import embed_tiles
+    from ..tl import embed_tiles, model_key
 
-    params = inspect.signature(embed_tiles).parameters
-    kw = {"fm" if "fm" in params else "model": fm, "fm_size_px" if "fm_size_px" in params else "size_px": fm_size_px}
-    before = set(sdata.tables[table_key].obsm) if table_key in sdata.tables else set()
-    embed_tiles(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, accelerator=accelerator,
-                overwrite=True, **kw)
-    rec = sdata.tables[table_key].uns.get("dbk", {}).get("embeddings", {})
-    new = sorted(set(sdata.tables[table_key].obsm) - before)
-    return new[0] if new else next((k for k, r in rec.items() if r.get("model") == fm), "")
+    # embeddings already in the slide from the same model, input size and tiles are kept (embed_tiles' own check)
+    embed_tiles(sdata, fm=fm, fm_size_px=fm_size_px, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size,
+                accelerator=accelerator)
+    return model_key(fm)
 
 
 @contextmanager
@@ -382,8 +375,9 @@ def prepare(
         One slide or a list (or ``{name: slide}`` dict) of them. A slide is a path: a SpatialData ``.zarr`` store,
         a HEST-1k folder (``wsis/``, ``metadata/`` ...; every sample in it, see :func:`dbk.io.read_hest`) or
         ``<hest root>/<sample id>``, or a legacy ST folder (:func:`dbk.io.read_st_folder`); a SpatialData object,
-        used as is; or a callable returning one (read on the worker). Paths and callables are read on the worker,
-        so only they travel to the cluster.
+        used as is (changed in place with ``client=None``; a copy travels to a cluster); or a callable returning
+        one. Paths and callables are read on the worker, so only they travel to the cluster. Tiles, tables and
+        embeddings already in a slide are kept, as :func:`dbk.pp.prepare_slide` and :func:`dbk.tl.embed_tiles` do.
     out
         Folder of the prepared stores, one ``<name>.zarr`` per slide. Names: the dict keys or ``names``, else the
         store or folder name, the HEST sample id, ``sdata.attrs["sample"]``, the callable's ``__name__``, else
