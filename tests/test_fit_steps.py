@@ -166,3 +166,28 @@ def test_write_back_keeps_a_first_fit_under_its_own_key(slides):
     assert (a.obsm["pred_a"].to_numpy() == 1).all() and (a.obsm["pred_b"].to_numpy() == 2).all()
     assert list(a.obsm["pred_a"].index) == list(a.obs_names)
     assert a.uns["pred_a"]["params"]["k"] == "pred_a" and a.uns["pred_b"]["params"]["k"] == "pred_b"
+
+
+def test_one_slide_split_into_blocks_trains_on_train_tiles_and_predicts_all(pretrainer):
+    sd = dbk.datasets.synthetic(shape=(1536, 1536), random_state=5)
+    dbk.pp.prepare_slide(sd, tile_size_um=56.0)
+    dbk.pp.spatial_blocks(sd, n_blocks=4, test_fraction=0.25, random_state=0)
+    table = sd.tables["dbk_table"]
+    split = table.obs["dbk_split"].astype(str)
+    n_train, n_test = int((split == "train").sum()), int((split == "test").sum())
+    assert n_train > 10 and n_test > 3
+    model = dbk.tl.fit_diffbulk(sd, pretrainer=pretrainer, fm_size_px=32, tile_size_um=56.0, fusion="ridge",
+                                split_key="dbk_split", random_state=0)
+    assert model.config["train"]["n_tiles"] == n_train  # the head saw the training tiles only
+    pred = table.obsm["dbk_pred"]
+    assert pred.shape == (table.n_obs, len(model.genes)) and np.isfinite(pred.to_numpy()).all()  # every tile
+    assert table.uns["dbk_pred"]["split_key"] == "dbk_split"
+    res = dbk.tl.evaluate(table, split_key="dbk_split", key_added=None)
+    assert res.attrs["summary"]["n_tiles"] == n_test and res.attrs["summary"]["hvg_source"] == "train_adata"
+    base = dbk.tl.fit_baseline(table, "mean", use_rep="X_efficientnet_lite0", split_key="dbk_split")
+    train_mean = np.asarray(table[(split == "train").to_numpy()].X.mean(axis=0)).ravel()
+    np.testing.assert_allclose(base.predict(table).iloc[0].to_numpy(), train_mean[[list(table.var_names).index(g)
+                                                                                   for g in base.predict(table).columns]],
+                               rtol=1e-5)
+    with pytest.raises(KeyError, match="spatial_blocks"):
+        dbk.tl.evaluate(table, split_key="no_such_column", key_added=None)

@@ -165,3 +165,19 @@ def check_batch_size(batch_size, name: str = "batch_size") -> None:
     """A clear error unless ``batch_size`` is a positive integer."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"{name} must be a positive integer, got {batch_size!r}.")
+
+
+def split_mask(adata, split_key: str, part: str) -> np.ndarray:
+    """Boolean mask of the tiles whose ``obs[split_key]`` is ``part``.
+
+    ``part`` is ``"train"`` or ``"test"``, as :func:`dbk.pp.spatial_blocks` writes them; a clear error when the column
+    is missing or names no such tile.
+    """
+    if split_key not in adata.obs:
+        raise KeyError(f"No column obs[{split_key!r}] in the tile table (run dbk.pp.spatial_blocks first); obs "
+                       f"columns: {list(adata.obs.columns)}.")
+    mask = (adata.obs[split_key].astype(str) == part).to_numpy()
+    if not mask.any():
+        found = sorted(adata.obs[split_key].astype(str).unique())
+        raise ValueError(f"obs[{split_key!r}] has no {part!r} tiles (values: {found}).")
+    return mask

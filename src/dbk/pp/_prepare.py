@@ -184,3 +184,26 @@ def prepare_slides(
         prepare_slide(sd, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key, name=name)
         check_training_table(sd, name, tiles_key, table_key)
     return slides, names
+
+
+def train_view(sdata, split_key: str, tiles_key: str = TILES_KEY, table_key: str = TILES_TABLE_KEY):
+    """A SpatialData of the slide's training tiles only; the slide is untouched.
+
+    Its images, the tiles whose ``obs[split_key]`` is ``"train"`` (:func:`dbk.pp.spatial_blocks`) and their rows of
+    the tile table (a copy).
+    """
+    import copy as _copy
+
+    from spatialdata import SpatialData
+
+    from .._utils import split_mask
+    from ._tiles import table_rows_to_tiles
+
+    table = sdata.tables[table_key]
+    keep = split_mask(table, split_key, "train")
+    tiles = sdata.shapes[tiles_key]
+    pos = table_rows_to_tiles(sdata, table_key, tiles_key, np.asarray(tiles.index))
+    sub_tiles = tiles.iloc[pos[keep]].copy()
+    sub_tiles.attrs = _copy.deepcopy(tiles.attrs)  # the transformations and dbk's tile geometry
+    return SpatialData(images=dict(sdata.images), shapes={tiles_key: sub_tiles}, tables={table_key: table[keep].copy()},
+                       attrs=dict(sdata.attrs))

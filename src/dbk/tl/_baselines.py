@@ -118,6 +118,7 @@ def fit_baseline(
     genes: Sequence[str] | None = None,
     layer: str | None = None,
     groups: str | Sequence | None = None,
+    split_key: str | None = None,
     **kwargs,
 ) -> Baseline:
     """Fit a baseline on training tiles and return it (``.predict(adata)`` gives a tiles x genes DataFrame).
@@ -131,6 +132,9 @@ def fit_baseline(
         ``"ridge_cv"`` (``flavor="cv"``) or ``"mlp"`` (:class:`MLPBaseline`).
     use_rep, genes, layer, groups
         See :meth:`Baseline.fit` (``use_rep``: the features' ``obsm`` key, as in scanpy).
+    split_key
+        One slide split into training and test tiles (:func:`dbk.pp.spatial_blocks`): fit on the tiles whose
+        ``obs[split_key]`` is ``"train"`` only.
     **kwargs
         Options of the baseline's constructor (e.g. ``alphas``, ``rank="auto"`` for reduced-rank ridge, ``hidden``,
         ``random_state``, ``accelerator`` for ``"mlp"``).
@@ -155,4 +159,8 @@ def fit_baseline(
         model = MLPBaseline(**kwargs)
     else:
         raise ValueError(f"method must be one of {list(BASELINES)}, got {method!r}.")
+    if split_key is not None:
+        from .._utils import split_mask
+
+        adata = adata[split_mask(adata, split_key, "train")]
     return model.fit(adata, use_rep=use_rep, genes=genes, layer=layer, groups=groups)

@@ -117,6 +117,7 @@ def evaluate(
     hvg_genes: Sequence[str] | None = None,
     train_adata: ad.AnnData | None = None,
     table_key: str = TILES_TABLE_KEY,
+    split_key: str | None = None,
     key_added: str | None = UNS_KEY,
 ) -> pd.DataFrame:
     """Compare predicted with measured expression: metrics per gene over tiles, and their named summaries.
@@ -147,6 +148,10 @@ def evaluate(
         the test truth.
     table_key
         Table to take from SpatialData input.
+    split_key
+        One slide split into training and test tiles (:func:`dbk.pp.spatial_blocks`): only the tiles whose
+        ``obs[split_key]`` is ``"test"`` are evaluated, and unless ``train_adata`` or ``hvg_genes`` is given the top-k
+        genes are chosen on its ``"train"`` tiles.
     key_added
         ``uns`` key to write the metrics to (``None``: write nothing).
 
@@ -170,6 +175,14 @@ def evaluate(
     {"gene": [...], "pearson": [...], ...}, "params": {...}}`` as plain lists and numbers (writable to h5ad / zarr).
     """
     adata = _as_adata(data, table_key)
+    target = adata  # where the metrics are written
+    if split_key is not None:
+        from .._utils import split_mask
+
+        test = split_mask(adata, split_key, "test")
+        if train_adata is None and hvg_genes is None:
+            train_adata = adata[split_mask(adata, split_key, "train")]
+        adata = adata[test]
     pred = _predictions(adata, pred_key)
     if len(pred) != adata.n_obs:
         raise ValueError(f"obsm[{pred_key!r}] has {len(pred)} rows for {adata.n_obs} tiles.")
@@ -261,7 +274,7 @@ def evaluate(
     )
     df.attrs["summary"] = summary
     if key_added is not None:
-        store = adata.uns.setdefault(key_added, {})
+        store = target.uns.setdefault(key_added, {})
         store["metrics"] = {
             "summary": {kk: (v if isinstance(v, str) else float(v) if isinstance(v, float) else int(v))
                         for kk, v in summary.items()},

@@ -14,8 +14,6 @@ import torch
 from .._constants import DIFF_FEATURES_KEY, PRED_KEY, TILES_KEY, TILES_TABLE_KEY
 from .._logging import logger
 from .._utils import check_batch_size, is_sdata, renamed_kwargs, resolve_seed
-from ..core._scaler import INPUT_CLIP
-from ._diffusion_features import pretrainer_fingerprint
 from ._embed import resolve_device
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,6 +49,7 @@ def fit_diffbulk(
     random_state: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     key_added: str = PRED_KEY,
+    split_key: str | None = None,
     copy: bool = False,
     **head_kwargs,
 ) -> DiffBulk:
@@ -128,6 +127,11 @@ def fit_diffbulk(
     key_added
         ``obsm`` key of the training predictions; the fit's record goes to ``uns[key_added]``, so a second fit with
         another key keeps the first.
+    split_key
+        One slide (or several) split into training and test tiles by :func:`dbk.pp.spatial_blocks`: both stages
+        learn from the tiles whose ``obs[split_key]`` is ``"train"`` only; at the end every tile of the slides gets
+        its prediction in ``obsm[key_added]`` (:meth:`DiffBulk.predict`), so the ``"test"`` tiles hold held-out
+        predictions for ``dbk.tl.evaluate(..., split_key=split_key)``.
     copy
         Leave ``data`` untouched: work on copies, which the returned model keeps as ``model.training_data``.
     **head_kwargs
@@ -148,18 +152,16 @@ def fit_diffbulk(
     without the held-out tiles, as its ``note`` says, and ``head_inner_cv`` gives the chosen alpha and its inner-CV
     score).
     """
-    from .._utils import records_to_columns
-    from ..pp._prepare import prepare_slides
+    from ..pp._prepare import prepare_slides, train_view
     from ._fit_steps import (
         add_diffusion_features,
         choose_genes,
         embed_slides,
         fit_fusion_head,
-        gene_stats,
+        fit_record,
         load_fm,
         model_tile_size,
         train_stage1,
-        training_metrics,
         training_table,
         write_back,
     )
@@ -181,6 +183,8 @@ def fit_diffbulk(
         fm = load_fm(fm, size_px=fm_size_px, device=device, fm_kwargs=fm_kwargs)
         embed_slides(slides, fm, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size,
                      device=device)
+    if split_key is not None:  # the model sees the training tiles only; all tiles are predicted at the end
+        full, slides = slides, [train_view(sd, split_key, tiles_key, table_key) for sd in slides]
     with _timed(timings, "stage1_s"):
         pretrainer = train_stage1(slides, genes, pretrainer=pretrainer, preset=preset, steps=pretrain_steps,
                                   random_state=random_state, checkpoint_dir=checkpoint_dir, tiles_key=tiles_key,
@@ -196,46 +200,17 @@ def fit_diffbulk(
                                context_um=context_um)
         fitted = fit_fusion_head(train, genes, keys, fusion=fusion, val_fraction=val_fraction,
                                  random_state=random_state, accelerator=accelerator, head_kwargs=head_kwargs)
-    head = fitted.head
-    mean, var = gene_stats(train, genes)
-    hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
-    metrics = training_metrics(train, genes, fitted, hvg, fm_key=fm.key, timings=timings)
-
-    from .. import __version__
-
-    head_cfg = {**head.get_state()[0], "input_clip": INPUT_CLIP}
-    context = None if context_um is None else float(context_um)
-    fingerprint = pretrainer_fingerprint(pretrainer, True)
-    config = {
-        "genes": list(genes),
-        "tile_size_um": tile_um,
-        "fusion": fusion,
-        "context_um": context,
-        "fm": {"id": fm.id, "key": fm.key, "size_px": fm.size_px, "dim": int(train.obsm[fm.key].shape[1])
-               // (1 if context is None else 2), "kwargs": fm.kwargs, "timm_arch": fm.timm_arch},
-        "diffusion": {"key": DIFF_FEATURES_KEY, "dim": int(drec["dim"]), "levels": list(drec["levels"]),
-                      "dims": list(drec["dims"]), "pool": pool, "sigma": float(sigma),
-                      "random_state": random_state, "use_ema": True, "pretrainer_fingerprint": fingerprint},
-        "head": head_cfg,
-        "train": {"samples": names, "n_tiles": int(train.n_obs), "gene_mean": mean.tolist(),
-                  "gene_var": var.tolist(), "hvg_order": hvg},
-        "random_state": random_state,
-        "dbk_version": __version__,
-    }
-    model = DiffBulk(pretrainer=pretrainer, head=head, fm=fm.net, config=config, scalers=fitted.scalers)
-    params = {
-        "fm": fm.id, "fm_key": fm.key, "fm_size_px": fm.size_px, "fusion": fusion,
-        "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step),
-        "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(drec["levels"]),
-        "pool": pool, "context_um": context, "tile_size_um": tile_um, "genes": list(genes), "samples": names,
-        "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": random_state,
-        "pred_key": key_added, "diff_key": DIFF_FEATURES_KEY,
-        "head": {k: head_cfg[k] for k in head.OPTIONS}, "dbk_version": __version__,
-    }
-    history = {"stage1": records_to_columns(pretrainer.history),
-               "head": {k: [float(v) for v in vals] for k, vals in head.history_.items()}}
-    write_back(slides, names, fitted.pred, table_key=table_key, key_added=key_added,
-               results={"params": params, "history": history, "training_metrics": metrics})
+    record = fit_record(train, genes, names, fm=fm, pretrainer=pretrainer, features=drec, fitted=fitted,
+                        timings=timings, fusion=fusion, context_um=context_um, sigma=sigma, pool=pool,
+                        random_state=random_state, tile_size_um=tile_um, key_added=key_added)
+    model = DiffBulk(pretrainer=pretrainer, head=fitted.head, fm=fm.net, config=record["config"],
+                     scalers=fitted.scalers)
+    write_back(slides, names, fitted.pred, table_key=table_key, key_added=key_added, results=record["results"])
+    if split_key is not None:
+        for sd, view in zip(full, slides, strict=True):
+            model.predict(sd, tiles_key=tiles_key, table_key=table_key, key_added=key_added, batch_size=batch_size)
+            sd.tables[table_key].uns[key_added] = view.tables[table_key].uns[key_added] | {"split_key": split_key}
+        slides = full
     if copy:
         model.training_data = slides[0] if len(slides) == 1 and is_sdata(data) else slides
     return model

@@ -300,3 +300,54 @@ def write_back(slides: list, names: list[str], pred: pd.DataFrame, *, table_key:
         df.index = a.obs_names.copy()
         a.obsm[key_added] = df
         a.uns[key_added] = jsonable(results)
+
+
+def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: FoundationModel, pretrainer,
+               features: dict, fitted: FittedHead, timings: dict[str, float], fusion: str, context_um: float | None,
+               sigma: float, pool: str, random_state: int, tile_size_um: float, key_added: str) -> dict:
+    """What a fit leaves behind: the model's ``config`` and the ``results`` for ``uns[key_added]``.
+
+    ``results`` holds ``params`` (the settings), ``history`` (stage 1 and head curves) and ``training_metrics``
+    (:func:`training_metrics`); ``config`` the genes, tile geometry, feature layouts, head state and training
+    statistics a saved model needs.
+    """
+    from .. import __version__
+    from .._utils import records_to_columns
+    from ..core._scaler import INPUT_CLIP
+    from ._diffusion_features import pretrainer_fingerprint
+
+    head = fitted.head
+    mean, var = gene_stats(train, genes)
+    hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
+    metrics = training_metrics(train, genes, fitted, hvg, fm_key=fm.key, timings=timings)
+    head_cfg = {**head.get_state()[0], "input_clip": INPUT_CLIP}
+    context = None if context_um is None else float(context_um)
+    config = {
+        "genes": list(genes),
+        "tile_size_um": tile_size_um,
+        "fusion": fusion,
+        "context_um": context,
+        "fm": {"id": fm.id, "key": fm.key, "size_px": fm.size_px, "dim": int(train.obsm[fm.key].shape[1])
+               // (1 if context is None else 2), "kwargs": fm.kwargs, "timm_arch": fm.timm_arch},
+        "diffusion": {"key": DIFF_FEATURES_KEY, "dim": int(features["dim"]), "levels": list(features["levels"]),
+                      "dims": list(features["dims"]), "pool": pool, "sigma": float(sigma),
+                      "random_state": random_state, "use_ema": True,
+                      "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, True)},
+        "head": head_cfg,
+        "train": {"samples": names, "n_tiles": int(train.n_obs), "gene_mean": mean.tolist(),
+                  "gene_var": var.tolist(), "hvg_order": hvg},
+        "random_state": random_state,
+        "dbk_version": __version__,
+    }
+    params = {
+        "fm": fm.id, "fm_key": fm.key, "fm_size_px": fm.size_px, "fusion": fusion,
+        "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step),
+        "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(features["levels"]),
+        "pool": pool, "context_um": context, "tile_size_um": tile_size_um, "genes": list(genes), "samples": names,
+        "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": random_state,
+        "pred_key": key_added, "diff_key": DIFF_FEATURES_KEY,
+        "head": {k: head_cfg[k] for k in head.OPTIONS}, "dbk_version": __version__,
+    }
+    history = {"stage1": records_to_columns(pretrainer.history),
+               "head": {k: [float(v) for v in vals] for k, vals in head.history_.items()}}
+    return {"config": config, "results": {"params": params, "history": history, "training_metrics": metrics}}
