@@ -186,8 +186,7 @@ def test_one_slide_split_into_blocks_trains_on_train_tiles_and_predicts_all(pret
     assert res.attrs["summary"]["n_tiles"] == n_test and res.attrs["summary"]["hvg_source"] == "train_adata"
     base = dbk.tl.fit_baseline(table, "mean", use_rep="X_efficientnet_lite0", split_key="dbk_split")
     train_mean = np.asarray(table[(split == "train").to_numpy()].X.mean(axis=0)).ravel()
-    np.testing.assert_allclose(base.predict(table).iloc[0].to_numpy(), train_mean[[list(table.var_names).index(g)
-                                                                                   for g in base.predict(table).columns]],
-                               rtol=1e-5)
+    cols = [list(table.var_names).index(g) for g in base.predict(table).columns]
+    np.testing.assert_allclose(base.predict(table).iloc[0].to_numpy(), train_mean[cols], rtol=1e-5)
     with pytest.raises(KeyError, match="spatial_blocks"):
         dbk.tl.evaluate(table, split_key="no_such_column", key_added=None)
