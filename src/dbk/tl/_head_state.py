@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .._utils import jsonable
+
 
 def head_from_state(
     config: Mapping,
@@ -75,18 +77,8 @@ def head_classes() -> dict[str, type]:
 
 
 def plain(v):
-    """JSON-ready values: numpy scalars and arrays, tuples to Python numbers and lists."""
-    if isinstance(v, dict):
-        return {str(k): plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return [plain(x) for x in v]
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
+    """JSON-ready values: numpy scalars and arrays, tuples to Python numbers and lists (``None`` stays ``None``)."""
+    return jsonable(v, none=None)
 
 
 def none(v):
