@@ -16,6 +16,7 @@ _EXPORTS = {
     "GeneEncoder": "._gene_encoder",
     "EDM": "._edm",
     "heun_sample": "._edm",
+    "fit_pretrainer": "._fit_pretrainer",
     "DiffusionPretrainer": "._pretrainer",
     "GeneToImageNet": "._network",
     "latest_checkpoint": "._checkpoint",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._checkpoint import latest_checkpoint
     from ._data import TileArrays
     from ._edm import EDM, heun_sample
+    from ._fit_pretrainer import fit_pretrainer
     from ._gene_encoder import GeneEncoder
     from ._head_training import masked_mse, train_network
     from ._heads import FusionHead, MLPNet

@@ -16,7 +16,7 @@ _EXPORTS = {
     "heun_sample": "..core._edm",
     "DiffusionPretrainer": "..core._pretrainer",
     "GeneToImageNet": "..core._network",
-    "fit_pretrainer": "..core._pretrainer",
+    "fit_pretrainer": "..core._fit_pretrainer",
     "latest_checkpoint": "..core._checkpoint",
     "PretrainerPreset": "..core._presets",
     "PRESETS": "..core._presets",
@@ -51,12 +51,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ..core._checkpoint import latest_checkpoint
     from ..core._data import TileArrays
     from ..core._edm import EDM, heun_sample
+    from ..core._fit_pretrainer import fit_pretrainer
     from ..core._gene_encoder import GeneEncoder
     from ..core._head_training import masked_mse
     from ..core._heads import FusionHead
     from ..core._network import GeneToImageNet
     from ..core._presets import PRESETS, PretrainerPreset, auto_preset, get_preset
-    from ..core._pretrainer import DiffusionPretrainer, fit_pretrainer
+    from ..core._pretrainer import DiffusionPretrainer
     from ..core._vocab import GeneVocab
     from ._baselines import MeanPredictor, MLPBaseline, fit_baseline
     from ._context import neighbor_mean, spatial_context

@@ -96,7 +96,7 @@ def train_stage1(slides: list, genes: list[str], *, pretrainer=None, preset: str
                  checkpoint_dir: str | os.PathLike | None = None, tiles_key: str, table_key: str,
                  accelerator: str = "auto", pretrain_kwargs: dict | None = None):
     """Stage 1: train the gene-to-image diffusion model on the slides, or take the given one (or its folder)."""
-    from ..core._pretrainer import fit_pretrainer
+    from ..core._fit_pretrainer import fit_pretrainer
     from ._diffusion_features import _resolve_pretrainer
 
     if pretrainer is not None:
