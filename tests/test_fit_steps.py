@@ -190,3 +190,22 @@ def test_one_slide_split_into_blocks_trains_on_train_tiles_and_predicts_all(pret
     np.testing.assert_allclose(base.predict(table).iloc[0].to_numpy(), train_mean[cols], rtol=1e-5)
     with pytest.raises(KeyError, match="spatial_blocks"):
         dbk.tl.evaluate(table, split_key="no_such_column", key_added=None)
+
+
+def test_fit_fusion_head_neural_inputs_are_scaled_once(slides):
+    s, names = slides
+    rng = np.random.default_rng(2)
+    for sd in s:
+        n = sd.tables["dbk_table"].n_obs
+        sd.tables["dbk_table"].obsm["X_a"] = (50 + 10 * rng.normal(size=(n, 4))).astype(np.float32)
+        sd.tables["dbk_table"].obsm["X_b"] = rng.normal(size=(n, 2)).astype(np.float32)
+    genes = list(s[0].tables["dbk_table"].var_names[:5])
+    train = training_table(s, names, genes, ["X_a", "X_b"], tiles_key="dbk_tiles", table_key="dbk_table")
+    fitted = fit_fusion_head(train, genes, ["X_a", "X_b"], fusion="gated", val_fraction=None, random_state=0,
+                             accelerator="cpu", head_kwargs={"max_epochs": 2})
+    head = fitted.head
+    assert head.scale_inputs is False  # DiffBulk's InputScaler is the one scaling
+    assert all((m == 0).all() for m in head.x_mean_) and all((sd == 1).all() for sd in head.x_std_)
+    tr = fitted.split[0]
+    z = fitted.scalers[0].transform(np.asarray(train.obsm["X_a"])[tr])
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-6)  # fitted on the head's own training split

@@ -151,7 +151,7 @@ def test_fusion_heads_keep_the_saved_format(fitted):
     config, tensors = fitted["gated"].get_state()
     assert set(config) == {"class", "fusion", "hidden", "dropout", "lr", "weight_decay", "batch_size", "max_epochs",
                            "patience", "val_fraction", "random_state", "dims", "obsm_keys", "layer", "best_epoch",
-                           "validation", "head_input_clip"}
+                           "validation", "head_input_clip", "scale_inputs"}  # scale_inputs: new, optional on load
     assert {k for k in tensors if not k.startswith("module.")} == {"x_mean.0", "x_mean.1", "x_std.0", "x_std.1",
                                                                    "x_keep.0", "x_keep.1", "y_mean", "y_std"}
     assert "module.decoder.3.weight" in tensors and tensors["x_keep.0"].dtype == torch.uint8

@@ -271,3 +271,20 @@ def test_two_processes_train_like_one_with_the_doubled_batch_and_resume_in_one(t
     b = torch.load(tmp_path / "straight" / "weights-rank0.pt")
     for k in ("net", "ema"):
         assert _max_diff(a[k], b[k]) < TOL, k
+
+
+@pytest.mark.slow
+def test_a_head_trains_on_two_processes_like_one_with_the_doubled_batch(tmp_path):
+    script = Path(__file__).resolve().parent / "scripts" / "ddp_head.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in ([sys.executable, str(script), str(tmp_path / "one"), "16"],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", str(_free_port()), str(script), str(tmp_path / "two"), "8"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "head-rank0.pt")
+    r0, r1 = (torch.load(tmp_path / "two" / f"head-rank{r}.pt") for r in (0, 1))
+    assert _max_diff(r0["net"], r1["net"]) == 0.0
+    assert _max_diff(r0["net"], one["net"]) < TOL  # the global masked MSE, split over processes (1.5e-8 measured)
+    assert r0["best_epoch"] == one["best_epoch"]
+    assert r0["history"]["val_loss"] == pytest.approx(one["history"]["val_loss"], rel=1e-5)

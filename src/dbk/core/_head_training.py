@@ -83,11 +83,22 @@ def train_network(
     stops after ``patience`` epochs without a better validation loss and restores the best epoch. Initialisation,
     shuffling and dropout draw from torch's RNG seeded with ``seed`` (the caller's RNG state is restored). On CUDA
     it runs under bf16 autocast. ``on_epoch(epoch, train_loss, val_loss)`` is called after each epoch (progress).
+
+    Started by ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1), it trains data-parallel with torch's DDP:
+    every process holds all tiles, draws the same permutation, and computes its slice of each global batch of
+    ``batch_size`` x processes tiles; the loss of a slice is its share of the global batch's masked MSE, so without
+    dropout N processes train like one process with an N times larger batch (up to the all-reduce's summation order).
     """
+    world, rank = _process_group(device)
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         net = build().to(device)
+        model = net
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(net, device_ids=cuda or None)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         tr_t, va_t = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
         best, best_state, best_epoch, wait = np.inf, None, -1, 0
@@ -96,15 +107,30 @@ def train_network(
             net.train()
             perm = tr_t[torch.randperm(len(tr_t))]
             total, seen = 0.0, 0
-            for s in range(0, len(perm), batch_size):
-                b = perm[s : s + batch_size]
+            for s in range(0, len(perm), batch_size * world):
+                b = perm[s : s + batch_size * world]
+                if world == 1:
+                    with autocast(device):
+                        out = model(*[t[b].to(device) for t in inputs])
+                    loss = masked_mse(out.float(), y[b].to(device), mask[b].to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total, seen = total + loss.item() * len(b), seen + len(b)
+                    continue
+                mine = torch.tensor_split(b, world)[rank]  # this process's slice of the global batch
+                count = mask[b].sum().clamp_min(1.0).to(device)  # measured entries of the whole global batch
                 with autocast(device):
-                    out = net(*[t[b].to(device) for t in inputs])
-                loss = masked_mse(out.float(), y[b].to(device), mask[b].to(device))
+                    out = model(*[t[mine].to(device) for t in inputs])
+                m = mask[mine].to(device)
+                err = torch.where(m > 0, out.float() - y[mine].to(device), torch.zeros_like(out, dtype=torch.float32))
+                sse = (err * err * m).sum()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (sse * world / count).backward()  # DDP averages over processes: the sum is the global masked MSE
                 opt.step()
-                total, seen = total + loss.item() * len(b), seen + len(b)
+                glob = sse.detach().clone()
+                torch.distributed.all_reduce(glob)
+                total, seen = total + float(glob / count) * len(b), seen + len(b)
             val = validation_loss(net, inputs, y, mask, va_t, device)
             history["train_loss"].append(total / max(seen, 1))
             history["val_loss"].append(val)
@@ -120,6 +146,18 @@ def train_network(
     if best_state is not None:
         net.load_state_dict(best_state)
     return TrainedNetwork(net.eval(), float(best), best_epoch, history)
+
+
+def _process_group(device: torch.device) -> tuple[int, int]:
+    """``(world size, rank)``: (1, 0) in one process; under a launcher, the process group (set up by Accelerate)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")  # initialises torch.distributed from the launcher's environment
+    return int(state.num_processes), int(state.process_index)
 
 
 @torch.inference_mode()

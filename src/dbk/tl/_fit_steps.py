@@ -207,6 +207,8 @@ def fit_fusion_head(train: ad.AnnData, genes: list[str], keys: list[str], *, fus
     head_kwargs.setdefault("random_state", random_state)
     if fusion != "ridge":
         head_kwargs.setdefault("accelerator", accelerator)
+        # the InputScaler below is fitted on the head's own training split: the head does not scale them again
+        head_kwargs.setdefault("scale_inputs", False)
     seed = resolve_seed(head_kwargs["random_state"])
     # the head's own split (TorchRegressor draws it first from default_rng(seed)), reproduced here
     tr, va, how = holdout_split(train.n_obs, resolve_groups(train, None), val_fraction, np.random.default_rng(seed))

@@ -46,6 +46,7 @@ class TorchRegressor(Baseline):
         random_state: int | None = None,
         accelerator: str = "auto",
         input_clip: float | None = 5.0,
+        scale_inputs: bool = True,
     ) -> None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
@@ -62,6 +63,9 @@ class TorchRegressor(Baseline):
         self.random_state = random_state
         self.accelerator = accelerator
         self.input_clip = None if input_clip is None else float(input_clip)
+        # False: the inputs come already standardised (DiffBulk's InputScaler, fitted on the same training split),
+        # so the head keeps them as they are (one scaling, not two)
+        self.scale_inputs = bool(scale_inputs)
 
     def _scale_inputs(self, xs) -> list[torch.Tensor]:
         """Standardised inputs: z-scores clipped to ``±input_clip``; features constant on the training part -> 0."""
@@ -89,7 +93,12 @@ class TorchRegressor(Baseline):
         # whose float std is a rounding residue) would get a huge z-score on a new slide: such features are zeroed,
         # and z-scores are clipped to +-input_clip, so the network never sees values far outside its training range.
         self.x_mean_, self.x_std_, self.x_keep_ = [], [], []
-        for x in xs:
+        for x in xs if not self.scale_inputs else []:  # identity: already standardised upstream
+            d = np.asarray(x).shape[1]
+            self.x_mean_.append(np.zeros(d))
+            self.x_std_.append(np.ones(d))
+            self.x_keep_.append(np.ones(d, bool))
+        for x in xs if self.scale_inputs else []:
             std = np.asarray(x[tr], np.float64).std(axis=0)
             if self.input_clip is None:  # plain standardisation
                 keep = std > 0
@@ -139,10 +148,12 @@ class TorchRegressor(Baseline):
     @classmethod
     def _state_options(cls, config) -> dict:
         # states saved before dbk clipped the head's inputs have no head_input_clip: plain standardisation, as trained
-        return super()._state_options(config) | {"input_clip": config.get("head_input_clip")}
+        return super()._state_options(config) | {"input_clip": config.get("head_input_clip"),
+                                                   "scale_inputs": bool(config.get("scale_inputs", True))}
 
     def _state_config(self) -> dict:
-        return {"best_epoch": int(self.best_epoch_), "validation": self.validation_, "head_input_clip": self.input_clip}
+        return {"best_epoch": int(self.best_epoch_), "validation": self.validation_, "head_input_clip": self.input_clip,
+                "scale_inputs": self.scale_inputs}
 
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"module.{k}": v.detach().cpu().contiguous().clone() for k, v in self.module_.state_dict().items()}
