@@ -175,7 +175,8 @@ def rename_genes(adata, mapping: Mapping | pd.Series | str, *, keep_unmapped: bo
         return out
 
     X = merge(adata.X, "X", log1p_x) if adata.X is not None else None
-    layers = {k: merge(v, f"layers[{k!r}]") for k, v in adata.layers.items()}
+    # anndata >= 0.13 lists X as layers[None]; passing it back beside X raises, so the named layers only
+    layers = {k: merge(v, f"layers[{k!r}]") for k, v in adata.layers.items() if k is not None}
     first = np.unique(codes, return_index=True)[1]  # factorize numbers names in order of first appearance
     var = adata.var.iloc[cols[first]].copy()
     joined = pd.Series([old[i] for i in cols]).groupby(codes).agg(";".join)
