@@ -103,3 +103,51 @@ def test_moran_and_leiden_on_predictions(predicted_slide):
     sc.tl.leiden(alone, flavor="igraph", n_iterations=2, resolution=0.5, random_state=0)
     assert alone.obsm["X_pca"].shape == (alone.n_obs, 15)
     assert alone.obs["leiden"].nunique() > 1
+
+
+def test_predictions_draw_over_the_he_in_squidpy(predicted_slide, tmp_path):
+    import matplotlib.pyplot as plt
+    import squidpy as sq
+
+    import dbk
+
+    out = dbk.tl.predictions_to_adata(predicted_slide)
+    lib = next(iter(out.uns["spatial"]))
+    entry = out.uns["spatial"][lib]
+    img, scale = entry["images"]["hires"], entry["scalefactors"]["tissue_hires_scalef"]
+    assert img.dtype == np.uint8 and img.ndim == 3 and max(img.shape[:2]) <= 2000
+    # the tile centres land on the picture: level-0 pixels times the scale factor
+    xy = np.asarray(out.obsm["spatial"]) * scale
+    assert (xy >= 0).all() and (xy[:, 0] < img.shape[1]).all() and (xy[:, 1] < img.shape[0]).all()
+    sq.pl.spatial_scatter(out, color="ERBB2", shape="square")  # raised "Spatial key 'spatial' not found" before
+    fig = plt.gcf()
+    assert any(ax.images for ax in fig.axes)  # the H&E is drawn under the tiles
+    fig.savefig(tmp_path / "squidpy_ERBB2.png")
+    plt.close("all")
+
+
+def test_predictions_table_annotates_the_tiles_for_spatialdata_plot(predicted_slide, tmp_path):
+    import matplotlib.pyplot as plt
+    import spatialdata
+    import spatialdata_plot  # noqa: F401 - registers sdata.pl
+
+    import dbk
+
+    sdata = predicted_slide
+    out = dbk.tl.predictions_to_adata(sdata)
+    sdata.tables["pred"] = out  # validated by spatialdata: the table annotates shapes["dbk_tiles"]
+    try:
+        vals = spatialdata.get_values("ERBB2", sdata=sdata, element_name="dbk_tiles", table_name="pred")
+        table = sdata.tables["dbk_table"]
+        want = table.obsm["dbk_pred"]["ERBB2"].to_numpy()
+        inst = table.obs["instance_id"].to_numpy()
+        got = vals["ERBB2"].reindex(inst).to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        (sdata.pl.render_images("he").pl.render_shapes("dbk_tiles", color="ERBB2", table_name="pred")
+         .pl.show(coordinate_systems="global"))
+        fig = plt.gcf()
+        assert fig.axes and fig.axes[0].collections  # the tiles, coloured
+        fig.savefig(tmp_path / "spatialdata_plot_ERBB2.png")
+    finally:
+        del sdata.tables["pred"]
+        plt.close("all")

@@ -9,8 +9,9 @@ import numpy as np
 from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY
+from .._image import thumbnail
 from ._data import get_table, measured, pearson, predicted
-from ._utils import finish, new_axes, plot_docs, thumbnail, zoom_to_tiles
+from ._utils import finish, new_axes, plot_docs, zoom_to_tiles
 
 
 @plot_docs

@@ -7,8 +7,9 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._constants import TILES_KEY, TILES_TABLE_KEY
+from .._image import thumbnail
 from ..pp._tiles import tile_bounds
-from ._utils import finish, new_axes, plot_docs, thumbnail, zoom_to_tiles
+from ._utils import finish, new_axes, plot_docs, zoom_to_tiles
 
 
 @plot_docs

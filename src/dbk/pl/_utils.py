@@ -1,26 +1,8 @@
-"""Shared plotting helpers: thumbnails of the H&E and figure handling (``ax=``, ``show=``, ``return_fig=``)."""
+"""Shared plotting helpers: figure handling (``ax=``, ``show=``, ``return_fig=``)."""
 
 from __future__ import annotations
 
 import numpy as np
-from spatialdata import SpatialData
-
-from .._image import image_levels
-
-
-def thumbnail(sdata: SpatialData, image_key: str | None = None, max_side: int = 2000) -> tuple[np.ndarray, float]:
-    """RGB thumbnail (y, x, 3) from the finest pyramid level no larger than ``max_side``, and its downsampling.
-
-    Only that level is read; when even the coarsest level is larger, it is strided down.
-    """
-    levels = image_levels(sdata, image_key)
-    lvl = next((lv for lv in levels if max(lv.shape_yx) <= max_side), levels[-1])
-    step = max(1, int(np.ceil(max(lvl.shape_yx) / max_side)))
-    arr = lvl.data.transpose("y", "x", "c").data[::step, ::step, :3]
-    img = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
-    if img.dtype != np.uint8:
-        img = np.clip(img / max(float(img.max()), 1e-9), 0, 1)
-    return img, float(lvl.downsample_x * step)
 
 
 def zoom_to_tiles(axis, bounds: np.ndarray, image_shape: tuple[int, int] | None = None, margin: float = 0.05) -> None:

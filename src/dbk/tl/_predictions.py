@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._constants import MEASURED_LAYER, PRED_KEY, SPATIAL_KEY, TILES_TABLE_KEY, UNS_KEY
+from .._constants import MEASURED_LAYER, PRED_KEY, SPATIAL_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 
 
 def predictions_to_adata(
@@ -20,6 +20,9 @@ def predictions_to_adata(
     table_key: str = TILES_TABLE_KEY,
     genes: Sequence[str] | None = None,
     measured_layer: str | None = None,
+    tiles_key: str = TILES_KEY,
+    library_id: str | None = None,
+    hires_max_side: int = 2000,
 ) -> ad.AnnData:
     """Turn the predictions of a tile table into an AnnData tiles x predicted genes, ready for scanpy and squidpy.
 
@@ -39,6 +42,13 @@ def predictions_to_adata(
         Tile table in ``sdata.tables``.
     genes
         Predicted genes to keep, in this order (all predicted genes when ``None``).
+    tiles_key
+        The tiles the table annotates (their side sets squidpy's spot size).
+    library_id
+        Key of the slide in ``uns["spatial"]`` (default: the slide's ``attrs["sample"]``, else ``"slide"``).
+    hires_max_side
+        Longest side in pixels of the H&E picture put into ``uns["spatial"]`` (read from the finest pyramid level
+        that small; the whole slide is never loaded).
     measured_layer
         Also store the *measured* values of the same genes (the table's ``X``) in ``layers[measured_layer]``, so
         one call runs on predictions (``X``) or measurements (``layer=measured_layer``) over the same tiles and
@@ -49,8 +59,24 @@ def predictions_to_adata(
     -------
     A new AnnData (the input is not modified): ``X`` the predictions, ``var_names`` the genes, ``obs`` a copy of the
     table's ``obs`` (same ``obs_names``), ``obsm`` a copy of every table ``obsm`` entry but the predictions
-    (``"spatial"`` included), ``uns["spatial"]`` when the table has it, ``uns["dbk"]["predictions"]``
-    (``pred_key`` and the table it came from) and, with ``measured_layer``, ``layers[measured_layer]``.
+    (``"spatial"`` included), ``uns["spatial"]``, ``uns["dbk"]["predictions"]`` (``pred_key`` and the table it
+    came from) and, with ``measured_layer``, ``layers[measured_layer]``.
+
+    From a SpatialData, ``uns["spatial"][library_id]`` holds the H&E (``images["hires"]``, uint8) with its
+    ``scalefactors`` (``tissue_hires_scalef``, ``spot_diameter_fullres`` = the tile side), scanpy's and squidpy's
+    convention, so ``sq.pl.spatial_scatter(out, color=gene)`` draws the predictions over the H&E; and the table's
+    link to the tiles (``uns["spatialdata_attrs"]``, ``obs`` region / instance columns) is kept, so
+    ``sdata.tables["pred"] = out`` annotates ``sdata.shapes[tiles_key]`` and spatialdata-plot colours the tiles
+    by a predicted gene (``sdata.pl.render_shapes(tiles_key, color=gene, table_name="pred")``). From an AnnData,
+    ``uns["spatial"]`` is copied when the table has one.
+
+    Examples
+    --------
+    >>> out = dbk.tl.predictions_to_adata(sdata)  # doctest: +SKIP
+    >>> sq.pl.spatial_scatter(out, color="ERBB2")  # doctest: +SKIP
+    >>> sdata.tables["pred"] = out  # doctest: +SKIP
+    >>> sdata.pl.render_images("he").pl.render_shapes("dbk_tiles", color="ERBB2", table_name="pred").pl.show(
+    ...     coordinate_systems="global")  # doctest: +SKIP
     """
     if isinstance(data, SpatialData):
         if table_key not in data.tables:
@@ -83,6 +109,11 @@ def predictions_to_adata(
             out.obsm[key] = value.copy() if hasattr(value, "copy") else np.array(value)
     if SPATIAL_KEY in adata.uns:
         out.uns[SPATIAL_KEY] = _copy.deepcopy(adata.uns[SPATIAL_KEY])
+    if "spatialdata_attrs" in adata.uns:  # the link to the tiles, for spatialdata(-plot)
+        out.uns["spatialdata_attrs"] = _copy.deepcopy(adata.uns["spatialdata_attrs"])
+    if isinstance(data, SpatialData) and tiles_key in data.shapes:
+        lib = library_id or str(data.attrs.get("sample", "slide"))
+        out.uns[SPATIAL_KEY] = {lib: _scanpy_image(data, tiles_key, hires_max_side)}
     out.uns[UNS_KEY] = {"predictions": {"pred_key": pred_key, "table_key": table_key}}
     if measured_layer is not None:
         out.layers[measured_layer] = _measured(adata, list(out.var_names))
@@ -102,3 +133,19 @@ def _measured(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
         m = (m.toarray() if hasattr(m, "toarray") else np.asarray(m)) > 0
         x[~m] = np.nan
     return x
+
+
+def _scanpy_image(sdata: SpatialData, tiles_key: str, max_side: int) -> dict:
+    """Scanpy's image entry of a slide: its H&E at most ``max_side`` px wide, and the scale factors to level 0."""
+    from .._image import thumbnail
+    from ..pp._tiles import tile_bounds
+
+    image_key = sdata.shapes[tiles_key].attrs.get("dbk", {}).get("image_key")
+    img, downsample = thumbnail(sdata, image_key, max_side=max_side)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    b = tile_bounds(sdata, tiles_key)
+    side = float(np.median(b[:, 2] - b[:, 0])) if len(b) else 1.0
+    return {"images": {"hires": np.ascontiguousarray(img)},
+            "scalefactors": {"tissue_hires_scalef": 1.0 / downsample, "spot_diameter_fullres": side},
+            "metadata": {"source": "dbk.tl.predictions_to_adata"}}
