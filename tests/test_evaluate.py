@@ -176,3 +176,25 @@ def test_prediction_columns_matched_by_name(rng):
     a.obsm["dbk_pred"] = np.zeros((15, 3))
     with pytest.raises(TypeError, match="DataFrame"):
         evaluate(a, key_added=None)
+
+
+def test_a_constant_predictor_logs_no_undefined_pearson_noise(caplog):
+    import logging
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    import dbk
+
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(rng.random((20, 3)), var=pd.DataFrame(index=["A", "B", "C"]))
+    a.obs_names = [f"t{i}" for i in range(20)]
+    a.obsm["mean"] = pd.DataFrame(np.tile([1.0, 2.0, 3.0], (20, 1)), index=a.obs_names, columns=["A", "B", "C"])
+    a.obsm["half"] = a.obsm["mean"].copy()
+    a.obsm["half"]["A"] = rng.random(20)  # one gene varies: the others' undefined Pearson is worth a line
+    with caplog.at_level(logging.INFO, logger="dbk"):
+        dbk.tl.evaluate(a, pred_key="mean", hvg_genes=["A", "B", "C"], key_added=None)
+        assert "undefined Pearson" not in caplog.text
+        dbk.tl.evaluate(a, pred_key="half", hvg_genes=["A", "B", "C"], key_added=None)
+    assert "2 genes have an undefined Pearson" in caplog.text

@@ -264,7 +264,8 @@ def evaluate(
         "top_k": int(k),
         "hvg_source": hvg_source,
     }
-    if summary["n_genes_nan_pearson"]:
+    constant_prediction = bool(np.all(np.nanmax(q, axis=0) == np.nanmin(q, axis=0))) if q.size else False
+    if summary["n_genes_nan_pearson"] and not constant_prediction:  # a constant predictor has none: nothing to say
         logger.info(f"evaluate: {summary['n_genes_nan_pearson']} genes have an undefined Pearson (constant truth or "
                     "prediction, or < 2 measured tiles); they are left out of the means.")
     df = pd.DataFrame(
