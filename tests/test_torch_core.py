@@ -176,3 +176,30 @@ def test_torch_core_imports_without_spatialdata(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr"])
+def test_exported_tiles_train_the_core_without_the_spatialdata_stack(tmp_path, suffix):
+    import dbk
+
+    sd = dbk.datasets.synthetic(shape=(768, 768), random_state=0)
+    dbk.pp.make_tiles(sd, tile_size_um=56.0)
+    dbk.pp.pseudobulk(sd)
+    path = dbk.pp.export_tiles(sd, tmp_path / f"tiles{suffix}", size_px=32)
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("spatialdata", "anndata", "scanpy", "squidpy", "dask", "geopandas", "xarray"):
+            sys.modules[name] = None  # importing any of them now fails
+        import numpy as np
+        from dbk.core import DiffusionPretrainer, TileArrays
+        t = TileArrays.read({str(path)!r})
+        assert t.images.shape[1:] == (32, 32, 3) and t.X.shape == (len(t), 60) and t.tile_size_um == 56.0
+        m = DiffusionPretrainer(t.genes, preset="tiny", image_size=16, block_out_channels=(16, 32), gene_dim=32)
+        m.fit(t, max_steps=2, batch_size=4, accelerator="cpu")
+        assert m.step == 2 and m.tile_size_um == 56.0
+        print("ok", len(t))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("ok")

@@ -201,6 +201,45 @@ class TileArrays:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @classmethod
+    def read(cls, path) -> TileArrays:
+        """The tiles of a file written by :func:`dbk.pp.export_tiles` (``.h5`` with h5py, else a zarr folder).
+
+        Reads ``images`` and, when the file has them, ``X`` with ``genes`` (the training targets), ``measured``,
+        ``tile_size_um`` and the slide ``name``: what the core trains on, with no SpatialData stack installed.
+        """
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"No exported tiles at {path} (write them with dbk.pp.export_tiles).")
+        if path.suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                data = {k: f[k][()] for k in f}
+                attrs = dict(f.attrs)
+        else:
+            import zarr
+
+            g = zarr.open_group(str(path), mode="r")
+            data = {k: np.asarray(g[k][...]) for k in g.array_keys()}
+            attrs = dict(g.attrs)
+        if "images" not in data:
+            raise ValueError(f"{path} holds no 'images' dataset; is it a dbk.pp.export_tiles file?")
+
+        def text(v):
+            return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(v).ravel()]
+
+        size = data.get("tile_size_um", attrs.get("tile_size_um"))
+        size = None if size is None else float(np.asarray(size, np.float64).ravel()[0])
+        return cls(images=np.asarray(data["images"], np.uint8),
+                   X=np.asarray(data["X"], np.float32) if "X" in data and "genes" in data else None,
+                   genes=text(data["genes"]) if "X" in data and "genes" in data else None,
+                   measured=np.asarray(data["measured"], bool) if "measured" in data and "X" in data else None,
+                   name=str(attrs.get("name", path.stem)),
+                   tile_size_um=None if size is None or not np.isfinite(size) else size)
+
 
 class _BalancedStepSampler(torch.utils.data.Sampler):
     """Like :class:`_StepSampler`, with a fixed share of each batch drawn from the tiles that have a profile.

@@ -365,9 +365,11 @@ def export_tiles(
     """Write tiles and their pseudo-bulk to one file for other tools (``.h5``/``.hdf5`` with h5py, else zarr).
 
     Datasets: ``images`` (n, size_px, size_px, 3) uint8, ``tile_id``, ``bounds`` (x0, y0, x1, y1 level-0 px),
-    and with a table ``counts`` (n, genes; raw counts when present, else ``X``), ``X`` and ``genes``. Written to a
-    temporary file and renamed, so an interrupted export leaves no partial file. ``size_px`` and
-    ``target_pixel_size_um`` as in :class:`TileDataset`.
+    ``tile_size_um`` (NaN when the image has no pixel size), and with a table ``counts`` (n, genes; raw counts when
+    present, else ``X``), ``X``, ``genes`` and ``measured`` (which genes each tile's slide measured); the slide's
+    name in the attribute ``name``. Written to a temporary file and renamed, so an interrupted export leaves no
+    partial file. ``size_px`` and ``target_pixel_size_um`` as in :class:`TileDataset`. The torch core reads it back
+    with :meth:`dbk.core.TileArrays.read`, so a GPU node trains stage 1 on it without the SpatialData stack.
     """
     from .._utils import atomic_path
 
@@ -375,7 +377,11 @@ def export_tiles(
     ds = TileDataset(sdata, tiles_key, image_key=image_key, size_px=size_px,
                      target_pixel_size_um=target_pixel_size_um, table_key=table_key)
     images = np.stack([ds.read(i) for i in range(len(ds))])
-    out = {"images": images, "tile_id": np.asarray(ds.tile_ids).astype(str).astype("S"), "bounds": ds.bounds}
+    from ._prepare import slide_names, tile_size_um
+
+    size_um = tile_size_um(sdata, tiles_key)
+    out = {"images": images, "tile_id": np.asarray(ds.tile_ids).astype(str).astype("S"), "bounds": ds.bounds,
+           "tile_size_um": np.asarray([np.nan if size_um is None else size_um], np.float64)}
     if table_key is not None:
         adata = sdata.tables[table_key]
         import pandas as pd
@@ -386,18 +392,21 @@ def export_tiles(
         out["counts"] = c.toarray() if hasattr(c, "toarray") else np.asarray(c)
         out["X"] = ds.expr
         out["genes"] = np.asarray(ds.genes).astype("S")
+        out["measured"] = np.asarray(ds.mask > 0)
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.suffix in (".h5", ".hdf5"):
             import h5py
 
             with h5py.File(tmp, "w") as f:
+                f.attrs["name"] = slide_names([sdata], table_key or TILES_TABLE_KEY)[0]
                 for k, v in out.items():
                     f.create_dataset(k, data=v, compression="gzip" if k == "images" else None)
         else:
             import zarr
 
             g = zarr.open_group(str(tmp), mode="w")
+            g.attrs["name"] = slide_names([sdata], table_key or TILES_TABLE_KEY)[0]
             for k, v in out.items():
                 if v.dtype.kind == "S":  # variable-length UTF-8, the string type zarr v3 specifies
                     v = v.astype(str).astype(np.dtypes.StringDType())
