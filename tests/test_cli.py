@@ -105,6 +105,15 @@ def test_fit_saves_a_model(demo, tmp_path):
     assert len(cfg["genes"]) == 10 and cfg["fm"]["size_px"] == 96
     with pytest.raises(SystemExit, match="No data"):
         run("fit", "--out", tmp_path / "m2")
+    # the recommended head from the command line: reduced-rank ridge with spatial context, late blend
+    run("fit", out / "demo.zarr", "--out", tmp_path / "r", "--preset", "tiny", "--pretrain-steps", 2,
+        "--fm-size-px", 96, "--tile-um", 56, "--fusion", "ridge", "--rank", "auto", "--blend", "late",
+        "--context-um", 120, "--batch-size", 16)
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["fusion"] == "ridge" and cfg["context_um"] == 120.0
+    assert cfg["head"]["rank"] == "auto" and cfg["head"]["blend"] == "late"
+    with pytest.raises(SystemExit, match="add --fusion ridge"):
+        run("fit", out / "demo.zarr", "--out", tmp_path / "g", "--rank", "auto")
     with pytest.raises(SystemExit, match="exists"):
         run("fit", out / "demo.zarr", "--out", tmp_path / "m")
 
@@ -113,3 +122,22 @@ def test_demo_on_a_slide_too_small_for_a_model_still_checks_the_preprocessing(tm
     text = run("demo", "--size", 1024, "--out", tmp_path)  # 112 µm tiles: ~10 tiles
     assert re.search(r"exact\s+yes", text) and "model stages were skipped" in text
     assert (tmp_path / "demo.zarr").exists() and not (tmp_path / "model").exists()
+
+
+
+def test_fit_help_shows_choices_and_defaults_without_the_spatialdata_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io; from dbk.cli import main\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n"
+            "    try: main(['fit', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(buf.getvalue())\n"
+            "print('HEAVY', [m for m in ('spatialdata', 'torch', 'anndata') if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    text = " ".join(res.stdout.split())
+    assert "{auto,tiny,cpu-small,gpu,paper}" in text and "(default: auto)" in text
+    assert "--context-um" in text and "--rank" in text and "--fm-arch" in text and "(default: 32)" in text
+    assert "HEAVY []" in text

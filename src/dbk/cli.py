@@ -15,6 +15,9 @@ from dbk._constants import PRED_KEY
 METRICS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all",
            "spearman_per_tile_mean", "pearson_flattened")
 
+# the stage-1 presets (dbk.core._presets.PRESETS, listed here so that `dbk --help` imports nothing heavy)
+PRESET_CHOICES = ("auto", "tiny", "cpu-small", "gpu", "paper")
+
 # stage-1 settings of the demo: the "tiny" preset (32 px) trains a few hundred steps in minutes on 2 CPU cores;
 # --quick shrinks it to a smoke test (16 px, two narrow levels, a few steps)
 DEMO_STAGE1_STEPS = 150
@@ -342,13 +345,20 @@ def cmd_fit(args) -> int:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
     head = {k: v for k, v in (("max_epochs", args.max_epochs),) if v is not None}
+    if args.fusion != "ridge" and (args.rank is not None or args.blend is not None):
+        raise SystemExit("--rank and --blend are options of the ridge head: add --fusion ridge.")
+    if args.rank is not None:
+        head["rank"] = args.rank if args.rank == "auto" else int(args.rank)
+    if args.blend is not None:
+        head["blend"] = args.blend
     t = time.perf_counter()
     model = fit_diffbulk(
         slides if len(slides) > 1 else slides[0],
         genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes, fm=args.fm,
         fm_size_px=args.fm_size_px, preset=args.preset, fusion=args.fusion, pretrain_steps=args.pretrain_steps,
         tile_size_um=args.tile_um, random_state=args.seed, accelerator=args.accelerator,
-        checkpoint_dir=args.checkpoint_dir, **head)
+        checkpoint_dir=args.checkpoint_dir, context_um=args.context_um, batch_size=args.batch_size,
+        fm_kwargs={"arch": args.fm_arch} if args.fm_arch else None, **head)
     model.save(out, overwrite=args.overwrite)
     print(f"\n{model!r}\nfitted in {time.perf_counter() - t:.0f} s, saved to {out}")
     tm = slides[0].tables["dbk_table"].uns[PRED_KEY]["training_metrics"]
@@ -491,23 +501,35 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0, help="random seed")
     p_demo.add_argument("--quick", action="store_true", help="a smoke-test model (seconds, not minutes)")
 
-    p_fit = sub.add_parser("fit", help="fit DiffBulk on slides with H&E and expression; save the model folder")
+    p_fit = sub.add_parser("fit", help="fit DiffBulk on slides with H&E and expression; save the model folder",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p_fit.add_argument("data", nargs="*", help="SpatialData .zarr folders")
     _add_data_args(p_fit, many=True)
     p_fit.add_argument("--out", required=True, help="model folder to write")
-    p_fit.add_argument("--preset", default="auto",
-                       help="stage-1 preset: auto (gpu on CUDA, else a short cpu-small), tiny, cpu-small, gpu, paper")
+    p_fit.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                       help="stage-1 preset (auto: gpu on CUDA, else a short cpu-small)")
     p_fit.add_argument("--pretrain-steps", type=int, default=None, help="stage-1 steps (default: the preset's)")
-    p_fit.add_argument("--fm", default="efficientnet_lite0", help="foundation model (timm / hf-hub id)")
+    p_fit.add_argument("--fm", default="efficientnet_lite0",
+                       help="foundation model: a timm name, an hf-hub: id, local-dir:/folder or a checkpoint file")
+    p_fit.add_argument("--fm-arch", default=None,
+                       help="timm architecture of a --fm checkpoint file (e.g. vit_large_patch16_224 for UNI)")
     p_fit.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
     p_fit.add_argument("--genes", default=None, help="file with the genes to predict, one per line")
     p_fit.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes")
     p_fit.add_argument("--fusion", default="gated", choices=["gated", "concat", "add", "film", "ridge"],
                        help="fusion head: neural (gated, concat, add, film) or ridge (linear, alpha by inner CV)")
     p_fit.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
+    p_fit.add_argument("--rank", default=None,
+                       help="ridge head (--fusion ridge): reduced rank, 'auto' (by inner CV) or a number; none: full")
+    p_fit.add_argument("--blend", default=None, choices=["early", "late"],
+                       help="ridge head (--fusion ridge): one ridge on both feature sets (early) or one per set, "
+                            "blended by inner CV (late); none: early")
+    p_fit.add_argument("--context-um", type=float, default=None,
+                       help="spatial context: features joined by their mean within this radius in µm (e.g. 300)")
+    p_fit.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass of the feature extractors")
     p_fit.add_argument("--max-epochs", type=int, default=None, help="fusion-head epochs (early stopping)")
     p_fit.add_argument("--checkpoint-dir", default=None, help="stage-1 checkpoints (resumed when present)")
-    p_fit.add_argument("--seed", type=int, default=0)
+    p_fit.add_argument("--seed", type=int, default=0, help="random seed of both stages")
     p_fit.add_argument("--accelerator", default="auto",
                        help="where to train: auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p_fit.add_argument("--overwrite", action="store_true")
