@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 
 import numpy as np
@@ -53,8 +54,12 @@ def test_demo_runs_end_to_end_and_prints_the_metrics_table(demo):
     for stage in ("fit DiffBulk", "predict (H&E-only slide)", "evaluate", "write zarr"):
         assert stage in text
     for f in ("model/config.json", "model/pretrainer/config.json", "demo.zarr", "heldout.zarr",
-              "heldout_measured_vs_predicted.png", "training_stage1.png", "training_head.png", "tiles_ERBB2.png"):
+              "heldout_measured_vs_predicted.png", "training_stage1.png", "head_selection.png", "tiles_ERBB2.png"):
         assert (out / f).exists(), f
+    # the head chosen by inner CV (fusion="auto"): its epochs are drawn only when it is a neural head
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert (out / "training_head.png").exists() == (cfg["fusion"] != "ridge")
+    assert "chosen by inner CV" in text
 
 
 def test_predict_from_zarr_and_from_a_plain_image(demo, tmp_path):
@@ -97,7 +102,7 @@ def test_benchmark_prints_metrics_of_a_saved_model(demo, tmp_path):
 def test_fit_saves_a_model(demo, tmp_path):
     out, _ = demo
     text = run("fit", out / "demo.zarr", "--out", tmp_path / "m", "--preset", "tiny", "--pretrain-steps", 2,
-               "--fm-size-px", 96, "--tile-um", 56, "--max-epochs", 3, "--n-top-genes", 10)
+               "--fm-size-px", 96, "--tile-um", 56, "--fusion", "gated", "--max-epochs", 3, "--n-top-genes", 10)
     assert "saved to" in text and "Validation" in text
     import json
 
@@ -114,6 +119,15 @@ def test_fit_saves_a_model(demo, tmp_path):
     assert cfg["head"]["rank"] == "auto" and cfg["head"]["blend"] == "late"
     with pytest.raises(SystemExit, match="add --fusion ridge"):
         run("fit", out / "demo.zarr", "--out", tmp_path / "g", "--rank", "auto")
+    with pytest.raises(SystemExit, match="add --fusion gated"):
+        run("fit", out / "demo.zarr", "--out", tmp_path / "g", "--max-epochs", 3)
+    # the default head: chosen by inner CV, recorded in the model folder
+    run("fit", out / "demo.zarr", "--out", tmp_path / "a", "--preset", "tiny", "--pretrain-steps", 2,
+        "--fm-size-px", 96, "--tile-um", 56, "--n-top-genes", 10)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    sel = cfg["head_selection"]
+    assert len(sel["candidates"]["name"]) == 7 and sel["chosen"] in sel["candidates"]["name"]
+    assert len(cfg["cv_pearson"]) == 10 and cfg["fusion"] in ("ridge", "gated")
     with pytest.raises(SystemExit, match="exists"):
         run("fit", out / "demo.zarr", "--out", tmp_path / "m")
 

@@ -22,8 +22,9 @@ from dbk.tl._diffusion_features import diffusion_features, feature_levels, tile_
 # a stage-1 model small enough to train in seconds on a CPU: 16 px images, two U-Net levels of 16 / 32 channels
 TINY = {"image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8, "warmup_steps": 5,
         "log_every": 5}
+# the gated head explicitly: these tests are about the neural head's path (fusion="auto" is in test_head_cv.py)
 FIT = {"preset": "tiny", "pretrain_steps": 20, "pretrain_kwargs": TINY, "tile_size_um": 56.0, "fm_size_px": 96,
-       "random_state": 0}
+       "random_state": 0, "fusion": "gated"}
 SHAPE = (2048, 2048)  # ~200 tiles of 56 µm
 
 

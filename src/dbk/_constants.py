@@ -52,3 +52,7 @@ CONTROL_PREFIXES = (
     "Intergenic_Region_",
     "antisense_",
 )
+
+#: ``var`` column of a predicted table (:func:`dbk.tl.predictions_to_adata`): each gene's CV score, the Pearson r of
+#: the fit's inner cross-validation on its training slides (:attr:`dbk.tl.DiffBulk.cv_pearson`).
+CV_PEARSON_KEY = "dbk_cv_pearson"

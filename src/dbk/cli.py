@@ -202,8 +202,7 @@ def demo(
             ("diffusion features", f"{diff['dim']} from {'+'.join(diff['levels'])}, sigma {diff['sigma']:g}"),
             ("foundation model", f"{model.fm_id} at {model.config['fm']['size_px']} px, "
                                  f"{model.config['fm']['dim']} features"),
-            ("fusion head", f"{model.fusion}, best epoch {head.best_epoch_ + 1} of {len(head.history_['val_loss'])} "
-                            f"(early stopping on {head.validation_})"),
+            ("fusion head", _head_text(model, head, adata.uns[PRED_KEY])),
         ]
         print("\nModel")
         print(_table(training, ("part", "setting")))
@@ -222,6 +221,24 @@ def demo(
         raise SystemExit("pseudo-bulk total differs from the brute-force count")
     return {"timings": timings, "summary": summary, "metrics": fitted["metrics"] if fitted else None,
             "model": fitted["model"] if fitted else None}
+
+
+def _head_text(model, head, record: dict) -> str:
+    """One line on the fitted head: which, how it stopped or was regularised, and the inner-CV choice."""
+    import numpy as np
+
+    if model.fusion == "ridge":
+        alpha = head.alpha_ if np.ndim(head.alpha_) == 0 else float(np.median(head.alpha_))
+        text = f"ridge, alpha {alpha:.3g}" + ("" if head.rank_ is None else f", target rank {head.rank_}")
+    else:
+        text = (f"{model.fusion}, best epoch {head.best_epoch_ + 1} of {len(head.history_['val_loss'])} "
+                f"(early stopping on {head.validation_})")
+    if model.context_um is not None:
+        text += f", context {model.context_um:g} µm"
+    sel = record.get("head_selection")
+    if isinstance(sel, dict) and len(sel.get("candidates", [])) > 1:
+        text += f"; chosen by inner CV ({sel['scheme']}) among {len(sel['candidates'])} heads"
+    return text
 
 
 def _demo_model(sdata, out: Path, stage, *, size: int, tile_size_um: float, random_state: int, quick: bool) -> dict:
@@ -286,11 +303,24 @@ def _demo_model_figures(fitted: dict, out: Path) -> list[Path]:
     dbk.pl.training_history(model.pretrainer, show=False, save=str(p))
     paths.append(p)
     head = model.head.history_
-    records = [{"step": i + 1, "train_loss": a, "val_loss": b}
-               for i, (a, b) in enumerate(zip(head["train_loss"], head["val_loss"], strict=True))]
-    p = out / "training_head.png"
-    dbk.pl.training_history(records, keys=("train_loss", "val_loss"), show=False, save=str(p))
-    paths.append(p)
+    if "train_loss" in head:  # a neural head's epochs (the ridge head has an inner-CV curve instead)
+        records = [{"step": i + 1, "train_loss": a, "val_loss": b}
+                   for i, (a, b) in enumerate(zip(head["train_loss"], head["val_loss"], strict=True))]
+        p = out / "training_head.png"
+        dbk.pl.training_history(records, keys=("train_loss", "val_loss"), show=False, save=str(p))
+        paths.append(p)
+    sel = model.config.get("head_selection")
+    if sel and len(sel["candidates"]["name"]) > 1:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(sel["candidates"]["name"])))
+        ax.barh(sel["candidates"]["name"], sel["candidates"]["cv_pearson_mean"], color="tab:blue")
+        ax.set_xlabel(f"mean Pearson r over genes, inner CV ({sel['scheme']})")
+        ax.set_title(f"fusion='auto' chose {sel['chosen']}")
+        p = out / "head_selection.png"
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
     return paths
 
 
@@ -347,6 +377,8 @@ def cmd_fit(args) -> int:
     head = {k: v for k, v in (("max_epochs", args.max_epochs),) if v is not None}
     if args.fusion != "ridge" and (args.rank is not None or args.blend is not None):
         raise SystemExit("--rank and --blend are options of the ridge head: add --fusion ridge.")
+    if args.fusion in ("auto", "ridge") and args.max_epochs is not None:
+        raise SystemExit("--max-epochs is an option of the neural heads: add --fusion gated (or concat, add, film).")
     if args.rank is not None:
         head["rank"] = args.rank if args.rank == "auto" else int(args.rank)
     if args.blend is not None:
@@ -355,7 +387,8 @@ def cmd_fit(args) -> int:
     model = fit_diffbulk(
         slides if len(slides) > 1 else slides[0],
         genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes, fm=args.fm,
-        fm_size_px=args.fm_size_px, preset=args.preset, fusion=args.fusion, pretrain_steps=args.pretrain_steps,
+        fm_size_px=args.fm_size_px, preset=args.preset, fusion=args.fusion, head_cv=args.head_cv,
+        pretrain_steps=args.pretrain_steps,
         tile_size_um=args.tile_um, random_state=args.seed, accelerator=args.accelerator,
         checkpoint_dir=args.checkpoint_dir, context_um=args.context_um, batch_size=args.batch_size,
         fm_kwargs={"arch": args.fm_arch} if args.fm_arch else None, **head)
@@ -364,7 +397,7 @@ def cmd_fit(args) -> int:
     tm = slides[0].tables["dbk_table"].uns[PRED_KEY]["training_metrics"]
     if "validation" in tm:
         v = tm["validation"]
-        how = ("a head refitted without them" if args.fusion == "ridge"
+        how = ("a head refitted without them" if model.fusion == "ridge"
                else "used for early stopping, so slightly optimistic")
         print(f"\nValidation ({v['split']}, {v['n_tiles']} tiles; {how})")
         print(metrics_table({"DiffBulk": v["diffbulk"], "mean (training mean per gene)": v["mean"]}))
@@ -516,8 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
     p_fit.add_argument("--genes", default=None, help="file with the genes to predict, one per line")
     p_fit.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes")
-    p_fit.add_argument("--fusion", default="gated", choices=["gated", "concat", "add", "film", "ridge"],
-                       help="fusion head: neural (gated, concat, add, film) or ridge (linear, alpha by inner CV)")
+    p_fit.add_argument("--fusion", default="auto", choices=["auto", "gated", "concat", "add", "film", "ridge"],
+                       help="fusion head: auto (chosen by inner CV on the training slides among reduced-rank ridge "
+                            "heads with and without spatial context and the gated head), neural (gated, concat, add, "
+                            "film) or ridge (linear, alpha by inner CV)")
+    p_fit.add_argument("--head-cv", type=int, default=3,
+                       help="folds of the head's inner CV on the training slides (per-gene CV scores; auto's choice); "
+                            "0: none")
     p_fit.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
     p_fit.add_argument("--rank", default=None,
                        help="ridge head (--fusion ridge): reduced rank, 'auto' (by inner CV) or a number; none: full")

@@ -37,7 +37,7 @@ def compute() -> dict[str, np.ndarray]:
     train = dbk.datasets.synthetic(shape=(SIZE, SIZE), random_state=SEED)
     held = dbk.datasets.synthetic(shape=(SIZE, SIZE), random_state=SEED + 1)
     held.attrs["sample"] = "heldout"
-    models = {"gated": dbk.tl.fit_diffbulk(train, **fit_kw)}
+    models = {"gated": dbk.tl.fit_diffbulk(train, fusion="gated", **fit_kw)}
     pre = models["gated"].pretrainer
     common = {k: v for k, v in fit_kw.items() if k not in ("preset", "pretrain_steps", "pretrain_kwargs")}
     models["ridge_rr_ctx"] = dbk.tl.fit_diffbulk(train, pretrainer=pre, fusion="ridge", rank="auto",

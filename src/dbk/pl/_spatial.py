@@ -29,6 +29,7 @@ def spatial(
     cmap: str = "viridis",
     vmax_quantile: float = 0.99,
     alpha: float = 0.8,
+    min_cv_pearson: float | None = 0.1,
     ax=None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -37,7 +38,10 @@ def spatial(
     """Per gene, measured and predicted expression maps side by side, with one shared colour scale.
 
     Each row is a gene and each column a kind; the predicted panel's title carries the gene's Pearson r between
-    measured and predicted over the tiles.
+    measured and predicted over the tiles and, where the predictions carry them, the gene's CV score
+    (:func:`dbk.tl.cv_pearson`). A gene whose CV score is below ``min_cv_pearson`` (or undefined) is marked
+    *untrusted* in red: the model did not predict it well on held-out training slides, so its map is not to be
+    believed.
 
     Parameters
     ----------
@@ -68,6 +72,8 @@ def spatial(
         Upper end of the shared colour scale, as a quantile of the measured and predicted values together.
     alpha
         Opacity of the tiles over the image.
+    min_cv_pearson
+        CV score under which a predicted gene is marked untrusted (``None``: no marking).
     {plot_params}
 
     {plot_returns}
@@ -75,6 +81,8 @@ def spatial(
     genes = [genes] if isinstance(genes, str) else list(genes)
     adata = get_table(data, table_key)
     kinds = _kinds(adata, genes, kinds, pred_key)
+    cv = _cv_scores(adata, pred_key)
+    pred_table = pred_key not in adata.obsm and cv is not None  # a predicted table: its X holds predictions
     # a row per gene with its kinds side by side; one kind only: the genes side by side
     ncols = len(kinds) if len(kinds) > 1 else min(len(genes), 3)
     fig, axes = new_axes(ax, len(genes) * len(kinds), ncols=ncols, size=4.2)
@@ -111,11 +119,24 @@ def spatial(
             title = f"{gene} {kind}"
             if kind == "predicted" and r is not None:
                 title += f" (r = {r:.2f})"
-            axis.set_title(title)
+            color = None
+            if cv is not None and (kind == "predicted" or pred_table):
+                score = float(cv.get(gene, np.nan))
+                title += f"\nCV r = {score:.2f}" if np.isfinite(score) else "\nno CV score"
+                if min_cv_pearson is not None and not (np.isfinite(score) and score >= min_cv_pearson):
+                    title += f": untrusted (< {min_cv_pearson:g})"
+                    color = "tab:red"
+            axis.set_title(title, **({"color": color} if color else {}))
             axis.set_axis_off()
         # one colour bar for the gene's panels: they share the scale
         fig.colorbar(mappable, ax=row, shrink=0.7, label=f"{gene}, {layer or 'log1p expression'}")
     return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def _cv_scores(adata, pred_key: str):
+    from ..tl import cv_pearson
+
+    return cv_pearson(adata, pred_key=pred_key)
 
 
 def _kinds(adata, genes: list[str], kinds: Sequence[str] | None, pred_key: str) -> list[str]:

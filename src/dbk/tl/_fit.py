@@ -32,7 +32,8 @@ def fit_diffbulk(
     fm_size_px: int = 224,
     fm_kwargs: dict | None = None,
     preset: str = "auto",
-    fusion: str = "gated",
+    fusion: str = "auto",
+    head_cv: int = 3,
     pretrainer=None,
     pretrain_steps: int | None = None,
     pretrain_kwargs: dict | None = None,
@@ -85,12 +86,24 @@ def fit_diffbulk(
         minutes), ``"cpu-small"`` (64 px, a CPU), ``"gpu"`` (128 px, one GPU), ``"paper"`` (224 px), ``"tiny"``
         (tests, demos).
     fusion
-        ``"gated"`` (default), ``"concat"``, ``"add"`` or ``"film"`` (neural heads, see :class:`dbk.tl.FusionHead`),
-        or ``"ridge"``: a linear head, ridge regression on the concatenated ``[z_fm; z_diff]`` (each block first
-        scaled by :class:`InputScaler`), alpha chosen from ``logspace(-2, 8, 21)`` by inner cross-validation grouped
-        by training slide, exactly as ``fit_baseline(..., "ridge_cv")``
+        ``"auto"`` (default): the head chosen by inner cross-validation over the training slides (``head_cv``
+        folds, grouped by slide) among reduced-rank ridge heads (``fusion="ridge", rank="auto"``, early- and
+        late-fused: ``blend="late"``) without spatial context and, unless ``context_um`` is given, with context radii
+        of 1.5 and 2.5 times the spacing of the tile centres, and the gated neural head; the choice and every
+        candidate's CV score are logged and stored in ``uns[key_added]["head_selection"]``. Or one head:
+        ``"gated"``, ``"concat"``, ``"add"`` or ``"film"`` (neural heads, see :class:`dbk.tl.FusionHead`), or
+        ``"ridge"``: a linear head, ridge regression on the concatenated ``[z_fm; z_diff]`` (each block first scaled
+        by :class:`InputScaler`), alpha chosen from ``logspace(-2, 8, 21)`` by inner cross-validation grouped by
+        training slide, exactly as ``fit_baseline(..., "ridge_cv")``
         (:class:`~dbk.tl._fusion.RidgeFusionRegressor`). On small training sets (hundreds to a few thousand tiles)
         the ridge head is the stronger one: the neural heads overfit there.
+    head_cv
+        Folds of the head's inner cross-validation on the training slides (groups of slides held out; spatial
+        stripes of a single slide). It gives every gene its *CV score* (:attr:`DiffBulk.cv_pearson`: the Pearson r
+        of held-out training tiles, averaged over folds; never computed on other slides), carried by
+        :meth:`DiffBulk.predict` to the predictions so that :func:`dbk.tl.predictions_to_adata` and the plots can
+        set apart the genes the model does not predict well. ``0`` skips it (no CV scores; ``fusion="auto"`` then
+        cannot choose). It costs ``head_cv`` extra head fits per candidate.
     pretrainer
         A fitted :class:`~dbk.tl.DiffusionPretrainer` (or its saved folder) to use instead of training stage 1,
         e.g. one shared by several methods of a benchmark. Train it on training slides only.
@@ -161,13 +174,15 @@ def fit_diffbulk(
         fit_record,
         load_fm,
         model_tile_size,
+        select_head,
         train_stage1,
         training_table,
         write_back,
     )
     from ._model import DiffBulk
 
-    _check_options(fusion=fusion, head_kwargs=head_kwargs, val_fraction=val_fraction, n_top_genes=n_top_genes,
+    _check_options(fusion=fusion, head_cv=head_cv, head_kwargs=head_kwargs, val_fraction=val_fraction,
+                   n_top_genes=n_top_genes,
                    batch_size=batch_size, pretrain_kwargs=pretrain_kwargs, tile_size_um=tile_size_um,
                    context_um=context_um, preset=preset if pretrainer is None else None, accelerator=accelerator)
     random_state = resolve_seed(random_state)
@@ -194,15 +209,27 @@ def fit_diffbulk(
         drec = add_diffusion_features(slides, pretrainer, sigma=sigma, levels=levels, pool=pool,
                                       random_state=random_state, tiles_key=tiles_key, table_key=table_key,
                                       batch_size=batch_size)
+    keys = [fm.key, DIFF_FEATURES_KEY]
+    with _timed(timings, "head_cv_s"):
+        tables = {context_um: training_table(slides, names, genes, keys, tiles_key=tiles_key, table_key=table_key,
+                                             context_um=context_um)}
+        selection = None
+        if head_cv:
+            selection = select_head(slides, names, genes, keys, tables, fusion=fusion, context_um=context_um,
+                                    head_kwargs=head_kwargs, head_cv=head_cv, random_state=random_state,
+                                    accelerator=accelerator, tiles_key=tiles_key, table_key=table_key)
+            head_fusion, context_um, head_kwargs = (selection.best.fusion, selection.best.context_um,
+                                                    selection.best.head_kwargs)
+        else:
+            head_fusion = fusion
     with _timed(timings, "head_s"):
-        keys = [fm.key, DIFF_FEATURES_KEY]
-        train = training_table(slides, names, genes, keys, tiles_key=tiles_key, table_key=table_key,
-                               context_um=context_um)
-        fitted = fit_fusion_head(train, genes, keys, fusion=fusion, val_fraction=val_fraction,
+        train = tables[context_um]
+        fitted = fit_fusion_head(train, genes, keys, fusion=head_fusion, val_fraction=val_fraction,
                                  random_state=random_state, accelerator=accelerator, head_kwargs=head_kwargs)
     record = fit_record(train, genes, names, fm=fm, pretrainer=pretrainer, features=drec, fitted=fitted,
-                        timings=timings, fusion=fusion, context_um=context_um, sigma=sigma, pool=pool,
-                        random_state=random_state, tile_size_um=tile_um, key_added=key_added)
+                        timings=timings, fusion=head_fusion, context_um=context_um, sigma=sigma, pool=pool,
+                        random_state=random_state, tile_size_um=tile_um, key_added=key_added, selection=selection,
+                        fusion_requested=fusion)
     model = DiffBulk(pretrainer=pretrainer, head=fitted.head, fm=fm.net, config=record["config"],
                      scalers=fitted.scalers)
     write_back(slides, names, fitted.pred, table_key=table_key, key_added=key_added, results=record["results"])
@@ -216,13 +243,22 @@ def fit_diffbulk(
     return model
 
 
-def _check_options(*, fusion, head_kwargs, val_fraction, n_top_genes, batch_size, pretrain_kwargs, tile_size_um,
+def _check_options(*, fusion, head_kwargs, head_cv=3, val_fraction, n_top_genes, batch_size, pretrain_kwargs,
+                   tile_size_um,
                    context_um, preset, accelerator="auto") -> None:
     """Every option of :func:`fit_diffbulk` checked before any work (an unknown preset fails before tiling)."""
     from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS
 
-    if fusion not in DIFFBULK_FUSIONS:
-        raise ValueError(f"Unknown fusion {fusion!r}; options: {', '.join(map(repr, DIFFBULK_FUSIONS))}.")
+    if fusion != "auto" and fusion not in DIFFBULK_FUSIONS:
+        raise ValueError(f"Unknown fusion {fusion!r}; options: 'auto', {', '.join(map(repr, DIFFBULK_FUSIONS))}.")
+    if isinstance(head_cv, bool) or not isinstance(head_cv, (int, np.integer)) or head_cv < 0 or head_cv == 1:
+        raise ValueError(f"head_cv must be 0 (no inner cross-validation) or a number of folds >= 2, got {head_cv!r}.")
+    if fusion == "auto" and not head_cv:
+        raise ValueError("fusion='auto' chooses the head by inner cross-validation: it needs head_cv >= 2 (or pass "
+                         "one fusion, e.g. fusion='ridge', with head_cv=0).")
+    if fusion == "auto" and head_kwargs:
+        raise ValueError(f"Head options {sorted(head_kwargs)} need one fusion (e.g. fusion='ridge' or 'gated'); "
+                         "fusion='auto' sets the options of each head it tries.")
     if fusion == "ridge" and set(head_kwargs) - set(RIDGE_OPTIONS):
         raise ValueError(f"fusion='ridge' takes the head options {list(RIDGE_OPTIONS)}, not "
                          f"{sorted(set(head_kwargs) - set(RIDGE_OPTIONS))} (those are for the neural fusions).")

@@ -166,6 +166,26 @@ def training_table(slides: list, names: list[str], genes: list[str], keys: list[
     return train
 
 
+def select_head(slides: list, names: list[str], genes: list[str], keys: list[str], tables: dict, *, fusion: str,
+                context_um: float | None, head_kwargs: dict, head_cv: int, random_state: int, accelerator: str,
+                tiles_key: str, table_key: str):
+    """The head's inner cross-validation on the training slides (:mod:`dbk.tl._head_cv`).
+
+    Gives per-gene CV scores and, with ``fusion="auto"``, the head, context radius and options to fit. ``tables``
+    (``{context_um: training table}``) is filled with the tables the candidates need.
+    """
+    from ._head_cv import cross_validate_heads, head_candidates, neighbour_spacing_um
+
+    spacing = neighbour_spacing_um(slides, table_key) if fusion == "auto" and context_um is None else None
+    cands = head_candidates(fusion, context_um=context_um, head_kwargs=head_kwargs, spacing_um=spacing)
+    for c in cands:
+        if c.context_um not in tables:
+            tables[c.context_um] = training_table(slides, names, genes, keys, tiles_key=tiles_key,
+                                                  table_key=table_key, context_um=c.context_um)
+    return cross_validate_heads(tables, genes, keys, cands, n_splits=head_cv, random_state=random_state,
+                                accelerator=accelerator)
+
+
 def scaled_table(train: ad.AnnData, keys: list[str], scalers: list[InputScaler]) -> ad.AnnData:
     """The head's table: targets, ``obs`` and ``obsm["spatial"]`` of ``train``, the features ``keys`` scaled."""
     # anndata >= 0.13 lists X as layers[None]; passing it back beside X raises, so copy the named layers only
@@ -304,9 +324,18 @@ def write_back(slides: list, names: list[str], pred: pd.DataFrame, *, table_key:
         a.uns[key_added] = jsonable(results)
 
 
+def _nan_to_none(v):
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    return None if isinstance(v, float) and not np.isfinite(v) else v
+
+
 def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: FoundationModel, pretrainer,
                features: dict, fitted: FittedHead, timings: dict[str, float], fusion: str, context_um: float | None,
-               sigma: float, pool: str, random_state: int, tile_size_um: float, key_added: str) -> dict:
+               sigma: float, pool: str, random_state: int, tile_size_um: float, key_added: str, selection=None,
+               fusion_requested: str | None = None) -> dict:
     """What a fit leaves behind: the model's ``config`` and the ``results`` for ``uns[key_added]``.
 
     ``results`` holds ``params`` (the settings), ``history`` (stage 1 and head curves) and ``training_metrics``
@@ -340,11 +369,15 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
                   "gene_var": var.tolist(), "hvg_order": hvg},
         "random_state": random_state,
         "dbk_version": __version__,
+        "cv_pearson": None if selection is None else [None if not np.isfinite(v) else float(v)
+                                                      for v in selection.cv_pearson.reindex(genes).to_numpy()],
+        "head_selection": None if selection is None else _nan_to_none(selection.record()),  # strict JSON
     }
     params = {
         "fm": fm.id, "fm_key": fm.key, "fm_size_px": fm.size_px, "fusion": fusion,
         "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step),
         "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(features["levels"]),
+        "fusion_requested": fusion_requested or fusion,
         "pool": pool, "context_um": context, "tile_size_um": tile_size_um, "genes": list(genes), "samples": names,
         "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": random_state,
         "pred_key": key_added, "diff_key": DIFF_FEATURES_KEY,
@@ -352,4 +385,9 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
     }
     history = {"stage1": records_to_columns(pretrainer.history),
                "head": {k: [float(v) for v in vals] for k, vals in head.history_.items()}}
-    return {"config": config, "results": {"params": params, "history": history, "training_metrics": metrics}}
+    results = {"params": params, "history": history, "training_metrics": metrics}
+    if selection is not None:
+        # NaN (not None) where a gene's score is undefined: h5ad stores a float array
+        results["head_selection"] = {**selection.record(), "genes": list(genes),
+                                     "cv_pearson": [float(v) for v in selection.cv_pearson.reindex(genes)]}
+    return {"config": config, "results": results}

@@ -111,6 +111,22 @@ class DiffBulk:
         return None if c is None else float(c)
 
     @property
+    def cv_pearson(self) -> pd.Series | None:
+        """Each gene's CV score: Pearson r of the head's inner cross-validation on the training slides.
+
+        Held-out groups of training slides (spatial stripes of a single slide) are predicted by the head fitted on
+        the others, each gene's r over their tiles is averaged over the groups (``fit_diffbulk(head_cv=...)``). It
+        says which genes the model predicts well *before* a map is believed; no test slide is involved. ``None``
+        for a model fitted with ``head_cv=0`` or saved before CV scores existed; NaN for a gene whose r is
+        undefined (constant on held-out tiles).
+        """
+        cv = self.config.get("cv_pearson")
+        if cv is None:
+            return None
+        return pd.Series([np.nan if v is None else float(v) for v in cv], index=pd.Index(self.genes),
+                         name="cv_pearson", dtype=np.float64)
+
+    @property
     def fm_id(self) -> str:
         return str(self.config["fm"]["id"])
 
@@ -289,6 +305,10 @@ class DiffBulk:
             "n_genes": len(self.genes),
             "dbk_version": __version__,
         })
+        cv = self.cv_pearson
+        if cv is not None:  # floats, NaN where undefined: h5ad stores them as arrays
+            uns["predict"]["genes"] = list(self.genes)
+            uns["predict"]["cv_pearson"] = [float(v) for v in cv.to_numpy()]
 
     # ---- save / load ------------------------------------------------------------------------------------------
 

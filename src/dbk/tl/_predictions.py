@@ -10,7 +10,16 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._constants import MEASURED_LAYER, PRED_KEY, SPATIAL_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
+from .._constants import (
+    CV_PEARSON_KEY,
+    MEASURED_LAYER,
+    PRED_KEY,
+    SPATIAL_KEY,
+    TILES_KEY,
+    TILES_TABLE_KEY,
+    UNS_KEY,
+)
+from .._logging import logger
 
 
 def predictions_to_adata(
@@ -23,6 +32,7 @@ def predictions_to_adata(
     tiles_key: str = TILES_KEY,
     library_id: str | None = None,
     hires_max_side: int = 2000,
+    min_cv_pearson: float | None = None,
 ) -> ad.AnnData:
     """Turn the predictions of a tile table into an AnnData tiles x predicted genes, ready for scanpy and squidpy.
 
@@ -49,6 +59,10 @@ def predictions_to_adata(
     hires_max_side
         Longest side in pixels of the H&E picture put into ``uns["spatial"]`` (read from the finest pyramid level
         that small; the whole slide is never loaded).
+    min_cv_pearson
+        Keep only the genes whose CV score (:func:`dbk.tl.cv_pearson`: the Pearson r of the fit's inner
+        cross-validation on its training slides) is at least this; genes without a score are dropped too. The number
+        kept and dropped is logged. ``None`` (default): keep all.
     measured_layer
         Also store the *measured* values of the same genes (the table's ``X``) in ``layers[measured_layer]``, so
         one call runs on predictions (``X``) or measurements (``layer=measured_layer``) over the same tiles and
@@ -99,6 +113,19 @@ def predictions_to_adata(
         if missing:
             raise KeyError(f"Genes not predicted (not in adata.obsm[{pred_key!r}]): {missing[:10]}.")
         pred = pred[genes]
+    cv = cv_pearson(adata, pred_key=pred_key)
+    if min_cv_pearson is not None:
+        if cv is None:
+            raise ValueError(f"min_cv_pearson needs the genes' CV scores, and adata.obsm[{pred_key!r}] has none (the "
+                             "model was fitted with head_cv=0, or the predictions do not come from DiffBulk.predict "
+                             "/ fit_diffbulk).")
+        score = cv.reindex(pred.columns.astype(str)).to_numpy()
+        keep = np.isfinite(score) & (score >= float(min_cv_pearson))
+        logger.info(f"predictions_to_adata: {int(keep.sum())} of {len(keep)} genes have a CV score >= "
+                    f"{min_cv_pearson:g} and are kept ({int((~keep).sum())} dropped).")
+        if not keep.any():
+            raise ValueError(f"No gene has a CV score >= {min_cv_pearson:g} (best: {np.nanmax(score):.3f}).")
+        pred = pred.loc[:, keep]
     out = ad.AnnData(
         X=pred.to_numpy(dtype=np.float32, copy=True),
         obs=adata.obs.copy(),
@@ -115,9 +142,49 @@ def predictions_to_adata(
         lib = library_id or str(data.attrs.get("sample", "slide"))
         out.uns[SPATIAL_KEY] = {lib: _scanpy_image(data, tiles_key, hires_max_side)}
     out.uns[UNS_KEY] = {"predictions": {"pred_key": pred_key, "table_key": table_key}}
+    if cv is not None:
+        out.var[CV_PEARSON_KEY] = cv.reindex(out.var_names).to_numpy(np.float64)
+        if min_cv_pearson is not None:
+            out.uns[UNS_KEY]["predictions"]["min_cv_pearson"] = float(min_cv_pearson)
     if measured_layer is not None:
         out.layers[measured_layer] = _measured(adata, list(out.var_names))
     return out
+
+
+def cv_pearson(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
+               table_key: str = TILES_TABLE_KEY) -> pd.Series | None:
+    """The CV score of each predicted gene of ``obsm[pred_key]``, or ``None`` when the predictions carry none.
+
+    The score is the Pearson r of the model's inner cross-validation on its training slides
+    (:attr:`DiffBulk.cv_pearson`); :meth:`DiffBulk.predict` writes it beside the predictions
+    (``uns["dbk"]["predict"]``) and :func:`fit_diffbulk` beside the training predictions
+    (``uns[key_added]["head_selection"]``). A predicted table from :func:`predictions_to_adata` has it in
+    ``var["dbk_cv_pearson"]``.
+
+    Parameters
+    ----------
+    data
+        The tile table (or a predicted table), or a SpatialData holding it.
+    pred_key
+        The predictions' key.
+    table_key
+        Tile table in ``sdata.tables``.
+
+    Returns
+    -------
+    A Series gene -> score (NaN where undefined), or ``None``.
+    """
+    adata = data.tables[table_key] if isinstance(data, SpatialData) else data
+    if pred_key not in adata.obsm and CV_PEARSON_KEY in adata.var:  # a table from predictions_to_adata
+        return adata.var[CV_PEARSON_KEY].astype(np.float64).rename("cv_pearson")
+    rec = adata.uns.get(UNS_KEY, {}).get("predict")
+    if not (isinstance(rec, dict) and rec.get("pred_key") == pred_key and "cv_pearson" in rec):
+        fit = adata.uns.get(pred_key)
+        rec = fit.get("head_selection") if isinstance(fit, dict) else None
+    if not isinstance(rec, dict) or "cv_pearson" not in rec or "genes" not in rec:
+        return None
+    values = np.asarray(rec["cv_pearson"], dtype=np.float64)
+    return pd.Series(values, index=pd.Index([str(g) for g in rec["genes"]]), name="cv_pearson")
 
 
 def _measured(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
