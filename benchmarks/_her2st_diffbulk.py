@@ -187,7 +187,12 @@ def diffbulk_predict(ctx: DiffBulkContext, fusion: str, kind: str, train_s, test
         frames.append(df)
     val = model.config.get("head", {})
     info = {"stage1_steps": int(pre.step)}
-    if fusion == "ridge":
+    sel = model.config.get("head_selection")
+    if sel:
+        info["head"] = sel["chosen"]
+    if model.cv_pearson is not None:
+        info["_cv_pearson"] = model.cv_pearson  # per gene; her2st.py compares it with the test Pearson
+    if model.fusion == "ridge":
         alpha = getattr(model.head, "alpha_", None)
         if alpha is not None:
             info["alpha"] = float(np.median(alpha))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 PATIENT = {"B4": "B", "C2": "C", "C3": "C", "C4": "C", "C5": "C", "C6": "C"}
@@ -123,3 +124,71 @@ def check_genes(tables: dict[str, ad.AnnData], genes: list[str]) -> None:
         lines = "; ".join(f"{s}: {len(m)} missing, e.g. {m[:8]}" for s, m in missing.items())
         raise ValueError(f"Not all {len(genes)} genes are measured on every section ({lines}). The benchmark needs "
                          "genes measured on all sections (targets would be undefined on the others).")
+
+
+# ---- helpers shared by the her2st diagnostics (her2st_table.py, her2st_stage1_levers.py, her2st_diffusion_sweep.py)
+
+CONTEXT_UM = 300.0  # spatial context radius: the tile and its 8 nearest spots on her2st's 200 µm pitch
+SUMMARY_COLS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all")
+
+
+def stack(tables: dict, sections: list[str], genes: list[str], obsm_key: str):
+    """Concatenate section tables (genes already subset) with ``dbk.pp.concat``; re-attach the features."""
+    import dbk
+
+    cat = dbk.pp.concat({s: tables[s] for s in sections}, genes=genes)
+    want = pd.Index([f"{s}:{n}" for s in sections for n in tables[s].obs_names])
+    feats = np.vstack([np.asarray(tables[s].obsm[obsm_key]) for s in sections])
+    pos = want.get_indexer(cat.obs_names)
+    if (pos < 0).any():
+        raise RuntimeError(f"concat renamed tiles unexpectedly (e.g. {list(cat.obs_names[:3])}).")
+    cat.obsm[obsm_key] = feats[pos]
+    if list(cat.var_names) != list(genes):
+        raise RuntimeError("concat changed the gene order.")
+    return cat
+
+
+def with_context(adata, ctx, key: str, radius_um: float) -> np.ndarray:
+    """``[features, their mean within radius_um]`` per section (µm from each section's estimated pixel size)."""
+    from dbk.tl import neighbor_mean
+
+    sections = adata.obs["sample"].astype(str).to_numpy()
+    um = np.asarray([ctx.tables[s].uns["her2st_bench"]["pixel_size_um"] for s in sections], np.float64)
+    coords = np.asarray(adata.obsm["spatial"], np.float64) * um[:, None]
+    x = np.asarray(adata.obsm[key], np.float64)
+    return np.hstack([x, neighbor_mean(coords, x, radius_um, sections)])
+
+
+def fmt(values: list[float], digits: int) -> str:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if not len(v):
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def print_table(df: pd.DataFrame, split: str, cols: list[str], methods: list[str]) -> None:
+    sub = df[df["split"] == split]
+    n_folds = sub["fold"].nunique()
+    header = ["method", *cols, "s/fold", "s total"]
+    rows = []
+    for m in methods:
+        r = sub[sub["method"] == m]
+        if r.empty:
+            continue
+        digits = [3 if c.startswith(("pearson", "spearman")) else 4 for c in cols]
+        rows.append([m, *[fmt(r[c].tolist(), d) for c, d in zip(cols, digits, strict=True)],
+                     f"{r['fit_predict_s'].mean():.1f}", f"{r['fit_predict_s'].sum():.1f}"])
+    folds_txt = ", ".join(sub["fold"].unique())
+    spread = "mean ± std over folds (ddof=1)" if n_folds > 1 else "one fold"
+    print(f"\n{split.upper()}: {n_folds} fold(s) (test {folds_txt}); {spread}; "
+          f"{int(sub['n_genes'].iloc[0])} genes")
+    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(f"{v!s:<{w}}" if j == 0 else f"{v!s:>{w}}" for j, (v, w) in enumerate(zip(row, widths,
+                                                                                             strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+

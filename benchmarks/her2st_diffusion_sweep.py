@@ -38,8 +38,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
     from _her2st_diffbulk import DiffBulkContext
-    from _her2st_features import SECTIONS, FeatureSettings, section_table
-    from her2st import stack
+    from _her2st_features import SECTIONS, FeatureSettings, section_table, stack
 
     import dbk
 

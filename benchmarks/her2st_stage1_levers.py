@@ -68,8 +68,8 @@ def main() -> None:
     dbk.settings.verbosity = 0
     sys.path.insert(0, str(HERE))
     from _her2st_diffbulk import DiffBulkContext
-    from _her2st_features import SECTIONS, FeatureSettings, section_table
-    from her2st import CONTEXT_UM, _with_context, stack
+    from _her2st_features import CONTEXT_UM, SECTIONS, FeatureSettings, section_table, stack
+    from _her2st_features import with_context as _with_context
 
     t_start = time.perf_counter()
     settings = FeatureSettings()

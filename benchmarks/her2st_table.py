@@ -20,7 +20,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from her2st import SUMMARY_COLS, fmt, print_table  # noqa: E402
+from _her2st_features import SUMMARY_COLS, fmt, print_table  # noqa: E402
 
 
 def main() -> None:

@@ -95,9 +95,11 @@ def benchmark(
     Parameters
     ----------
     results
-        Long table with one row per (method, fold) and a column per metric (as ``benchmarks/her2st.py`` writes).
+        The tidy table of :func:`dbk.tl.benchmark` (columns ``method``, ``fold``, ``metric``, ``value``; one split),
+        or a wide table with one row per (method, fold) and a column per metric (as ``benchmarks/her2st.py``
+        writes).
     metric
-        Metric column to show.
+        Metric to show: a value of the tidy table's ``metric`` column, or a column of the wide table.
     method_col
         Column naming the method.
     fold_col
@@ -107,7 +109,19 @@ def benchmark(
     {plot_params}
 
     {plot_returns}
+
+    Examples
+    --------
+    >>> res = dbk.tl.benchmark(slides, methods=["mean", "ridge_cv"])  # doctest: +SKIP
+    >>> dbk.pl.benchmark(res, metric="pearson_mean_all")  # doctest: +SKIP
     """
+    if {"metric", "value"} <= set(results.columns) and metric not in results.columns:  # dbk.tl.benchmark's tidy table
+        if metric not in set(results["metric"]):
+            raise KeyError(f"No metric {metric!r} in the results; metrics: {list(pd.unique(results['metric']))}.")
+        if "split" in results.columns and results["split"].nunique() > 1:
+            raise ValueError(f"The results hold several splits {list(pd.unique(results['split']))}; plot one, e.g. "
+                             "results[results['split'] == 'loso'].")
+        results = results.loc[results["metric"] == metric].rename(columns={"value": metric})
     for col in (method_col, fold_col, metric):
         if col not in results.columns:
             raise KeyError(f"No column {col!r} in the results; columns: {list(results.columns)}.")

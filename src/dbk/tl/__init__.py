@@ -38,11 +38,18 @@ _EXPORTS = {
     "DiffBulk": "._model",
     "diffusion_features": "._diffusion_features",
     "predictions_to_adata": "._predictions",
+    "cv_pearson": "._predictions",
     "spatial_context": "._context",
     "neighbor_mean": "._context",
     "model_key": "._embed",
     "nan_pearson": "._evaluate",
     "RidgeFusionRegressor": "._fusion",
+    "benchmark": "._benchmark",
+    "benchmark_summary": "._benchmark",
+    "paired_differences": "._benchmark",
+    "BenchmarkFold": "._benchmark_methods",
+    "register_method": "._benchmark_methods",
+    "benchmark_methods": "._benchmark_methods",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -60,6 +67,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ..core._pretrainer import DiffusionPretrainer
     from ..core._vocab import GeneVocab
     from ._baselines import MeanPredictor, MLPBaseline, fit_baseline
+    from ._benchmark import benchmark, benchmark_summary, paired_differences
+    from ._benchmark_methods import BenchmarkFold, benchmark_methods, register_method
     from ._context import neighbor_mean, spatial_context
     from ._diffusion_features import diffusion_features
     from ._embed import embed_tiles, load_foundation_model, model_key
@@ -67,7 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._fit import fit_diffbulk
     from ._fusion import FusionRegressor, RidgeFusionRegressor, fit_head
     from ._model import DiffBulk
-    from ._predictions import predictions_to_adata
+    from ._predictions import cv_pearson, predictions_to_adata
     from ._ridge import RidgeBaseline
 
 

@@ -155,3 +155,24 @@ def spatial_context(
     logger.info(f"spatial_context: {adata.n_obs} tiles x {out.shape[1]} ({use_rep} and its mean within "
                 f"{context_um:g} µm) -> obsm[{key!r}].")
     return adata if copy else None
+
+
+def tile_spacing_um(coords_um: np.ndarray, groups: np.ndarray | None = None) -> float | None:
+    """Median distance (µm) from each tile centre to its nearest neighbour on the same slide (``groups``).
+
+    ``None`` when no slide has two tiles with finite, distinct centres.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(coords_um, np.float64)
+    groups = np.zeros(len(xy), int) if groups is None else np.asarray(groups)
+    dists = []
+    for g in pd.unique(groups):
+        pts = xy[groups == g]
+        pts = pts[np.isfinite(pts).all(axis=1)]
+        if len(pts) >= 2:
+            d, _ = cKDTree(pts).query(pts, k=2)
+            dists.append(d[:, 1])
+    d = np.concatenate(dists) if dists else np.zeros(0)
+    d = d[np.isfinite(d) & (d > 0)]
+    return float(np.median(d)) if len(d) else None

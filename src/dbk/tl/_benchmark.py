@@ -1,0 +1,911 @@
+"""``benchmark``: methods side by side on held-out slides (or spatial blocks), one tidy table of metrics per fold.
+
+The protocol of ``benchmarks/her2st.py`` as a function: the slides are prepared once (tiles, pseudo-bulk, FM
+embeddings, as :func:`dbk.tl.fit_diffbulk` does), the folds are drawn (leave one slide out, by patient, given test
+sets, or spatial blocks), and each registered method (:func:`dbk.tl.register_method`) is fitted on a fold's training
+tiles and evaluated with :func:`dbk.tl.evaluate` on its test tiles. DiffBulk methods share one stage-1 model per fold.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import numbers
+import os
+import re
+import time
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._constants import SAMPLE_COL, SPATIAL_KEY, TILES_KEY, TILES_TABLE_KEY, UM_PER_PX_KEY, UNS_KEY
+from .._logging import logger
+from ._benchmark_methods import SPATIAL_UM_KEY, BenchmarkFold, get_method
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from spatialdata import SpatialData
+
+DEFAULT_METHODS = ("mean", "ridge_cv", "ridge_rr_ctx", "diffbulk")
+SPLITS = ("loso", "patient", "blocks")
+COLUMNS = ["split", "fold", "method", "metric", "value", "seconds"]
+BLOCK_OPTIONS = {"n_folds": 5, "n_blocks": 16, "buffer_um": 0.0}
+# evaluate's summary entries that describe the data, not the predictions (kept in attrs["folds"] instead)
+_NOT_METRICS = {"top_k", "n_tiles", "n_genes"}
+# the metrics benchmark_summary shows by default, in this order ({k}: the top-k of the run)
+SUMMARY_METRICS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all")
+_PRED_TMP = "_dbk_benchmark_pred"
+
+
+def benchmark(
+    data: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData],
+    *,
+    methods: str | Sequence[str] = DEFAULT_METHODS,
+    split: str | Mapping[str, Sequence[str] | Mapping[str, Sequence[str]]] | Sequence[Sequence[str]] = "loso",
+    genes: Sequence[str] | None = None,
+    n_top_genes: int | None = None,
+    top_k: int = 50,
+    tile_size_um: float = 112.0,
+    fm: str | torch.nn.Module = "efficientnet_lite0",
+    fm_size_px: int = 224,
+    context_um: float | None = None,
+    pretrain_steps: int | None = None,
+    preset: str = "auto",
+    pretrain_kwargs: dict | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    accelerator: str = "auto",
+    random_state: int | None = None,
+    key_added: str = "dbk_bench",
+    method_kwargs: Mapping[str, dict] | None = None,
+    patients: Mapping[str, str] | None = None,
+    split_kwargs: dict | None = None,
+    errors: str = "raise",
+    batch_size: int = 32,
+    tiles_key: str = TILES_KEY,
+    table_key: str = TILES_TABLE_KEY,
+) -> pd.DataFrame:
+    """Benchmark methods on held-out slides: one row per (fold, method, metric) of :func:`dbk.tl.evaluate`.
+
+    The slides are prepared once, as :func:`dbk.tl.fit_diffbulk` does (tiles and the pseudo-bulk table where missing,
+    :func:`dbk.pp.prepare_slides`; foundation-model embeddings with :func:`dbk.tl.embed_tiles`, which keeps those
+    already made by the same model and input size). Then, for each fold, every method is fitted on the fold's
+    training tiles only and predicts its test tiles, which :func:`dbk.tl.evaluate` scores (the top-k most variable
+    genes chosen on the training tiles). Nothing about the test slides (their values, variance or spacing) is used to
+    choose genes, hyper-parameters, context radii or stage-1 models. DiffBulk methods (family ``"diffbulk"``) share
+    one stage-1 model per fold (:meth:`BenchmarkFold.stage1`), trained on the fold's training slides only.
+
+    Parameters
+    ----------
+    data
+        A list or ``{name: sdata}`` dict of slides with H&E and expression (names from ``sdata.attrs["sample"]``
+        for a list, as :func:`dbk.pp.prepare_slides` names them), or one slide for ``split="blocks"``.
+    methods
+        Registered method names (:func:`dbk.tl.benchmark_methods`; add one with :func:`dbk.tl.register_method`).
+        Unknown names fail before any work.
+    split
+        ``"loso"``: leave one slide out (each slide is the test once, the others train). ``"patient"``: each
+        patient's slides are the test once, the other patients' slides train (the patient of a slide from
+        ``patients`` or ``sdata.attrs["patient"]``). ``"blocks"``: spatial blocks within each slide
+        (:func:`dbk.pp.spatial_blocks`): the blocks are dealt into ``n_folds`` folds, each fold's blocks are the
+        test tiles and the other tiles of the same slides train (for a single slide). Or the folds themselves: a
+        dict ``{"fold name": [test slides]}`` (the other slides train; or ``{"train": [...], "test": [...]}`` as the
+        value), or a list of test-slide lists. A fold's training slides never include its test slides, and no slide
+        is tested in two folds.
+    genes
+        Genes to predict; each must be measured on every slide. Default: the genes measured on every slide.
+    n_top_genes
+        Keep the ``n`` most variable of those genes, chosen per fold on its *training* tiles
+        (:func:`dbk.pp.select_genes`), so folds may predict different genes. ``None``: the same genes in every fold.
+    top_k
+        ``k`` of the top-k HVG summaries (at most the number of genes).
+    tile_size_um
+        Side of the tiles made on slides without tiles.
+    fm
+        Foundation model for the features of every method (an id of :func:`dbk.tl.load_foundation_model`, or a
+        module it returned); loaded once.
+    fm_size_px
+        Input side of the foundation model in pixels.
+    context_um
+        Spatial-context radius (µm) of the methods that use context (``ridge_rr_ctx``, ``diffbulk_ridge``);
+        ``None``: 1.5 x the median distance between neighbouring tile centres of each fold's training slides (the
+        value used is in ``attrs["info"]``).
+    pretrain_steps, preset, pretrain_kwargs
+        Stage-1 training of the DiffBulk methods (:func:`dbk.tl.fit_pretrainer`: ``max_steps``, ``preset`` and
+        its other arguments or preset overrides, e.g. ``{"image_size": 32}``).
+    checkpoint_dir
+        Stage-1 checkpoints of each fold under ``checkpoint_dir/<fold>`` (resumed when present; use a new folder
+        when the slides, genes or stage-1 settings change).
+    accelerator
+        Where methods train and run: ``"auto"``, ``"cpu"``, ``"cuda"`` ... (checked before any work).
+    random_state
+        Seed of every method, the stage-1 models and the block draw (``None``: ``dbk.settings.seed``).
+    key_added
+        Prefix of the predictions written to the test slides: ``obsm[f"{key_added}_{method}"]``.
+    method_kwargs
+        ``{method: {option: value}}``: options passed to a method (``fold.options``), e.g.
+        ``{"ridge_cv": {"alphas": [1, 10]}, "diffbulk_gated": {"max_epochs": 50}}`` (for the built-ins: options of
+        :func:`dbk.tl.fit_baseline` or :func:`dbk.tl.fit_diffbulk`).
+    patients
+        ``{slide: patient}`` for ``split="patient"`` (else ``sdata.attrs["patient"]``).
+    split_kwargs
+        For ``split="blocks"``: ``n_folds`` (5), ``n_blocks`` (16, the grid of :func:`dbk.pp.spatial_blocks` per
+        slide) and ``buffer_um`` (0: training tiles whose centre lies within this distance of a test tile of the
+        fold are left out of its training set).
+    errors
+        ``"raise"`` (default): a method that fails stops the benchmark. ``"warn"``: its error is logged with a
+        traceback summary, a warning names it, it is recorded in ``attrs["failed"]``, and the other methods go on.
+    batch_size
+        Tiles per forward pass of the feature extractors.
+    tiles_key, table_key
+        The tiles and their table.
+
+    Returns
+    -------
+    A tidy DataFrame with columns ``split``, ``fold``, ``method``, ``metric``, ``value`` and ``seconds`` (wall time
+    of the method's fit + predict on the fold, without the evaluation and without training the fold's shared
+    stage-1 model, whose time is in ``attrs["stage1"]``): one row per metric of :func:`dbk.tl.evaluate`'s summary
+    (``pearson_mean_all``, ``pearson_mean_top{k}_hvg``, ``spearman_mean_all``, ``mse_mean_all``, ``mae_mean_all``,
+    ``pearson_mean_top{k}_best``, ``spearman_per_tile_mean``, ``pearson_flattened``, ``n_genes_nan_pearson`` ...).
+    ``attrs`` holds ``settings``; ``genes`` (the candidate genes); ``folds`` (``{fold: {"train", "test",
+    "n_train_tiles", "n_test_tiles", "genes"}}``); ``methods`` (family, description, options); ``info``
+    (``{fold: {method: what it chose}}``); ``stage1`` (``{fold: {kind: {"seconds", "steps"}}}``); ``failed`` (one
+    record per failure with ``errors="warn"``), ``pred_keys`` (``{method: obsm key}``) and ``cv_pearson``
+    (``{fold: {method: Series}}``, the per-gene CV scores of methods that give them, DiffBulk's among them, made on
+    the fold's training slides only). For those methods the table also has the metric ``cv_score_spearman``: the
+    Spearman correlation over genes between the CV score and the test Pearson, i.e. how well the model's own
+    estimate ranks the genes it predicts well on the held-out slide. Summarise it with
+    :func:`dbk.tl.benchmark_summary` and :func:`dbk.tl.paired_differences`, plot it with :func:`dbk.pl.benchmark`.
+
+    Writes, on the slides given, what :func:`dbk.tl.fit_diffbulk` would prepare (tiles, the tile table and the
+    embeddings, where missing) and, on each test slide's tile table, ``obsm[f"{key_added}_{method}"]``: a DataFrame
+    (tiles x genes, float32) of the method's held-out predictions, NaN for tiles that were in no fold's test set
+    (e.g. buffer tiles in ``"blocks"`` splits). Nothing else of the slides changes: the methods work on copies of the
+    tile tables.
+
+    Examples
+    --------
+    >>> slides = [dbk.datasets.synthetic(random_state=i) for i in range(3)]  # doctest: +SKIP
+    >>> res = dbk.tl.benchmark(slides, methods=["mean", "ridge_cv", "diffbulk"], split="loso")  # doctest: +SKIP
+    >>> dbk.tl.benchmark_summary(res)  # doctest: +SKIP
+    >>> dbk.tl.paired_differences(res, "diffbulk", "ridge_cv")  # doctest: +SKIP
+    >>> dbk.pl.benchmark(res, metric="pearson_mean_all")  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from .._settings import settings
+    from .._utils import resolve_seed
+    from ..pp._prepare import as_slides, prepare_slides
+
+    # ---- every argument checked before any work -------------------------------------------------------------------
+    names_m = _check_methods(methods)
+    specs = [get_method(n) for n in names_m]
+    method_kwargs = _check_method_kwargs(method_kwargs, names_m)
+    _check_options(errors=errors, top_k=top_k, n_top_genes=n_top_genes, tile_size_um=tile_size_um,
+                   context_um=context_um, pretrain_steps=pretrain_steps, batch_size=batch_size, key_added=key_added,
+                   preset=preset if any(s.family == "diffbulk" for s in specs) else None, accelerator=accelerator,
+                   pretrain_kwargs=pretrain_kwargs, fm_size_px=fm_size_px)
+    seed = resolve_seed(random_state)
+    raw_slides, names = as_slides(data)
+    split_name, fold_plan = _plan_folds(split, names, raw_slides, patients=patients, split_kwargs=split_kwargs)
+
+    # ---- the slides, prepared once --------------------------------------------------------------------------------
+    slides, names = prepare_slides(data, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key)
+    by_name = dict(zip(names, slides, strict=True))
+    fm_holder = _FoundationModel(fm, accelerator)
+    for sd, name in zip(slides, names, strict=True):
+        fm_holder.embed(sd, name, fm_size_px=fm_size_px, tiles_key=tiles_key, table_key=table_key,
+                        batch_size=batch_size)
+    cand_genes = _candidate_genes([sd.tables[table_key] for sd in slides], names, genes)
+    if split_name == "blocks":
+        fold_plan = _block_folds(by_name, table_key, seed=seed, **fold_plan)
+    n_tasks = len(fold_plan) * len(specs)
+    logger.info(f"benchmark: {len(slides)} slide(s) {names}, split {split_name!r} ({len(fold_plan)} folds), "
+                f"{len(cand_genes)} candidate genes, methods {names_m}.")
+
+    rows: list[dict] = []
+    attrs: dict = {
+        "split": split_name,
+        "settings": {"methods": list(names_m), "n_top_genes": n_top_genes, "top_k": int(top_k),
+                     "tile_size_um": float(tile_size_um), "fm": fm_holder.id, "fm_key": fm_holder.key,
+                     "fm_size_px": int(fm_size_px), "context_um": context_um, "preset": preset,
+                     "pretrain_steps": pretrain_steps, "pretrain_kwargs": dict(pretrain_kwargs or {}),
+                     "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+                     "accelerator": accelerator, "random_state": seed, "errors": errors,
+                     "split_kwargs": dict(split_kwargs or {}), "key_added": key_added},
+        "genes": list(cand_genes),
+        "folds": {},
+        "methods": {s.name: {"family": s.family, "description": s.description,
+                             "options": dict(method_kwargs.get(s.name, {}))} for s in specs},
+        "info": {},
+        "stage1": {},
+        "failed": [],
+        "cv_pearson": {},
+        "pred_keys": {n: f"{key_added}_{n}" for n in names_m},
+    }
+    store: dict[tuple[str, str], list[pd.DataFrame]] = {}
+    bar = tqdm(total=n_tasks, desc="benchmark", unit="fit", disable=not settings.progress)
+    try:
+        for i, (fold_name, train_plan, test_plan) in enumerate(fold_plan):
+            fold = _make_fold(split_name, fold_name, train_plan, test_plan, by_name, cand_genes,
+                              n_top_genes=n_top_genes, seed=seed, accelerator=accelerator, context_um=context_um,
+                              fm_holder=fm_holder, fm_size_px=fm_size_px, tile_size_um=tile_size_um,
+                              tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, key_added=key_added,
+                              stage1_settings={"preset": preset, "max_steps": pretrain_steps,
+                                               "pretrain_kwargs": dict(pretrain_kwargs or {}),
+                                               "checkpoint_dir": checkpoint_dir})
+            attrs["folds"][fold_name] = {"train": list(fold.train_slides), "test": list(fold.test_slides),
+                                         "n_train_tiles": int(fold.train.n_obs), "n_test_tiles": int(fold.test.n_obs),
+                                         "genes": list(fold.genes)}
+            logger.info(f"benchmark: fold {i + 1}/{len(fold_plan)} {fold_name!r}: train {list(fold.train_slides)} "
+                        f"({fold.train.n_obs} tiles), test {list(fold.test_slides)} ({fold.test.n_obs} tiles), "
+                        f"{len(fold.genes)} genes.")
+            k = min(int(top_k), len(fold.genes))
+            truth = _truth(fold.test)
+            for spec in specs:
+                bar.set_postfix_str(f"{fold_name}: {spec.name}")
+                fold.options = dict(method_kwargs.get(spec.name, {}))
+                stage1_before = sum(fold.stage1_seconds.values())
+                t0 = time.perf_counter()
+                try:
+                    out = spec.fn(fold)
+                    seconds = time.perf_counter() - t0 - (sum(fold.stage1_seconds.values()) - stage1_before)
+                    pred, info = _check_output(out, fold, spec.name)
+                    truth.obsm[_PRED_TMP] = pred
+                    cv = info.pop("cv_pearson", None)
+                    summary = _evaluate(truth, fold, k, cv=cv)
+                    if cv is not None:
+                        attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = pd.Series(cv, dtype=np.float64)
+                except Exception as err:
+                    if errors == "raise":
+                        raise
+                    _record_failure(attrs["failed"], err, split_name, fold_name, spec.name)
+                    bar.update(1)
+                    continue
+                rows += [{"split": split_name, "fold": fold_name, "method": spec.name, "metric": m, "value": v,
+                          "seconds": seconds} for m, v in summary.items()]
+                attrs["info"].setdefault(fold_name, {})[spec.name] = dict(info)
+                for slide in fold.test_slides:
+                    part = pred.loc[fold.test.obs[SAMPLE_COL].astype(str).to_numpy() == slide]
+                    part = part.set_axis([o[len(slide) + 1:] for o in part.index], axis=0)
+                    store.setdefault((slide, spec.name), []).append(part)
+                logger.info(f"benchmark: [{fold_name}] {spec.name}: pearson_mean_all "
+                            f"{summary.get('pearson_mean_all', float('nan')):.3f}, mse_mean_all "
+                            f"{summary.get('mse_mean_all', float('nan')):.4f} ({seconds:.1f} s).")
+                bar.update(1)
+            attrs["stage1"][fold_name] = {kind: {"seconds": sec, "steps": _steps(fold, kind)}
+                                          for kind, sec in fold.stage1_seconds.items()}
+            del fold  # the fold's stage-1 models and working copies
+    finally:
+        bar.close()
+    _write_predictions(store, by_name, table_key, key_added)
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    out.attrs.update(attrs)
+    if attrs["failed"]:
+        logger.warning(f"benchmark: {len(attrs['failed'])} failed method run(s): "
+                       f"{sorted({(f['fold'], f['method']) for f in attrs['failed']})}; see results.attrs['failed'].")
+    return out
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------------
+
+
+def _check_methods(methods) -> list[str]:
+    if isinstance(methods, str):
+        methods = [methods]
+    names = list(methods)
+    if not names:
+        raise ValueError("methods is empty; name at least one registered method (dbk.tl.benchmark_methods()).")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"methods must be names of registered methods, got {bad}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods has duplicates: {names}.")
+    for n in names:
+        get_method(n)  # ValueError naming the registered ones
+    return names
+
+
+def _check_method_kwargs(method_kwargs, names: list[str]) -> dict[str, dict]:
+    if method_kwargs is None:
+        return {}
+    if not isinstance(method_kwargs, Mapping):
+        raise TypeError("method_kwargs must be a dict {method: {option: value}}, got "
+                        f"{type(method_kwargs).__name__}.")
+    unknown = [m for m in method_kwargs if m not in names]
+    if unknown:
+        raise ValueError(f"method_kwargs names methods that are not run: {unknown} (methods: {names}).")
+    for m, kw in method_kwargs.items():
+        if not isinstance(kw, Mapping):
+            raise TypeError(f"method_kwargs[{m!r}] must be a dict of options, got {type(kw).__name__}.")
+    return {m: dict(kw) for m, kw in method_kwargs.items()}
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _check_options(*, errors, top_k, n_top_genes, tile_size_um, context_um, pretrain_steps, batch_size, key_added,
+                   preset, accelerator, pretrain_kwargs=None, fm_size_px=224) -> None:
+    from ._embed import resolve_device
+
+    if errors not in ("raise", "warn"):
+        raise ValueError(f"errors must be 'raise' or 'warn', got {errors!r}.")
+    if not _positive_int(top_k):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    if n_top_genes is not None and not _positive_int(n_top_genes):
+        raise ValueError(f"n_top_genes must be a positive integer or None, got {n_top_genes!r}.")
+    if pretrain_steps is not None and not _positive_int(pretrain_steps):
+        raise ValueError(f"pretrain_steps must be a positive integer or None, got {pretrain_steps!r}.")
+    if not _positive_int(fm_size_px):
+        raise ValueError(f"fm_size_px must be a positive integer, got {fm_size_px!r}.")
+    if not _positive_int(batch_size):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not _positive_number(tile_size_um):
+        raise ValueError(f"tile_size_um must be a positive number, got {tile_size_um!r}.")
+    if context_um is not None and not _positive_number(context_um):
+        raise ValueError(f"context_um must be a positive number of µm or None, got {context_um!r}.")
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}.")
+    if pretrain_kwargs is not None and not isinstance(pretrain_kwargs, Mapping):
+        raise TypeError(f"pretrain_kwargs must be a dict, got {type(pretrain_kwargs).__name__}.")
+    if preset is not None:  # an unknown preset, preset field or fit_pretrainer argument fails before any work
+        import inspect
+
+        from ..core import fit_pretrainer, get_preset
+
+        fit_args = set(inspect.signature(fit_pretrainer).parameters) - {"data", "preset_overrides"}
+        reserved = {"genes", "preset", "max_steps", "random_state", "checkpoint_dir", "accelerator", "tiles_key",
+                    "table_key"} & set(pretrain_kwargs or {})
+        if reserved:
+            raise ValueError(f"pretrain_kwargs sets {sorted(reserved)}, which dbk.tl.benchmark sets itself (use its "
+                             "own arguments: preset, pretrain_steps, random_state, checkpoint_dir ...).")
+        get_preset(preset, **{k: v for k, v in (pretrain_kwargs or {}).items() if k not in fit_args})
+    resolve_device(accelerator)
+
+
+# ---- folds ----------------------------------------------------------------------------------------------------------
+
+
+def _plan_folds(split, names: list[str], slides: list, *, patients, split_kwargs):
+    """``(split name, [(fold, {slide: None}, {slide: None})])``; for ``"blocks"`` the block options (drawn later)."""
+    if patients is not None and not (isinstance(split, str) and split == "patient"):
+        raise ValueError("patients= is for split='patient'.")
+    if split_kwargs and not (isinstance(split, str) and split == "blocks"):
+        raise ValueError("split_kwargs= is for split='blocks'.")
+    if isinstance(split, str):
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; use one of {list(SPLITS)}, a dict {{fold: [test slides]}} or "
+                             "a list of test-slide lists.")
+        if split == "blocks":
+            opts = dict(BLOCK_OPTIONS)
+            unknown = set(split_kwargs or {}) - set(BLOCK_OPTIONS)
+            if unknown:
+                raise ValueError(f"Unknown split_kwargs {sorted(unknown)}; split='blocks' takes {list(BLOCK_OPTIONS)}.")
+            opts.update(split_kwargs or {})
+            if not (_positive_int(opts["n_folds"]) and opts["n_folds"] >= 2):
+                raise ValueError(f"split_kwargs['n_folds'] must be an integer >= 2, got {opts['n_folds']!r}.")
+            if not (isinstance(opts["buffer_um"], numbers.Real) and np.isfinite(opts["buffer_um"])
+                    and opts["buffer_um"] >= 0):
+                raise ValueError(f"split_kwargs['buffer_um'] must be a number >= 0, got {opts['buffer_um']!r}.")
+            return "blocks", opts
+        if len(names) < 2:
+            raise ValueError(f"split={split!r} needs at least two slides, got {len(names)} ({names}); use "
+                             "split='blocks' to train and test on one slide.")
+        if split == "loso":
+            return "loso", [(n, [m for m in names if m != n], [n]) for n in names]
+        return "patient", _patient_folds(names, slides, patients)
+    if isinstance(split, Mapping):
+        plan = []
+        for fold, value in split.items():
+            if isinstance(value, Mapping):
+                extra = set(value) - {"train", "test"}
+                if extra or "test" not in value:
+                    raise ValueError(f"Fold {fold!r}: give {{'train': [...], 'test': [...]}} or a list of test slides.")
+                test = _slide_list(value["test"], f"fold {fold!r} test")
+                train = (_slide_list(value["train"], f"fold {fold!r} train") if value.get("train") is not None
+                         else [n for n in names if n not in test])
+            else:
+                test = _slide_list(value, f"fold {fold!r}")
+                train = [n for n in names if n not in test]
+            plan.append((str(fold), train, test))
+    elif isinstance(split, Sequence):
+        plan = []
+        for i, value in enumerate(split):
+            test = _slide_list(value, f"split[{i}]")
+            plan.append(("+".join(test), [n for n in names if n not in test], test))
+    else:
+        raise TypeError(f"split must be 'loso', 'patient', 'blocks', a dict or a list, got {type(split).__name__}.")
+    _check_plan(plan, names)
+    return "custom", plan
+
+
+def _slide_list(value, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{what}: expected a non-empty list of slide names, got {value!r}.")
+    return [str(v) for v in value]
+
+
+def _check_plan(plan: list, names: list[str]) -> None:
+    if not plan:
+        raise ValueError("The split has no folds.")
+    folds = [f for f, _, _ in plan]
+    if len(set(folds)) != len(folds):
+        raise ValueError(f"Fold names must be unique, got {folds}.")
+    tested: dict[str, str] = {}
+    for fold, train, test in plan:
+        unknown = [s for s in (*train, *test) if s not in names]
+        if unknown:
+            raise ValueError(f"Fold {fold!r} names slides {unknown} that are not in the data (slides: {names}).")
+        both = sorted(set(train) & set(test))
+        if both:
+            raise ValueError(f"Fold {fold!r}: slides {both} are both training and test slides.")
+        if not train:
+            raise ValueError(f"Fold {fold!r} has no training slides.")
+        for s in test:
+            if s in tested:
+                raise ValueError(f"Slide {s!r} is a test slide of folds {tested[s]!r} and {fold!r}; each slide is "
+                                 "tested in one fold at most (its predictions go to one obsm key per method). Run "
+                                 "dbk.tl.benchmark once per split instead.")
+            tested[s] = fold
+
+
+def _patient_folds(names: list[str], slides: list, patients) -> list:
+    if patients is not None:
+        if not isinstance(patients, Mapping):
+            raise TypeError(f"patients must be a dict {{slide: patient}}, got {type(patients).__name__}.")
+        unknown = [s for s in patients if s not in names]
+        if unknown:
+            raise ValueError(f"patients names slides {unknown} that are not in the data (slides: {names}).")
+    of = {}
+    for n, sd in zip(names, slides, strict=True):
+        p = (patients or {}).get(n, sd.attrs.get("patient"))
+        if p is not None:
+            of[n] = str(p)
+    missing = [n for n in names if n not in of]
+    if missing:
+        raise ValueError(f"split='patient' needs the patient of every slide: set sdata.attrs['patient'] or pass "
+                         f"patients={{slide: patient}}; missing for {missing}.")
+    groups = list(dict.fromkeys(of[n] for n in names))
+    if len(groups) < 2:
+        raise ValueError(f"split='patient' needs slides of at least two patients, got {groups}.")
+    return [(p, [n for n in names if of[n] != p], [n for n in names if of[n] == p]) for p in groups]
+
+
+def _block_folds(by_name: dict, table_key: str, *, seed: int, n_folds: int, n_blocks, buffer_um: float) -> list:
+    """Spatial blocks of each slide (:func:`dbk.pp.spatial_blocks`) dealt into ``n_folds`` folds of test tiles."""
+    from scipy.spatial import cKDTree
+
+    from ..pp import spatial_blocks
+
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, np.ndarray] = {}
+    coords: dict[str, np.ndarray] = {}
+    for name, sd in by_name.items():
+        table = sd.tables[table_key]
+        px = _pixel_size(sd, table_key)
+        light = ad.AnnData(obs=pd.DataFrame(index=table.obs_names.copy()),
+                           obsm={SPATIAL_KEY: np.asarray(table.obsm[SPATIAL_KEY], np.float64)[:, :2]})
+        if px is not None:
+            light.uns[UNS_KEY] = {UM_PER_PX_KEY: px}
+        blocks = spatial_blocks(light, n_blocks=n_blocks, test_fraction=0.5, random_state=seed, groupby=None,
+                                copy=True).obs["dbk_split_block"].to_numpy()
+        ids = np.unique(blocks)
+        if len(ids) < n_folds:
+            raise ValueError(f"Slide {name!r} has tiles in {len(ids)} of its {n_blocks} blocks, fewer than n_folds="
+                             f"{n_folds}; raise split_kwargs['n_blocks'] or lower 'n_folds'.")
+        deal = dict(zip(rng.permutation(ids).tolist(), np.arange(len(ids)) % n_folds, strict=True))
+        fold_of[name] = np.array([deal[b] for b in blocks])
+        if buffer_um > 0:
+            if px is None:
+                raise ValueError(f"split_kwargs['buffer_um'] needs the pixel size of slide {name!r}, which is unknown.")
+            coords[name] = np.asarray(table.obsm[SPATIAL_KEY], np.float64)[:, :2] * px
+    plan = []
+    for k in range(n_folds):
+        train, test = {}, {}
+        for name in by_name:
+            t = fold_of[name] == k
+            tr = ~t
+            if buffer_um > 0 and t.any():
+                d, _ = cKDTree(coords[name][t]).query(coords[name][tr])
+                keep = np.ones(int(tr.sum()), bool) & (d > buffer_um)
+                tr[np.flatnonzero(tr)[~keep]] = False
+            if t.any():
+                test[name] = t
+            if tr.any():
+                train[name] = tr
+        plan.append((f"fold{k}", train, test))
+    return plan
+
+
+def _pixel_size(sd, table_key: str) -> float | None:
+    px = sd.tables[table_key].uns.get(UNS_KEY, {}).get(UM_PER_PX_KEY)
+    if px is None:
+        from .._image import get_pixel_size
+
+        try:
+            px = get_pixel_size(sd)
+        except (ValueError, KeyError):
+            return None
+    return float(px)
+
+
+# ---- data of a fold -------------------------------------------------------------------------------------------------
+
+
+class _FoundationModel:
+    """The run's foundation model: its id and ``obsm`` key now, the module loaded once when first needed."""
+
+    def __init__(self, fm, accelerator: str) -> None:
+        import torch
+
+        from ._embed import model_key
+
+        self.accelerator = accelerator
+        if isinstance(fm, torch.nn.Module):
+            self._net = fm
+            self.id = str(getattr(fm, "dbk_model", None) or getattr(fm, "pretrained_cfg", {}).get("architecture")
+                          or type(fm).__name__)
+        elif isinstance(fm, str):
+            self._net, self.id = None, fm
+        else:
+            raise TypeError(f"fm must be a model id or a torch module, got {type(fm).__name__}.")
+        self.key = model_key(self.id)
+
+    def __call__(self):
+        if self._net is None:
+            from ._embed import load_foundation_model, resolve_device
+
+            self._net, _ = load_foundation_model(self.id, device=resolve_device(self.accelerator))
+        return self._net
+
+    def embed(self, sd, name: str, *, fm_size_px: int, tiles_key: str, table_key: str, batch_size: int) -> None:
+        """FM embeddings of the slide into ``obsm[key]``, unless it has them from the same model, size and tiles."""
+        from ._embed import embed_tiles
+
+        table = sd.tables[table_key]
+        rec = table.uns.get(UNS_KEY, {}).get("embeddings", {}).get(self.key, {})
+        if (self.key in table.obsm and len(table.obsm[self.key]) == table.n_obs and rec.get("model") == self.id
+                and rec.get("size_px") == int(fm_size_px) and rec.get("tiles_key") == tiles_key
+                and rec.get("target_um_per_px") is None):
+            logger.info(f"benchmark: slide {name!r}: keeping obsm[{self.key!r}] ({self.id}, {fm_size_px} px).")
+            return
+        embed_tiles(sd, fm=self(), tiles_key=tiles_key, table_key=table_key, fm_size_px=fm_size_px,
+                    batch_size=batch_size, accelerator=self.accelerator, key_added=self.key)
+
+
+def _candidate_genes(tables: list[ad.AnnData], names: list[str], genes) -> list[str]:
+    """The given genes (each measured on every slide), or the genes every slide measured (first slide's order)."""
+    common = set(tables[0].var_names).intersection(*[set(t.var_names) for t in tables[1:]])
+    if genes is None:
+        out = [str(g) for g in tables[0].var_names if g in common]
+        if not out:
+            raise ValueError(f"The slides {names} share no gene; pass genes= measured on every slide.")
+        return out
+    if isinstance(genes, str):
+        genes = [genes]
+    out = [str(g) for g in genes]
+    if not out:
+        raise ValueError("genes is empty.")
+    if len(set(out)) != len(out):
+        raise ValueError("genes has duplicates.")
+    for t, n in zip(tables, names, strict=True):
+        missing = [g for g in out if g not in t.var_names]
+        if missing:
+            raise KeyError(f"{len(missing)} genes are not measured on slide {n!r}: {missing[:10]}; a benchmark needs "
+                           "every gene on every slide (the truth of each test slide).")
+    return out
+
+
+def _view(sd, rows: np.ndarray | None, *, tiles_key: str, table_key: str, drop_prefix: str):
+    """A working copy of a slide for one fold: its images (shared), the tiles and table rows ``rows`` (copies)."""
+    from spatialdata import SpatialData
+
+    from ..pp._tiles import table_rows_to_tiles
+
+    table = sd.tables[table_key]
+    sub = (table if rows is None else table[rows]).copy()
+    for key in [k for k in sub.obsm if str(k).startswith(drop_prefix)]:
+        del sub.obsm[key]
+    tiles = sd.shapes[tiles_key]
+    pos = table_rows_to_tiles(sd, table_key, tiles_key, np.asarray(tiles.index))
+    sub_tiles = tiles.iloc[pos if rows is None else pos[rows]].copy()
+    sub_tiles.attrs = _copy.deepcopy(tiles.attrs)  # transformations and dbk's tile geometry
+    return SpatialData(images=dict(sd.images), shapes={tiles_key: sub_tiles}, tables={table_key: sub},
+                       attrs=dict(sd.attrs))
+
+
+def _stack(views: dict, genes: list[str], table_key: str) -> ad.AnnData:
+    """:func:`dbk.pp.concat` of the views' tables with the tile centres in µm in ``obsm["spatial_um"]``."""
+    from ..pp import concat
+    from ._context import tile_coords_um
+
+    out = concat(views, genes=genes, table_key=table_key)
+    parts = []
+    for sd in views.values():
+        table = sd.tables[table_key]
+        px = _pixel_size(sd, table_key)
+        parts.append(tile_coords_um(table, px) if px is not None and SPATIAL_KEY in table.obsm
+                     else np.full((table.n_obs, 2), np.nan))
+        if px is not None:
+            table.uns.setdefault(UNS_KEY, {})[UM_PER_PX_KEY] = px  # on the working copy: context needs it
+    out.obsm[SPATIAL_UM_KEY] = np.vstack(parts)
+    return out
+
+
+def _make_fold(split_name, fold_name, train_plan, test_plan, by_name, cand_genes, *, n_top_genes, seed, accelerator,
+               context_um, fm_holder, fm_size_px, tile_size_um, tiles_key, table_key, batch_size, key_added,
+               stage1_settings) -> BenchmarkFold:
+    from ..pp import select_genes
+
+    def views(plan) -> dict:
+        items = plan.items() if isinstance(plan, dict) else ((s, None) for s in plan)
+        return {s: _view(by_name[s], rows, tiles_key=tiles_key, table_key=table_key, drop_prefix=f"{key_added}_")
+                for s, rows in items}
+
+    train_views, test_views = views(train_plan), views(test_plan)
+    genes = list(cand_genes)
+    if n_top_genes is not None:  # chosen on the training tiles of the fold only
+        genes = select_genes([v.tables[table_key][:, genes] for v in train_views.values()], n_top_genes=n_top_genes)
+    train = _stack(train_views, genes, table_key)
+    test = _stack(test_views, genes, table_key)
+    return BenchmarkFold(split=split_name, name=fold_name, train=train, test=test, train_slides=train_views,
+                         test_slides=test_views, genes=genes, groups=train.obs[SAMPLE_COL].astype(str).to_numpy(),
+                         fm_key=fm_holder.key, seed=seed, accelerator=accelerator, context_um=context_um,
+                         fm_size_px=int(fm_size_px), tile_size_um=float(tile_size_um), tiles_key=tiles_key,
+                         table_key=table_key, batch_size=int(batch_size), stage1_settings=stage1_settings,
+                         _fm_loader=fm_holder)
+
+
+# ---- one method on one fold -----------------------------------------------------------------------------------------
+
+
+def _check_output(out, fold: BenchmarkFold, method: str) -> tuple[pd.DataFrame, dict]:
+    """The method's predictions as a float DataFrame (test tiles x genes, in order) and its info dict."""
+    info: dict = {}
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError(f"Method {method!r} returned a tuple that is not (DataFrame, info dict).")
+        out, info = out
+    if not isinstance(out, pd.DataFrame):
+        raise TypeError(f"Method {method!r} must return a DataFrame (test tiles x genes), got {type(out).__name__}.")
+    if out.index.has_duplicates or out.columns.has_duplicates:
+        raise ValueError(f"Method {method!r} returned predictions with duplicated tiles or genes.")
+    cols = pd.Index([str(c) for c in out.columns])
+    missing_g = [g for g in fold.genes if g not in cols]
+    if missing_g:
+        raise ValueError(f"Method {method!r} predicted no column for {len(missing_g)} of the fold's genes: "
+                         f"{missing_g[:10]}.")
+    missing_t = fold.test.obs_names.difference(out.index)
+    if len(missing_t):
+        raise ValueError(f"Method {method!r} predicted no row for {len(missing_t)} of the {fold.test.n_obs} test "
+                         f"tiles (e.g. {list(missing_t[:3])}); index the predictions by fold.test.obs_names.")
+    pred = out.set_axis(cols, axis=1).loc[fold.test.obs_names, list(fold.genes)].astype(np.float32)
+    return pred, dict(info)
+
+
+def _truth(test: ad.AnnData) -> ad.AnnData:
+    """The evaluation's table: the test tiles' truth (``X``, ``measured``), nothing else."""
+    layers = {k: test.layers[k] for k in test.layers if k == "measured"}
+    return ad.AnnData(X=test.X, obs=pd.DataFrame(index=test.obs_names.copy()), var=test.var.copy(), layers=layers)
+
+
+def _evaluate(truth: ad.AnnData, fold: BenchmarkFold, k: int, cv=None) -> dict[str, float]:
+    """The metrics of :func:`evaluate`'s summary, and ``cv_score_spearman`` for a method with CV scores.
+
+    ``cv``: the method's per-gene CV scores (``info["cv_pearson"]``, made on the training slides); their Spearman
+    over genes with the genes' test Pearson.
+    """
+    from scipy.stats import spearmanr
+
+    from ._evaluate import evaluate
+
+    ev = evaluate(truth, pred_key=_PRED_TMP, genes=fold.genes, top_k=k, train_adata=fold.train, key_added=None)
+    out = {m: float(v) for m, v in ev.attrs["summary"].items()
+           if m not in _NOT_METRICS and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+    if cv is not None:
+        both = pd.concat([pd.Series(cv, dtype=np.float64).rename("cv"), ev["pearson"].rename("test")],
+                         axis=1, join="inner").dropna()
+        out["cv_score_spearman"] = float(spearmanr(both["cv"], both["test"]).statistic) if len(both) > 2 else np.nan
+    return out
+
+
+def _record_failure(failed: list, err: Exception, split: str, fold: str, method: str) -> None:
+    frames = traceback.extract_tb(err.__traceback__)
+    where = "".join(traceback.format_list(frames[-3:])).rstrip()
+    message = f"{type(err).__name__}: {err}"
+    failed.append({"split": split, "fold": fold, "method": method, "error": message,
+                   "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))})
+    logger.warning(f"benchmark: method {method!r} failed on fold {fold!r}: {message}\n{where}")
+    warnings.warn(f"benchmark: method {method!r} failed on fold {fold!r} ({message}); recorded in "
+                  "results.attrs['failed'].", RuntimeWarning, stacklevel=3)
+
+
+def _steps(fold: BenchmarkFold, kind: str) -> int | None:
+    model = fold._stage1_cache.get(kind)
+    return None if model is None or isinstance(model, BaseException) else int(model.step)
+
+
+def _write_predictions(store: dict, by_name: dict, table_key: str, key_added: str) -> None:
+    """Each test slide's held-out predictions per method into ``obsm[f"{key_added}_{method}"]``."""
+    for (slide, method), frames in store.items():
+        table = by_name[slide].tables[table_key]
+        cols = list(dict.fromkeys(c for f in frames for c in f.columns))
+        df = pd.concat(frames).reindex(index=table.obs_names, columns=cols).astype(np.float32)
+        table.obsm[f"{key_added}_{method}"] = df
+
+
+# ---- summaries ------------------------------------------------------------------------------------------------------
+
+
+def _lower_is_better(metric: str) -> bool:
+    """Errors (MSE, MAE, RMSE, loss) are better when lower; correlations when higher (as :func:`dbk.pl.benchmark`)."""
+    return any(tok in metric.lower() for tok in ("mse", "mae", "rmse", "loss", "error"))
+
+
+def _one_split(results: pd.DataFrame, split: str | None) -> pd.DataFrame:
+    missing = [c for c in ("split", "fold", "method", "metric", "value") if c not in results.columns]
+    if missing:
+        raise KeyError(f"Not a dbk.tl.benchmark table: no columns {missing} (columns: {list(results.columns)}).")
+    if split is not None:
+        if split not in set(results["split"]):
+            raise KeyError(f"No split {split!r} in the results (splits: {list(pd.unique(results['split']))}).")
+        return results[results["split"] == split]
+    return results
+
+
+def paired_differences(
+    results: pd.DataFrame,
+    a: str,
+    b: str,
+    *,
+    metric: str = "pearson_mean_all",
+    split: str | None = None,
+) -> pd.DataFrame:
+    """Per-fold differences ``a - b`` of one metric, and their mean ± std over folds (is ``a`` reliably better).
+
+    Folds are paired: both methods are scored on the same test tiles and genes, so the spread of the difference is
+    far smaller than the spread of either method over folds.
+
+    Parameters
+    ----------
+    results
+        The table of :func:`dbk.tl.benchmark` (possibly several concatenated).
+    a, b
+        Method names.
+    metric
+        The metric compared.
+    split
+        Only the folds of this split (needed when ``results`` holds several splits).
+
+    Returns
+    -------
+    DataFrame with one row per fold where both methods have a value: ``split``, ``fold``, ``a``'s and ``b``'s values
+    (columns named by the methods) and ``difference`` (``a - b``). ``attrs["summary"]``: ``a``, ``b``, ``metric``,
+    ``mean`` and ``std`` (ddof=1; NaN with one fold) of the differences, ``n_folds``, ``n_higher`` (folds where
+    ``a`` is higher), ``n_better`` (where ``a`` is better: lower for errors such as MSE), and ``text``, a one-line
+    verdict, as ``benchmarks/her2st.py`` prints it.
+
+    Examples
+    --------
+    >>> d = dbk.tl.paired_differences(res, "ridge_cv", "mean", metric="mse_mean_all")  # doctest: +SKIP
+    >>> d.attrs["summary"]["text"]  # doctest: +SKIP
+    'ridge_cv - mean (mse_mean_all): -0.0123 ± 0.0040 over 3 folds, higher on 0/3, better on 3/3'
+    """
+    df = _one_split(results, split)
+    if split is None and df["split"].nunique() > 1:
+        raise ValueError(f"The results hold several splits {list(pd.unique(df['split']))}; pass split=.")
+    for m in (a, b):
+        if m not in set(df["method"]):
+            raise KeyError(f"No method {m!r} in the results (methods: {list(pd.unique(df['method']))}).")
+    if a == b:
+        raise ValueError("a and b are the same method.")
+    sub = df[(df["metric"] == metric) & df["method"].isin([a, b])]
+    if sub.empty:
+        raise KeyError(f"No metric {metric!r} in the results (metrics: {list(pd.unique(df['metric']))}).")
+    if sub.duplicated(["split", "fold", "method"]).any():
+        raise ValueError("The results have several rows per (split, fold, method, metric); concatenate distinct runs.")
+    wide = sub.set_index(["split", "fold", "method"])["value"].unstack("method")
+    order = list(dict.fromkeys(zip(sub["split"], sub["fold"], strict=True)))
+    wide = wide.reindex(pd.MultiIndex.from_tuples(order, names=["split", "fold"]))
+    out = pd.DataFrame({"split": [s for s, _ in order], "fold": [f for _, f in order],
+                        a: wide.get(a, pd.Series(np.nan, index=wide.index)).to_numpy(dtype=float),
+                        b: wide.get(b, pd.Series(np.nan, index=wide.index)).to_numpy(dtype=float)})
+    out["difference"] = out[a] - out[b]
+    out = out[np.isfinite(out["difference"])].reset_index(drop=True)
+    d = out["difference"].to_numpy(dtype=float)
+    n = len(d)
+    mean = float(d.mean()) if n else float("nan")
+    std = float(d.std(ddof=1)) if n >= 2 else float("nan")
+    lower = _lower_is_better(metric)
+    n_higher = int((d > 0).sum())
+    n_better = int((d < 0).sum()) if lower else n_higher
+    digits = 4 if lower else 3
+    spread = f" ± {std:.{digits}f}" if n >= 2 else ""
+    text = (f"{a} - {b} ({metric}): {mean:+.{digits}f}{spread} over {n} fold{'s' if n != 1 else ''}, higher on "
+            f"{n_higher}/{n}, better on {n_better}/{n}")
+    out.attrs["summary"] = {"a": a, "b": b, "metric": metric, "mean": mean, "std": std, "n_folds": n,
+                            "n_higher": n_higher, "n_better": n_better, "lower_is_better": lower, "text": text}
+    return out
+
+
+def benchmark_summary(
+    results: pd.DataFrame,
+    *,
+    metrics: Sequence[str] | None = None,
+    split: str | None = None,
+) -> pd.DataFrame:
+    """Methods x metrics: the mean and std over folds of each metric, and the seconds per fold.
+
+    Parameters
+    ----------
+    results
+        The table of :func:`dbk.tl.benchmark`.
+    metrics
+        Metrics to show; default those of ``benchmarks/her2st.py`` that are present: ``pearson_mean_all``,
+        ``pearson_mean_top{k}_hvg``, ``spearman_mean_all``, ``mse_mean_all``, ``mae_mean_all``.
+    split
+        Only this split's folds; without it a table with several splits is indexed by ``(split, method)``.
+
+    Returns
+    -------
+    DataFrame indexed by method (in the order they ran; ``(split, method)`` with several splits), columns a
+    ``(metric, statistic)`` MultiIndex: ``mean`` and ``std`` (ddof=1, NaN with one fold) over the folds of each
+    metric, then ``("seconds", "mean")`` (fit + predict per fold), ``("n_folds", "")`` (folds with results) and
+    ``("n_failed", "")`` (failed runs recorded in ``results.attrs["failed"]``).
+
+    Examples
+    --------
+    >>> dbk.tl.benchmark_summary(res).round(3)  # doctest: +SKIP
+    """
+    df = _one_split(results, split)
+    present = list(pd.unique(df["metric"]))
+    if metrics is None:
+        k = (results.attrs.get("settings") or {}).get("top_k")
+        metrics = []
+        for m in SUMMARY_METRICS:
+            if "{k}" not in m:
+                metrics += [m] if m in present else []
+            elif k is not None and m.format(k=k) in present:
+                metrics.append(m.format(k=k))
+            else:  # k of the run unknown (attrs lost) or smaller (fewer genes): every top-k variant present
+                metrics += [p for p in present if re.fullmatch(m.replace("{k}", r"\d+"), p)]
+    else:
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        unknown = [m for m in metrics if m not in present]
+        if unknown:
+            raise KeyError(f"No metrics {unknown} in the results (metrics: {present}).")
+    failed = pd.DataFrame(results.attrs.get("failed") or [], columns=["split", "fold", "method"])
+    if split is not None:
+        failed = failed[failed["split"] == split]
+    several = pd.concat([df["split"], failed["split"]]).nunique() > 1
+    keys = ["split", "method"] if several else ["method"]
+    # methods in the order they ran, those that failed on every fold included
+    order = list(dict.fromkeys([*map(tuple, df[keys].to_numpy().tolist()),
+                                *map(tuple, failed[keys].to_numpy().tolist())]))
+    index = (pd.MultiIndex.from_tuples(order, names=keys) if several
+             else pd.Index([o[0] for o in order], name="method"))
+    stats = df[df["metric"].isin(metrics)].groupby([*keys, "metric"], sort=False)["value"].agg(["mean", "std"])
+    columns: dict = {}
+    for m in metrics:
+        s = stats.xs(m, level="metric")
+        columns[(m, "mean")] = s["mean"].reindex(index)
+        columns[(m, "std")] = s["std"].reindex(index)
+    per_fold = df.groupby([*keys, "fold"] if several else ["method", "split", "fold"], sort=False)["seconds"].first()
+    levels = list(range(len(keys)))
+    columns[("seconds", "mean")] = per_fold.groupby(level=levels, sort=False).mean().reindex(index)
+    columns[("n_folds", "")] = per_fold.groupby(level=levels, sort=False).size().reindex(index).fillna(0).astype(int)
+    n_failed = failed.groupby(keys).size() if len(failed) else pd.Series(dtype=int)
+    columns[("n_failed", "")] = pd.Series([int(n_failed.get(i, 0)) for i in index], index=index)
+    out = pd.DataFrame(columns, index=index)
+    out.columns = pd.MultiIndex.from_tuples(list(columns), names=["metric", "statistic"])
+    return out

@@ -1,0 +1,419 @@
+"""dbk.tl.benchmark: folds that never train on their test slides, the method registry, one stage-1 model per fold
+shared by the DiffBulk methods, failures that are recorded (never dropped), the tidy table and its summaries."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import dbk
+from dbk.tl import _benchmark_methods as registry
+
+# three small synthetic slides (47, 37 and 81 tiles of 28 µm, 8 genes), 32 px FM input, a 16 px stage 1
+SLIDE = {"shape": (512, 512), "n_genes": 8}
+TINY = {"image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8, "warmup_steps": 2,
+        "log_every": 5}
+RUN = {"tile_size_um": 28.0, "fm_size_px": 32, "top_k": 5, "random_state": 0, "accelerator": "cpu"}
+STAGE1 = {"preset": "tiny", "pretrain_steps": 3, "pretrain_kwargs": TINY}
+NAMES = ["s0", "s1", "s2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is as fast and steadier
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _registry():
+    """Methods registered by a test are removed after it."""
+    before = dict(registry._METHODS)
+    yield
+    registry._METHODS.clear()
+    registry._METHODS.update(before)
+
+
+def _raw(seed: int):
+    sd = dbk.datasets.synthetic(**SLIDE, random_state=seed)
+    sd.attrs["sample"] = f"s{seed}"
+    return sd
+
+
+@pytest.fixture(scope="module")
+def slides():
+    """The three slides with tiles, pseudo-bulk and FM embeddings (prepared once for the module)."""
+    dbk.settings.progress = False
+    out = [_raw(i) for i in range(3)]
+    dbk.pp.prepare_slides(out, tile_size_um=28.0)
+    net, _ = dbk.tl.load_foundation_model("efficientnet_lite0", device="cpu")
+    for sd in out:
+        dbk.tl.embed_tiles(sd, fm=net, fm_size_px=32, accelerator="cpu", key_added="X_efficientnet_lite0")
+    return out
+
+
+def _table(sd):
+    return sd.tables["dbk_table"]
+
+
+def _snapshot(sd) -> dict:
+    a = _table(sd)
+    out = {"X": a.X.toarray() if sp.issparse(a.X) else np.array(a.X), "obs": a.obs.copy(), "var": a.var.copy(),
+           "uns": pickle.dumps(dict(a.uns)), "layers": sorted(k for k in a.layers if k is not None),
+           "shapes": {k: v.copy() for k, v in sd.shapes.items()}, "tables": sorted(sd.tables),
+           "images": sorted(sd.images), "attrs": sorted(sd.attrs)}
+    out["obsm"] = {k: (v.copy() if isinstance(v, pd.DataFrame) else np.array(v)) for k, v in a.obsm.items()}
+    return out
+
+
+def _same(before: dict, after: dict, allowed_prefix: str) -> None:
+    assert np.array_equal(before["X"], after["X"])
+    pd.testing.assert_frame_equal(before["obs"], after["obs"])
+    pd.testing.assert_frame_equal(before["var"], after["var"])
+    assert before["uns"] == after["uns"], "uns changed"
+    for k in ("layers", "tables", "images", "attrs"):
+        assert before[k] == after[k], k
+    assert before["shapes"].keys() == after["shapes"].keys()
+    for k in before["shapes"]:
+        assert before["shapes"][k].equals(after["shapes"][k]), f"shapes[{k!r}] changed"
+    new = set(after["obsm"]) - set(before["obsm"])
+    assert all(k.startswith(allowed_prefix) for k in new), f"undocumented obsm keys {new}"
+    for k, v in before["obsm"].items():
+        if k.startswith(allowed_prefix):
+            continue
+        w = after["obsm"][k]
+        assert (v.equals(w) if isinstance(v, pd.DataFrame) else np.array_equal(v, w)), f"obsm[{k!r}] changed"
+
+
+# ---- leave one slide out with baselines and a user method ------------------------------------------------------------
+
+
+def test_loso_baselines_user_method_predictions_and_no_mutation(slides):
+    seen = []
+
+    def train_mean_of_genes(fold: dbk.tl.BenchmarkFold):
+        """A user method: records what it sees, predicts each gene's training mean."""
+        seen.append(fold)
+        assert isinstance(fold.train, type(fold.test)) and fold.fm_key in fold.train.obsm
+        assert list(fold.train.var_names) == fold.genes and list(fold.test.var_names) == fold.genes
+        assert set(fold.groups) == set(fold.train_slides) and len(fold.groups) == fold.train.n_obs
+        assert fold.options == {"shift": 0.0}
+        x = fold.train.X.toarray() if sp.issparse(fold.train.X) else np.asarray(fold.train.X)
+        pred = np.tile(x.mean(axis=0) + fold.options["shift"], (fold.test.n_obs, 1))
+        return pd.DataFrame(pred, index=fold.test.obs_names, columns=fold.genes), {"n_train": fold.train.n_obs}
+
+    dbk.tl.register_method("user_mean", train_mean_of_genes, description="the training mean, by hand")
+    listed = dbk.tl.benchmark_methods()
+    assert list(listed.columns) == ["name", "family", "description"]
+    assert {"mean", "ridge_cv", "ridge_rr_ctx", "diffbulk", "shuffled", "diffbulk_untrained",
+            "diffbulk_no_genes", "user_mean"} <= set(listed["name"])
+    assert listed.set_index("name").loc["diffbulk_ridge", "family"] == "diffbulk"
+
+    before = [_snapshot(sd) for sd in slides]
+    res = dbk.tl.benchmark(slides, methods=["mean", "ridge_cv", "user_mean"], split="loso",
+                           method_kwargs={"user_mean": {"shift": 0.0}}, key_added="bench", **RUN)
+
+    # the tidy table: 3 folds x 3 methods, one row per metric, seconds per (fold, method)
+    assert list(res.columns) == ["split", "fold", "method", "metric", "value", "seconds"]
+    assert set(res["split"]) == {"loso"} and list(pd.unique(res["fold"])) == NAMES
+    assert list(pd.unique(res["method"])) == ["mean", "ridge_cv", "user_mean"]
+    assert {"pearson_mean_all", "pearson_mean_top5_hvg", "spearman_mean_all", "mse_mean_all",
+            "mae_mean_all"} <= set(res["metric"])
+    assert not res.duplicated(["fold", "method", "metric"]).any()
+    assert (res.groupby(["fold", "method"])["seconds"].nunique() == 1).all() and (res["seconds"] >= 0).all()
+
+    # each slide is the test slide once, and never a training slide of its own fold
+    folds = res.attrs["folds"]
+    assert sorted(t for f in folds.values() for t in f["test"]) == NAMES
+    for name, f in folds.items():
+        assert f["test"] == [name] and name not in f["train"] and sorted(f["train"] + f["test"]) == NAMES
+    assert len(seen) == 3
+    for fold in seen:
+        assert set(fold.test_slides) == {fold.name} and fold.name not in fold.train_slides
+        assert not set(fold.train.obs["sample"].astype(str)) & set(fold.test.obs["sample"].astype(str))
+        assert fold.test.n_obs == _table(slides[NAMES.index(fold.name)]).n_obs
+
+    # the user method ran and is in the table, with its info; it equals the built-in mean predictor
+    wide = res.pivot_table(index="fold", columns=["method", "metric"], values="value")
+    assert np.allclose(wide[("user_mean", "mse_mean_all")], wide[("mean", "mse_mean_all")], rtol=1e-5)
+    assert res.attrs["info"]["s0"]["user_mean"] == {"n_train": folds["s0"]["n_train_tiles"]}
+
+    # signal: ridge_cv beats the training mean on MSE in every fold
+    assert (wide[("ridge_cv", "mse_mean_all")] < wide[("mean", "mse_mean_all")]).all()
+
+    # held-out predictions on each test slide: tiles x genes, the table's index, no gaps in LOSO
+    genes = res.attrs["genes"]
+    assert genes == list(_table(slides[0]).var_names)  # every gene is on every slide here
+    for sd in slides:
+        a = _table(sd)
+        for m in ("mean", "ridge_cv", "user_mean"):
+            df = a.obsm[f"bench_{m}"]
+            assert isinstance(df, pd.DataFrame) and df.shape == (a.n_obs, len(genes))
+            assert df.index.equals(a.obs_names) and list(df.columns) == genes and np.isfinite(df.to_numpy()).all()
+        # the stored predictions are the ones evaluated
+        a.obsm["_check"] = a.obsm["bench_ridge_cv"]
+        ev = dbk.tl.evaluate(a, pred_key="_check", key_added=None, top_k=5)
+        del a.obsm["_check"]
+        got = res.query("fold == @sd.attrs['sample'] and method == 'ridge_cv' and metric == 'mse_mean_all'")
+        assert np.isclose(ev.attrs["summary"]["mse_mean_all"], got["value"].item(), rtol=1e-5)
+
+    # the slides changed only by the documented obsm keys
+    for b, sd in zip(before, slides, strict=True):
+        _same(b, _snapshot(sd), "bench_")
+
+    # the summary: method x (metric, statistic), mean ± std (ddof=1) over folds
+    summ = dbk.tl.benchmark_summary(res)
+    assert list(summ.index) == ["mean", "ridge_cv", "user_mean"]
+    mses = wide[("ridge_cv", "mse_mean_all")]
+    assert np.isclose(summ.loc["ridge_cv", ("mse_mean_all", "mean")], mses.mean())
+    assert np.isclose(summ.loc["ridge_cv", ("mse_mean_all", "std")], mses.std(ddof=1))
+    assert summ.loc["ridge_cv", ("n_folds", "")] == 3 and summ.loc["ridge_cv", ("n_failed", "")] == 0
+    assert [m for m in summ.columns.get_level_values(0).unique()][:5] == [
+        "pearson_mean_all", "pearson_mean_top5_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all"]
+
+
+# ---- stage 1: once per fold, shared ----------------------------------------------------------------------------------
+
+
+def test_stage1_trained_once_per_fold_and_shared_by_diffbulk_methods(slides, tmp_path, monkeypatch):
+    calls = []
+    original = dbk.core.fit_pretrainer
+
+    def counting(data, **kwargs):
+        model = original(data, **kwargs)
+        calls.append({"slides": sorted(sd.attrs["sample"] for sd in data), "model": model,
+                      "checkpoint_dir": kwargs.get("checkpoint_dir"), "cond_drop": kwargs.get("cond_drop")})
+        return model
+
+    monkeypatch.setattr(dbk.core, "fit_pretrainer", counting)
+    used = []
+
+    def probe(fold):
+        """A DiffBulk-family user method: which stage-1 models does it get?"""
+        used.append((fold.name, fold.stage1(), fold.stage1("untrained")))
+        return pd.DataFrame(0.0, index=fold.test.obs_names, columns=fold.genes)
+
+    dbk.tl.register_method("probe", probe, description="records fold.stage1()", family="diffbulk")
+    res = dbk.tl.benchmark(slides, methods=["diffbulk_gated", "diffbulk_ridge", "probe", "diffbulk_untrained"],
+                           split={"a": ["s0"], "b": {"train": ["s0", "s2"], "test": ["s1"]}},
+                           method_kwargs={"diffbulk_gated": {"max_epochs": 2},
+                                          "diffbulk_untrained": {"fusion": "ridge"}},
+                           checkpoint_dir=tmp_path, **STAGE1, **RUN)
+    # one trained stage-1 model per fold, on that fold's training slides only, checkpointed under <dir>/<fold>
+    assert [c["slides"] for c in calls] == [["s1", "s2"], ["s0", "s2"]]
+    assert [str(c["checkpoint_dir"]) for c in calls] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
+    # the methods of a fold share it (the probe gets the very object fit_pretrainer returned); the untrained
+    # control is another model of the same architecture, never trained
+    for (_, trained, untrained), call in zip(used, calls, strict=True):
+        assert trained is call["model"]
+        assert untrained is not trained and untrained.step == 0
+        assert untrained.image_size == trained.image_size == TINY["image_size"]
+        assert untrained.genes == trained.genes
+    info = res.attrs["info"]
+    for f in ("a", "b"):
+        assert info[f]["diffbulk_gated"]["stage1_steps"] == STAGE1["pretrain_steps"]
+        assert info[f]["diffbulk_ridge"]["fusion"] == "ridge" and info[f]["diffbulk_ridge"]["context_um"] > 0
+        assert info[f]["diffbulk_untrained"]["stage1_steps"] == 0
+        assert set(res.attrs["stage1"][f]) == {"trained", "untrained"}
+    assert res.attrs["folds"]["b"]["train"] == ["s0", "s2"] and res.attrs["folds"]["b"]["test"] == ["s1"]
+    assert set(res["method"]) == {"diffbulk_gated", "diffbulk_ridge", "probe", "diffbulk_untrained"}
+    # predictions only on the test slides of the run
+    assert "dbk_bench_diffbulk_gated" in _table(slides[0]).obsm and "dbk_bench_diffbulk_gated" in _table(
+        slides[1]).obsm
+
+
+def test_untrained_stage1_is_the_trained_models_initialisation(slides):
+    fold_seen = []
+
+    def grab(fold):
+        fold_seen.append(fold)
+        return pd.DataFrame(0.0, index=fold.test.obs_names, columns=fold.genes)
+
+    dbk.tl.register_method("grab", grab, description="keeps the fold", family="diffbulk")
+    dbk.tl.benchmark(slides, methods=["grab"], split={"a": ["s0"]}, **STAGE1, **RUN)
+    fold = fold_seen[0]
+    untrained = fold.stage1("untrained")
+    fresh = dbk.tl.DiffusionPretrainer(untrained.vocab, preset="tiny", random_state=0, **{
+        k: v for k, v in TINY.items() if k != "batch_size"})
+    for p, q in zip(untrained.net.parameters(), fresh.net.parameters(), strict=True):
+        assert torch.equal(p.cpu(), q.cpu())
+    assert fold.stage1("untrained") is untrained  # cached
+    with pytest.raises(ValueError, match="Unknown stage-1 kind"):
+        fold.stage1("half")
+
+
+# ---- failures and bad arguments --------------------------------------------------------------------------------------
+
+
+def test_unknown_method_and_bad_arguments_fail_before_any_work():
+    raw = [_raw(0), _raw(1)]
+    with pytest.raises(ValueError, match=r"Unknown benchmark method 'ridgecv'.*registered: mean, ridge_hest, ridge_cv"):
+        dbk.tl.benchmark(raw, methods=["mean", "ridgecv"])
+    with pytest.raises(ValueError, match="method_kwargs names methods that are not run"):
+        dbk.tl.benchmark(raw, methods=["mean"], method_kwargs={"ridge_cv": {}})
+    with pytest.raises(ValueError, match="Unknown split"):
+        dbk.tl.benchmark(raw, methods=["mean"], split="random")
+    with pytest.raises(ValueError, match=r"patient.*missing for \['s0', 's1'\]"):
+        dbk.tl.benchmark(raw, methods=["mean"], split="patient")
+    with pytest.raises(ValueError, match="both training and test"):
+        dbk.tl.benchmark(raw, methods=["mean"], split={"f": {"train": ["s0", "s1"], "test": ["s1"]}})
+    with pytest.raises(ValueError, match="tested in one fold at most"):
+        dbk.tl.benchmark(raw, methods=["mean"], split={"f1": ["s0"], "f2": {"train": ["s1"], "test": ["s0"]}})
+    with pytest.raises(ValueError, match="not in the data"):
+        dbk.tl.benchmark(raw, methods=["mean"], split={"f": ["s7"]})
+    with pytest.raises(ValueError, match="errors must be"):
+        dbk.tl.benchmark(raw, methods=["mean"], errors="ignore")
+    with pytest.raises(ValueError, match="Unknown preset"):
+        dbk.tl.benchmark(raw, methods=["diffbulk"], preset="huge")
+    for sd in raw:  # nothing was made: no tiles, no table
+        assert "dbk_tiles" not in sd.shapes and "dbk_table" not in sd.tables
+    with pytest.raises(ValueError, match="already registered"):
+        dbk.tl.register_method("mean", lambda fold: None, description="another mean")
+    with pytest.raises(ValueError, match="family"):
+        dbk.tl.register_method("x", lambda fold: None, description="x", family="other")
+
+
+def test_failing_method_raises_by_default_and_is_recorded_with_warn(slides):
+    def boom(fold):
+        raise RuntimeError(f"no luck on {fold.name}")
+
+    dbk.tl.register_method("boom", boom, description="always fails")
+    with pytest.raises(RuntimeError, match="no luck on s0"):
+        dbk.tl.benchmark(slides, methods=["mean", "boom"], split={"s0": ["s0"], "s1": ["s1"]}, **RUN)
+    with pytest.warns(RuntimeWarning, match=r"method 'boom' failed on fold"):
+        res = dbk.tl.benchmark(slides, methods=["mean", "boom"], split={"s0": ["s0"], "s1": ["s1"]},
+                               errors="warn", key_added="warned", **RUN)
+    failed = res.attrs["failed"]
+    assert [(f["fold"], f["method"]) for f in failed] == [("s0", "boom"), ("s1", "boom")]
+    assert failed[0]["error"] == "RuntimeError: no luck on s0" and "raise RuntimeError" in failed[0]["traceback"]
+    assert set(res["method"]) == {"mean"}  # the other method's results are kept
+    summ = dbk.tl.benchmark_summary(res)
+    assert summ.loc["boom", ("n_failed", "")] == 2 and summ.loc["boom", ("n_folds", "")] == 0  # listed, not dropped
+    assert "warned_boom" not in _table(slides[0]).obsm and "warned_mean" in _table(slides[0]).obsm
+
+
+def test_bad_predictions_are_an_error_of_the_method(slides):
+    dbk.tl.register_method("short", lambda fold: pd.DataFrame(0.0, index=fold.test.obs_names[:3],
+                                                              columns=fold.genes), description="too few rows")
+    with pytest.raises(ValueError, match="predicted no row for"):
+        dbk.tl.benchmark(slides, methods=["short"], split={"s0": ["s0"]}, **RUN)
+
+
+# ---- other splits ----------------------------------------------------------------------------------------------------
+
+
+def test_patient_split_and_genes_chosen_on_training_slides(slides):
+    seen = []
+
+    def rec(fold):
+        seen.append(fold)
+        return pd.DataFrame(0.0, index=fold.test.obs_names, columns=fold.genes)
+
+    dbk.tl.register_method("rec", rec, description="records the fold")
+    res = dbk.tl.benchmark(slides, methods=["mean", "rec"], split="patient", patients={"s0": "A", "s1": "A", "s2": "B"},
+                           n_top_genes=4, key_added="pat", **RUN)
+    folds = res.attrs["folds"]
+    assert folds["A"]["test"] == ["s0", "s1"] and folds["A"]["train"] == ["s2"]
+    assert folds["B"]["test"] == ["s2"] and folds["B"]["train"] == ["s0", "s1"]
+    for fold in seen:  # the top genes by variance on the training slides only
+        train_tables = [_table(slides[NAMES.index(s)]) for s in fold.train_slides]
+        assert fold.genes == dbk.pp.select_genes(train_tables, n_top_genes=4)
+        assert len(fold.genes) == 4 and folds[fold.name]["genes"] == fold.genes
+    assert set(res.query("metric == 'pearson_mean_top4_hvg'")["method"]) == {"mean", "rec"}
+    a = _table(slides[0])
+    assert list(a.obsm["pat_mean"].columns) == seen[0].genes
+
+
+def test_blocks_split_on_one_slide(slides):
+    seen = []
+
+    def rec(fold):
+        seen.append((fold.name, set(fold.train.obs_names), set(fold.test.obs_names)))
+        x = fold.train.X.toarray() if sp.issparse(fold.train.X) else np.asarray(fold.train.X)
+        return pd.DataFrame(np.tile(x.mean(axis=0), (fold.test.n_obs, 1)), index=fold.test.obs_names,
+                            columns=fold.genes)
+
+    dbk.tl.register_method("rec", rec, description="the training mean, recording the tiles")
+    sd = slides[2]
+    n = _table(sd).n_obs
+    res = dbk.tl.benchmark([sd], methods=["ridge_cv", "rec"], split="blocks",
+                           split_kwargs={"n_folds": 3, "n_blocks": 9, "buffer_um": 30.0}, key_added="blk", **RUN)
+    assert list(res.attrs["folds"]) == ["fold0", "fold1", "fold2"]
+    tests = [t for _, _, t in seen]
+    assert sum(len(t) for t in tests) == n and len(set().union(*tests)) == n  # every tile tested once
+    for _, train, test in seen:
+        assert train and test and not train & test
+        assert len(train) + len(test) < n or len(train) + len(test) == n  # buffer tiles are left out of training
+    assert any(len(tr) + len(te) < n for _, tr, te in seen)  # a 30 µm buffer drops the tiles next to the test blocks
+    df = _table(sd).obsm["blk_rec"]
+    assert df.shape == (n, 8) and np.isfinite(df.to_numpy()).all()
+    assert set(res["fold"]) == {"fold0", "fold1", "fold2"} and set(res["method"]) == {"ridge_cv", "rec"}
+
+
+# ---- summaries and the plot ------------------------------------------------------------------------------------------
+
+
+def _hand_table() -> pd.DataFrame:
+    rows = []
+    values = {"a": [0.30, 0.25, 0.40], "b": [0.20, 0.28, 0.31]}
+    mses = {"a": [1.0, 1.2, 0.9], "b": [1.1, 1.1, 1.0]}
+    for m in ("a", "b"):
+        for i, f in enumerate(["f1", "f2", "f3"]):
+            rows.append({"split": "loso", "fold": f, "method": m, "metric": "pearson_mean_all",
+                         "value": values[m][i], "seconds": 1.0 + i})
+            rows.append({"split": "loso", "fold": f, "method": m, "metric": "mse_mean_all", "value": mses[m][i],
+                         "seconds": 1.0 + i})
+    return pd.DataFrame(rows)
+
+
+def test_paired_differences_equal_a_hand_computation():
+    res = _hand_table()
+    d = dbk.tl.paired_differences(res, "a", "b")
+    assert list(d["fold"]) == ["f1", "f2", "f3"]
+    assert np.allclose(d["difference"], [0.10, -0.03, 0.09])
+    assert np.allclose(d["a"], [0.30, 0.25, 0.40]) and np.allclose(d["b"], [0.20, 0.28, 0.31])
+    s = d.attrs["summary"]
+    diffs = np.array([0.10, -0.03, 0.09])
+    assert np.isclose(s["mean"], diffs.mean())
+    assert np.isclose(s["std"], np.sqrt(((diffs - diffs.mean()) ** 2).sum() / 2))  # ddof=1
+    assert s["n_folds"] == 3 and s["n_higher"] == 2 and s["n_better"] == 2
+    assert s["text"].startswith("a - b (pearson_mean_all): +0.053 ± 0.072 over 3 folds, higher on 2/3")
+    e = dbk.tl.paired_differences(res, "a", "b", metric="mse_mean_all").attrs["summary"]
+    assert e["n_higher"] == 1 and e["n_better"] == 2 and e["lower_is_better"]  # lower MSE is better
+    two = pd.concat([res, res.assign(split="patient")])
+    with pytest.raises(ValueError, match="several splits"):
+        dbk.tl.paired_differences(two, "a", "b")
+    assert dbk.tl.paired_differences(two, "a", "b", split="patient").attrs["summary"]["n_folds"] == 3
+    with pytest.raises(KeyError, match="No method 'c'"):
+        dbk.tl.paired_differences(res, "a", "c")
+    summ = dbk.tl.benchmark_summary(res, metrics=["pearson_mean_all"])
+    assert np.isclose(summ.loc["a", ("pearson_mean_all", "mean")], np.mean([0.30, 0.25, 0.40]))
+    assert np.isclose(summ.loc["b", ("seconds", "mean")], 2.0) and summ.loc["b", ("n_folds", "")] == 3
+    assert list(dbk.tl.benchmark_summary(two).index.names) == ["split", "method"]
+
+
+def test_pl_benchmark_draws_the_tidy_and_the_wide_table_alike():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tidy = _hand_table()
+    wide = tidy.pivot_table(index=["fold", "method"], columns="metric", values="value").reset_index()
+    heights = []
+    for table in (tidy, wide):
+        fig = dbk.pl.benchmark(table, metric="pearson_mean_all", return_fig=True, show=False)
+        ax = fig.axes[0]
+        heights.append(([t.get_text() for t in ax.get_xticklabels()], [p.get_height() for p in ax.patches]))
+        plt.close(fig)
+    assert heights[0] == heights[1] and heights[0][0] == ["b", "a"]
+    assert np.allclose(heights[0][1], [np.mean([0.20, 0.28, 0.31]), np.mean([0.30, 0.25, 0.40])])
+    with pytest.raises(KeyError, match="No metric 'spearman_mean_all'"):
+        dbk.pl.benchmark(tidy, metric="spearman_mean_all", show=False)
