@@ -134,3 +134,14 @@ def dbk_log(caplog):
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (2 shared cores: one thread is as fast and steadier)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

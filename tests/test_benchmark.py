@@ -23,12 +23,7 @@ STAGE1 = {"preset": "tiny", "pretrain_steps": 3, "pretrain_kwargs": TINY}
 NAMES = ["s0", "s1", "s2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is as fast and steadier
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for the module
 
 
 @pytest.fixture(autouse=True)

@@ -28,12 +28,7 @@ FIT = {"preset": "tiny", "pretrain_steps": 20, "pretrain_kwargs": TINY, "tile_si
 SHAPE = (2048, 2048)  # ~200 tiles of 56 µm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread is as fast and steadier
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for the module
 
 
 def he_only(sdata: SpatialData, sample: str = "new") -> SpatialData:
