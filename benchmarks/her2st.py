@@ -136,8 +136,8 @@ def print_summary(res: pd.DataFrame, top_k: int) -> None:
     metrics = ["pearson_mean_all", f"pearson_mean_top{top_k}_hvg", "spearman_mean_all", "mse_mean_all",
                "mae_mean_all", "cv_score_spearman"]
     summ = dbk.tl.benchmark_summary(res, metrics=[m for m in metrics if m in set(res["metric"])])
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(summ.to_string())
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(summ.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
 def print_verdict(res: pd.DataFrame) -> None:
@@ -205,7 +205,9 @@ def main(args: argparse.Namespace) -> None:
         for f, h in heads.items():
             print(f"  {f}: {h}")
     for f, s in res.attrs["stage1"].items():
-        print(f"stage 1 [{f}]: " + ", ".join(f"{k} {v['steps']} steps {v['seconds']:.0f} s" for k, v in s.items()))
+        if s:
+            print(f"stage 1 [{f}]: " + ", ".join(f"{k} {v['steps']} steps {v['seconds']:.0f} s"
+                                                 for k, v in s.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     tag = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     tidy = args.out / f"her2st_results{tag}.csv"

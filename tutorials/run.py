@@ -9,8 +9,8 @@
 Each notebook runs in a fresh kernel of this Python, with the working directory ``tutorials/``, offline
 (``HF_HUB_OFFLINE=1``) and with ``DBK_TUTORIAL_QUICK=1`` under ``--quick`` (the notebooks read it). Notebooks that
 need the her2st data (``../shared/data/her2st`` beside the repository, or ``$DBK_HER2ST``) are skipped, with a
-note, when it is absent. Without ``--write`` the notebooks on disk are left untouched (git keeps them without
-outputs). Exit status 1 if any notebook fails.
+note, when it is absent. Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a
+``--quick --write`` run, which the docs render). Exit status 1 if any notebook fails.
 """
 
 from __future__ import annotations
