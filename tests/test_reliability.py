@@ -27,7 +27,7 @@ from dbk.tl import DiffBulk, fit_diffbulk
 TINY = {"image_size": 16, "block_out_channels": (16, 32), "gene_dim": 32, "batch_size": 8, "warmup_steps": 2,
         "log_every": 5}
 FIT = {"preset": "tiny", "pretrain_steps": 3, "pretrain_kwargs": TINY, "tile_size_um": 28.0, "fm_size_px": 32,
-       "max_epochs": 3, "random_state": 0}
+       "fusion": "gated", "max_epochs": 3, "random_state": 0}
 SLIDE = {"shape": (512, 512), "n_genes": 8}
 
 
@@ -364,7 +364,7 @@ def test_api_misuse_is_caught_before_any_work(fitted):
     for kw, err, msg in [
         ({"preset": "huge"}, ValueError,
          r"Unknown preset 'huge'; choose one of \['cpu-small', 'gpu', 'paper', 'tiny'\] or 'auto'"),
-        ({"fusion": "sum"}, ValueError, "Unknown fusion 'sum'; options: 'gated', 'concat', 'add', 'film'"),
+        ({"fusion": "sum"}, ValueError, "Unknown fusion 'sum'; options: 'auto', 'gated', 'concat', 'add', 'film', 'ridge'"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive integer, got 0"),
         ({"batch_size": -3}, ValueError, "batch_size must be a positive integer, got -3"),
         ({"pretrain_kwargs": {"batch_size": 0}}, ValueError, r"pretrain_kwargs\['batch_size'\] must be a positive"),

@@ -215,8 +215,8 @@ class BenchmarkFold:
             self._auto_context = CONTEXT_SPACING_FACTOR * spacing
         return self._auto_context
 
-    def with_context(self, adata: ad.AnnData, radius_um: float, key: str | None = None) -> tuple[ad.AnnData, str]:
-        """A copy of ``train`` / ``test`` with ``[FM features, their mean within radius_um]`` per slide.
+    def with_context(self, adata: ad.AnnData, context_um: float, key: str | None = None) -> tuple[ad.AnnData, str]:
+        """A copy of ``train`` / ``test`` with ``[FM features, their mean within context_um]`` per slide.
 
         Returns the copy and the ``obsm`` key of the new features (``f"{fm_key}_ctx"``), the computation of
         :func:`dbk.tl.spatial_context` and ``fit_diffbulk(..., context_um=)``.
@@ -226,7 +226,7 @@ class BenchmarkFold:
         key = key or f"{self.fm_key}_ctx"
         out = adata.copy()
         out.obsm[key] = context_features(np.asarray(adata.obsm[SPATIAL_UM_KEY], np.float64),
-                                         np.asarray(adata.obsm[self.fm_key]), radius_um,
+                                         np.asarray(adata.obsm[self.fm_key]), context_um,
                                          adata.obs[SAMPLE_COL].astype(str).to_numpy()).astype(np.float32)
         return out, key
 
