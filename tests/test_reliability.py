@@ -364,7 +364,8 @@ def test_api_misuse_is_caught_before_any_work(fitted):
     for kw, err, msg in [
         ({"preset": "huge"}, ValueError,
          r"Unknown preset 'huge'; choose one of \['cpu-small', 'gpu', 'paper', 'tiny'\] or 'auto'"),
-        ({"fusion": "sum"}, ValueError, "Unknown fusion 'sum'; options: 'auto', 'gated', 'concat', 'add', 'film', 'ridge'"),
+        ({"fusion": "sum"}, ValueError,
+         "Unknown fusion 'sum'; options: 'auto', 'gated', 'concat', 'add', 'film', 'ridge'"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive integer, got 0"),
         ({"batch_size": -3}, ValueError, "batch_size must be a positive integer, got -3"),
         ({"pretrain_kwargs": {"batch_size": 0}}, ValueError, r"pretrain_kwargs\['batch_size'\] must be a positive"),

@@ -11,6 +11,7 @@ from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_TABLE_KEY
 from .._utils import renamed_kwargs
+from ..tl._benchmark_results import _lower_is_better
 from ._utils import finish, new_axes, plot_docs
 
 
@@ -199,8 +200,3 @@ def training_history(
     axis.set_title(f"training history ({int(df['step'].max())} steps)")
     axis.legend(frameon=False)
     return finish(fig, show=show, return_fig=return_fig, save=save)
-
-
-def _lower_is_better(metric: str) -> bool:
-    """Errors (MSE, MAE, RMSE, loss) are better when lower; correlations when higher."""
-    return any(tok in metric.lower() for tok in ("mse", "mae", "rmse", "loss", "error"))

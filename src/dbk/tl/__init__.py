@@ -45,8 +45,8 @@ _EXPORTS = {
     "nan_pearson": "._evaluate",
     "RidgeFusionRegressor": "._fusion",
     "benchmark": "._benchmark",
-    "benchmark_summary": "._benchmark",
-    "paired_differences": "._benchmark",
+    "benchmark_summary": "._benchmark_results",
+    "paired_differences": "._benchmark_results",
     "BenchmarkFold": "._benchmark_methods",
     "register_method": "._benchmark_methods",
     "benchmark_methods": "._benchmark_methods",
@@ -67,8 +67,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ..core._pretrainer import DiffusionPretrainer
     from ..core._vocab import GeneVocab
     from ._baselines import MeanPredictor, MLPBaseline, fit_baseline
-    from ._benchmark import benchmark, benchmark_summary, paired_differences
+    from ._benchmark import benchmark
     from ._benchmark_methods import BenchmarkFold, benchmark_methods, register_method
+    from ._benchmark_results import benchmark_summary, paired_differences
     from ._context import neighbor_mean, spatial_context
     from ._diffusion_features import diffusion_features
     from ._embed import embed_tiles, load_foundation_model, model_key

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy as _copy
 import numbers
 import os
-import re
 import time
 import traceback
 import warnings
@@ -24,6 +23,13 @@ import pandas as pd
 
 from .._constants import SAMPLE_COL, SPATIAL_KEY, TILES_KEY, TILES_TABLE_KEY, UM_PER_PX_KEY, UNS_KEY
 from .._logging import logger
+from ._benchmark_folds import (
+    _block_folds,
+    _pixel_size,
+    _plan_folds,
+    _positive_int,
+    _positive_number,
+)
 from ._benchmark_methods import SPATIAL_UM_KEY, BenchmarkFold, get_method
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,13 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 DEFAULT_METHODS = ("mean", "ridge_cv", "ridge_rr_ctx", "diffbulk")
-SPLITS = ("loso", "patient", "blocks")
 COLUMNS = ["split", "fold", "method", "metric", "value", "seconds"]
-BLOCK_OPTIONS = {"n_folds": 5, "n_blocks": 16, "buffer_um": 0.0}
 # evaluate's summary entries that describe the data, not the predictions (kept in attrs["folds"] instead)
 _NOT_METRICS = {"top_k", "n_tiles", "n_genes"}
 # the metrics benchmark_summary shows by default, in this order ({k}: the top-k of the run)
-SUMMARY_METRICS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all")
 _PRED_TMP = "_dbk_benchmark_pred"
 
 
@@ -324,14 +327,6 @@ def _check_method_kwargs(method_kwargs, names: list[str]) -> dict[str, dict]:
     return {m: dict(kw) for m, kw in method_kwargs.items()}
 
 
-def _positive_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
 def _check_options(*, errors, top_k, n_top_genes, tile_size_um, context_um, pretrain_steps, batch_size, key_added,
                    preset, accelerator, pretrain_kwargs=None, fm_size_px=224) -> None:
     from ._embed import resolve_device
@@ -369,174 +364,6 @@ def _check_options(*, errors, top_k, n_top_genes, tile_size_um, context_um, pret
                              "own arguments: preset, pretrain_steps, random_state, checkpoint_dir ...).")
         get_preset(preset, **{k: v for k, v in (pretrain_kwargs or {}).items() if k not in fit_args})
     resolve_device(accelerator)
-
-
-# ---- folds ----------------------------------------------------------------------------------------------------------
-
-
-def _plan_folds(split, names: list[str], slides: list, *, patients, split_kwargs):
-    """``(split name, [(fold, {slide: None}, {slide: None})])``; for ``"blocks"`` the block options (drawn later)."""
-    if patients is not None and not (isinstance(split, str) and split == "patient"):
-        raise ValueError("patients= is for split='patient'.")
-    if split_kwargs and not (isinstance(split, str) and split == "blocks"):
-        raise ValueError("split_kwargs= is for split='blocks'.")
-    if isinstance(split, str):
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; use one of {list(SPLITS)}, a dict {{fold: [test slides]}} or "
-                             "a list of test-slide lists.")
-        if split == "blocks":
-            opts = dict(BLOCK_OPTIONS)
-            unknown = set(split_kwargs or {}) - set(BLOCK_OPTIONS)
-            if unknown:
-                raise ValueError(f"Unknown split_kwargs {sorted(unknown)}; split='blocks' takes {list(BLOCK_OPTIONS)}.")
-            opts.update(split_kwargs or {})
-            if not (_positive_int(opts["n_folds"]) and opts["n_folds"] >= 2):
-                raise ValueError(f"split_kwargs['n_folds'] must be an integer >= 2, got {opts['n_folds']!r}.")
-            if not (isinstance(opts["buffer_um"], numbers.Real) and np.isfinite(opts["buffer_um"])
-                    and opts["buffer_um"] >= 0):
-                raise ValueError(f"split_kwargs['buffer_um'] must be a number >= 0, got {opts['buffer_um']!r}.")
-            return "blocks", opts
-        if len(names) < 2:
-            raise ValueError(f"split={split!r} needs at least two slides, got {len(names)} ({names}); use "
-                             "split='blocks' to train and test on one slide.")
-        if split == "loso":
-            return "loso", [(n, [m for m in names if m != n], [n]) for n in names]
-        return "patient", _patient_folds(names, slides, patients)
-    if isinstance(split, Mapping):
-        plan = []
-        for fold, value in split.items():
-            if isinstance(value, Mapping):
-                extra = set(value) - {"train", "test"}
-                if extra or "test" not in value:
-                    raise ValueError(f"Fold {fold!r}: give {{'train': [...], 'test': [...]}} or a list of test slides.")
-                test = _slide_list(value["test"], f"fold {fold!r} test")
-                train = (_slide_list(value["train"], f"fold {fold!r} train") if value.get("train") is not None
-                         else [n for n in names if n not in test])
-            else:
-                test = _slide_list(value, f"fold {fold!r}")
-                train = [n for n in names if n not in test]
-            plan.append((str(fold), train, test))
-    elif isinstance(split, Sequence):
-        plan = []
-        for i, value in enumerate(split):
-            test = _slide_list(value, f"split[{i}]")
-            plan.append(("+".join(test), [n for n in names if n not in test], test))
-    else:
-        raise TypeError(f"split must be 'loso', 'patient', 'blocks', a dict or a list, got {type(split).__name__}.")
-    _check_plan(plan, names)
-    return "custom", plan
-
-
-def _slide_list(value, what: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, Sequence) or not value:
-        raise ValueError(f"{what}: expected a non-empty list of slide names, got {value!r}.")
-    return [str(v) for v in value]
-
-
-def _check_plan(plan: list, names: list[str]) -> None:
-    if not plan:
-        raise ValueError("The split has no folds.")
-    folds = [f for f, _, _ in plan]
-    if len(set(folds)) != len(folds):
-        raise ValueError(f"Fold names must be unique, got {folds}.")
-    tested: dict[str, str] = {}
-    for fold, train, test in plan:
-        unknown = [s for s in (*train, *test) if s not in names]
-        if unknown:
-            raise ValueError(f"Fold {fold!r} names slides {unknown} that are not in the data (slides: {names}).")
-        both = sorted(set(train) & set(test))
-        if both:
-            raise ValueError(f"Fold {fold!r}: slides {both} are both training and test slides.")
-        if not train:
-            raise ValueError(f"Fold {fold!r} has no training slides.")
-        for s in test:
-            if s in tested:
-                raise ValueError(f"Slide {s!r} is a test slide of folds {tested[s]!r} and {fold!r}; each slide is "
-                                 "tested in one fold at most (its predictions go to one obsm key per method). Run "
-                                 "dbk.tl.benchmark once per split instead.")
-            tested[s] = fold
-
-
-def _patient_folds(names: list[str], slides: list, patients) -> list:
-    if patients is not None:
-        if not isinstance(patients, Mapping):
-            raise TypeError(f"patients must be a dict {{slide: patient}}, got {type(patients).__name__}.")
-        unknown = [s for s in patients if s not in names]
-        if unknown:
-            raise ValueError(f"patients names slides {unknown} that are not in the data (slides: {names}).")
-    of = {}
-    for n, sd in zip(names, slides, strict=True):
-        p = (patients or {}).get(n, sd.attrs.get("patient"))
-        if p is not None:
-            of[n] = str(p)
-    missing = [n for n in names if n not in of]
-    if missing:
-        raise ValueError(f"split='patient' needs the patient of every slide: set sdata.attrs['patient'] or pass "
-                         f"patients={{slide: patient}}; missing for {missing}.")
-    groups = list(dict.fromkeys(of[n] for n in names))
-    if len(groups) < 2:
-        raise ValueError(f"split='patient' needs slides of at least two patients, got {groups}.")
-    return [(p, [n for n in names if of[n] != p], [n for n in names if of[n] == p]) for p in groups]
-
-
-def _block_folds(by_name: dict, table_key: str, *, seed: int, n_folds: int, n_blocks, buffer_um: float) -> list:
-    """Spatial blocks of each slide (:func:`dbk.pp.spatial_blocks`) dealt into ``n_folds`` folds of test tiles."""
-    from scipy.spatial import cKDTree
-
-    from ..pp import spatial_blocks
-
-    rng = np.random.default_rng(seed)
-    fold_of: dict[str, np.ndarray] = {}
-    coords: dict[str, np.ndarray] = {}
-    for name, sd in by_name.items():
-        table = sd.tables[table_key]
-        px = _pixel_size(sd, table_key)
-        light = ad.AnnData(obs=pd.DataFrame(index=table.obs_names.copy()),
-                           obsm={SPATIAL_KEY: np.asarray(table.obsm[SPATIAL_KEY], np.float64)[:, :2]})
-        if px is not None:
-            light.uns[UNS_KEY] = {UM_PER_PX_KEY: px}
-        blocks = spatial_blocks(light, n_blocks=n_blocks, test_fraction=0.5, random_state=seed, groupby=None,
-                                copy=True).obs["dbk_split_block"].to_numpy()
-        ids = np.unique(blocks)
-        if len(ids) < n_folds:
-            raise ValueError(f"Slide {name!r} has tiles in {len(ids)} of its {n_blocks} blocks, fewer than n_folds="
-                             f"{n_folds}; raise split_kwargs['n_blocks'] or lower 'n_folds'.")
-        deal = dict(zip(rng.permutation(ids).tolist(), np.arange(len(ids)) % n_folds, strict=True))
-        fold_of[name] = np.array([deal[b] for b in blocks])
-        if buffer_um > 0:
-            if px is None:
-                raise ValueError(f"split_kwargs['buffer_um'] needs the pixel size of slide {name!r}, which is unknown.")
-            coords[name] = np.asarray(table.obsm[SPATIAL_KEY], np.float64)[:, :2] * px
-    plan = []
-    for k in range(n_folds):
-        train, test = {}, {}
-        for name in by_name:
-            t = fold_of[name] == k
-            tr = ~t
-            if buffer_um > 0 and t.any():
-                d, _ = cKDTree(coords[name][t]).query(coords[name][tr])
-                keep = np.ones(int(tr.sum()), bool) & (d > buffer_um)
-                tr[np.flatnonzero(tr)[~keep]] = False
-            if t.any():
-                test[name] = t
-            if tr.any():
-                train[name] = tr
-        plan.append((f"fold{k}", train, test))
-    return plan
-
-
-def _pixel_size(sd, table_key: str) -> float | None:
-    px = sd.tables[table_key].uns.get(UNS_KEY, {}).get(UM_PER_PX_KEY)
-    if px is None:
-        from .._image import get_pixel_size
-
-        try:
-            px = get_pixel_size(sd)
-        except (ValueError, KeyError):
-            return None
-    return float(px)
 
 
 # ---- data of a fold -------------------------------------------------------------------------------------------------
@@ -742,170 +569,3 @@ def _write_predictions(store: dict, by_name: dict, table_key: str, key_added: st
         cols = list(dict.fromkeys(c for f in frames for c in f.columns))
         df = pd.concat(frames).reindex(index=table.obs_names, columns=cols).astype(np.float32)
         table.obsm[f"{key_added}_{method}"] = df
-
-
-# ---- summaries ------------------------------------------------------------------------------------------------------
-
-
-def _lower_is_better(metric: str) -> bool:
-    """Errors (MSE, MAE, RMSE, loss) are better when lower; correlations when higher (as :func:`dbk.pl.benchmark`)."""
-    return any(tok in metric.lower() for tok in ("mse", "mae", "rmse", "loss", "error"))
-
-
-def _one_split(results: pd.DataFrame, split: str | None) -> pd.DataFrame:
-    missing = [c for c in ("split", "fold", "method", "metric", "value") if c not in results.columns]
-    if missing:
-        raise KeyError(f"Not a dbk.tl.benchmark table: no columns {missing} (columns: {list(results.columns)}).")
-    if split is not None:
-        if split not in set(results["split"]):
-            raise KeyError(f"No split {split!r} in the results (splits: {list(pd.unique(results['split']))}).")
-        return results[results["split"] == split]
-    return results
-
-
-def paired_differences(
-    results: pd.DataFrame,
-    a: str,
-    b: str,
-    *,
-    metric: str = "pearson_mean_all",
-    split: str | None = None,
-) -> pd.DataFrame:
-    """Per-fold differences ``a - b`` of one metric, and their mean ± std over folds (is ``a`` reliably better).
-
-    Folds are paired: both methods are scored on the same test tiles and genes, so the spread of the difference is
-    far smaller than the spread of either method over folds.
-
-    Parameters
-    ----------
-    results
-        The table of :func:`dbk.tl.benchmark` (possibly several concatenated).
-    a, b
-        Method names.
-    metric
-        The metric compared.
-    split
-        Only the folds of this split (needed when ``results`` holds several splits).
-
-    Returns
-    -------
-    DataFrame with one row per fold where both methods have a value: ``split``, ``fold``, ``a``'s and ``b``'s values
-    (columns named by the methods) and ``difference`` (``a - b``). ``attrs["summary"]``: ``a``, ``b``, ``metric``,
-    ``mean`` and ``std`` (ddof=1; NaN with one fold) of the differences, ``n_folds``, ``n_higher`` (folds where
-    ``a`` is higher), ``n_better`` (where ``a`` is better: lower for errors such as MSE), and ``text``, a one-line
-    verdict, as ``benchmarks/her2st.py`` prints it.
-
-    Examples
-    --------
-    >>> d = dbk.tl.paired_differences(res, "ridge_cv", "mean", metric="mse_mean_all")  # doctest: +SKIP
-    >>> d.attrs["summary"]["text"]  # doctest: +SKIP
-    'ridge_cv - mean (mse_mean_all): -0.0123 ± 0.0040 over 3 folds, higher on 0/3, better on 3/3'
-    """
-    df = _one_split(results, split)
-    if split is None and df["split"].nunique() > 1:
-        raise ValueError(f"The results hold several splits {list(pd.unique(df['split']))}; pass split=.")
-    for m in (a, b):
-        if m not in set(df["method"]):
-            raise KeyError(f"No method {m!r} in the results (methods: {list(pd.unique(df['method']))}).")
-    if a == b:
-        raise ValueError("a and b are the same method.")
-    sub = df[(df["metric"] == metric) & df["method"].isin([a, b])]
-    if sub.empty:
-        raise KeyError(f"No metric {metric!r} in the results (metrics: {list(pd.unique(df['metric']))}).")
-    if sub.duplicated(["split", "fold", "method"]).any():
-        raise ValueError("The results have several rows per (split, fold, method, metric); concatenate distinct runs.")
-    wide = sub.set_index(["split", "fold", "method"])["value"].unstack("method")
-    order = list(dict.fromkeys(zip(sub["split"], sub["fold"], strict=True)))
-    wide = wide.reindex(pd.MultiIndex.from_tuples(order, names=["split", "fold"]))
-    out = pd.DataFrame({"split": [s for s, _ in order], "fold": [f for _, f in order],
-                        a: wide.get(a, pd.Series(np.nan, index=wide.index)).to_numpy(dtype=float),
-                        b: wide.get(b, pd.Series(np.nan, index=wide.index)).to_numpy(dtype=float)})
-    out["difference"] = out[a] - out[b]
-    out = out[np.isfinite(out["difference"])].reset_index(drop=True)
-    d = out["difference"].to_numpy(dtype=float)
-    n = len(d)
-    mean = float(d.mean()) if n else float("nan")
-    std = float(d.std(ddof=1)) if n >= 2 else float("nan")
-    lower = _lower_is_better(metric)
-    n_higher = int((d > 0).sum())
-    n_better = int((d < 0).sum()) if lower else n_higher
-    digits = 4 if lower else 3
-    spread = f" ± {std:.{digits}f}" if n >= 2 else ""
-    text = (f"{a} - {b} ({metric}): {mean:+.{digits}f}{spread} over {n} fold{'s' if n != 1 else ''}, higher on "
-            f"{n_higher}/{n}, better on {n_better}/{n}")
-    out.attrs["summary"] = {"a": a, "b": b, "metric": metric, "mean": mean, "std": std, "n_folds": n,
-                            "n_higher": n_higher, "n_better": n_better, "lower_is_better": lower, "text": text}
-    return out
-
-
-def benchmark_summary(
-    results: pd.DataFrame,
-    *,
-    metrics: Sequence[str] | None = None,
-    split: str | None = None,
-) -> pd.DataFrame:
-    """Methods x metrics: the mean and std over folds of each metric, and the seconds per fold.
-
-    Parameters
-    ----------
-    results
-        The table of :func:`dbk.tl.benchmark`.
-    metrics
-        Metrics to show; default those of ``benchmarks/her2st.py`` that are present: ``pearson_mean_all``,
-        ``pearson_mean_top{k}_hvg``, ``spearman_mean_all``, ``mse_mean_all``, ``mae_mean_all``.
-    split
-        Only this split's folds; without it a table with several splits is indexed by ``(split, method)``.
-
-    Returns
-    -------
-    DataFrame indexed by method (in the order they ran; ``(split, method)`` with several splits), columns a
-    ``(metric, statistic)`` MultiIndex: ``mean`` and ``std`` (ddof=1, NaN with one fold) over the folds of each
-    metric, then ``("seconds", "mean")`` (fit + predict per fold), ``("n_folds", "")`` (folds with results) and
-    ``("n_failed", "")`` (failed runs recorded in ``results.attrs["failed"]``).
-
-    Examples
-    --------
-    >>> dbk.tl.benchmark_summary(res).round(3)  # doctest: +SKIP
-    """
-    df = _one_split(results, split)
-    present = list(pd.unique(df["metric"]))
-    if metrics is None:
-        k = (results.attrs.get("settings") or {}).get("top_k")
-        metrics = []
-        for m in SUMMARY_METRICS:
-            if "{k}" not in m:
-                metrics += [m] if m in present else []
-            elif k is not None and m.format(k=k) in present:
-                metrics.append(m.format(k=k))
-            else:  # k of the run unknown (attrs lost) or smaller (fewer genes): every top-k variant present
-                metrics += [p for p in present if re.fullmatch(m.replace("{k}", r"\d+"), p)]
-    else:
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-        unknown = [m for m in metrics if m not in present]
-        if unknown:
-            raise KeyError(f"No metrics {unknown} in the results (metrics: {present}).")
-    failed = pd.DataFrame(results.attrs.get("failed") or [], columns=["split", "fold", "method"])
-    if split is not None:
-        failed = failed[failed["split"] == split]
-    several = pd.concat([df["split"], failed["split"]]).nunique() > 1
-    keys = ["split", "method"] if several else ["method"]
-    # methods in the order they ran, those that failed on every fold included
-    order = list(dict.fromkeys([*map(tuple, df[keys].to_numpy().tolist()),
-                                *map(tuple, failed[keys].to_numpy().tolist())]))
-    index = (pd.MultiIndex.from_tuples(order, names=keys) if several
-             else pd.Index([o[0] for o in order], name="method"))
-    stats = df[df["metric"].isin(metrics)].groupby([*keys, "metric"], sort=False)["value"].agg(["mean", "std"])
-    columns: dict = {}
-    for m in metrics:
-        s = stats.xs(m, level="metric")
-        columns[(m, "mean")] = s["mean"].reindex(index)
-        columns[(m, "std")] = s["std"].reindex(index)
-    per_fold = df.groupby([*keys, "fold"] if several else ["method", "split", "fold"], sort=False)["seconds"].first()
-    levels = list(range(len(keys)))
-    columns[("seconds", "mean")] = per_fold.groupby(level=levels, sort=False).mean().reindex(index)
-    columns[("n_folds", "")] = per_fold.groupby(level=levels, sort=False).size().reindex(index).fillna(0).astype(int)
-    n_failed = failed.groupby(keys).size() if len(failed) else pd.Series(dtype=int)
-    columns[("n_failed", "")] = pd.Series([int(n_failed.get(i, 0)) for i in index], index=index)
-    out = pd.DataFrame(columns, index=index)
-    out.columns = pd.MultiIndex.from_tuples(list(columns), names=["metric", "statistic"])
-    return out

@@ -82,11 +82,12 @@ class BenchmarkFold:
 
     Examples
     --------
-    >>> def ridge_pca64(fold):
-    ...     model = dbk.tl.fit_baseline(fold.train, "ridge_cv", use_rep=fold.fm_key, genes=fold.genes,
-    ...                                 groups=fold.groups, n_components=64)
-    ...     return model.predict(fold.test)
-    >>> dbk.tl.register_method("ridge_pca64", ridge_pca64, description="ridge_cv on 64 PCs")  # doctest: +SKIP
+    A method reads the training tiles and returns the test tiles' predictions (here each gene's training median):
+
+    >>> def train_median(fold):
+    ...     median = np.median(np.asarray(fold.train[:, fold.genes].X), axis=0)
+    ...     pred = np.tile(median, (fold.test.n_obs, 1))
+    ...     return pd.DataFrame(pred, index=fold.test.obs_names, columns=fold.genes), {"statistic": "median"}
     """
 
     split: str
