@@ -7,10 +7,11 @@
     .venv/bin/python tutorials/run.py --out DIR  # save the executed notebooks in DIR instead
 
 Each notebook runs in a fresh kernel of this Python, with the working directory ``tutorials/``, offline
-(``HF_HUB_OFFLINE=1``) and with ``DBK_TUTORIAL_QUICK=1`` under ``--quick`` (the notebooks read it). Notebooks that
-need the her2st data (``../shared/data/her2st`` beside the repository, or ``$DBK_HER2ST``) are skipped, with a
-note, when it is absent. Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a
-``--quick --write`` run, which the docs render). Exit status 1 if any notebook fails.
+(``HF_HUB_OFFLINE=1``, unless ``--download``) and with ``DBK_TUTORIAL_QUICK=1`` under ``--quick`` (the notebooks
+read it). Notebooks that need the her2st data (``../shared/data/her2st`` beside the repository, or
+``$DBK_HER2ST``) are skipped, with a note, when it is absent, unless ``--download`` lets ``dbk.datasets`` fetch it.
+Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a ``--quick --write`` run,
+which the docs render). Exit status 1 if any notebook fails.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def main() -> int:
     ap.add_argument("only", nargs="*", help="run only notebooks whose file names start with these prefixes")
     ap.add_argument("--quick", action="store_true", help="small settings (DBK_TUTORIAL_QUICK=1)")
     ap.add_argument("--write", action="store_true", help="save the executed notebooks (with outputs) in place")
+    ap.add_argument("--download", action="store_true",
+                    help="run the her2st notebooks without a local copy: dbk.datasets.her2st downloads the sections "
+                         "into dbk.settings.datasetdir (needs internet the first time)")
     ap.add_argument("--out", type=Path, default=None, help="save the executed notebooks (with outputs) in this folder")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     ap.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: this Python's ipykernel)")
@@ -47,7 +51,8 @@ def main() -> int:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.download:  # offline, except for dbk.datasets' downloads under --download
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     if args.quick:
         os.environ["DBK_TUTORIAL_QUICK"] = "1"
@@ -60,14 +65,15 @@ def main() -> int:
     if not notebooks:
         print("No notebook selected.", file=sys.stderr)
         return 1
-    has_her2st = her2st_dir().is_dir()
+    has_her2st = her2st_dir().is_dir() or args.download
 
     results: list[tuple[str, str, float]] = []
     failed = False
     start = time.perf_counter()
     for path in notebooks:
         if path.name.startswith(NEEDS_HER2ST) and not has_her2st:
-            print(f"{path.name}: skipped (no her2st data at {her2st_dir()}; set DBK_HER2ST)", flush=True)
+            print(f"{path.name}: skipped (no her2st data at {her2st_dir()}; set DBK_HER2ST, or pass --download)",
+                  flush=True)
             results.append((path.name, "skipped", 0.0))
             continue
         print(f"{path.name}: running{' (quick)' if args.quick else ''} ...", flush=True)
