@@ -212,10 +212,8 @@ def main(args: argparse.Namespace) -> None:
     tag = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     tidy = args.out / f"her2st_results{tag}.csv"
     res.to_csv(tidy, index=False, float_format="%.6g")
-    plain = res.copy()
-    plain.attrs = {}  # attrs hold Series (per-gene CV scores): pandas' merge compares attrs and fails on them
-    wide = plain.pivot_table(index=["split", "fold", "method"], columns="metric", values="value").reset_index()
-    secs = plain.groupby(["fold", "method"])["seconds"].first().rename("fit_predict_s").reset_index()
+    wide = res.pivot_table(index=["split", "fold", "method"], columns="metric", values="value").reset_index()
+    secs = res.groupby(["fold", "method"])["seconds"].first().rename("fit_predict_s").reset_index()
     wide = wide.merge(secs, on=["fold", "method"])
     wide["n_genes"] = len(genes)
     wide["info"] = [json_info(info.get(f, {}).get(m, {})) for f, m in zip(wide["fold"], wide["method"], strict=True)]

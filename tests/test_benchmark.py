@@ -3,6 +3,7 @@ shared by the DiffBulk methods, failures that are recorded (never dropped), the 
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -219,6 +220,17 @@ def test_stage1_trained_once_per_fold_and_shared_by_diffbulk_methods(slides, tmp
         assert set(res.attrs["stage1"][f]) == {"trained", "untrained"}
     assert res.attrs["folds"]["b"]["train"] == ["s0", "s2"] and res.attrs["folds"]["b"]["test"] == ["s1"]
     assert set(res["method"]) == {"diffbulk_gated", "diffbulk_ridge", "probe", "diffbulk_untrained"}
+    # the per-gene CV scores are plain {gene: score} dicts (attrs hold no Series or arrays), so the table merges and
+    # concatenates like any other: pandas compares attrs there, and a Series raises "truth value ... ambiguous"
+    for f in ("a", "b"):
+        cv = res.attrs["cv_pearson"][f]["diffbulk_ridge"]
+        assert set(cv) == set(res.attrs["folds"][f]["genes"]) and {type(v) for v in cv.values()} == {float}
+    assert "cv_score_spearman" in set(res.query("method == 'diffbulk_ridge'")["metric"])
+    other = res.copy()
+    other.attrs = copy.deepcopy(res.attrs)
+    assert len(pd.concat([res, other])) == 2 * len(res)
+    merged = res.merge(other, on=["split", "fold", "method", "metric"], suffixes=("", "_again"))
+    assert len(merged) == len(res) and (merged["value"].isna() | (merged["value"] == merged["value_again"])).all()
     # predictions only on the test slides of the run
     assert "dbk_bench_diffbulk_gated" in _table(slides[0]).obsm and "dbk_bench_diffbulk_gated" in _table(
         slides[1]).obsm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -63,6 +64,28 @@ def train_device(acc, accelerator) -> torch.device:
     return named if named is not None and acc.num_processes == 1 else acc.device
 
 
+def end_process_group_at_exit() -> None:
+    """Has the process group that a launcher's environment made dbk (Accelerate) set up torn down at exit.
+
+    Left to the interpreter's finalisation, Gloo's worker threads outlive Python and the process can abort
+    (``terminate called without an active exception``, SIGABRT) after the work is done, failing the launch. The handler
+    runs while the interpreter is alive and does nothing when the user's code ended the group first.
+    """
+    global _END_REGISTERED
+    if _END_REGISTERED or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    atexit.register(_end_process_group)
+    _END_REGISTERED = True
+
+
+_END_REGISTERED = False
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _accelerator(accelerator: str, devices):
     """An HF Accelerate ``Accelerator``: bf16 autocast on CUDA, full precision elsewhere."""
     from accelerate import Accelerator
@@ -81,6 +104,7 @@ def _accelerator(accelerator: str, devices):
             raise
         AcceleratorState._reset_state(reset_partial_state=True)
         acc = Accelerator(**kwargs)
+    end_process_group_at_exit()
     if not acc.is_main_process and not any(isinstance(f, _MainProcessOnly) for f in logger.filters):
         logger.addFilter(_MainProcessOnly())  # one process speaks: the others keep their warnings and errors only
     if named is not None and acc.num_processes == 1 and named != acc.device:

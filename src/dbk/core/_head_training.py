@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._device import end_process_group_at_exit
+
 PREDICT_BATCH = 4096  # tiles per forward pass when predicting or scoring the validation tiles
 
 
@@ -157,6 +159,7 @@ def _process_group(device: torch.device) -> tuple[int, int]:
     from accelerate import PartialState
 
     state = PartialState(cpu=device.type == "cpu")  # initialises torch.distributed from the launcher's environment
+    end_process_group_at_exit()
     return int(state.num_processes), int(state.process_index)
 
 

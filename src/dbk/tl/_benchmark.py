@@ -157,11 +157,14 @@ def benchmark(
     "n_train_tiles", "n_test_tiles", "genes"}}``); ``methods`` (family, description, options); ``info``
     (``{fold: {method: what it chose}}``); ``stage1`` (``{fold: {kind: {"seconds", "steps"}}}``); ``failed`` (one
     record per failure with ``errors="warn"``), ``pred_keys`` (``{method: obsm key}``) and ``cv_pearson``
-    (``{fold: {method: Series}}``, the per-gene CV scores of methods that give them, DiffBulk's among them, made on
-    the fold's training slides only). For those methods the table also has the metric ``cv_score_spearman``: the
-    Spearman correlation over genes between the CV score and the test Pearson, i.e. how well the model's own
-    estimate ranks the genes it predicts well on the held-out slide. Summarise it with
-    :func:`dbk.tl.benchmark_summary` and :func:`dbk.tl.paired_differences`, plot it with :func:`dbk.pl.benchmark`.
+    (``{fold: {method: {gene: score}}}``, the per-gene CV scores of methods that give them, DiffBulk's among them, made
+    on the fold's training slides only; ``pd.Series(...)`` of one gives a Series). For those methods the table also
+    has the metric ``cv_score_spearman``: the Spearman correlation over genes between the CV score and the test
+    Pearson, i.e. how well the model's own estimate ranks the genes it predicts well on the held-out slide.
+    Summarise it with :func:`dbk.tl.benchmark_summary` and :func:`dbk.tl.paired_differences`, plot it with
+    :func:`dbk.pl.benchmark`.
+    Every ``attrs`` entry is plain Python (dicts, lists, numbers, strings), so the table merges and concatenates like
+    any other DataFrame.
 
     Writes, on the slides given, what :func:`dbk.tl.fit_diffbulk` would prepare (tiles, the tile table and the
     embeddings, where missing) and, on each test slide's tile table, ``obsm[f"{key_added}_{method}"]``: a DataFrame
@@ -261,7 +264,8 @@ def benchmark(
                     cv = info.pop("cv_pearson", None)
                     summary = _evaluate(truth, fold, k, cv=cv)
                     if cv is not None:
-                        attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = pd.Series(cv, dtype=np.float64)
+                        attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = _plain(
+                            pd.Series(cv, dtype=np.float64))
                 except Exception as err:
                     if errors == "raise":
                         raise
@@ -286,7 +290,7 @@ def benchmark(
         bar.close()
     _write_predictions(store, by_name, table_key, key_added)
     out = pd.DataFrame(rows, columns=COLUMNS)
-    out.attrs.update(attrs)
+    out.attrs.update(_plain(attrs))  # plain Python: pandas compares attrs in merge / concat (a Series there raises)
     if attrs["failed"]:
         logger.warning(f"benchmark: {len(attrs['failed'])} failed method run(s): "
                        f"{sorted({(f['fold'], f['method']) for f in attrs['failed']})}; see results.attrs['failed'].")
@@ -544,6 +548,21 @@ def _evaluate(truth: ad.AnnData, fold: BenchmarkFold, k: int, cv=None) -> dict[s
                          axis=1, join="inner").dropna()
         out["cv_score_spearman"] = float(spearmanr(both["cv"], both["test"]).statistic) if len(both) > 2 else np.nan
     return out
+
+
+def _plain(obj):
+    """``obj`` with its Series, arrays, tuples and NumPy scalars made lists, dicts and Python numbers (recursively)."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, pd.Series):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (np.ndarray, pd.Index)):
+        return [_plain(v) for v in obj.tolist()]
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def _record_failure(failed: list, err: Exception, split: str, fold: str, method: str) -> None:
