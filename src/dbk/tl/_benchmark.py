@@ -264,8 +264,7 @@ def benchmark(
                     cv = info.pop("cv_pearson", None)
                     summary = _evaluate(truth, fold, k, cv=cv)
                     if cv is not None:
-                        attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = _plain(
-                            pd.Series(cv, dtype=np.float64))
+                        attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = pd.Series(cv, dtype=np.float64)
                 except Exception as err:
                     if errors == "raise":
                         raise
