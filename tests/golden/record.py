@@ -67,8 +67,20 @@ def compute() -> dict[str, np.ndarray]:
     return out
 
 
+# The gated head is trained end to end by float32 SGD: the same seeded code gives slightly different numbers on
+# different x86-64 CPUs (other SIMD kernels), and Spearman's ranks flip on near-ties. Measured between the machine that
+# recorded pipeline.npz and an AMD EPYC: predictions 2.8e-5 apart, spearman_mean_all 6.8e-5. The closed-form ridge
+# heads on the same stage-1 features stayed within 4.5e-6 and keep the tight tolerance.
+SGD_KEYS = ("gated/",)
+SGD_ATOL = 5e-4
+
+
 def compare(new: dict, old: dict, rtol: float = 1e-4, atol: float = 1e-5) -> list[str]:
-    """The differences between two recordings, one line each (empty: the same to float tolerance)."""
+    """The differences between two recordings, one line each (empty: the same to float tolerance).
+
+    Keys of the SGD-trained head (``SGD_KEYS``) are compared with the absolute tolerance ``SGD_ATOL`` instead of
+    ``atol``: CPU-dependent float32 rounding, far below a change of the method (a shift of 1e-3 is still caught).
+    """
     problems = []
     for k in sorted(set(old) | set(new)):
         if k not in old or k not in new:
@@ -80,7 +92,7 @@ def compare(new: dict, old: dict, rtol: float = 1e-4, atol: float = 1e-5) -> lis
         elif a.dtype.kind in "US":
             if not (a == b).all():
                 problems.append(f"{k}: differs")
-        elif not np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True):
+        elif not np.allclose(a, b, rtol=rtol, atol=SGD_ATOL if k.startswith(SGD_KEYS) else atol, equal_nan=True):
             d = np.nanmax(np.abs(a - b))
             problems.append(f"{k}: max |difference| {d:.3g}")
     return problems
