@@ -64,6 +64,9 @@ def train_device(acc, accelerator) -> torch.device:
     return named if named is not None and acc.num_processes == 1 else acc.device
 
 
+_END_REGISTERED = False  # whether end_process_group_at_exit registered its atexit handler in this process
+
+
 def end_process_group_at_exit() -> None:
     """Has the process group that a launcher's environment made dbk (Accelerate) set up torn down at exit.
 
@@ -76,9 +79,6 @@ def end_process_group_at_exit() -> None:
         return
     atexit.register(_end_process_group)
     _END_REGISTERED = True
-
-
-_END_REGISTERED = False
 
 
 def _end_process_group() -> None:
