@@ -284,6 +284,134 @@ def test_panels_share_gene_parameters():
         dbk.datasets.synthetic(genes=["A", "A"])
 
 
+# ----------------------------------------------------------------------------------------------------------- patients
+PATIENT_KW = {"shape": (1024, 1024), "transcripts_per_cell": 200.0, "patient_shift": 1.0}
+
+
+@pytest.fixture(scope="module")
+def patients():
+    """P1 on two tissues (seeds 0, 1), P2 on the tissue of seed 1, and that tissue without a patient."""
+    return {
+        "p1_s0": dbk.datasets.synthetic(random_state=0, patient="P1", **PATIENT_KW),
+        "p1_s1": dbk.datasets.synthetic(random_state=1, patient="P1", **PATIENT_KW),
+        "p2_s1": dbk.datasets.synthetic(random_state=1, patient="P2", **PATIENT_KW),
+        "none_s1": dbk.datasets.synthetic(random_state=1, shape=(1024, 1024), transcripts_per_cell=200.0),
+    }
+
+
+def test_patient_attrs_and_shifted_genes(patients):
+    p1, p2, none = patients["p1_s0"], patients["p2_s1"], patients["none_s1"]
+    assert (p1.attrs["patient"], p2.attrs["patient"]) == ("P1", "P2")
+    assert "patient" not in none.attrs and "shifted_genes" not in none.attrs["dbk_synthetic"]
+    t1, t2 = p1.attrs["dbk_synthetic"], p2.attrs["dbk_synthetic"]
+    assert (t1["patient"], t1["patient_shift"]) == ("P1", 1.0)
+    shifted = t1["shifted_genes"]
+    # the same genes for every slide and patient, in panel order, picked by name: about a fifth of the panel
+    assert shifted == t2["shifted_genes"] == patients["p1_s1"].attrs["dbk_synthetic"]["shifted_genes"]
+    assert shifted == [g for g in t1["genes"] if g in shifted] and 6 <= len(shifted) <= 20
+    other_panel = dbk.datasets.synthetic(shape=(256, 256), n_genes=45, random_state=9, patient="P3", patient_shift=0.5,
+                                         include_cells=False)
+    assert other_panel.attrs["dbk_synthetic"]["shifted_genes"] == [g for g in shifted if g in t1["genes"][:45]]
+    # a larger fraction adds genes without removing any; a list names them; shift 0 shifts none (only a label)
+    more = _synthetic._patient_options("P1", 1.0, 0.5, t1["genes"])[2]
+    assert set(shifted) < set(more)
+    assert _synthetic._patient_options("P1", 0.5, ["CD3E", "ERBB2"], t1["genes"]) == ("P1", 0.5, ["ERBB2", "CD3E"])
+    assert _synthetic._patient_options("P1", 0.0, 0.2, t1["genes"]) == ("P1", 0.0, [])
+    # the table's ground truth says the same
+    assert p1.tables[TABLE_KEY].uns["synthetic"]["shifted_genes"] == shifted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patient_shift": 0.5}, "needs a patient"),
+        ({"patient": "P1", "patient_shift": 1.5}, r"patient_shift must be in \[0, 1\]"),
+        ({"patient": "P1", "patient_shift": float("nan")}, "patient_shift"),
+        ({"patient": "", "patient_shift": 0.5}, "non-empty"),
+        ({"patient": "P1", "patient_shift": 0.5, "shifted_genes": 2.0}, "fraction"),
+        ({"patient": "P1", "patient_shift": 0.5, "shifted_genes": "ERBB2"}, "list of genes"),
+        ({"patient": "P1", "patient_shift": 0.5, "shifted_genes": ["ERBB2", "NOPE"]}, "NOPE"),
+    ],
+)
+def test_patient_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dbk.datasets.synthetic(shape=(256, 256), include_cells=False, **kwargs)
+
+
+def test_patient_without_shift_is_the_same_slide(slide, pixels, transcripts):
+    labelled = dbk.datasets.synthetic(shape=SHAPE, chunk_size=CHUNK, random_state=0, patient="P1")
+    assert labelled.attrs["patient"] == "P1"
+    assert labelled.attrs["dbk_synthetic"]["shifted_genes"] == []
+    truth = {k: v for k, v in labelled.attrs["dbk_synthetic"].items() if k not in ("patient", "patient_shift",
+                                                                                  "shifted_genes")}
+    assert truth == slide.attrs["dbk_synthetic"]
+    np.testing.assert_array_equal(labelled.images[IMAGE_KEY]["scale0"]["image"].data.compute(), pixels)
+    pd.testing.assert_frame_equal(labelled.points[TRANSCRIPTS_KEY].compute(), transcripts)
+    assert (labelled.tables[TABLE_KEY].X != slide.tables[TABLE_KEY].X).nnz == 0
+
+
+def test_patient_shift_changes_only_the_shifted_genes(patients):
+    p1, p2, none = patients["p1_s1"], patients["p2_s1"], patients["none_s1"]
+    truth = p1.attrs["dbk_synthetic"]
+    genes, shifted = truth["genes"], truth["shifted_genes"]
+    is_shifted = np.isin(genes, shifted)
+    # the H&E does not show the patient: same tissue, same pixels and cells
+    np.testing.assert_array_equal(p1.images[IMAGE_KEY]["scale0"]["image"].data.compute(),
+                                  p2.images[IMAGE_KEY]["scale0"]["image"].data.compute())
+    assert p1.tables[TABLE_KEY].obs[CELL_TYPE_COL].equals(p2.tables[TABLE_KEY].obs[CELL_TYPE_COL])
+    # the other genes' counts are exactly those of the slide without a patient
+    x = {k: s.tables[TABLE_KEY].X.toarray() for k, s in (("p1", p1), ("p2", p2), ("none", none))}
+    np.testing.assert_array_equal(x["p1"][:, ~is_shifted], x["none"][:, ~is_shifted])
+    np.testing.assert_array_equal(x["p2"][:, ~is_shifted], x["none"][:, ~is_shifted])
+    assert (x["p1"][:, is_shifted] != x["p2"][:, is_shifted]).any(axis=0).all()
+    # ground truth: the shifted genes keep their mean rate over the types, but not the types that express them
+    e1, e2, e0 = (np.array(s.attrs["dbk_synthetic"]["expression"]) for s in (p1, p2, none))
+    np.testing.assert_array_equal(e1[:, ~is_shifted], e0[:, ~is_shifted])
+    np.testing.assert_allclose(e1.mean(axis=0), e0.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(e2.mean(axis=0), e0.mean(axis=0), rtol=1e-12)
+    log_corr = [np.corrcoef(np.log(e1[:, j]), np.log(e2[:, j]))[0, 1] for j in np.flatnonzero(is_shifted)]
+    assert np.median(log_corr) < 0.3
+
+
+def test_a_model_of_one_patient_fails_on_the_shifted_genes_of_another(patients):
+    """Cell type (what the H&E shows) -> mean counts, learnt on P1; scored on a new P1 tissue and on P2's."""
+
+    def table(s):
+        t = s.tables[TABLE_KEY]
+        return t.X.toarray(), t.obs[CELL_TYPE_COL].cat.codes.to_numpy()
+
+    x_train, types_train = table(patients["p1_s0"])
+    type_means = np.array([x_train[types_train == k].mean(axis=0) for k in range(types_train.max() + 1)])
+
+    def per_gene_r(s):
+        x, types = table(s)
+        pred = type_means[types]
+        return np.array([np.corrcoef(pred[:, j], x[:, j])[0, 1] for j in range(x.shape[1])])
+
+    same, other = per_gene_r(patients["p1_s1"]), per_gene_r(patients["p2_s1"])
+    genes = patients["p1_s0"].attrs["dbk_synthetic"]["genes"]
+    is_shifted = np.isin(genes, patients["p1_s0"].attrs["dbk_synthetic"]["shifted_genes"])
+    np.testing.assert_array_equal(same[~is_shifted], other[~is_shifted])  # same tissue, same counts
+    assert np.median(same[~is_shifted]) > 0.5
+    assert np.median(same[is_shifted]) > 0.4  # within the patient the shifted genes are learnt too
+    assert np.median(other[is_shifted]) < 0.1  # across patients they are not
+    assert (other[is_shifted] < same[is_shifted] - 0.1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.her2st
+def test_her2st_sections_carry_their_patient(her2st_dir):
+    slides = dbk.datasets.her2st(["B4", "C2"], path=her2st_dir, download=False)
+    assert {k: (s.attrs["sample"], s.attrs["patient"]) for k, s in slides.items()} == {
+        "B4": ("B4", "B"),
+        "C2": ("C2", "C"),
+    }
+    # the published design: patient B's one section, patient C's five serial sections
+    from dbk.datasets._her2st import HER2ST_PATIENTS, HER2ST_SECTIONS
+
+    assert HER2ST_PATIENTS == {s: s[0] for s in HER2ST_SECTIONS}
+
+
 # --------------------------------------------------------------------------------------------------------------- io
 def test_write_and_read_back(tmp_path):
     sdata = dbk.datasets.synthetic(shape=(512, 512), chunk_size=256, random_state=5)

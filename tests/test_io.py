@@ -208,6 +208,23 @@ def test_read_hest_writes_to_zarr_and_reads_back(io_hest_sample, tmp_path):
     np.testing.assert_allclose(np.diag(um)[:2], [0.5, 0.5])
 
 
+@pytest.mark.parametrize(
+    ("patient", "expected"),
+    [("Patient B", "Patient B"), (" 7 ", "7"), (3, "3"), (3.0, "3"), (None, None), ("", None), ("missing", None)],
+)
+def test_read_hest_patient_from_the_metadata(io_hest_sample, tmp_path, patient, expected):
+    s = io_hest_sample
+    meta = dict(s.metadata) if patient == "missing" else dict(s.metadata, patient=patient)
+    (s.root / "metadata" / f"{s.sample_id}.json").write_text(json.dumps(meta))
+    sdata = dbk.io.read_hest(s.root, s.sample_id, load_transcripts=False, load_cells=False)
+    assert sdata.attrs.get("patient") == expected
+    if patient != "missing":
+        assert sdata.attrs["hest_metadata"]["patient"] == patient  # the metadata itself is kept as it is
+    if expected is not None:  # it is what dbk.tl.benchmark(split="patient") reads, and it survives a zarr store
+        dbk.io.write_zarr(sdata, tmp_path / "x.zarr")
+        assert sd.read_zarr(tmp_path / "x.zarr").attrs["patient"] == expected
+
+
 # ---- TIFF pyramids and pixel types ----------------------------------------------------------------------------------
 
 

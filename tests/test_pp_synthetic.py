@@ -36,3 +36,20 @@ def test_two_panels_concat_mask_and_counts():
     assert counts[~is_a, j].sum() == 0 and not mask[~is_a, j].any()
     # the variable genes come only from genes both slides measured
     assert set(dbk.pp.select_genes([a, b], n_top_genes=10)) <= set(panel_a) & set(panel_b)
+
+
+def test_patient_survives_preparing_and_splitting_slides():
+    """attrs["patient"] (what the patient-wise splits read) stays on the copies that dbk.pp makes of a slide."""
+    from dbk.pp._prepare import train_view
+    from dbk.pp._split import SPLIT_KEY
+
+    slides = {f"s{seed}": dbk.datasets.synthetic(shape=(512, 512), n_genes=8, random_state=seed, patient=patient,
+                                                 patient_shift=1.0)
+              for seed, patient in ((0, "P1"), (1, "P2"))}
+    prepared, names = dbk.pp.prepare_slides(slides, tile_size_um=56.0, copy=True)
+    assert names == ["s0", "s1"] and [s.attrs["patient"] for s in prepared] == ["P1", "P2"]
+    assert [s.attrs["dbk_synthetic"]["shifted_genes"] for s in prepared] == [
+        s.attrs["dbk_synthetic"]["shifted_genes"] for s in slides.values()
+    ]
+    dbk.pp.spatial_blocks(prepared[0])
+    assert train_view(prepared[0], SPLIT_KEY).attrs["patient"] == "P1"

@@ -2,7 +2,9 @@
 
 A gene's expression is a function of its *name* (and the cell type's name), never of its position in a panel or of
 the slide's ``random_state``: the same gene behaves the same on every synthetic slide, whatever the panel, so a
-model trained on several slides has one gene–morphology link to learn.
+model trained on several slides has one gene–morphology link to learn. Slides made for a patient
+(``synthetic(patient=..., patient_shift=...)``) are the exception: there some genes follow a patient-specific link
+(:func:`patient_rates`), a function of the gene, type and patient names.
 """
 
 from __future__ import annotations
@@ -184,6 +186,45 @@ def program_loadings(genes: list[str]) -> np.ndarray:
         rng = np.random.default_rng(stable_seed("program", gene))
         if rng.uniform() < 0.35:
             out[j, rng.integers(N_PROGRAMS)] = rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 0.6)
+    return out
+
+
+PATIENT_PROFILE_MIN_SD = 1.0  # least spread (natural log) of a patient's random type profile of a shifted gene
+
+
+def shifted_gene_names(genes: list[str], fraction: float) -> list[str]:
+    """The genes of ``genes`` (in their order) whose name-seeded uniform number is below ``fraction``.
+
+    A gene is in or out by its name alone, so the same genes are shifted on every slide, panel and patient, and a
+    larger ``fraction`` adds genes without removing any.
+    """
+    return [g for g in genes if np.random.default_rng(stable_seed("patient-shift", g)).uniform() < fraction]
+
+
+def patient_rates(
+    rates: np.ndarray, genes: list[str], types: list[CellType], patient: str, shift: float, shifted: list[str]
+) -> np.ndarray:
+    """``rates`` (``(n_types, n_genes)``) with the columns of the ``shifted`` genes changed for ``patient``.
+
+    For a shifted gene with log-rates ``l_k`` over the types ``k``, the patient's profile is the geometric
+    interpolation ``(1 - shift) * l_k + shift * (mean(l) + sd * z_k)`` towards a random profile, ``z_k ~ N(0, 1)``
+    seeded by the patient, gene and type names and ``sd = max(std(l), 1)``; the result is rescaled so that the gene's
+    mean rate over the types is unchanged. So the gene keeps its level but, at ``shift=1``, which cell types express
+    it is drawn anew for every patient. With a single cell type nothing changes. The other columns are returned
+    unchanged (the same floats).
+    """
+    out = rates.copy()
+    index = {g: j for j, g in enumerate(genes)}
+    for gene in shifted:
+        j = index[gene]
+        log_rate = np.log(rates[:, j])
+        z = np.array([
+            np.random.default_rng(stable_seed("patient", patient, "gene", gene, "type", t.name)).standard_normal()
+            for t in types
+        ])
+        target = log_rate.mean() + max(float(log_rate.std()), PATIENT_PROFILE_MIN_SD) * z
+        new = np.exp((1.0 - shift) * log_rate + shift * target)
+        out[:, j] = new * rates[:, j].mean() / new.mean()
     return out
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 HER2ST_SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
+HER2ST_PATIENTS = {"B4": "B", "C2": "C", "C3": "C", "C4": "C", "C5": "C", "C6": "C"}  # Andersson et al.'s patient ids
 N_HER2ST_GENES = 785
 GENES_TXT = "genes_785.txt"
 
@@ -55,7 +56,8 @@ def her2st(
     -------
     ``{section: SpatialData}`` in the order asked, each as read by :func:`dbk.io.read_st_folder`
     (``images["he"]``, ``shapes["spots"]``, ``tables["table"]`` with raw counts), with
-    ``sdata.attrs["sample"] = section``.
+    ``sdata.attrs["sample"] = section`` and ``sdata.attrs["patient"]``, the section's patient (``"B"`` for B4,
+    ``"C"`` for C2-C6), which :func:`dbk.tl.benchmark` reads for ``split="patient"``.
 
     Raises
     ------
@@ -85,6 +87,7 @@ def her2st(
     for name in names:
         sdata = read_st_folder(root / name, pixel_size_um=pixel_size_um, sample=name)
         sdata.attrs["sample"] = name
+        sdata.attrs["patient"] = HER2ST_PATIENTS[name]
         slides[name] = sdata
     return slides
 

@@ -62,7 +62,8 @@ def hest(
 
     Returns
     -------
-    The sample as read by :func:`dbk.io.read_hest` (H&E image, spots table, transcripts and cells where present).
+    The sample as read by :func:`dbk.io.read_hest` (H&E image, spots table, transcripts and cells where present;
+    ``attrs["patient"]`` from the metadata's ``patient`` field where it has one).
 
     Raises
     ------

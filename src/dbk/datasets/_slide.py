@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 
 from .._constants import CELL_ID_COL, GENE_COL, QV_COL
-from ._biology import N_PROGRAMS, CellType, gene_rates, program_loadings
+from ._biology import N_PROGRAMS, CellType, gene_rates, patient_rates, program_loadings
 from ._fields import SmoothField, stable_seed
 
 GEN_BLOCK = 512  # generation block (px): the unit of seeding, independent of the chunking of the outputs
 
 # generator streams per block
-_CELLS, _COUNTS, _TRANSCRIPTS = 1, 2, 3
+_CELLS, _COUNTS, _TRANSCRIPTS, _SHIFTED_COUNTS = 1, 2, 3, 4
 
 _TYPE_SHARPNESS = 2.5  # softmax temperature of the cell-type region fields
 _PROGRAM_SCALE_UM = 250.0
@@ -90,6 +90,9 @@ class SlideModel:
     background_fraction: float
     control_probe_fraction: float
     tissue_fraction: float
+    patient: str | None = None
+    patient_shift: float = 0.0  # 0: every gene follows the shared biology
+    shifted_genes: tuple[str, ...] = ()  # genes whose type profile is the patient's (empty unless patient_shift > 0)
     fields: dict = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -106,11 +109,14 @@ class SlideModel:
         object.__setattr__(self, "fields", fields)
 
     def __dask_tokenize__(self):
-        return (
+        token = (
             "dbk-synthetic-slide", self.height, self.width, self.pixel_size_um, GEN_BLOCK, self.random_state,
             tuple(t.name for t in self.types), self.genes, self.control_probes, self.cell_density,
             self.transcripts_per_cell, self.background_fraction, self.control_probe_fraction, self.tissue_fraction,
         )  # fmt: skip
+        if self.patient is not None:
+            token += (self.patient, self.patient_shift, self.shifted_genes)
+        return token
 
     # ----- geometry -----
     @property
@@ -266,9 +272,29 @@ class SlideModel:
         return float(self.transcripts_per_cell / self.rates.sum(axis=1).mean())
 
     @cached_property
-    def expression(self) -> np.ndarray:
-        """Expected counts per cell of each gene in each type (program-neutral), ``(K, G)``."""
+    def base_expression(self) -> np.ndarray:
+        """Expected counts per cell of each gene in each type (program-neutral) without the patient, ``(K, G)``."""
         return self.scale * self.rates
+
+    @cached_property
+    def shifted_index(self) -> np.ndarray:
+        """Panel positions of the genes whose type profile is the patient's."""
+        return np.array([self.genes.index(g) for g in self.shifted_genes], dtype=np.intp)
+
+    @cached_property
+    def expression(self) -> np.ndarray:
+        """Expected counts per cell of each gene in each type (program-neutral), the patient's, ``(K, G)``.
+
+        The same as :attr:`base_expression` but in the columns of the shifted genes (see
+        :func:`~dbk.datasets._biology.patient_rates`); ``scale`` comes from the shared rates, which the shift leaves
+        unchanged on average.
+        """
+        if not self.shifted_index.size:
+            return self.base_expression
+        rates = patient_rates(
+            self.rates, list(self.genes), list(self.types), self.patient, self.patient_shift, list(self.shifted_genes)
+        )
+        return self.scale * rates
 
     @cached_property
     def background_per_px2(self) -> float:
@@ -365,9 +391,18 @@ class SlideModel:
             empty = np.zeros((0, len(self.genes)), dtype=np.int64)
             return empty, empty
         mod = self.programs(cells.x, cells.y) @ self.loadings.T - 0.5 * (self.loadings**2).sum(axis=1)
-        mean = self.expression[cells.type] * cells.size_factor[:, None] * np.exp(mod)
+        mean = self.base_expression[cells.type] * cells.size_factor[:, None] * np.exp(mod)
         total = rng.poisson(mean)
         inside = rng.binomial(total, _INSIDE_FRACTION)
+        cols = self.shifted_index
+        if cols.size:
+            # the shifted genes are drawn again from a stream of their own, so that every other gene's counts are
+            # those of the same slide without a patient
+            srng = np.random.default_rng([self.random_state, _SHIFTED_COUNTS, by, bx])
+            shifted_mean = self.expression[cells.type][:, cols] * cells.size_factor[:, None] * np.exp(mod[:, cols])
+            shifted_total = srng.poisson(shifted_mean)
+            total[:, cols] = shifted_total
+            inside[:, cols] = srng.binomial(shifted_total, _INSIDE_FRACTION)
         return inside, total - inside
 
     def block_transcripts(self, by: int, bx: int) -> tuple[np.ndarray, ...]:

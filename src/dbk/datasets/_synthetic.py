@@ -34,12 +34,13 @@ from .._constants import (
 from .._image import set_pixel_size
 from .._logging import logger
 from .._settings import settings
-from ._biology import cell_types, control_probe_names, gene_universe, morphology_table
+from ._biology import cell_types, control_probe_names, gene_universe, morphology_table, shifted_gene_names
 from ._render import level_shape, render_chunk
 from ._slide import _INSIDE_FRACTION, SlideModel
 
 SYNTHETIC_ATTRS_KEY = "dbk_synthetic"  # sdata.attrs[...] and sdata.tables["table"].uns["synthetic"]
 AUTO_MAX_CELLS = 500_000  # include_cells="auto" builds cells and table up to this many expected cells
+PATIENT_KEY = "patient"  # sdata.attrs[...]: the slide's patient, as dbk.tl.benchmark(split="patient") reads it
 _MIN_PYRAMID_SIDE = 256
 
 
@@ -59,6 +60,9 @@ def synthetic(
     include_cells: bool | Literal["auto"] = "auto",
     chunk_size: int = 1024,
     random_state: int | None = 0,
+    patient: str | None = None,
+    patient_shift: float = 0.0,
+    shifted_genes: float | Sequence[str] = 0.2,
 ) -> SpatialData:
     """A synthetic Xenium-like slide: H&E image, transcripts, cells and a cell x gene table, from one seed.
 
@@ -74,7 +78,10 @@ def synthetic(
     transcripts) is built in about a second with little memory. The chunking never changes the data.
 
     The biology does not depend on ``random_state``: a cell type looks the same and a gene (identified by its name)
-    has the same expression in every synthetic slide and every panel; the seed only changes the tissue.
+    has the same expression in every synthetic slide and every panel; the seed only changes the tissue. Slides can
+    belong to patients who differ in a way the H&E does not show (``patient``, ``patient_shift``): some genes are
+    expressed by other cell types in each patient, so a model trained on one patient predicts them well on new
+    slides of that patient and badly on another patient's.
 
     Parameters
     ----------
@@ -110,6 +117,23 @@ def synthetic(
         transcripts of the cells centred in it, so a few lie just outside).
     random_state
         Seed of the tissue (outline, regions, cells, transcripts, pixels); ``None`` uses ``dbk.settings.seed``.
+    patient
+        The patient the slide comes from, any name (e.g. ``"P1"``); stored in ``sdata.attrs["patient"]``, where
+        :func:`dbk.tl.benchmark` (``split="patient"``) reads it. With ``patient_shift=0`` it is only a label.
+    patient_shift
+        How far the ``shifted_genes`` depart from the shared biology in this patient, in ``[0, 1]``. A shifted gene's
+        log expression rate over the cell types moves this share of the way from its shared profile towards a random
+        profile drawn for the (patient, gene) pair (normal per type, seeded by the patient, gene and type names, as
+        wide as the shared profile and at least 1 in natural log), then is rescaled to keep the gene's mean rate
+        over the types. So at ``1`` which cell types express the gene is drawn anew for every patient, and two
+        patients' profiles are unrelated; the cells, the image and the spatial programs do not change. Slides of
+        the same patient share the shift, whatever their ``random_state``. Needs ``patient``; with a single cell type
+        nothing can shift. ``0`` (default): no gene is shifted.
+    shifted_genes
+        Which genes a patient shifts: a fraction in ``[0, 1]`` (default ``0.2``), each gene of the panel being in
+        when a uniform number seeded by its name alone is below it (so the same genes on every slide, patient and
+        panel, whatever ``random_state``; a larger fraction only adds genes), or a list of names from the panel.
+        The genes shifted are listed in ``attrs["dbk_synthetic"]["shifted_genes"]``.
 
     Returns
     -------
@@ -126,7 +150,14 @@ def synthetic(
     - ``attrs["dbk_synthetic"]``: the ground truth, always: ``genes``, ``cell_types``, ``expression`` (types x genes
       expected counts per cell), ``gene_rates`` (the same before scaling to ``transcripts_per_cell``; depends only on
       gene and type names), ``scale``, ``program_loadings`` (genes x programs), ``morphology``, the parameters, and
-      ``expected_n_cells`` / ``expected_n_transcripts`` (estimated from the fields, without drawing).
+      ``expected_n_cells`` / ``expected_n_transcripts`` (estimated from the fields, without drawing); with a
+      ``patient`` also ``patient``, ``patient_shift`` and ``shifted_genes`` (the panel's genes whose type profile is
+      the patient's, panel order; empty when ``patient_shift=0``), and ``expression`` is the patient's;
+    - ``attrs["patient"]``: the ``patient``, when given.
+
+    Without a ``patient`` the slide is the same as before these options existed. With one, the image, the cells and
+    the counts of every gene that is not shifted are exactly those of the same slide without a patient (the shifted
+    genes are drawn from a stream of their own); the transcripts' positions differ.
 
     All elements are in image pixels (coordinate system ``"global"``, identity) and have a ``Scale`` to ``"um"``.
 
@@ -134,6 +165,13 @@ def synthetic(
     --------
     >>> sdata = dbk.datasets.synthetic()  # 2048 x 2048 px at 0.5 µm/px, ~2 k cells, ~130 k transcripts
     >>> big = dbk.datasets.synthetic(shape=(40000, 40000))  # lazy: ~1 M cells, ~55 M transcripts
+
+    Two patients whose slides look alike but differ in about a fifth of the genes:
+
+    >>> p1 = [dbk.datasets.synthetic(random_state=s, patient="P1", patient_shift=1.0) for s in (0, 1)]
+    >>> p2 = dbk.datasets.synthetic(random_state=2, patient="P2", patient_shift=1.0)
+    >>> p2.attrs["patient"], p2.attrs["dbk_synthetic"]["shifted_genes"][:3]
+    ('P2', ['PGR', 'EPCAM', 'ACTA2'])
     """
     model = _slide_model(
         shape=shape,
@@ -148,6 +186,9 @@ def synthetic(
         control_probe_fraction=control_probe_fraction,
         tissue_fraction=tissue_fraction,
         random_state=random_state,
+        patient=patient,
+        patient_shift=patient_shift,
+        shifted_genes=shifted_genes,
     )
     if chunk_size < 64:
         raise ValueError(f"chunk_size must be at least 64 px, got {chunk_size!r}.")
@@ -173,6 +214,8 @@ def synthetic(
     sdata = SpatialData(images=images, points=points, shapes=shapes, tables=tables)
     set_pixel_size(sdata, IMAGE_KEY, pixel_size_um=pixel_size_um, elements=[TRANSCRIPTS_KEY, *shapes])
     sdata.attrs[SYNTHETIC_ATTRS_KEY] = truth
+    if model.patient is not None:
+        sdata.attrs[PATIENT_KEY] = model.patient
     return sdata
 
 
@@ -190,6 +233,9 @@ def _slide_model(
     control_probe_fraction,
     tissue_fraction,
     random_state,
+    patient=None,
+    patient_shift=0.0,
+    shifted_genes=0.2,
 ) -> SlideModel:
     if len(shape) != 2 or min(shape) < 16:
         raise ValueError(f"shape must be (height, width) of at least 16 px each, got {shape!r}.")
@@ -218,6 +264,7 @@ def _slide_model(
     seed = settings.seed if random_state is None else int(random_state)
     if seed < 0:
         raise ValueError(f"random_state must be a non-negative integer, got {random_state!r}.")
+    patient, patient_shift, shifted = _patient_options(patient, patient_shift, shifted_genes, genes)
     return SlideModel(
         height=int(shape[0]),
         width=int(shape[1]),
@@ -231,13 +278,49 @@ def _slide_model(
         background_fraction=float(background_fraction),
         control_probe_fraction=float(control_probe_fraction),
         tissue_fraction=float(tissue_fraction),
+        patient=patient,
+        patient_shift=patient_shift,
+        shifted_genes=tuple(shifted),
     )
+
+
+def _patient_options(patient, patient_shift, shifted_genes, genes: list[str]) -> tuple[str | None, float, list[str]]:
+    """Checked ``(patient, patient_shift, shifted genes in panel order)``; no gene is shifted at ``patient_shift=0``."""
+    if patient is not None:
+        patient = str(patient)
+        if not patient:
+            raise ValueError("patient must be a non-empty name (or None).")
+    try:
+        patient_shift = float(patient_shift)
+    except (TypeError, ValueError):
+        raise ValueError(f"patient_shift must be a number in [0, 1], got {patient_shift!r}.") from None
+    if not 0.0 <= patient_shift <= 1.0:
+        raise ValueError(f"patient_shift must be in [0, 1], got {patient_shift!r}.")
+    if patient_shift > 0 and patient is None:
+        raise ValueError("patient_shift needs a patient: pass synthetic(patient='P1', patient_shift=...).")
+    if isinstance(shifted_genes, int | float | np.number) and not isinstance(shifted_genes, bool):
+        if not 0.0 <= float(shifted_genes) <= 1.0:
+            raise ValueError(f"shifted_genes must be a fraction in [0, 1] (or a list of genes), got {shifted_genes!r}.")
+        shifted = shifted_gene_names(genes, float(shifted_genes))
+    elif isinstance(shifted_genes, str) or not isinstance(shifted_genes, Sequence | np.ndarray | pd.Index):
+        raise ValueError(f"shifted_genes must be a fraction in [0, 1] or a list of genes, got {shifted_genes!r}.")
+    else:
+        names = {str(g) for g in shifted_genes}
+        if unknown := sorted(names - set(genes)):
+            raise ValueError(f"shifted_genes {unknown[:10]} are not in the panel (genes / n_genes).")
+        shifted = [g for g in genes if g in names]
+    if patient_shift == 0:
+        return patient, patient_shift, []
+    if not shifted:
+        logger.warning(f"synthetic: patient {patient!r}: no gene of the panel is shifted (shifted_genes="
+                       f"{shifted_genes!r}); pass a larger fraction or a list of genes.")
+    return patient, patient_shift, shifted
 
 
 def ground_truth(model: SlideModel) -> dict:
     """The generative parameters as plain lists and numbers (for ``attrs`` and ``uns``)."""
     n_cells, n_tx = model.expected_counts
-    return {
+    truth = {
         "random_state": int(model.random_state),
         "shape": [int(model.height), int(model.width)],
         "pixel_size_um": float(model.pixel_size_um),
@@ -260,6 +343,13 @@ def ground_truth(model: SlideModel) -> dict:
         "expected_n_cells": float(n_cells),
         "expected_n_transcripts": float(n_tx),
     }
+    if model.patient is not None:
+        truth |= {
+            "patient": model.patient,
+            "patient_shift": float(model.patient_shift),
+            "shifted_genes": list(model.shifted_genes),
+        }
+    return truth
 
 
 def _chunks(total: int, size: int) -> tuple[int, ...]:

@@ -48,6 +48,7 @@ from ._st import spot_circles, spot_table
 logger = logging.getLogger("dbk")
 
 HEST_METADATA_KEY = "hest_metadata"  # sdata.attrs entry holding the sample's metadata json
+HEST_PATIENT_KEY = "patient"  # the metadata json's patient field (e.g. "Patient 1"), copied to sdata.attrs["patient"]
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_DIAMETER_PER_PITCH = 0.55  # Visium: 55 µm spots on a 100 µm pitch
 _PIXEL_SIZE_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
@@ -113,7 +114,11 @@ def read_hest(
       counts in ``X`` (sparse CSR) and ``layers["counts"]``, ``obs["sample"]``, ``obsm["spatial"]``;
     - ``points["transcripts"]``: columns ``x, y, feature_name`` (categorical), ``qv``, ``cell_id`` where present;
     - ``shapes["cells"]``: cell polygons indexed by cell id;
-    - ``attrs["hest_metadata"]``: the metadata json (non-finite numbers replaced by ``None``).
+    - ``attrs["hest_metadata"]``: the metadata json (non-finite numbers replaced by ``None``);
+    - ``attrs["patient"]``: the metadata's ``patient`` field as a string (e.g. ``"Patient 1"``), where it has a
+      non-empty one (else no ``"patient"`` entry); :func:`dbk.tl.benchmark` reads it for ``split="patient"``, and a
+      value set afterwards (``sdata.attrs["patient"] = ...``) is what dbk uses;
+    - ``attrs["sample"]``: ``sample_id``.
 
     Warns
     -----
@@ -186,6 +191,8 @@ def read_hest(
     set_pixel_size(sdata, IMAGE_KEY, pixel_size_um=pixel_size_um, elements=[*shapes, *points])
     sdata.attrs[HEST_METADATA_KEY] = metadata
     sdata.attrs["sample"] = str(sample_id)  # the slide's name in logs and in fit_diffbulk / predict records
+    if (patient := _patient(metadata)) is not None:
+        sdata.attrs["patient"] = patient  # patient-wise splits (benchmark(split="patient"), the head's inner CV)
     return sdata
 
 
@@ -333,6 +340,17 @@ def _pixel_size(metadata: dict, meta_path: Path, given: float | None, wsi_path: 
         f"({ {k: metadata.get(k) for k in _PIXEL_SIZE_KEYS} }). Pass read_hest(..., pixel_size_um=) with the µm per "
         f"level-0 pixel of {wsi_path}."
     )
+
+
+def _patient(metadata: dict) -> str | None:
+    """The metadata's patient as a string; ``None`` when absent, null or blank."""
+    value = metadata.get(HEST_PATIENT_KEY)
+    if value is None or isinstance(value, dict | list):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a numeric id read as 3.0 by a CSV-to-json round trip names patient "3"
+    value = str(value).strip()
+    return value or None
 
 
 def _spot_radius_um(metadata: dict) -> float:
