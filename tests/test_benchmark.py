@@ -4,6 +4,7 @@ shared by the DiffBulk methods, failures that are recorded (never dropped), the 
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 
 import numpy as np
@@ -158,6 +159,28 @@ def test_loso_baselines_user_method_predictions_and_no_mutation(slides):
         del a.obsm["_check"]
         got = res.query("fold == @sd.attrs['sample'] and method == 'ridge_cv' and metric == 'mse_mean_all'")
         assert np.isclose(ev.attrs["summary"]["mse_mean_all"], got["value"].item(), rtol=1e-5)
+        # the per-gene test scores in attrs: plain {gene: value}, those of the stored held-out predictions
+        kept = res.attrs["gene_scores"][sd.attrs["sample"]]
+        assert set(kept) == {"mean", "ridge_cv", "user_mean"} and set(kept["ridge_cv"]) == {"pearson", "spearman",
+                                                                                             "mse", "mae"}
+        assert list(kept["ridge_cv"]["pearson"]) == genes and {type(v) for v in kept["ridge_cv"]["pearson"].values()} \
+            == {float}
+        x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+        p = a.obsm["bench_ridge_cv"][genes].to_numpy(np.float64)
+        by_hand = [np.corrcoef(x[:, j], p[:, j])[0, 1] for j in range(len(genes))]
+        assert np.allclose(list(kept["ridge_cv"]["pearson"].values()), by_hand, atol=1e-6)
+        assert np.allclose(pd.Series(kept["ridge_cv"]["mse"])[genes], ((x - p) ** 2).mean(axis=0), rtol=1e-5)
+        assert np.isnan(list(kept["mean"]["pearson"].values())).all()  # a constant prediction: undefined, kept NaN
+        hvg = res.attrs["folds"][sd.attrs["sample"]]["hvg"]  # the genes of the top-5 HVG metrics
+        top = res.query("fold == @sd.attrs['sample'] and method == 'ridge_cv' and metric == 'pearson_mean_top5_hvg'")
+        assert len(hvg) == 5 and np.isclose(np.mean([kept["ridge_cv"]["pearson"][g] for g in hvg]), top["value"].item())
+
+    # a gene interval per fold and for the mean over the folds (which share their genes: one draw for all)
+    d = dbk.tl.paired_differences(res, "ridge_cv", "user_mean", metric="mse_mean_all")
+    assert np.isfinite(d[["ci_low", "ci_high"]].to_numpy()).all() and (d["n_genes"] == len(genes)).all()
+    assert ((d["ci_low"] <= d["difference"]) & (d["difference"] <= d["ci_high"])).all()
+    s = d.attrs["summary"]
+    assert s["ci_low"] <= s["mean"] <= s["ci_high"] and "the same gene draw in all 3 folds" in s["ci_method"]
 
     # the slides changed only by the documented obsm keys
     for b, sd in zip(before, slides, strict=True):
@@ -175,6 +198,24 @@ def test_loso_baselines_user_method_predictions_and_no_mutation(slides):
 
 
 # ---- stage 1: once per fold, shared ----------------------------------------------------------------------------------
+
+
+def test_default_methods_include_the_untrained_control_which_trains_no_stage1(slides, monkeypatch):
+    default = inspect.signature(dbk.tl.benchmark).parameters["methods"].default
+    assert list(default) == ["mean", "ridge_cv", "ridge_rr_ctx", "diffbulk", "diffbulk_untrained"]
+    listed = dbk.tl.benchmark_methods().set_index("name")
+    assert set(default) <= set(listed.index) and listed.loc["diffbulk_untrained", "family"] == "diffbulk"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("diffbulk_untrained trained a stage-1 model")
+
+    monkeypatch.setattr(dbk.core, "fit_pretrainer", no_training)
+    res = dbk.tl.benchmark(slides, methods=["diffbulk_untrained"], split={"a": ["s0"]}, key_added="untr",
+                           method_kwargs={"diffbulk_untrained": {"fusion": "ridge"}}, **STAGE1, **RUN)
+    assert set(res.attrs["stage1"]["a"]) == {"untrained"} and res.attrs["stage1"]["a"]["untrained"]["steps"] == 0
+    assert res.attrs["info"]["a"]["diffbulk_untrained"]["stage1_steps"] == 0
+    assert np.isfinite(res.query("metric == 'pearson_mean_all'")["value"]).all()
+
 
 
 def test_stage1_trained_once_per_fold_and_shared_by_diffbulk_methods(slides, tmp_path, monkeypatch):
@@ -392,6 +433,7 @@ def test_paired_differences_equal_a_hand_computation():
     assert np.isclose(s["std"], np.sqrt(((diffs - diffs.mean()) ** 2).sum() / 2))  # ddof=1
     assert s["n_folds"] == 3 and s["n_higher"] == 2 and s["n_better"] == 2
     assert s["text"].startswith("a - b (pearson_mean_all): +0.053 ± 0.072 over 3 folds, higher on 2/3")
+    assert np.isnan(s["ci_low"]) and np.isnan(s["ci_high"]) and d["ci_low"].isna().all()  # no per-gene scores
     e = dbk.tl.paired_differences(res, "a", "b", metric="mse_mean_all").attrs["summary"]
     assert e["n_higher"] == 1 and e["n_better"] == 2 and e["lower_is_better"]  # lower MSE is better
     two = pd.concat([res, res.assign(split="patient")])
@@ -404,6 +446,91 @@ def test_paired_differences_equal_a_hand_computation():
     assert np.isclose(summ.loc["a", ("pearson_mean_all", "mean")], np.mean([0.30, 0.25, 0.40]))
     assert np.isclose(summ.loc["b", ("seconds", "mean")], 2.0) and summ.loc["b", ("n_folds", "")] == 3
     assert list(dbk.tl.benchmark_summary(two).index.names) == ["split", "method"]
+
+
+def _gene_table(noise: float, *, folds=("f1",), n_genes: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Methods a and b on the same genes, per-gene Pearson in attrs: b = a - 0.05 + noise (genes differ a lot)."""
+    rng = np.random.default_rng(seed)
+    genes = [f"g{i}" for i in range(n_genes)]
+    rows, scores, hvg = [], {}, {}
+    for f in folds:
+        a = rng.uniform(-0.2, 0.8, n_genes)
+        a[:3] = np.nan  # undefined (e.g. constant truth): left out of the means, as evaluate does
+        b = a - 0.05 + rng.normal(0.0, noise, n_genes)
+        hvg[f] = {"hvg": genes[10:20]}
+        scores[f] = {m: {"pearson": dict(zip(genes, v.tolist(), strict=True))} for m, v in (("a", a), ("b", b))}
+        for m, v in (("a", a), ("b", b)):
+            rows += [{"split": "loso", "fold": f, "method": m, "metric": "pearson_mean_all", "value": np.nanmean(v),
+                      "seconds": 1.0},
+                     {"split": "loso", "fold": f, "method": m, "metric": "pearson_mean_top10_hvg",
+                      "value": np.nanmean(v[10:20]), "seconds": 1.0},
+                     {"split": "loso", "fold": f, "method": m, "metric": "pearson_flattened", "value": 0.5 - (m == "b"),
+                      "seconds": 1.0}]
+    out = pd.DataFrame(rows)
+    out.attrs.update({"split": "loso", "folds": hvg, "gene_scores": scores})
+    return out
+
+
+def test_paired_differences_gene_interval_on_one_fold():
+    quiet, noisy = _gene_table(0.02), _gene_table(0.2)
+    d = dbk.tl.paired_differences(quiet, "a", "b")
+    s = d.attrs["summary"]
+    assert s["n_folds"] == 1 and np.isnan(s["std"])  # one fold: no spread over folds, but a gene interval
+    assert np.isfinite([s["ci_low"], s["ci_high"]]).all() and s["ci_low"] < s["mean"] < s["ci_high"]
+    assert (d.loc[0, "ci_low"], d.loc[0, "ci_high"]) == (s["ci_low"], s["ci_high"])
+    assert s["ci_method"].startswith("gene bootstrap, 2000 draws")
+    assert s["text"].endswith(f"; 95% CI [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}] by resampling genes")
+    a = np.array(list(quiet.attrs["gene_scores"]["f1"]["a"]["pearson"].values()))
+    b = np.array(list(quiet.attrs["gene_scores"]["f1"]["b"]["pearson"].values()))
+    assert d.loc[0, "n_genes"] == 297 and d.loc[0, "n_genes_higher"] == int((a[3:] > b[3:]).sum())
+    # paired: the width follows the spread of the per-gene differences (2 x 1.96 SE), not that of the genes' scores
+    se = np.std(a[3:] - b[3:], ddof=1) / np.sqrt(297)
+    assert abs((s["ci_high"] - s["ci_low"]) / (2 * 1.96 * se) - 1) < 0.15
+    # deterministic for a seed, and wider for noisier differences
+    again = dbk.tl.paired_differences(quiet, "a", "b", random_state=0).attrs["summary"]
+    assert (again["ci_low"], again["ci_high"]) == (s["ci_low"], s["ci_high"])
+    other = dbk.tl.paired_differences(quiet, "a", "b", random_state=1).attrs["summary"]
+    assert other["ci_low"] != s["ci_low"]
+    n = dbk.tl.paired_differences(noisy, "a", "b").attrs["summary"]
+    assert n["ci_high"] - n["ci_low"] > 3 * (s["ci_high"] - s["ci_low"])
+    # a top-k HVG metric resamples the fold's HVGs only; a metric that is no mean over genes has no gene interval
+    h = dbk.tl.paired_differences(quiet, "a", "b", metric="pearson_mean_top10_hvg")
+    assert h.loc[0, "n_genes"] == 10 and h.attrs["summary"]["ci_low"] < h.attrs["summary"]["mean"]
+    f = dbk.tl.paired_differences(quiet, "a", "b", metric="pearson_flattened").attrs["summary"]
+    assert np.isnan([f["ci_low"], f["ci_high"]]).all() and "not a mean over a fixed set of genes" in f["ci_method"]
+    with pytest.raises(ValueError, match="n_boot"):
+        dbk.tl.paired_differences(quiet, "a", "b", n_boot=0)
+
+
+def test_paired_differences_gene_interval_over_folds_and_without_gene_scores():
+    res = _gene_table(0.05, folds=("f1", "f2", "f3"))
+    d = dbk.tl.paired_differences(res, "a", "b")
+    s = d.attrs["summary"]
+    assert s["n_folds"] == 3 and np.isfinite(s["std"]) and s["ci_low"] < s["mean"] < s["ci_high"]
+    assert "the same gene draw in all 3 folds" in s["ci_method"] and np.isfinite(d[["ci_low", "ci_high"]]).all(None)
+    # the mean's interval is narrower than a fold's: each draw averages three folds' differences
+    assert s["ci_high"] - s["ci_low"] < (d["ci_high"] - d["ci_low"]).min()
+    hv = dbk.tl.paired_differences(res, "a", "b", metric="pearson_mean_top10_hvg").attrs["summary"]
+    assert np.isfinite(hv["ci_low"])
+    # results of an older run (no per-gene scores): as before, with NaN intervals and the reason in the text
+    old = res.copy()
+    old.attrs = {}
+    o = dbk.tl.paired_differences(old, "a", "b")
+    pd.testing.assert_frame_equal(o[["split", "fold", "a", "b", "difference"]],
+                                  d[["split", "fold", "a", "b", "difference"]])
+    assert o[["ci_low", "ci_high", "n_genes", "n_genes_higher"]].isna().all(None)
+    so = o.attrs["summary"]
+    assert (so["mean"], so["std"], so["n_higher"]) == (s["mean"], s["std"], s["n_higher"])
+    assert np.isnan(so["ci_low"]) and so["ci_method"].startswith("none: the results hold no per-gene test scores")
+    assert "; no gene interval: the results hold no per-gene test scores" in so["text"]
+    # scores that do not give the table's values (another run's attrs), or of another split, are not used
+    wrong = res.copy()
+    wrong.loc[wrong["metric"] == "pearson_mean_all", "value"] += 0.01
+    assert "do not average to its pearson_mean_all" in dbk.tl.paired_differences(wrong, "a", "b").attrs[
+        "summary"]["ci_method"]
+    two = pd.concat([res, res.assign(split="patient")])
+    assert "of split 'loso'" in dbk.tl.paired_differences(two, "a", "b", split="patient").attrs["summary"]["ci_method"]
+    assert np.isfinite(dbk.tl.paired_differences(two, "a", "b", split="loso").attrs["summary"]["ci_low"])
 
 
 def test_pl_benchmark_draws_the_tidy_and_the_wide_table_alike():

@@ -116,6 +116,7 @@ def benchmark(
     >>> res = dbk.tl.benchmark(slides, methods=["mean", "ridge_cv"])  # doctest: +SKIP
     >>> dbk.pl.benchmark(res, metric="pearson_mean_all")  # doctest: +SKIP
     """
+    results = pd.DataFrame(results)  # without attrs: pandas deep-copies them (the per-gene scores) on every operation
     if {"metric", "value"} <= set(results.columns) and metric not in results.columns:  # dbk.tl.benchmark's tidy table
         if metric not in set(results["metric"]):
             raise KeyError(f"No metric {metric!r} in the results; metrics: {list(pd.unique(results['metric']))}.")

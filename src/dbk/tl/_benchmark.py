@@ -36,8 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from spatialdata import SpatialData
 
-DEFAULT_METHODS = ("mean", "ridge_cv", "ridge_rr_ctx", "diffbulk")
+DEFAULT_METHODS = ("mean", "ridge_cv", "ridge_rr_ctx", "diffbulk", "diffbulk_untrained")
 COLUMNS = ["split", "fold", "method", "metric", "value", "seconds"]
+# evaluate's per-gene metrics kept in attrs["gene_scores"] (their means over genes are the *_mean_all metrics)
+GENE_SCORES = ("pearson", "spearman", "mse", "mae")
 # evaluate's summary entries that describe the data, not the predictions (kept in attrs["folds"] instead)
 _NOT_METRICS = {"top_k", "n_tiles", "n_genes"}
 # the metrics benchmark_summary shows by default, in this order ({k}: the top-k of the run)
@@ -88,7 +90,11 @@ def benchmark(
         for a list, as :func:`dbk.pp.prepare_slides` names them), or one slide for ``split="blocks"``.
     methods
         Registered method names (:func:`dbk.tl.benchmark_methods`; add one with :func:`dbk.tl.register_method`).
-        Unknown names fail before any work.
+        Unknown names fail before any work. Default: ``mean``, ``ridge_cv``, ``ridge_rr_ctx``, ``diffbulk`` and the
+        control ``diffbulk_untrained`` (DiffBulk's head on the features of an untrained U-Net of the fold's
+        architecture, genes and seed: no stage-1 training, only its own head fit; ``diffbulk -
+        diffbulk_untrained`` says whether training stage 1 helps at all). ``diffbulk_no_genes`` (a second stage-1
+        training per fold, without genes) is the control of the gene conditioning; add it when that is the question.
     split
         ``"loso"``: leave one slide out (each slide is the test once, the others train). ``"patient"``: each
         patient's slides are the test once, the other patients' slides train (the patient of a slide from
@@ -133,7 +139,8 @@ def benchmark(
         ``{"ridge_cv": {"alphas": [1, 10]}, "diffbulk_gated": {"max_epochs": 50}}`` (for the built-ins: options of
         :func:`dbk.tl.fit_baseline` or :func:`dbk.tl.fit_diffbulk`).
     patients
-        ``{slide: patient}`` for ``split="patient"`` (else ``sdata.attrs["patient"]``).
+        ``{slide: patient}`` for ``split="patient"`` (else ``sdata.attrs["patient"]``); the DiffBulk methods' trust
+        scores also hold out whole training patients by it (:func:`dbk.tl.fit_diffbulk`'s ``patients``).
     split_kwargs
         For ``split="blocks"``: ``n_folds`` (5), ``n_blocks`` (16, the grid of :func:`dbk.pp.spatial_blocks` per
         slide) and ``buffer_um`` (0: training tiles whose centre lies within this distance of a test tile of the
@@ -154,13 +161,19 @@ def benchmark(
     (``pearson_mean_all``, ``pearson_mean_top{k}_hvg``, ``spearman_mean_all``, ``mse_mean_all``, ``mae_mean_all``,
     ``pearson_mean_top{k}_best``, ``spearman_per_tile_mean``, ``pearson_flattened``, ``n_genes_nan_pearson`` ...).
     ``attrs`` holds ``settings``; ``genes`` (the candidate genes); ``folds`` (``{fold: {"train", "test",
-    "n_train_tiles", "n_test_tiles", "genes"}}``); ``methods`` (family, description, options); ``info``
+    "n_train_tiles", "n_test_tiles", "genes", "hvg"}}``, ``hvg``: the top-k most variable genes of the fold's
+    training tiles, those of the ``*_top{k}_hvg`` metrics); ``methods`` (family, description, options); ``info``
     (``{fold: {method: what it chose}}``); ``stage1`` (``{fold: {kind: {"seconds", "steps"}}}``); ``failed`` (one
     record per failure with ``errors="warn"``), ``pred_keys`` (``{method: obsm key}``) and ``cv_pearson``
     (``{fold: {method: {gene: score}}}``, the per-gene CV scores of methods that give them, DiffBulk's among them, made
     on the fold's training slides only; ``pd.Series(...)`` of one gives a Series). For those methods the table also
     has the metric ``cv_score_spearman``: the Spearman correlation over genes between the CV score and the test
     Pearson, i.e. how well the model's own estimate ranks the genes it predicts well on the held-out slide.
+    ``gene_scores`` (``{fold: {method: {"pearson" | "spearman" | "mse" | "mae": {gene: value}}}}``) holds the
+    per-gene test metrics of :func:`dbk.tl.evaluate` of every method on every fold (NaN where a correlation is
+    undefined, e.g. for the ``mean`` predictor): their means over genes are the ``*_mean_all`` rows, and over the
+    fold's ``hvg`` genes the ``*_top{k}_hvg`` rows; :func:`dbk.tl.paired_differences` resamples them for an interval
+    that one fold alone can give.
     Summarise it with :func:`dbk.tl.benchmark_summary` and :func:`dbk.tl.paired_differences`, plot it with
     :func:`dbk.pl.benchmark`.
     Every ``attrs`` entry is plain Python (dicts, lists, numbers, strings), so the table merges and concatenates like
@@ -230,6 +243,7 @@ def benchmark(
         "stage1": {},
         "failed": [],
         "cv_pearson": {},
+        "gene_scores": {},
         "pred_keys": {n: f"{key_added}_{n}" for n in names_m},
     }
     store: dict[tuple[str, str], list[pd.DataFrame]] = {}
@@ -242,7 +256,7 @@ def benchmark(
                               tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, key_added=key_added,
                               stage1_settings={"preset": preset, "max_steps": pretrain_steps,
                                                "pretrain_kwargs": dict(pretrain_kwargs or {}),
-                                               "checkpoint_dir": checkpoint_dir})
+                                               "checkpoint_dir": checkpoint_dir}, patients=patients)
             attrs["folds"][fold_name] = {"train": list(fold.train_slides), "test": list(fold.test_slides),
                                          "n_train_tiles": int(fold.train.n_obs), "n_test_tiles": int(fold.test.n_obs),
                                          "genes": list(fold.genes)}
@@ -262,7 +276,7 @@ def benchmark(
                     pred, info = _check_output(out, fold, spec.name)
                     truth.obsm[_PRED_TMP] = pred
                     cv = info.pop("cv_pearson", None)
-                    summary = _evaluate(truth, fold, k, cv=cv)
+                    summary, per_gene = _evaluate(truth, fold, k, cv=cv)
                     if cv is not None:
                         attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = pd.Series(cv, dtype=np.float64)
                 except Exception as err:
@@ -274,6 +288,8 @@ def benchmark(
                 rows += [{"split": split_name, "fold": fold_name, "method": spec.name, "metric": m, "value": v,
                           "seconds": seconds} for m, v in summary.items()]
                 attrs["info"].setdefault(fold_name, {})[spec.name] = dict(info)
+                attrs["gene_scores"].setdefault(fold_name, {})[spec.name] = {c: per_gene[c] for c in GENE_SCORES}
+                attrs["folds"][fold_name].setdefault("hvg", list(per_gene.index[per_gene["hvg"].to_numpy(bool)]))
                 for slide in fold.test_slides:
                     part = pred.loc[fold.test.obs[SAMPLE_COL].astype(str).to_numpy() == slide]
                     part = part.set_axis([o[len(slide) + 1:] for o in part.index], axis=0)
@@ -474,13 +490,17 @@ def _stack(views: dict, genes: list[str], table_key: str) -> ad.AnnData:
 
 def _make_fold(split_name, fold_name, train_plan, test_plan, by_name, cand_genes, *, n_top_genes, seed, accelerator,
                context_um, fm_holder, fm_size_px, tile_size_um, tiles_key, table_key, batch_size, key_added,
-               stage1_settings) -> BenchmarkFold:
+               stage1_settings, patients=None) -> BenchmarkFold:
     from ..pp import select_genes
 
     def views(plan) -> dict:
         items = plan.items() if isinstance(plan, dict) else ((s, None) for s in plan)
-        return {s: _view(by_name[s], rows, tiles_key=tiles_key, table_key=table_key, drop_prefix=f"{key_added}_")
-                for s, rows in items}
+        out = {s: _view(by_name[s], rows, tiles_key=tiles_key, table_key=table_key, drop_prefix=f"{key_added}_")
+               for s, rows in items}
+        for s, v in out.items():  # the patients given win over attrs: the fits' trust scores hold them out
+            if patients and s in patients:
+                v.attrs["patient"] = str(patients[s])
+        return out
 
     train_views, test_views = views(train_plan), views(test_plan)
     genes = list(cand_genes)
@@ -529,11 +549,11 @@ def _truth(test: ad.AnnData) -> ad.AnnData:
     return ad.AnnData(X=test.X, obs=pd.DataFrame(index=test.obs_names.copy()), var=test.var.copy(), layers=layers)
 
 
-def _evaluate(truth: ad.AnnData, fold: BenchmarkFold, k: int, cv=None) -> dict[str, float]:
+def _evaluate(truth: ad.AnnData, fold: BenchmarkFold, k: int, cv=None) -> tuple[dict[str, float], pd.DataFrame]:
     """The metrics of :func:`evaluate`'s summary, and ``cv_score_spearman`` for a method with CV scores.
 
     ``cv``: the method's per-gene CV scores (``info["cv_pearson"]``, made on the training slides); their Spearman
-    over genes with the genes' test Pearson.
+    over genes with the genes' test Pearson. Also returns :func:`evaluate`'s per-gene table (index: the fold's genes).
     """
     from scipy.stats import spearmanr
 
@@ -546,7 +566,7 @@ def _evaluate(truth: ad.AnnData, fold: BenchmarkFold, k: int, cv=None) -> dict[s
         both = pd.concat([pd.Series(cv, dtype=np.float64).rename("cv"), ev["pearson"].rename("test")],
                          axis=1, join="inner").dropna()
         out["cv_score_spearman"] = float(spearmanr(both["cv"], both["test"]).statistic) if len(both) > 2 else np.nan
-    return out
+    return out, ev
 
 
 def _plain(obj):
