@@ -66,6 +66,9 @@ def _parse() -> argparse.Namespace:
                          "(--quick: without ridge_hest and diffbulk_no_genes)")
     ap.add_argument("--splits", default="loso", help="loso and/or patient (comma-separated)")
     ap.add_argument("--folds", default=None, help="comma-separated test sections: only these LOSO folds")
+    ap.add_argument("--sections", default=None,
+                    help="comma-separated sections to use at all (default all six); e.g. B4,C3,C6 with --splits loso "
+                         "trains each fold on two sections")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run: LOSO folds {'/'.join(QUICK_LOSO)}, first {QUICK_GENES} genes, 40 stage-1 steps")
     ap.add_argument("--n-genes", type=int, default=None, help="use the first N of the 785 genes")
@@ -174,6 +177,12 @@ def main(args: argparse.Namespace) -> None:
         return
     t_start = time.perf_counter()
     sections = dbk.datasets.her2st(path=args.data)
+    if args.sections:
+        keep = [s.strip() for s in args.sections.split(",") if s.strip()]
+        unknown = sorted(set(keep) - set(sections))
+        if unknown:
+            raise SystemExit(f"--sections: unknown sections {unknown} (available: {sorted(sections)})")
+        sections = {k: sections[k] for k in keep}
     genes = dbk.datasets.her2st_genes(path=args.data)
     n_genes = args.n_genes or (QUICK_GENES if args.quick else None)
     if n_genes:

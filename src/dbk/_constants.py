@@ -56,3 +56,6 @@ CONTROL_PREFIXES = (
 #: ``var`` column of a predicted table (:func:`dbk.tl.predictions_to_adata`): each gene's CV score, the Pearson r of
 #: the fit's inner cross-validation on its training slides (:attr:`dbk.tl.DiffBulk.cv_pearson`).
 CV_PEARSON_KEY = "dbk_cv_pearson"
+#: ``var`` column of :func:`dbk.tl.predictions_to_adata`: whether the model trusts the gene
+#: (:attr:`dbk.tl.DiffBulk.cv_trusted`).
+CV_TRUSTED_KEY = "dbk_cv_trusted"

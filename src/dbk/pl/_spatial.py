@@ -29,7 +29,7 @@ def spatial(
     cmap: str = "viridis",
     vmax_quantile: float = 0.99,
     alpha: float = 0.8,
-    min_cv_pearson: float | None = 0.1,
+    min_cv_pearson: float | str | None = "auto",
     ax=None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -39,9 +39,11 @@ def spatial(
 
     Each row is a gene and each column a kind; the predicted panel's title carries the gene's Pearson r between
     measured and predicted over the tiles and, where the predictions carry them, the gene's CV score
-    (:func:`dbk.tl.cv_pearson`). A gene whose CV score is below ``min_cv_pearson`` (or undefined) is marked
-    *untrusted* in red: the model did not predict it well on held-out training slides, so its map is not to be
-    believed.
+    (:func:`dbk.tl.cv_pearson`). A gene the model does not trust (:func:`dbk.tl.cv_trusted`; or, with a number
+    ``min_cv_pearson``, whose CV score is below it or undefined) is marked *untrusted* in red: the model did not
+    predict it well on held-out training slides (or patients), so its map is not to be believed. When the
+    predictions carry far fewer independent patterns than the training targets (:func:`dbk.tl.effective_rank`), a
+    note under the figure says so.
 
     Parameters
     ----------
@@ -73,7 +75,8 @@ def spatial(
     alpha
         Opacity of the tiles over the image.
     min_cv_pearson
-        CV score under which a predicted gene is marked untrusted (``None``: no marking).
+        ``"auto"``: mark the genes the model does not trust (its stored rule; no marking for predictions without
+        it); a number: the CV score under which a gene is marked; ``None``: no marking.
     {plot_params}
 
     {plot_returns}
@@ -82,6 +85,7 @@ def spatial(
     adata = get_table(data, table_key)
     kinds = _kinds(adata, genes, kinds, pred_key)
     cv = _cv_scores(adata, pred_key)
+    trusted = _trusted(adata, pred_key) if min_cv_pearson == "auto" else None
     pred_table = pred_key not in adata.obsm and cv is not None  # a predicted table: its X holds predictions
     # a row per gene with its kinds side by side; one kind only: the genes side by side
     ncols = len(kinds) if len(kinds) > 1 else min(len(genes), 3)
@@ -123,14 +127,50 @@ def spatial(
             if cv is not None and (kind == "predicted" or pred_table):
                 score = float(cv.get(gene, np.nan))
                 title += f"\nCV r = {score:.2f}" if np.isfinite(score) else "\nno CV score"
-                if min_cv_pearson is not None and not (np.isfinite(score) and score >= min_cv_pearson):
+                if min_cv_pearson == "auto":
+                    if trusted is not None and not bool(trusted.get(gene, False)):
+                        title += ": untrusted"
+                        color = "tab:red"
+                elif min_cv_pearson is not None and not (np.isfinite(score) and score >= min_cv_pearson):
                     title += f": untrusted (< {min_cv_pearson:g})"
                     color = "tab:red"
             axis.set_title(title, **({"color": color} if color else {}))
             axis.set_axis_off()
         # one colour bar for the gene's panels: they share the scale
         fig.colorbar(mappable, ax=row, shrink=0.7, label=f"{gene}, {layer or 'log1p expression'}")
+    note = _rank_note(adata, pred_key) if "predicted" in kinds or pred_table else None
+    if note:
+        fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=9, color="tab:red", wrap=True)
     return finish(fig, show=show, return_fig=return_fig, save=save)
+
+
+def _trusted(adata, pred_key: str):
+    from ..tl import cv_trusted
+
+    return cv_trusted(adata, pred_key=pred_key)
+
+
+def _rank_note(adata, pred_key: str) -> str | None:
+    """A line under the figure when the predictions carry far fewer patterns than the targets."""
+    from ..tl._effective_rank import is_low
+
+    uns = adata.uns.get("dbk", {})
+    if pred_key not in adata.obsm:  # a table from predictions_to_adata
+        rank = (uns.get("predictions") or {}).get("effective_rank")
+    else:
+        rec = uns.get("predict") or {}
+        fit = adata.uns.get(pred_key)
+        rank = rec.get("effective_rank") if rec.get("pred_key") == pred_key else None
+        if rank is None and isinstance(fit, dict):
+            rank = fit.get("effective_rank")
+    if not isinstance(rank, dict):
+        return None
+    k, target, n = int(rank["predictions"]), rank.get("targets"), int(rank.get("n_genes", 0))
+    target = None if target is None else int(target)
+    if not is_low(k, target, n):
+        return None
+    return (f"These predictions span only {k} independent pattern{'s' if k != 1 else ''} (effective rank; training "
+            f"targets: {target}): gene-gene structure and spatially variable genes are not meaningful beyond that.")
 
 
 def _cv_scores(adata, pred_key: str):

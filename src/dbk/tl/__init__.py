@@ -39,6 +39,8 @@ _EXPORTS = {
     "diffusion_features": "._diffusion_features",
     "predictions_to_adata": "._predictions",
     "cv_pearson": "._predictions",
+    "cv_trusted": "._predictions",
+    "effective_rank": "._effective_rank",
     "spatial_context": "._context",
     "neighbor_mean": "._context",
     "model_key": "._embed",
@@ -72,12 +74,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._benchmark_results import benchmark_summary, paired_differences
     from ._context import neighbor_mean, spatial_context
     from ._diffusion_features import diffusion_features
+    from ._effective_rank import effective_rank
     from ._embed import embed_tiles, load_foundation_model, model_key
     from ._evaluate import evaluate, nan_pearson
     from ._fit import fit_diffbulk
     from ._fusion import FusionRegressor, RidgeFusionRegressor, fit_head
     from ._model import DiffBulk
-    from ._predictions import cv_pearson, predictions_to_adata
+    from ._predictions import cv_pearson, cv_trusted, predictions_to_adata
     from ._ridge import RidgeBaseline
 
 

@@ -34,6 +34,7 @@ def fit_diffbulk(
     preset: str = "auto",
     fusion: str = "auto",
     head_cv: int = 3,
+    patients: dict[str, str] | None = None,
     pretrainer=None,
     pretrain_steps: int | None = None,
     pretrain_kwargs: dict | None = None,
@@ -104,6 +105,12 @@ def fit_diffbulk(
         :meth:`DiffBulk.predict` to the predictions so that :func:`dbk.tl.predictions_to_adata` and the plots can
         set apart the genes the model does not predict well. ``0`` skips it (no CV scores; ``fusion="auto"`` then
         cannot choose). It costs ``head_cv`` extra head fits per candidate.
+    patients
+        ``{slide: patient}`` (default: each slide's ``sdata.attrs["patient"]``, which the readers set where the data
+        says it). With training slides from two or more patients, the trust scores hold out whole patients, so a
+        gene whose link to the image changes between patients is not trusted; with one patient (or unknown
+        patients) the scores cannot see such a shift, and the fit warns. The same name as
+        :func:`dbk.tl.benchmark`'s ``patients``.
     pretrainer
         A fitted :class:`~dbk.tl.DiffusionPretrainer` (or its saved folder) to use instead of training stage 1,
         e.g. one shared by several methods of a benchmark. Train it on training slides only.
@@ -175,16 +182,19 @@ def fit_diffbulk(
         load_fm,
         model_tile_size,
         select_head,
+        slide_patients,
         train_stage1,
         training_table,
         write_back,
     )
     from ._model import DiffBulk
+    from ._slide_checks import training_record
 
     _check_options(fusion=fusion, head_cv=head_cv, head_kwargs=head_kwargs, val_fraction=val_fraction,
                    n_top_genes=n_top_genes,
                    batch_size=batch_size, pretrain_kwargs=pretrain_kwargs, tile_size_um=tile_size_um,
-                   context_um=context_um, preset=preset if pretrainer is None else None, accelerator=accelerator)
+                   context_um=context_um, preset=preset if pretrainer is None else None, accelerator=accelerator,
+                   patients=patients)
     random_state = resolve_seed(random_state)
     timings: dict[str, float] = {}
     with _timed(timings, "prepare_s"):
@@ -217,7 +227,8 @@ def fit_diffbulk(
         if head_cv:
             selection = select_head(slides, names, genes, keys, tables, fusion=fusion, context_um=context_um,
                                     head_kwargs=head_kwargs, head_cv=head_cv, random_state=random_state,
-                                    accelerator=accelerator, tiles_key=tiles_key, table_key=table_key)
+                                    accelerator=accelerator, tiles_key=tiles_key, table_key=table_key,
+                                    patients=slide_patients(slides, names, patients))
             head_fusion, context_um, head_kwargs = (selection.best.fusion, selection.best.context_um,
                                                     selection.best.head_kwargs)
         else:
@@ -229,7 +240,7 @@ def fit_diffbulk(
     record = fit_record(train, genes, names, fm=fm, pretrainer=pretrainer, features=drec, fitted=fitted,
                         timings=timings, fusion=head_fusion, context_um=context_um, sigma=sigma, pool=pool,
                         random_state=random_state, tile_size_um=tile_um, key_added=key_added, selection=selection,
-                        fusion_requested=fusion)
+                        fusion_requested=fusion, slide_checks=training_record(slides, names, tiles_key=tiles_key))
     model = DiffBulk(pretrainer=pretrainer, head=fitted.head, fm=fm.net, config=record["config"],
                      scalers=fitted.scalers)
     write_back(slides, names, fitted.pred, table_key=table_key, key_added=key_added, results=record["results"])
@@ -245,7 +256,7 @@ def fit_diffbulk(
 
 def _check_options(*, fusion, head_kwargs, head_cv=3, val_fraction, n_top_genes, batch_size, pretrain_kwargs,
                    tile_size_um,
-                   context_um, preset, accelerator="auto") -> None:
+                   context_um, preset, accelerator="auto", patients=None) -> None:
     """Every option of :func:`fit_diffbulk` checked before any work (an unknown preset fails before tiling)."""
     from ._fusion import DIFFBULK_FUSIONS, RIDGE_OPTIONS
 
@@ -262,6 +273,10 @@ def _check_options(*, fusion, head_kwargs, head_cv=3, val_fraction, n_top_genes,
     if fusion == "ridge" and set(head_kwargs) - set(RIDGE_OPTIONS):
         raise ValueError(f"fusion='ridge' takes the head options {list(RIDGE_OPTIONS)}, not "
                          f"{sorted(set(head_kwargs) - set(RIDGE_OPTIONS))} (those are for the neural fusions).")
+    from collections.abc import Mapping
+
+    if patients is not None and not isinstance(patients, Mapping):
+        raise TypeError(f"patients must be a dict {{slide: patient}}, got {type(patients).__name__}.")
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a fraction in (0, 1), got {val_fraction!r}.")
     if n_top_genes is not None and n_top_genes <= 0:

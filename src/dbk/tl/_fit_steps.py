@@ -168,22 +168,60 @@ def training_table(slides: list, names: list[str], genes: list[str], keys: list[
 
 def select_head(slides: list, names: list[str], genes: list[str], keys: list[str], tables: dict, *, fusion: str,
                 context_um: float | None, head_kwargs: dict, head_cv: int, random_state: int, accelerator: str,
-                tiles_key: str, table_key: str):
+                tiles_key: str, table_key: str, patients: dict[str, str] | None = None):
     """The head's inner cross-validation on the training slides (:mod:`dbk.tl._head_cv`).
 
-    Gives per-gene CV scores and, with ``fusion="auto"``, the head, context radius and options to fit. ``tables``
+    Gives per-gene trust scores (held-out patients where ``patients`` names two or more) and, with
+    ``fusion="auto"``, the head, context radius and options to fit by the selection rule. ``tables``
     (``{context_um: training table}``) is filled with the tables the candidates need.
     """
-    from ._head_cv import cross_validate_heads, head_candidates, neighbour_spacing_um
+    from ._context import tile_spacing_um
+    from ._head_cv import _coords_um, cross_validate_heads, head_candidates
 
-    spacing = neighbour_spacing_um(slides, table_key) if fusion == "auto" and context_um is None else None
-    cands = head_candidates(fusion, context_um=context_um, head_kwargs=head_kwargs, spacing_um=spacing)
+    coords, groups = _coords_um(slides, table_key)
+    spacing = tile_spacing_um(coords, groups) if coords is not None else None
+    cands = head_candidates(fusion, context_um=context_um, head_kwargs=head_kwargs,
+                            spacing_um=spacing if fusion == "auto" and context_um is None else None)
     for c in cands:
         if c.context_um not in tables:
             tables[c.context_um] = training_table(slides, names, genes, keys, tiles_key=tiles_key,
                                                   table_key=table_key, context_um=c.context_um)
+    base = next(iter(tables.values()))
+    tile_patients = None
+    if patients:
+        of_slide = base.obs[SAMPLE_COL].astype(str).to_numpy()
+        tile_patients = np.array([patients.get(s) for s in of_slide], dtype=object)
+        if any(p is None for p in tile_patients):  # pragma: no cover - slide_patients gives every slide or none
+            tile_patients = None
     return cross_validate_heads(tables, genes, keys, cands, n_splits=head_cv, random_state=random_state,
-                                accelerator=accelerator)
+                                accelerator=accelerator, coords_um=coords, spacing_um=spacing,
+                                patients=tile_patients)
+
+
+def slide_patients(slides: list, names: list[str], patients) -> dict[str, str] | None:
+    """The patient of each training slide: ``patients`` (``{slide: patient}``) over ``sdata.attrs["patient"]``.
+
+    ``None`` when any slide's patient is unknown (a partial map would hold out some patients and pool the rest).
+    """
+    from collections.abc import Mapping
+
+    if patients is not None and not isinstance(patients, Mapping):
+        raise TypeError(f"patients must be a dict {{slide: patient}}, got {type(patients).__name__}.")
+    if patients is not None:
+        unknown = [s for s in patients if s not in names]
+        if unknown:
+            raise ValueError(f"patients names slides {unknown} that are not among the training slides {names}.")
+    of = {}
+    for n, sd in zip(names, slides, strict=True):
+        p = (patients or {}).get(n, sd.attrs.get("patient"))
+        if p is not None:
+            of[n] = str(p)
+    missing = [n for n in names if n not in of]
+    if of and missing:
+        logger.warning(f"fit_diffbulk: the patient of slides {missing} is unknown (set sdata.attrs['patient'] or "
+                       f"patients=); the trust scores hold out slides, not patients.")
+        return None
+    return of or None
 
 
 def scaled_table(train: ad.AnnData, keys: list[str], scalers: list[InputScaler]) -> ad.AnnData:
@@ -335,22 +373,30 @@ def _nan_to_none(v):
 def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: FoundationModel, pretrainer,
                features: dict, fitted: FittedHead, timings: dict[str, float], fusion: str, context_um: float | None,
                sigma: float, pool: str, random_state: int, tile_size_um: float, key_added: str, selection=None,
-               fusion_requested: str | None = None) -> dict:
+               fusion_requested: str | None = None, slide_checks: dict | None = None) -> dict:
     """What a fit leaves behind: the model's ``config`` and the ``results`` for ``uns[key_added]``.
 
     ``results`` holds ``params`` (the settings), ``history`` (stage 1 and head curves) and ``training_metrics``
     (:func:`training_metrics`); ``config`` the genes, tile geometry, feature layouts, head state and training
-    statistics a saved model needs.
+    statistics a saved model needs; ``slide_checks`` (:func:`dbk.tl._slide_checks.training_record`: the training
+    slides' pixel sizes and tile colours, which :meth:`DiffBulk.predict` compares new slides with) joins
+    ``config["train"]``.
     """
     from .. import __version__
     from .._utils import records_to_columns
     from ..core._scaler import INPUT_CLIP
     from ._diffusion_features import pretrainer_fingerprint
+    from ._effective_rank import effective_rank, rank_record
+    from ._head_base import targets
 
     head = fitted.head
     mean, var = gene_stats(train, genes)
     hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
     metrics = training_metrics(train, genes, fitted, hvg, fm_key=fm.key, timings=timings)
+    y, m = targets(train, genes, None)
+    rank = rank_record(fitted.pred.reindex(columns=genes).to_numpy(), effective_rank(np.where(m, y, np.nan)),
+                       what="fit_diffbulk")
+    trust = selection.trust if selection is not None else {}
     head_cfg = {**head.get_state()[0], "input_clip": INPUT_CLIP}
     context = None if context_um is None else float(context_um)
     config = {
@@ -366,11 +412,15 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
                       "pretrainer_fingerprint": pretrainer_fingerprint(pretrainer, True)},
         "head": head_cfg,
         "train": {"samples": names, "n_tiles": int(train.n_obs), "gene_mean": mean.tolist(),
-                  "gene_var": var.tolist(), "hvg_order": hvg},
+                  "gene_var": var.tolist(), "hvg_order": hvg, **(slide_checks or {})},
         "random_state": random_state,
         "dbk_version": __version__,
         "cv_pearson": None if selection is None else [None if not np.isfinite(v) else float(v)
                                                       for v in selection.cv_pearson.reindex(genes).to_numpy()],
+        "cv_se": None if not trust else [None if not np.isfinite(v) else float(v)
+                                         for v in trust["se"].reindex(genes).to_numpy()],
+        "cv_trusted": None if not trust else [bool(v) for v in trust["trusted"].reindex(genes).to_numpy()],
+        "effective_rank": rank,
         "head_selection": None if selection is None else _nan_to_none(selection.record()),  # strict JSON
     }
     params = {
@@ -385,9 +435,12 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
     }
     history = {"stage1": records_to_columns(pretrainer.history),
                "head": {k: [float(v) for v in vals] for k, vals in head.history_.items()}}
-    results = {"params": params, "history": history, "training_metrics": metrics}
+    results = {"params": params, "history": history, "training_metrics": metrics, "effective_rank": rank}
     if selection is not None:
         # NaN (not None) where a gene's score is undefined: h5ad stores a float array
         results["head_selection"] = {**selection.record(), "genes": list(genes),
                                      "cv_pearson": [float(v) for v in selection.cv_pearson.reindex(genes)]}
+        if trust:
+            results["head_selection"]["cv_se"] = [float(v) for v in trust["se"].reindex(genes)]
+            results["head_selection"]["cv_trusted"] = [bool(v) for v in trust["trusted"].reindex(genes)]
     return {"config": config, "results": results}

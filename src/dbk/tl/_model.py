@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY, UNS_KEY
+from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY, UM_PER_PX_KEY, UNS_KEY
 from .._logging import logger
 from .._utils import check_batch_size, copy_sdata, is_sdata, jsonable
 from ..core._scaler import InputScaler
 from ..pp._prepare import prepare_slide, record_pixel_size, slide_names, tile_size_um
 from ._context import with_context
+from ._slide_checks import check_colours, check_pixel_size, slide_pixel_size, tile_colour_stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -69,11 +70,17 @@ class DiffBulk:
         self.config = config
         self.scalers = scalers
         self.training_data = None
+        self._slide_check_noted = False  # "this model cannot check slides" is said once per model
 
-    def _head_predict(self, adata: ad.AnnData, key_added: str | None) -> pd.DataFrame:
-        """The head on ``adata``'s features after the model's :class:`InputScaler` (one per feature set)."""
+    def _head_predict(self, adata: ad.AnnData, key_added: str | None, *, name: str = "the table",
+                      checks: dict | None = None) -> pd.DataFrame:
+        """The head on ``adata``'s features after the model's :class:`InputScaler` (one per feature set).
+
+        More than 1% of the feature values clipped (beyond the scaler's ``clip`` training standard deviations) is
+        warned about; the fractions go to ``checks["clipped"]`` when ``checks`` is given.
+        """
         light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()))
-        n_clipped, n_values = 0, 0
+        n_clipped, n_values, per_key = 0, 0, {}
         ctx = self.context_um
         for key, scaler in zip(self.head.obsm_keys_, self.scalers, strict=True):
             x = adata.obsm[key]
@@ -88,11 +95,20 @@ class DiffBulk:
                 x = with_context(adata, x, ctx)
             z, clipped = scaler.transform(x, return_clipped=True)
             n_clipped, n_values = n_clipped + int(clipped), n_values + x.size
+            per_key[key] = int(clipped) / max(x.size, 1)
             light.obsm[key] = z
-        if n_values and n_clipped > 0.01 * n_values:
-            logger.info(f"predict: {100 * n_clipped / n_values:.1f}% of the feature values lie beyond "
-                        f"±{self.scalers[0].clip:g} training standard deviations (clipped): the slide looks unlike "
-                        "the training slides.")
+        frac = n_clipped / n_values if n_values else 0.0
+        if checks is not None:
+            checks["clipped"] = {"fraction": round(frac, 6), "per_features": {k: round(v, 6) for k, v in
+                                                                               per_key.items()},
+                                 "limit": 0.01, "ok": frac <= 0.01}
+        if frac > 0.01:
+            parts = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in per_key.items())
+            logger.warning(f"predict: slide {name!r}: {100 * frac:.1f}% of the feature values ({n_clipped} of "
+                           f"{n_values}; {parts}) lie beyond ±{self.scalers[0].clip:g} training standard deviations "
+                           "and were clipped, where at most 1% is expected of slides like the training slides: the "
+                           "slide looks unlike the training slides and its predictions are not to be trusted (a wrong "
+                           "pixel size or another stain are the usual causes).")
         df = self.head.predict(light)
         if key_added is not None:
             adata.obsm[key_added] = df
@@ -127,6 +143,24 @@ class DiffBulk:
                          name="cv_pearson", dtype=np.float64)
 
     @property
+    def cv_trusted(self) -> pd.Series | None:
+        """Which genes to trust (a Series gene -> bool).
+
+        A gene is trusted when its CV score's lower bound (mean minus one standard error over the held-out groups)
+        is above chance and the held-out r is positive in every group (``uns[key_added]["head_selection"]["trust"]``
+        says which groups were held out and what shift they can see). ``None`` for models without it.
+        """
+        t = self.config.get("cv_trusted")
+        if t is None:
+            return None
+        return pd.Series([bool(v) for v in t], index=pd.Index(self.genes), name="cv_trusted", dtype=bool)
+
+    @property
+    def effective_rank(self) -> dict | None:
+        """Effective rank of the training predictions and of the training targets (:func:`dbk.tl.effective_rank`)."""
+        return self.config.get("effective_rank")
+
+    @property
     def fm_id(self) -> str:
         return str(self.config["fm"]["id"])
 
@@ -154,7 +188,17 @@ class DiffBulk:
         d = self.config["diffusion"]
         return (f"DiffBulk({len(self.genes)} genes, tile {self.tile_size_um:g} µm, FM {self.fm_id!r}, fusion "
                 f"{self.fusion!r}, stage 1 {self.pretrainer.preset.name!r} {self.pretrainer.image_size} px / "
-                f"{self.pretrainer.step} steps, z_diff {d['dim']} from {'+'.join(d['levels'])})")
+                f"{self.pretrainer.step} steps, z_diff {d['dim']} from {'+'.join(d['levels'])}{self._repr_trust()})")
+
+    def _repr_trust(self) -> str:
+        out = ""
+        r = self.effective_rank
+        if r:
+            out += f", prediction rank {r['predictions']} (targets {r['targets']})"
+        t = self.cv_trusted
+        if t is not None:
+            out += f", {int(t.sum())}/{len(t)} genes trusted"
+        return out
 
     def to(self, device: str | torch.device) -> DiffBulk:
         """Move every network to ``device`` (``"auto"``: CUDA if available); returns self."""
@@ -249,7 +293,9 @@ class DiffBulk:
         DataFrame for a tile table (AnnData), as the heads' ``predict`` returns. Writes to
         the tile table ``obsm[key_added]``, a DataFrame (tiles x :attr:`genes`, float32, index the table's
         ``obs_names``), the features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model
-        summary and settings).
+        summary and settings; ``slide_checks``: the slide's pixel size, tile colours and clipped features against the
+        training slides', each with its numbers and ``ok``; a slide unlike them is warned about, see
+        ``docs/reliability.md``).
         """
         check_batch_size(batch_size)
         if accelerator is not None:
@@ -262,8 +308,10 @@ class DiffBulk:
             if missing:
                 raise KeyError(f"The table lacks the features obsm{missing}; pass the SpatialData (with the H&E) so "
                                "that they are computed, or run model.features(sdata) first.")
-            df = self._head_predict(adata, key_added)
-            self._record(adata, key_added, tiles_key)
+            name = "the table"
+            checks = self._check_slide(name, px=adata.uns.get(UNS_KEY, {}).get(UM_PER_PX_KEY))
+            df = self._head_predict(adata, key_added, name=name, checks=checks)
+            self._record(adata, key_added, tiles_key, checks)
             return adata if copy else df
         if not is_sdata(data):
             raise TypeError(f"predict expects a SpatialData (or a tile table), got {type(data).__name__}.")
@@ -276,15 +324,37 @@ class DiffBulk:
             logger.warning(f"predict: the tiles {tiles_key!r} of slide {name!r} are {size:g} µm, the model was "
                            f"trained on {self.tile_size_um:g} µm tiles; predictions on other tile sizes are not what "
                            "it learned (use another tiles_key to let predict make matching tiles).")
+        checks = self._check_slide(name, px=slide_pixel_size(sdata, tiles_key), sdata=sdata, tiles_key=tiles_key)
         self.features(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size)
         adata = sdata.tables[table_key]
-        df = self._head_predict(adata, key_added)
-        self._record(adata, key_added, tiles_key)
+        df = self._head_predict(adata, key_added, name=name, checks=checks)
+        self._record(adata, key_added, tiles_key, checks)
         logger.info(f"predict: {df.shape[0]} tiles x {df.shape[1]} genes -> sdata.tables[{table_key!r}]"
                     f".obsm[{key_added!r}].")
         return sdata if copy else None
 
-    def _record(self, adata: ad.AnnData, key_added: str, tiles_key: str) -> None:
+    def _check_slide(self, name: str, *, px: float | None, sdata=None, tiles_key: str = TILES_KEY) -> dict:
+        """The slide against the training slides: pixel size, and tile colours when ``sdata`` is given.
+
+        Warns with the numbers (:mod:`dbk.tl._slide_checks`). A model saved before dbk recorded its training slides'
+        pixel sizes and colours cannot check: said once per model, at WARNING, since the slide then goes unchecked.
+        """
+        train = self.config.get("train") or {}
+        if "pixel_size_um_median" not in train and "tile_rgb" not in train:
+            if not self._slide_check_noted:
+                self._slide_check_noted = True
+                logger.warning(f"predict: this model (dbk {self.config.get('dbk_version', '?')}) does not record "
+                               "the pixel size or the tile colours of its training slides, so the pixel-size and "
+                               "colour checks cannot run: a slide with a wrong pixel size or another look goes "
+                               "unflagged. Check dbk.io.get_pixel_size(sdata) yourself, or refit with this dbk.")
+            return {"ran": False, "reason": "the model records no training pixel size or tile colours"}
+        out = {"ran": True, "pixel_size": check_pixel_size(px, train, name=name, tile_size_um=self.tile_size_um)}
+        if sdata is not None:
+            stats = tile_colour_stats(sdata, tiles_key) if train.get("tile_rgb") else None
+            out["colour"] = check_colours(stats, train, name=name)
+        return out
+
+    def _record(self, adata: ad.AnnData, key_added: str, tiles_key: str, checks: dict | None = None) -> None:
         from .. import __version__
 
         if adata.n_vars and not set(map(str, adata.var_names)) & set(self.genes):
@@ -309,6 +379,18 @@ class DiffBulk:
         if cv is not None:  # floats, NaN where undefined: h5ad stores them as arrays
             uns["predict"]["genes"] = list(self.genes)
             uns["predict"]["cv_pearson"] = [float(v) for v in cv.to_numpy()]
+            trusted = self.cv_trusted
+            if trusted is not None:
+                uns["predict"]["cv_trusted"] = [bool(v) for v in trusted.to_numpy()]
+        if checks is not None:  # pixel size, colours, clipped features vs the training slides (None: "None")
+            checks["ok"] = all(c.get("ok", True) for c in checks.values() if isinstance(c, dict))
+            uns["predict"]["slide_checks"] = jsonable(checks)
+        pred = adata.obsm.get(key_added)
+        if pred is not None and len(pred) >= 2:
+            from ._effective_rank import rank_record
+
+            target = (self.effective_rank or {}).get("targets")
+            uns["predict"]["effective_rank"] = rank_record(np.asarray(pred, np.float64), target, what="predict")
 
     # ---- save / load ------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from spatialdata import SpatialData
 
 from .._constants import (
     CV_PEARSON_KEY,
+    CV_TRUSTED_KEY,
     MEASURED_LAYER,
     PRED_KEY,
     SPATIAL_KEY,
@@ -32,7 +33,7 @@ def predictions_to_adata(
     tiles_key: str = TILES_KEY,
     library_id: str | None = None,
     hires_max_side: int = 2000,
-    min_cv_pearson: float | None = None,
+    min_cv_pearson: float | str | None = None,
 ) -> ad.AnnData:
     """Turn the predictions of a tile table into an AnnData tiles x predicted genes, ready for scanpy and squidpy.
 
@@ -61,8 +62,10 @@ def predictions_to_adata(
         that small; the whole slide is never loaded).
     min_cv_pearson
         Keep only the genes whose CV score (:func:`dbk.tl.cv_pearson`: the Pearson r of the fit's inner
-        cross-validation on its training slides) is at least this; genes without a score are dropped too. The number
-        kept and dropped is logged. ``None`` (default): keep all.
+        cross-validation on its training slides) is at least this; genes without a score are dropped too. ``"auto"``:
+        keep the genes the model calls trusted (:func:`dbk.tl.cv_trusted`: the score's lower bound, mean minus one
+        standard error over held-out groups, above chance, and positive in every group). The number kept and dropped
+        is logged. ``None`` (default): keep all.
     measured_layer
         Also store the *measured* values of the same genes (the table's ``X``) in ``layers[measured_layer]``, so
         one call runs on predictions (``X``) or measurements (``layer=measured_layer``) over the same tiles and
@@ -73,8 +76,11 @@ def predictions_to_adata(
     -------
     A new AnnData (the input is not modified): ``X`` the predictions, ``var_names`` the genes, ``obs`` a copy of the
     table's ``obs`` (same ``obs_names``), ``obsm`` a copy of every table ``obsm`` entry but the predictions
-    (``"spatial"`` included), ``uns["spatial"]``, ``uns["dbk"]["predictions"]`` (``pred_key`` and the table it
-    came from) and, with ``measured_layer``, ``layers[measured_layer]``.
+    (``"spatial"`` included), ``uns["spatial"]``, ``uns["dbk"]["predictions"]`` (``pred_key``, the table it came
+    from and ``effective_rank``: how many independent patterns the kept predictions carry, beside the training
+    targets', :func:`dbk.tl.effective_rank`; a warning says when they are far fewer), ``var["dbk_cv_pearson"]`` and
+    ``var["dbk_cv_trusted"]`` where the predictions carry them and, with ``measured_layer``,
+    ``layers[measured_layer]``.
 
     From a SpatialData, ``uns["spatial"][library_id]`` holds the H&E (``images["hires"]``, uint8) with its
     ``scalefactors`` (``tissue_hires_scalef``, ``spot_diameter_fullres`` = the tile side), scanpy's and squidpy's
@@ -114,17 +120,29 @@ def predictions_to_adata(
             raise KeyError(f"Genes not predicted (not in adata.obsm[{pred_key!r}]): {missing[:10]}.")
         pred = pred[genes]
     cv = cv_pearson(adata, pred_key=pred_key)
+    trusted = cv_trusted(adata, pred_key=pred_key)
     if min_cv_pearson is not None:
         if cv is None:
             raise ValueError(f"min_cv_pearson needs the genes' CV scores, and adata.obsm[{pred_key!r}] has none (the "
                              "model was fitted with head_cv=0, or the predictions do not come from DiffBulk.predict "
                              "/ fit_diffbulk).")
         score = cv.reindex(pred.columns.astype(str)).to_numpy()
-        keep = np.isfinite(score) & (score >= float(min_cv_pearson))
-        logger.info(f"predictions_to_adata: {int(keep.sum())} of {len(keep)} genes have a CV score >= "
-                    f"{min_cv_pearson:g} and are kept ({int((~keep).sum())} dropped).")
+        if isinstance(min_cv_pearson, str):
+            if min_cv_pearson != "auto":
+                raise ValueError(f"min_cv_pearson must be a number, 'auto' or None, got {min_cv_pearson!r}.")
+            if trusted is None:
+                raise ValueError(f"min_cv_pearson='auto' needs the trust flags of a model fitted by this dbk, and "
+                                 f"adata.obsm[{pred_key!r}] has none; pass a number instead.")
+            keep = trusted.reindex(pred.columns.astype(str)).fillna(False).to_numpy(bool)
+            what = "are trusted (CV score's lower bound above chance, positive in every held-out group)"
+        else:
+            keep = np.isfinite(score) & (score >= float(min_cv_pearson))
+            what = f"have a CV score >= {min_cv_pearson:g}"
+        logger.info(f"predictions_to_adata: {int(keep.sum())} of {len(keep)} genes {what} and are kept "
+                    f"({int((~keep).sum())} dropped).")
         if not keep.any():
-            raise ValueError(f"No gene has a CV score >= {min_cv_pearson:g} (best: {np.nanmax(score):.3f}).")
+            raise ValueError(f"No gene {what.replace('are ', 'is ').replace('have ', 'has ')} (best CV score: "
+                             f"{np.nanmax(score) if np.isfinite(score).any() else float('nan'):.3f}).")
         pred = pred.loc[:, keep]
     out = ad.AnnData(
         X=pred.to_numpy(dtype=np.float32, copy=True),
@@ -142,10 +160,23 @@ def predictions_to_adata(
         lib = library_id or str(data.attrs.get("sample", "slide"))
         out.uns[SPATIAL_KEY] = {lib: _scanpy_image(data, tiles_key, hires_max_side)}
     out.uns[UNS_KEY] = {"predictions": {"pred_key": pred_key, "table_key": table_key}}
+    if out.n_obs >= 2 and out.n_vars:
+        from ._effective_rank import rank_record
+
+        rec = adata.uns.get(UNS_KEY, {}).get("predict")
+        fit = adata.uns.get(pred_key)
+        rank = (rec or {}).get("effective_rank") if isinstance(rec, dict) else None
+        rank = rank or ((fit or {}).get("effective_rank") if isinstance(fit, dict) else None)
+        target = rank.get("targets") if isinstance(rank, dict) else None
+        target = None if target is None or not np.isfinite(float(target)) else int(target)
+        out.uns[UNS_KEY]["predictions"]["effective_rank"] = rank_record(out.X, target, what="predictions_to_adata")
     if cv is not None:
         out.var[CV_PEARSON_KEY] = cv.reindex(out.var_names).to_numpy(np.float64)
+        if trusted is not None:
+            out.var[CV_TRUSTED_KEY] = trusted.reindex(out.var_names).fillna(False).to_numpy(bool)
         if min_cv_pearson is not None:
-            out.uns[UNS_KEY]["predictions"]["min_cv_pearson"] = float(min_cv_pearson)
+            out.uns[UNS_KEY]["predictions"]["min_cv_pearson"] = (min_cv_pearson if isinstance(min_cv_pearson, str)
+                                                                 else float(min_cv_pearson))
     if measured_layer is not None:
         out.layers[measured_layer] = _measured(adata, list(out.var_names))
     return out
@@ -185,6 +216,26 @@ def cv_pearson(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
         return None
     values = np.asarray(rec["cv_pearson"], dtype=np.float64)
     return pd.Series(values, index=pd.Index([str(g) for g in rec["genes"]]), name="cv_pearson")
+
+
+def cv_trusted(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
+               table_key: str = TILES_TABLE_KEY) -> pd.Series | None:
+    """Which predicted genes of ``obsm[pred_key]`` the model trusts (:attr:`DiffBulk.cv_trusted`), or ``None``.
+
+    Read from where :func:`cv_pearson` reads the scores (``var["dbk_cv_trusted"]`` of a predicted table). ``None``
+    for predictions of models fitted without the trust rule (``head_cv=0``, or saved by an older dbk).
+    """
+    adata = data.tables[table_key] if isinstance(data, SpatialData) else data
+    if pred_key not in adata.obsm and CV_TRUSTED_KEY in adata.var:
+        return adata.var[CV_TRUSTED_KEY].astype(bool).rename("cv_trusted")
+    rec = adata.uns.get(UNS_KEY, {}).get("predict")
+    if not (isinstance(rec, dict) and rec.get("pred_key") == pred_key and "cv_pearson" in rec):
+        fit = adata.uns.get(pred_key)
+        rec = fit.get("head_selection") if isinstance(fit, dict) else None
+    if not isinstance(rec, dict) or "cv_trusted" not in rec or "genes" not in rec:
+        return None
+    return pd.Series(np.asarray(rec["cv_trusted"], dtype=bool), index=pd.Index([str(g) for g in rec["genes"]]),
+                     name="cv_trusted")
 
 
 def _measured(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
