@@ -151,14 +151,68 @@ def print_verdict(res: pd.DataFrame) -> None:
     for a, b, what in VERDICT:
         if a in ran and b in ran:
             d = dbk.tl.paired_differences(res, a, b)
-            s = d.attrs["summary"]
-            if s["n_folds"] >= 2:
-                lines.append(f"  {a} - {b}: {s['mean']:+.3f} ± {s['std']:.3f} over {s['n_folds']} folds, higher on "
-                             f"{s['n_higher']}/{s['n_folds']}  ({what})")
+            lines.append(f"  {d.attrs['summary']['text']}\n      ({what})")
     if lines:
-        print("\nWhere the gain comes from (mean Pearson over the genes, paired by fold: mean ± std of the "
-              "difference):")
+        print("\nWhere the gain comes from (mean Pearson over the genes, paired by fold: mean ± std of the difference "
+              "over folds, and a 95% interval by resampling genes):")
         print("\n".join(lines))
+
+
+def fold_details(res: pd.DataFrame, sections: dict, table_key: str = "dbk_table") -> pd.DataFrame:
+    """Per fold and method: effective rank of the held-out predictions (and of the test table), and for methods with
+    trust scores the CV-score/test-Pearson Spearman, the trusted genes and those of them with test r < 0."""
+    from scipy.stats import spearmanr
+
+    import dbk
+
+    rows = []
+    genes_of = {f: d["genes"] for f, d in res.attrs["folds"].items()}
+    for fold, per_method in res.attrs["gene_scores"].items():
+        tests = res.attrs["folds"][fold]["test"]
+        for method, scores in per_method.items():
+            r = pd.Series(scores["pearson"], dtype=float)
+            row = {"fold": fold, "method": method}
+            key = res.attrs["pred_keys"].get(method)
+            preds, truth = [], []
+            for t in tests:
+                table = sections[t].tables[table_key]
+                if key in table.obsm:
+                    preds.append(table.obsm[key][genes_of[fold]].to_numpy())
+                    x = table[:, genes_of[fold]].X
+                    truth.append(x.toarray() if hasattr(x, "toarray") else x)
+            if preds:
+                row["pred_rank"] = dbk.tl.effective_rank(np.vstack(preds))
+                row["test_rank"] = dbk.tl.effective_rank(np.vstack(truth))
+            info = res.attrs["info"].get(fold, {}).get(method, {})
+            cv = res.attrs["cv_pearson"].get(fold, {}).get(method)
+            if cv:
+                cv = pd.Series(cv, dtype=float).reindex(r.index)
+                ok = cv.notna() & r.notna()
+                row["cv_test_spearman"] = float(spearmanr(cv[ok], r[ok])[0])
+                trusted = set(info.get("trusted_genes", []))
+                t_mask = r.index.isin(list(trusted))
+                row["n_genes"] = int(len(r))
+                row["n_trusted"] = int(t_mask.sum())
+                row["trusted_test_r_below_0"] = int((t_mask & (r < 0)).sum())
+                row["test_r_trusted"] = float(r[t_mask].mean()) if t_mask.any() else float("nan")
+                row["test_r_others"] = float(r[~t_mask].mean()) if (~t_mask).any() else float("nan")
+                row["trust_scheme"] = info.get("trust_scheme", "")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def gene_table(res: pd.DataFrame) -> pd.DataFrame:
+    """Tidy per-gene test scores (fold, method, gene, metric, value) with the CV scores and trust flags."""
+    rows = []
+    for fold, per_method in res.attrs["gene_scores"].items():
+        for method, scores in per_method.items():
+            cv = res.attrs["cv_pearson"].get(fold, {}).get(method) or {}
+            trusted = set(res.attrs["info"].get(fold, {}).get(method, {}).get("trusted_genes", []))
+            for gene in scores["pearson"]:
+                rows.append({"fold": fold, "method": method, "gene": gene,
+                             **{m: v.get(gene) for m, v in scores.items()},
+                             "cv_pearson": cv.get(gene), "cv_trusted": gene in trusted if cv else None})
+    return pd.DataFrame(rows)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -202,6 +256,7 @@ def main(args: argparse.Namespace) -> None:
                            checkpoint_dir=args.checkpoint_dir, accelerator=args.accelerator,
                            context_um=args.context_um)
     res["split"] = split_name
+    res.attrs["split"] = split_name  # a given set of LOSO folds is still LOSO: the per-gene scores follow
     wall = time.perf_counter() - t_start
     print(f"\n{split_name.upper()}: {res['fold'].nunique()} fold(s) (test {', '.join(res['fold'].unique())}); "
           f"mean ± std over folds; {len(genes)} genes")
@@ -228,7 +283,13 @@ def main(args: argparse.Namespace) -> None:
     wide["info"] = [json_info(info.get(f, {}).get(m, {})) for f, m in zip(wide["fold"], wide["method"], strict=True)]
     folds_csv = args.out / f"her2st_folds{tag}.csv"
     wide.to_csv(folds_csv, index=False, float_format="%.6g")
-    print(f"\ntables: {tidy} (tidy), {folds_csv} (per fold); total wall time {wall:.0f} s")
+    details = fold_details(res, sections)
+    print("\nPer fold: effective rank of the held-out predictions (test table's), and the trust scores")
+    print(details.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    details.to_csv(args.out / f"her2st_details{tag}.csv", index=False, float_format="%.6g")
+    gene_csv = args.out / f"her2st_genes{tag}.csv"
+    gene_table(res).to_csv(gene_csv, index=False, float_format="%.6g")
+    print(f"\ntables: {tidy} (tidy), {folds_csv} (per fold), {gene_csv} (per gene); total wall time {wall:.0f} s")
 
 
 def json_info(d: dict) -> str:

@@ -427,9 +427,15 @@ def _diffbulk(kind: str = "trained", *, context: bool = False, **head) -> Callab
         info.update(_model_info(model.head))
         if model.cv_pearson is not None:  # the per-gene CV scores: benchmark compares them with the test Pearson
             info["cv_pearson"] = model.cv_pearson
+        if model.cv_trusted is not None:
+            info["trusted_genes"] = [g for g, t in model.cv_trusted.items() if t]
         sel = cfg.get("head_selection")
         if sel:
             info["head"] = sel["chosen"]
+            if sel.get("trust"):
+                info["trust_scheme"] = sel["trust"]["scheme"]
+        if model.effective_rank:
+            info["train_effective_rank"] = int(model.effective_rank["predictions"])
         return pred, info
 
     fn.__name__ = f"benchmark_diffbulk_{kind}"
