@@ -126,8 +126,11 @@ def test_fit_saves_a_model(demo, tmp_path):
         "--fm-size-px", 96, "--tile-um", 56, "--n-top-genes", 10)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     sel = cfg["head_selection"]
-    assert len(sel["candidates"]["name"]) == 7 and sel["chosen"] in sel["candidates"]["name"]
-    assert len(cfg["cv_pearson"]) == 10 and cfg["fusion"] in ("ridge", "gated")
+    # the reference, full-rank ridge at 2 radii, reduced-rank early and late ridge at 3 radii, the gated head
+    assert len(sel["candidates"]["name"]) == 10 and sel["chosen"] in sel["candidates"]["name"]
+    assert sel["candidates"]["name"][0] == sel["reference"] == "ridge" and "standard error" in sel["rule"]
+    assert len(cfg["cv_pearson"]) == len(cfg["cv_trusted"]) == 10 and cfg["fusion"] in ("ridge", "gated")
+    assert cfg["effective_rank"]["predictions"] >= 1
     with pytest.raises(SystemExit, match="exists"):
         run("fit", out / "demo.zarr", "--out", tmp_path / "m")
 

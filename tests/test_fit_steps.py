@@ -86,6 +86,28 @@ def test_train_stage1_takes_a_given_model_without_training(pretrainer, slides):
     assert pretrainer.step == step
 
 
+def test_zero_steps_gives_the_untrained_network_fit_pretrainer_starts_from(slides):
+    s, _ = slides
+    genes = list(s[0].tables["dbk_table"].var_names[:8])
+    untrained = train_stage1(s, genes, preset="tiny", steps=0, random_state=3, tiles_key="dbk_tiles",
+                             table_key="dbk_table", accelerator="cpu", pretrain_kwargs=TINY)
+    assert untrained.step == 0 and not untrained.history and untrained.tile_size_um == pytest.approx(56.0, rel=0.02)
+    assert list(untrained.vocab.genes) == genes
+    # one step of training from the same seed starts from exactly these weights: compare the initial state that
+    # fit_pretrainer builds (a 1-step fit's network before its first update is not observable, so rebuild it)
+    again = train_stage1(s, genes, preset="tiny", steps=0, random_state=3, tiles_key="dbk_tiles",
+                         table_key="dbk_table", accelerator="cpu", pretrain_kwargs={**TINY, "lr": 1e-3})
+    for (k, a), (_, b) in zip(untrained.net.state_dict().items(), again.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    trained = dbk.tl.fit_pretrainer(s, genes=genes, preset="tiny", max_steps=1, random_state=3, **TINY)
+    # the gene encoder's value statistics are set from the data when training starts (unused by the unconditioned
+    # diffusion features); every weight is one small step from the untrained model's
+    state = {k: v for k, v in trained.net.state_dict().items() if v.is_floating_point() and ".value_" not in k}
+    assert any(not torch.equal(v, untrained.net.state_dict()[k]) for k, v in state.items())
+    diff = [float((v - untrained.net.state_dict()[k]).abs().max()) for k, v in state.items()]
+    assert max(diff) < 0.05  # one small step away: the same initialisation
+
+
 def test_model_tile_size_is_the_median_and_warns_on_a_mismatch(pretrainer, slides, caplog):
     s, _ = slides
     assert model_tile_size(s, pretrainer, tiles_key="dbk_tiles", default_um=1.0) == pytest.approx(56.0)

@@ -9,7 +9,6 @@ stage-1 model (``diffbulk``, ``diffbulk_gated``, ``diffbulk_ridge``) and the con
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from collections.abc import Callable
@@ -165,26 +164,21 @@ class BenchmarkFold:
         return model
 
     def _make_stage1(self, kind: str):
-        from ..core import DiffusionPretrainer, GeneVocab, auto_preset, fit_pretrainer
-        from ..pp._prepare import tile_size_um
-        from ._embed import resolve_device
+        from ..core import fit_pretrainer
 
         s = self.stage1_settings
         preset = s.get("preset", "auto")
         kwargs = dict(s.get("pretrain_kwargs") or {})
         slides = list(self.train_slides.values())
         if kind == "untrained":
-            fit_args = set(inspect.signature(fit_pretrainer).parameters)
-            overrides = {k: v for k, v in kwargs.items() if k not in fit_args}  # architecture: preset fields
-            vocab = GeneVocab()
-            for sd in slides:  # as fit_pretrainer builds it: each slide's panel among the genes
-                names = set(sd.tables[self.table_key].var_names)
-                vocab.add([g for g in self.genes if g in names])
-            sizes = [v for v in (tile_size_um(sd, self.tiles_key) for sd in slides) if v is not None]
-            model = DiffusionPretrainer(vocab, preset=auto_preset(self.accelerator) if preset == "auto" else preset,
-                                        tile_size_um=float(np.median(sizes)) if sizes else self.tile_size_um,
-                                        random_state=self.seed, **overrides)
-            model.to(resolve_device(self.accelerator))
+            from ._fit_steps import untrained_pretrainer
+
+            model = untrained_pretrainer(slides, self.genes, preset=preset, random_state=self.seed,
+                                         tiles_key=self.tiles_key, table_key=self.table_key,
+                                         accelerator=self.accelerator, pretrain_kwargs=kwargs,
+                                         tile_size_um=None)
+            if model.tile_size_um is None:
+                model.tile_size_um = float(self.tile_size_um)
         else:
             if kind == "no_genes":
                 kwargs["cond_drop"] = 1.0

@@ -115,7 +115,8 @@ def fit_diffbulk(
         A fitted :class:`~dbk.tl.DiffusionPretrainer` (or its saved folder) to use instead of training stage 1,
         e.g. one shared by several methods of a benchmark. Train it on training slides only.
     pretrain_steps
-        Stage-1 optimizer steps (the preset's when ``None``).
+        Stage-1 optimizer steps (the preset's when ``None``); ``0``: no training, the diffusion features come from the
+        U-Net at its seeded initialisation (the ``diffbulk_untrained`` control of :func:`dbk.tl.benchmark`).
     pretrain_kwargs
         Other arguments of :func:`dbk.tl.fit_pretrainer` (``batch_size``, ``lr``, preset overrides such as
         ``image_size``).

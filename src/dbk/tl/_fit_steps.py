@@ -103,11 +103,49 @@ def train_stage1(slides: list, genes: list[str], *, pretrainer=None, preset: str
         pretrainer = _resolve_pretrainer(pretrainer)
         logger.info(f"fit_diffbulk: using the given stage-1 model ({pretrainer!r}); no stage-1 training.")
         return pretrainer
+    if steps == 0:
+        logger.info("fit_diffbulk: pretrain_steps=0: stage 1 is not trained; the diffusion features come from the "
+                    "U-Net at its seeded initialisation (the 'untrained' control).")
+        return untrained_pretrainer(slides, genes, preset=preset, random_state=random_state, tiles_key=tiles_key,
+                                    table_key=table_key, accelerator=accelerator, pretrain_kwargs=pretrain_kwargs)
     pretrainer = fit_pretrainer(slides, genes=genes, preset=preset, max_steps=steps, random_state=random_state,
                                 checkpoint_dir=checkpoint_dir, tiles_key=tiles_key, table_key=table_key,
                                 accelerator=accelerator, **dict(pretrain_kwargs or {}))
     pretrainer.ema_net.eval()
     return pretrainer
+
+
+def untrained_pretrainer(slides: list, genes: list[str], *, preset="auto", random_state: int = 0,
+                         tiles_key: str, table_key: str, accelerator: str = "auto", pretrain_kwargs: dict | None = None,
+                         tile_size_um: float | None = None):
+    """The stage-1 model :func:`dbk.tl.fit_pretrainer` would start from, untrained: same vocabulary, preset and seed.
+
+    The vocabulary is built as ``fit_pretrainer`` builds it (each slide's panel among ``genes``); preset fields in
+    ``pretrain_kwargs`` apply, training options (``lr``, ``batch_size`` ...) are ignored.
+    """
+    import inspect
+
+    from ..core._fit_pretrainer import fit_pretrainer
+    from ..core._presets import auto_preset
+    from ..core._pretrainer import DiffusionPretrainer
+    from ..core._vocab import GeneVocab
+    from ..pp._prepare import tile_size_um as slide_tile_size
+    from ._embed import resolve_device
+
+    fit_args = set(inspect.signature(fit_pretrainer).parameters)
+    overrides = {k: v for k, v in dict(pretrain_kwargs or {}).items() if k not in fit_args}
+    vocab = GeneVocab()
+    for sd in slides:
+        names = set(sd.tables[table_key].var_names)
+        vocab.add([g for g in genes if g in names])
+    if tile_size_um is None:
+        sizes = [v for v in (slide_tile_size(sd, tiles_key) for sd in slides) if v is not None]
+        tile_size_um = float(np.median(sizes)) if sizes else None
+    model = DiffusionPretrainer(vocab, preset=auto_preset(accelerator) if preset == "auto" else preset,
+                                tile_size_um=tile_size_um, random_state=random_state, **overrides)
+    model.to(resolve_device(accelerator))
+    model.ema_net.eval()
+    return model
 
 
 def model_tile_size(slides: list, pretrainer, *, tiles_key: str, default_um: float) -> float:
