@@ -69,7 +69,9 @@ def rank_message(what: str, pred_rank: int, target_rank: int | None, n_genes: in
     return (f"{what}: the predictions of {n_genes} genes span only {pred_rank} independent pattern"
             f"{'s' if pred_rank != 1 else ''} (effective rank {pred_rank}; {ref}). Gene-gene correlations, clusters "
             f"and spatially variable genes computed on these predictions are not meaningful beyond {pred_rank} "
-            f"pattern{'s' if pred_rank != 1 else ''}: each predicted map is a mix of the same few maps.")
+            f"pattern{'s' if pred_rank != 1 else ''}: each predicted map is a mix of the same few maps. For such "
+            f"analyses fit a full-rank head (fit_diffbulk(..., fusion='ridge')), which keeps more of the targets' "
+            f"patterns, usually at some cost in per-gene Pearson.")
 
 
 def rank_record(pred, target_rank: int | None, *, what: str, warn: bool = True) -> dict:
