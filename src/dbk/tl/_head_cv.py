@@ -424,6 +424,8 @@ def cross_validate_heads(tables: dict[float | None, ad.AnnData], genes: list[str
     fold_scores = pd.DataFrame(np.vstack(fold_rows), index=[c.name for c in candidates], columns=folds.held_out)
     rule = choose_head(fold_scores.to_numpy(), reference=0)
     rule["reference"] = candidates[0].name
+    if len(candidates) == 1:
+        rule["text"] = "one head asked for: no selection"
     chosen = int(rule["chosen"]) if len(candidates) > 1 else 0
     sel = HeadSelection(candidates=list(candidates), scores=scores, fold_scores=fold_scores, seconds=seconds,
                         folds=folds, chosen=chosen, rule=rule)
