@@ -112,17 +112,9 @@ def _check_plan(plan: list, names: list[str]) -> None:
 
 
 def _patient_folds(names: list[str], slides: list, patients) -> list:
-    if patients is not None:
-        if not isinstance(patients, Mapping):
-            raise TypeError(f"patients must be a dict {{slide: patient}}, got {type(patients).__name__}.")
-        unknown = [s for s in patients if s not in names]
-        if unknown:
-            raise ValueError(f"patients names slides {unknown} that are not in the data (slides: {names}).")
-    of = {}
-    for n, sd in zip(names, slides, strict=True):
-        p = (patients or {}).get(n, sd.attrs.get("patient"))
-        if p is not None:
-            of[n] = str(p)
+    from ._fit_steps import known_patients
+
+    of = known_patients(names, slides, patients)
     missing = [n for n in names if n not in of]
     if missing:
         raise ValueError(f"split='patient' needs the patient of every slide: set sdata.attrs['patient'] or pass "

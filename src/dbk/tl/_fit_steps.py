@@ -236,10 +236,10 @@ def select_head(slides: list, names: list[str], genes: list[str], keys: list[str
                                 patients=tile_patients)
 
 
-def slide_patients(slides: list, names: list[str], patients) -> dict[str, str] | None:
-    """The patient of each training slide: ``patients`` (``{slide: patient}``) over ``sdata.attrs["patient"]``.
+def known_patients(names: list[str], slides: list, patients) -> dict[str, str]:
+    """``{slide: patient}`` of the slides whose patient is known: ``patients`` first, then ``sdata.attrs["patient"]``.
 
-    ``None`` when any slide's patient is unknown (a partial map would hold out some patients and pool the rest).
+    ``patients`` must be a mapping naming only slides of ``names``.
     """
     from collections.abc import Mapping
 
@@ -248,12 +248,21 @@ def slide_patients(slides: list, names: list[str], patients) -> dict[str, str] |
     if patients is not None:
         unknown = [s for s in patients if s not in names]
         if unknown:
-            raise ValueError(f"patients names slides {unknown} that are not among the training slides {names}.")
+            raise ValueError(f"patients names slides {unknown} that are not in the data (slides: {names}).")
     of = {}
     for n, sd in zip(names, slides, strict=True):
         p = (patients or {}).get(n, sd.attrs.get("patient"))
         if p is not None:
             of[n] = str(p)
+    return of
+
+
+def slide_patients(slides: list, names: list[str], patients) -> dict[str, str] | None:
+    """The patient of each training slide (:func:`known_patients`).
+
+    ``None`` when any slide's patient is unknown (a partial map would hold out some patients and pool the rest).
+    """
+    of = known_patients(names, slides, patients)
     missing = [n for n in names if n not in of]
     if of and missing:
         logger.warning(f"fit_diffbulk: the patient of slides {missing} is unknown (set sdata.attrs['patient'] or "

@@ -205,17 +205,7 @@ def cv_pearson(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
     -------
     A Series gene -> score (NaN where undefined), or ``None``.
     """
-    adata = data.tables[table_key] if isinstance(data, SpatialData) else data
-    if pred_key not in adata.obsm and CV_PEARSON_KEY in adata.var:  # a table from predictions_to_adata
-        return adata.var[CV_PEARSON_KEY].astype(np.float64).rename("cv_pearson")
-    rec = adata.uns.get(UNS_KEY, {}).get("predict")
-    if not (isinstance(rec, dict) and rec.get("pred_key") == pred_key and "cv_pearson" in rec):
-        fit = adata.uns.get(pred_key)
-        rec = fit.get("head_selection") if isinstance(fit, dict) else None
-    if not isinstance(rec, dict) or "cv_pearson" not in rec or "genes" not in rec:
-        return None
-    values = np.asarray(rec["cv_pearson"], dtype=np.float64)
-    return pd.Series(values, index=pd.Index([str(g) for g in rec["genes"]]), name="cv_pearson")
+    return _gene_record(data, pred_key, table_key, "cv_pearson", CV_PEARSON_KEY, np.float64)
 
 
 def cv_trusted(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
@@ -225,17 +215,25 @@ def cv_trusted(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
     Read from where :func:`cv_pearson` reads the scores (``var["dbk_cv_trusted"]`` of a predicted table). ``None``
     for predictions of models fitted without the trust rule (``head_cv=0``, or saved by an older dbk).
     """
+    return _gene_record(data, pred_key, table_key, "cv_trusted", CV_TRUSTED_KEY, bool)
+
+
+def _gene_record(data, pred_key: str, table_key: str, name: str, var_key: str, dtype) -> pd.Series | None:
+    """A per-gene value of the fit's trust record (``name``), or ``None``.
+
+    From ``var[var_key]`` of a predicted table, else ``uns["dbk"]["predict"]`` (when it is of ``pred_key``), else the
+    fit's ``uns[pred_key]["head_selection"]``.
+    """
     adata = data.tables[table_key] if isinstance(data, SpatialData) else data
-    if pred_key not in adata.obsm and CV_TRUSTED_KEY in adata.var:
-        return adata.var[CV_TRUSTED_KEY].astype(bool).rename("cv_trusted")
+    if pred_key not in adata.obsm and var_key in adata.var:  # a table from predictions_to_adata
+        return adata.var[var_key].astype(dtype).rename(name)
     rec = adata.uns.get(UNS_KEY, {}).get("predict")
     if not (isinstance(rec, dict) and rec.get("pred_key") == pred_key and "cv_pearson" in rec):
         fit = adata.uns.get(pred_key)
         rec = fit.get("head_selection") if isinstance(fit, dict) else None
-    if not isinstance(rec, dict) or "cv_trusted" not in rec or "genes" not in rec:
+    if not isinstance(rec, dict) or name not in rec or "genes" not in rec:
         return None
-    return pd.Series(np.asarray(rec["cv_trusted"], dtype=bool), index=pd.Index([str(g) for g in rec["genes"]]),
-                     name="cv_trusted")
+    return pd.Series(np.asarray(rec[name], dtype=dtype), index=pd.Index([str(g) for g in rec["genes"]]), name=name)
 
 
 def _measured(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
