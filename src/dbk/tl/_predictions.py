@@ -133,7 +133,7 @@ def predictions_to_adata(
             if trusted is None:
                 raise ValueError(f"min_cv_pearson='auto' needs the trust flags of a model fitted by this dbk, and "
                                  f"adata.obsm[{pred_key!r}] has none; pass a number instead.")
-            keep = trusted.reindex(pred.columns.astype(str)).fillna(False).to_numpy(bool)
+            keep = trusted.reindex(pred.columns.astype(str), fill_value=False).to_numpy(bool)
             what = "are trusted (CV score's lower bound above chance, positive in every held-out group)"
         else:
             keep = np.isfinite(score) & (score >= float(min_cv_pearson))
@@ -173,7 +173,7 @@ def predictions_to_adata(
     if cv is not None:
         out.var[CV_PEARSON_KEY] = cv.reindex(out.var_names).to_numpy(np.float64)
         if trusted is not None:
-            out.var[CV_TRUSTED_KEY] = trusted.reindex(out.var_names).fillna(False).to_numpy(bool)
+            out.var[CV_TRUSTED_KEY] = trusted.reindex(out.var_names, fill_value=False).to_numpy(bool)
         if min_cv_pearson is not None:
             out.uns[UNS_KEY]["predictions"]["min_cv_pearson"] = (min_cv_pearson if isinstance(min_cv_pearson, str)
                                                                  else float(min_cv_pearson))
