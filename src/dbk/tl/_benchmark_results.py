@@ -45,7 +45,7 @@ def paired_differences(
     metric: str = "pearson_mean_all",
     split: str | None = None,
     n_boot: int = 2000,
-    random_state: int | None = 0,
+    random_state: int | None = None,
 ) -> pd.DataFrame:
     """Per-fold differences ``a - b`` of one metric, and their mean ± std over folds (is ``a`` reliably better).
 
@@ -75,7 +75,7 @@ def paired_differences(
     n_boot
         Draws of the gene bootstrap.
     random_state
-        Seed of the gene bootstrap (``None``: a fresh one each call).
+        Seed of the gene bootstrap (``None``: ``dbk.settings.seed``, so the same call gives the same interval).
 
     Returns
     -------
@@ -168,7 +168,9 @@ def _gene_bootstrap(results: pd.DataFrame, out: pd.DataFrame, a: str, b: str, me
     if shared:  # the genes in the first fold's order, so one draw of gene indices resamples the same genes everywhere
         scores_a = [pd.Series(x, index=g).reindex(genes[0]).to_numpy() for x, g in zip(scores_a, genes, strict=True)]
         scores_b = [pd.Series(y, index=g).reindex(genes[0]).to_numpy() for y, g in zip(scores_b, genes, strict=True)]
-    rng = np.random.default_rng(random_state)
+    from .._utils import resolve_seed
+
+    rng = np.random.default_rng(resolve_seed(random_state))
     draws = np.empty((n_boot, n))
     sizes = [len(x) for x in scores_a]
     chunk = max(1, _CHUNK // max(sizes))
