@@ -507,7 +507,7 @@ def test_paired_differences_gene_interval_over_folds_and_without_gene_scores():
     d = dbk.tl.paired_differences(res, "a", "b")
     s = d.attrs["summary"]
     assert s["n_folds"] == 3 and np.isfinite(s["std"]) and s["ci_low"] < s["mean"] < s["ci_high"]
-    assert "the same gene draw in all 3 folds" in s["ci_method"] and np.isfinite(d[["ci_low", "ci_high"]]).all(None)
+    assert "the same gene draw in all 3 folds" in s["ci_method"] and np.isfinite(d[["ci_low", "ci_high"]].to_numpy()).all()
     # the mean's interval is narrower than a fold's: each draw averages three folds' differences
     assert s["ci_high"] - s["ci_low"] < (d["ci_high"] - d["ci_low"]).min()
     hv = dbk.tl.paired_differences(res, "a", "b", metric="pearson_mean_top10_hvg").attrs["summary"]
@@ -518,7 +518,7 @@ def test_paired_differences_gene_interval_over_folds_and_without_gene_scores():
     o = dbk.tl.paired_differences(old, "a", "b")
     pd.testing.assert_frame_equal(o[["split", "fold", "a", "b", "difference"]],
                                   d[["split", "fold", "a", "b", "difference"]])
-    assert o[["ci_low", "ci_high", "n_genes", "n_genes_higher"]].isna().all(None)
+    assert o[["ci_low", "ci_high", "n_genes", "n_genes_higher"]].isna().to_numpy().all()
     so = o.attrs["summary"]
     assert (so["mean"], so["std"], so["n_higher"]) == (s["mean"], s["std"], s["n_higher"])
     assert np.isnan(so["ci_low"]) and so["ci_method"].startswith("none: the results hold no per-gene test scores")
