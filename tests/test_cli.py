@@ -51,6 +51,7 @@ def test_demo_runs_end_to_end_and_prints_the_metrics_table(demo):
     ridge = [float(v) for v in _row(text, "ridge_cv (FM embeddings)")]
     assert len(ours) == len(ridge) == 7 and np.isfinite(ours).all() and np.isfinite(ridge).all()
     assert mean[0] == "nan" and float(mean[3]) > 0  # constant prediction: no Pearson, but an MSE
+    assert "among 10 heads: " in text  # the candidates counted (not the record's columns), and why this one
     for stage in ("fit DiffBulk", "predict (H&E-only slide)", "evaluate", "write zarr"):
         assert stage in text
     for f in ("model/config.json", "model/pretrainer/config.json", "demo.zarr", "heldout.zarr",

@@ -236,8 +236,11 @@ def _head_text(model, head, record: dict) -> str:
     if model.context_um is not None:
         text += f", context {model.context_um:g} µm"
     sel = record.get("head_selection")
-    if isinstance(sel, dict) and len(sel.get("candidates", [])) > 1:
-        text += f"; chosen by inner CV ({sel['scheme']}) among {len(sel['candidates'])} heads"
+    names = list((sel or {}).get("candidates", {}).get("name", [])) if isinstance(sel, dict) else []
+    if len(names) > 1:
+        why = ("no other head beat the full-rank reference by > 1 SE" if sel.get("chosen") == sel.get("reference")
+               else "it beat the full-rank reference by > 1 SE")
+        text += f"; chosen by inner CV ({sel['scheme']}) among {len(names)} heads: {why}"
     return text
 
 
@@ -550,9 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--genes", default=None, help="file with the genes to predict, one per line")
     p_fit.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes")
     p_fit.add_argument("--fusion", default="auto", choices=["auto", "gated", "concat", "add", "film", "ridge"],
-                       help="fusion head: auto (chosen by inner CV on the training slides among reduced-rank ridge "
-                            "heads with and without spatial context and the gated head), neural (gated, concat, add, "
-                            "film) or ridge (linear, alpha by inner CV)")
+                       help="fusion head: auto (inner CV on the training slides keeps a full-rank ridge unless a "
+                            "reduced-rank, spatial-context, late-fused or gated head beats it by more than one "
+                            "standard error), neural (gated, concat, add, film) or ridge (linear, alpha by inner CV)")
     p_fit.add_argument("--head-cv", type=int, default=3,
                        help="folds of the head's inner CV on the training slides (per-gene CV scores; auto's choice); "
                             "0: none")
