@@ -108,6 +108,14 @@ def train_stage1(slides: list, genes: list[str], *, pretrainer=None, preset: str
                     "U-Net at its seeded initialisation (the 'untrained' control).")
         return untrained_pretrainer(slides, genes, preset=preset, random_state=random_state, tiles_key=tiles_key,
                                     table_key=table_key, accelerator=accelerator, pretrain_kwargs=pretrain_kwargs)
+    if preset == "auto" and steps is None:
+        from ..core._presets import AUTO_CPU_STEPS, auto_preset
+
+        if auto_preset(accelerator) == "cpu-small":
+            logger.info(f"fit_diffbulk: stage 1 on a CPU (preset='auto': cpu-small, {AUTO_CPU_STEPS} steps). At this "
+                        "length, training has not been shown to beat an untrained U-Net (her2st, six held-out "
+                        "sections: see the benchmarks page of the docs); pretrain_steps=0 skips it, longer training "
+                        "(e.g. pretrain_steps=500) gained on the sections tried.")
     pretrainer = fit_pretrainer(slides, genes=genes, preset=preset, max_steps=steps, random_state=random_state,
                                 checkpoint_dir=checkpoint_dir, tiles_key=tiles_key, table_key=table_key,
                                 accelerator=accelerator, **dict(pretrain_kwargs or {}))
