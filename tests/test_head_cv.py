@@ -15,14 +15,15 @@ from spatialdata import SpatialData
 import dbk
 from dbk.core import InputScaler
 from dbk.pp._prepare import prepare_slides
+from dbk.tl._context import tile_spacing_um
 from dbk.tl._fit_steps import scaled_table, training_table
 from dbk.tl._head_cv import (
     AUTO_CONTEXT_STEPS,
     REFERENCE,
+    _coords_um,
     block_folds,
     choose_head,
     head_candidates,
-    neighbour_spacing_um,
     selection_folds,
 )
 
@@ -68,7 +69,7 @@ def test_auto_is_the_default_and_follows_the_selection_rule(slides, auto_model):
     sel = rec["head_selection"]
     cands = pd.DataFrame({k: list(v) for k, v in sel["candidates"].items()})
     names = list(cands["name"])
-    spacing = neighbour_spacing_um(slides, "dbk_table")
+    spacing = tile_spacing_um(*_coords_um(slides, "dbk_table"))
     assert spacing == pytest.approx(56.0, rel=0.02)  # adjacent 56 µm tiles
     # the reference first; full-rank ridge with each radius; ridge (early and late, rank="auto") without and with
     # each radius; the gated head

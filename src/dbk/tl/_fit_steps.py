@@ -236,9 +236,7 @@ def select_head(slides: list, names: list[str], genes: list[str], keys: list[str
     tile_patients = None
     if patients:
         of_slide = base.obs[SAMPLE_COL].astype(str).to_numpy()
-        tile_patients = np.array([patients.get(s) for s in of_slide], dtype=object)
-        if any(p is None for p in tile_patients):  # pragma: no cover - slide_patients gives every slide or none
-            tile_patients = None
+        tile_patients = np.array([patients[s] for s in of_slide], dtype=object)  # every slide has one
     return cross_validate_heads(tables, genes, keys, cands, n_splits=head_cv, random_state=random_state,
                                 accelerator=accelerator, coords_um=coords, spacing_um=spacing,
                                 patients=tile_patients)

@@ -160,16 +160,6 @@ class HeadSelection:
         return out
 
 
-def neighbour_spacing_um(slides: list, table_key: str) -> float | None:
-    """Median distance (µm) between each tile centre and its nearest neighbour on the same slide."""
-    from ._context import tile_spacing_um
-
-    coords, groups = _coords_um(slides, table_key)
-    if coords is None:
-        return None
-    return tile_spacing_um(coords, groups)
-
-
 def _coords_um(slides: list, table_key: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Tile centres in µm of all slides stacked (``None`` when a slide has no centres or pixel size)."""
     from ._context import tile_coords_um
