@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_benchmark_prints_metrics_of_a_saved_model(demo, tmp_path):
     assert (tmp_path / "m.csv").read_text().count("\n") == 3  # header + 2 methods
 
 
-def test_fit_saves_a_model(demo, tmp_path):
+def test_fit_saves_a_model(demo, tmp_path, caplog):
     out, _ = demo
     text = run("fit", out / "demo.zarr", "--out", tmp_path / "m", "--preset", "tiny", "--pretrain-steps", 2,
                "--fm-size-px", 96, "--tile-um", 56, "--fusion", "gated", "--max-epochs", 3, "--n-top-genes", 10)
@@ -122,9 +123,16 @@ def test_fit_saves_a_model(demo, tmp_path):
         run("fit", out / "demo.zarr", "--out", tmp_path / "g", "--rank", "auto")
     with pytest.raises(SystemExit, match="add --fusion gated"):
         run("fit", out / "demo.zarr", "--out", tmp_path / "g", "--max-epochs", 3)
-    # the default head: chosen by inner CV, recorded in the model folder
-    run("fit", out / "demo.zarr", "--out", tmp_path / "a", "--preset", "tiny", "--pretrain-steps", 2,
-        "--fm-size-px", 96, "--tile-um", 56, "--n-top-genes", 10)
+    # the default head: chosen by inner CV, recorded in the model folder; --patients reaches the trust score
+    from dbk.cli import _read_slides
+
+    sample = _read_slides([out / "demo.zarr"])[0].attrs["sample"]
+    with pytest.raises(SystemExit, match=r"names samples \['nope'\] that are not among the slides"):
+        run("fit", out / "demo.zarr", "--out", tmp_path / "p", "--patients", "nope=P1")
+    with caplog.at_level(logging.WARNING, logger="dbk"):
+        run("fit", out / "demo.zarr", "--out", tmp_path / "a", "--preset", "tiny", "--pretrain-steps", 2,
+            "--fm-size-px", 96, "--tile-um", 56, "--n-top-genes", 10, "--patients", f"{sample}=P1")
+    assert "one patient's slides" in caplog.text  # a patient was known: one, so the score cannot see patient shift
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     sel = cfg["head_selection"]
     # the reference, full-rank ridge at 2 radii, reduced-rank early and late ridge at 3 radii, the gated head
@@ -159,3 +167,18 @@ def test_fit_help_shows_choices_and_defaults_without_the_spatialdata_stack():
     assert "{auto,tiny,cpu-small,gpu,paper}" in text and "(default: auto)" in text
     assert "--context-um" in text and "--rank" in text and "--fm-arch" in text and "(default: 32)" in text
     assert "HEAVY []" in text
+
+
+def test_patients_option_reads_pairs_and_files(tmp_path):
+    from dbk.cli import _read_patients
+
+    assert _read_patients(None) is None
+    assert _read_patients("B4=B, C2=C") == {"B4": "B", "C2": "C"}
+    f = tmp_path / "patients.csv"
+    f.write_text("# sample,patient\nB4,B\nC2\tC\n")
+    assert _read_patients(str(f)) == {"B4": "B", "C2": "C"}
+    for bad in ("B4", "B4=B=C", "B4=", "=B"):
+        with pytest.raises(SystemExit, match="SAMPLE=PATIENT"):
+            _read_patients(bad)
+    with pytest.raises(SystemExit, match="two patients"):
+        _read_patients("B4=B,B4=C")

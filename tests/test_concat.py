@@ -65,3 +65,26 @@ def test_concat_leaves_out_mismatched_arrays_with_a_warning(caplog):
     assert set(out.obsm) == {"spatial"}
     assert "obsm['X_fm'] has different shapes" in caplog.text
     assert "obsm['mixed'] is a DataFrame in some tables" in caplog.text
+
+
+def test_concat_carries_the_slides_patients_into_obs():
+    from spatialdata import SpatialData
+
+    slides = {}
+    for name, patient in (("s1", "P1"), ("s2", "P2"), ("s3", None)):
+        sd = SpatialData(tables={"dbk_table": _table(["A", "B"], np.array([[1, 2], [3, 4]]), name)})
+        if patient is not None:
+            sd.attrs["patient"] = patient
+        slides[name] = sd
+    out = dbk.pp.concat(slides)
+    assert isinstance(out.obs["patient"].dtype, pd.CategoricalDtype)
+    assert out.obs["patient"].tolist()[:4] == ["P1", "P1", "P2", "P2"]
+    assert out.obs["patient"].iloc[4:].isna().all()  # unknown stays missing, not the string "nan"
+    assert "patient" not in slides["s1"].tables["dbk_table"].obs  # the inputs are not modified
+    # a table's own obs["patient"] wins over the slide's attrs; AnnData inputs have no attrs to read
+    own = _table(["A"], np.array([[1]]), "s4")
+    own.obs["patient"] = "tableP"
+    sd = SpatialData(tables={"dbk_table": own})
+    sd.attrs["patient"] = "attrsP"
+    assert dbk.pp.concat({"s4": sd}).obs["patient"].tolist() == ["tableP"]
+    assert "patient" not in dbk.pp.concat({"s1": _table(["A"], np.array([[1]]), "s1")}).obs

@@ -30,6 +30,7 @@ UM_PER_PX_KEY = "um_per_px"  # uns["dbk"][...]: level-0 pixel size of the table'
 
 # obs columns
 SAMPLE_COL = "sample"
+PATIENT_COL = "patient"  # pp.concat: the slides' sdata.attrs["patient"]
 N_CELLS_COL = "n_cells"
 N_TRANSCRIPTS_COL = "n_transcripts"
 TISSUE_FRACTION_COL = "tissue_fraction"

@@ -369,11 +369,46 @@ def _read_genes(path) -> list[str]:
     return genes
 
 
+def _read_patients(value: str | None) -> dict[str, str] | None:
+    """``--patients``: ``SAMPLE=PATIENT,...`` pairs, or a file of ``sample,patient`` lines (comma or tab)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        pairs = [ln.replace("\t", ",").split(",") for ln in lines]
+        where = f"{path}"
+    else:
+        pairs = [item.split("=") for item in value.split(",") if item.strip()]
+        where = "--patients"
+    out: dict[str, str] = {}
+    for pair in pairs:
+        if len(pair) != 2 or not pair[0].strip() or not pair[1].strip():
+            raise SystemExit(f"{where}: expected SAMPLE=PATIENT pairs separated by commas (e.g. B4=B,C2=C) or a "
+                             f"file of 'sample,patient' lines; got {'='.join(pair)!r}.")
+        sample, patient = pair[0].strip(), pair[1].strip()
+        if sample in out and out[sample] != patient:
+            raise SystemExit(f"{where}: sample {sample!r} is given two patients ({out[sample]!r}, {patient!r}).")
+        out[sample] = patient
+    if not out:
+        raise SystemExit(f"{where}: no SAMPLE=PATIENT pairs found.")
+    return out
+
+
 def cmd_fit(args) -> int:
     """``dbk fit``: fit DiffBulk on the given slides and save the model folder."""
     from dbk.tl import fit_diffbulk
 
     slides = _read_slides(args.data, hest_root=args.hest_root, samples=args.sample, pixel_size_um=args.pixel_size_um)
+    patients = _read_patients(args.patients)
+    if patients is not None:
+        names = [str(sd.attrs.get("sample")) for sd in slides]
+        unknown = sorted(set(patients) - set(names))
+        if unknown:
+            raise SystemExit(f"--patients names samples {unknown} that are not among the slides {names}.")
+        for name, sd in zip(names, slides, strict=True):
+            if name in patients:
+                sd.attrs["patient"] = patients[name]
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
@@ -559,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--head-cv", type=int, default=3,
                        help="folds of the head's inner CV on the training slides (per-gene CV scores; auto's choice); "
                             "0: none")
+    p_fit.add_argument("--patients", default=None,
+                       help="the patient of each slide, SAMPLE=PATIENT pairs (B4=B,C2=C) or a file of 'sample,patient' "
+                            "lines: the trust scores then hold out whole patients (default: each slide's "
+                            "attrs['patient'], as read_hest sets it)")
     p_fit.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
     p_fit.add_argument("--rank", default=None,
                        help="ridge head (--fusion ridge): reduced rank, 'auto' (by inner CV) or a number; none: full")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._constants import COUNTS_LAYER, MEASURED_LAYER, SAMPLE_COL, SPATIAL_KEY, TILES_TABLE_KEY
+from .._constants import COUNTS_LAYER, MEASURED_LAYER, PATIENT_COL, SAMPLE_COL, SPATIAL_KEY, TILES_TABLE_KEY
 from .._logging import logger
 from .._utils import is_sdata, renamed_kwargs
 
@@ -55,7 +55,8 @@ def concat(
     -------
     AnnData with ``X``, ``layers["counts"]`` (when every input has it) and ``layers["measured"]`` (CSR uint8),
     ``obs`` of the inputs with ``sample`` set (from the dict keys, the inputs' ``obs["sample"]`` or ``slide{i}``),
-    ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm``: ``"spatial"`` (NaN rows for an input without
+    ``obs["patient"]`` from SpatialData inputs' ``attrs["patient"]`` when any has one (NaN where unknown; an input's
+    own ``obs["patient"]`` is kept), ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm``: ``"spatial"`` (NaN rows for an input without
     it) and every other ``obsm`` entry present in all inputs, stacked in the order of the rows. Arrays (dense or
     sparse, e.g. embeddings ``X_<model>``) need the same number of columns in every input, else the entry is left
     out with a warning. DataFrames (e.g. predictions ``obsm["dbk_pred"]``, tiles x genes) are stacked on the union
@@ -69,6 +70,8 @@ def concat(
     if not objs:
         raise ValueError("concat needs at least one table.")
     adatas = [_as_table(o, table_key) for o in objs]
+    # the patient of a SpatialData input (sdata.attrs["patient"], as read_hest and her2st set it) becomes obs["patient"]
+    patients = [None if isinstance(o, ad.AnnData) else o.attrs.get("patient") for o in objs]
     if names is None:
         names = []
         for i, a in enumerate(adatas):
@@ -99,7 +102,7 @@ def concat(
     index = pd.Index(out_genes)
     has_counts = all(COUNTS_LAYER in a.layers for a in adatas)
     Xs, Cs, Ms, obs, spatial = [], [], [], [], []
-    for n, a in zip(names, adatas, strict=True):
+    for n, a, patient in zip(names, adatas, patients, strict=True):
         pos = index.get_indexer(a.var_names)  # column of each input gene in the output (-1: dropped)
         src = np.nonzero(pos >= 0)[0]
         sel = sp.csr_matrix((np.ones(len(src)), (src, pos[src])), shape=(a.n_vars, len(index)))
@@ -111,13 +114,17 @@ def concat(
         Ms.append(sp.csr_matrix(np.broadcast_to(measured, (a.n_obs, len(index)))))
         o = a.obs.copy()
         o[SAMPLE_COL] = n
+        if patient is not None and PATIENT_COL not in o:
+            o[PATIENT_COL] = str(patient)
         o.index = [f"{n}:{i}" for i in a.obs_names]
         obs.append(o)
         spatial.append(a.obsm[SPATIAL_KEY] if SPATIAL_KEY in a.obsm else np.full((a.n_obs, 2), np.nan))
     obs_df = pd.concat(obs)
     obs_df[SAMPLE_COL] = pd.Categorical(obs_df[SAMPLE_COL], categories=names)
     for col in obs_df.columns:
-        if obs_df[col].dtype == object:
+        if col == PATIENT_COL and any(p is not None for p in patients):
+            obs_df[col] = pd.Categorical(obs_df[col])  # an input without a patient stays NaN (unknown), not "nan"
+        elif obs_df[col].dtype == object:
             obs_df[col] = obs_df[col].astype(str)
     out = ad.AnnData(X=sp.vstack(Xs).tocsr().astype(np.float32), obs=obs_df, var=pd.DataFrame(index=index))
     if has_counts:
