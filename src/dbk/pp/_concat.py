@@ -56,12 +56,13 @@ def concat(
     AnnData with ``X``, ``layers["counts"]`` (when every input has it) and ``layers["measured"]`` (CSR uint8),
     ``obs`` of the inputs with ``sample`` set (from the dict keys, the inputs' ``obs["sample"]`` or ``slide{i}``),
     ``obs["patient"]`` from SpatialData inputs' ``attrs["patient"]`` when any has one (NaN where unknown; an input's
-    own ``obs["patient"]`` is kept), ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm``: ``"spatial"`` (NaN rows for an input without
-    it) and every other ``obsm`` entry present in all inputs, stacked in the order of the rows. Arrays (dense or
-    sparse, e.g. embeddings ``X_<model>``) need the same number of columns in every input, else the entry is left
-    out with a warning. DataFrames (e.g. predictions ``obsm["dbk_pred"]``, tiles x genes) are stacked on the union
-    of their columns, in order of first appearance, with NaN where an input lacks a column (a gene that model did
-    not predict), and re-indexed to the new ``obs_names``. The inputs are not modified.
+    own ``obs["patient"]`` is kept), ``obs_names`` made unique as ``{sample}:{tile}``, and ``obsm``: ``"spatial"``
+    (NaN rows for an input without it) and every other ``obsm`` entry present in all inputs, stacked in the order of
+    the rows. Arrays (dense or sparse, e.g. embeddings ``X_<model>``) need the same number of columns in every
+    input, else the entry is left out with a warning. DataFrames (e.g. predictions ``obsm["dbk_pred"]``, tiles x
+    genes) are stacked on the union of their columns, in order of first appearance, with NaN where an input lacks a
+    column (a gene that model did not predict), and re-indexed to the new ``obs_names``. The inputs are not
+    modified.
     """
     if isinstance(data, dict):
         names, objs = list(data.keys()), list(data.values())
