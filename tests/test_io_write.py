@@ -27,7 +27,7 @@ def test_write_zarr_roundtrip_and_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(other), "write", broken_write)
     with pytest.raises(KeyboardInterrupt):
-        dbk.io.write_zarr(other, path)
+        dbk.io.write_zarr(other, path, overwrite=True)
     monkeypatch.undo()
     again = read_zarr(path)
     assert again.tables["dbk_table"].n_obs == sdata.tables["dbk_table"].n_obs

@@ -129,8 +129,9 @@ def test_a_killed_run_resumes(sequential, clustered, client, tmp_path):
     again = dbk.pp.prepare(_slides(), out=out, client=client, **KW)
     assert (again["status"] == "skipped").all() and again["n_tiles"].tolist() == clustered[1]["n_tiles"][:3].tolist()
 
-    # killed after s1's store landed but before its marker; killed while s2 was writing (only a temporary left)
-    (out / "s1.zarr" / MARKER).unlink()
+    # killed before s1's store landed (its marker is written inside it, so a store without one is not dbk's and is
+    # refused); killed while s2 was writing (only a temporary left)
+    shutil.rmtree(out / "s1.zarr")
     shutil.rmtree(out / "s2.zarr")
     (out / ".s2.zarr.k1ll3d.tmp" / "s2.zarr" / "images").mkdir(parents=True)  # what the atomic writer leaves
     before = (out / "s0.zarr" / MARKER).stat().st_mtime_ns

@@ -148,6 +148,7 @@ def rename_genes(adata, mapping: Mapping | pd.Series | str, *, keep_unmapped: bo
         lookup.index = lookup.index.astype(str)
         new = lookup.reindex(pd.Index(old)).to_numpy(dtype=object)
         source = "the mapping"
+        new = _match_without_versions(old, new, lookup, what)
     else:
         raise TypeError(f"mapping must be a dict, a pandas Series or a var column name, got {type(mapping).__name__}.")
     cols, names, unmapped = symbol_mapping(old, new, keep_unmapped=keep_unmapped)
@@ -188,6 +189,39 @@ def rename_genes(adata, mapping: Mapping | pd.Series | str, *, keep_unmapped: bo
         for k, v in adata.varm.items():
             out.varm[k] = v[cols]
     return out
+
+
+def strip_version(name: str) -> str:
+    """An Ensembl id without its version suffix (``ENSG00000141510.16`` -> ``ENSG00000141510``); others unchanged."""
+    return name.split(".", 1)[0] if ENSEMBL_ID.match(name) else name
+
+
+def _match_without_versions(old: list[str], new: np.ndarray, lookup: pd.Series, what: str) -> np.ndarray:
+    """``new`` with the Ensembl ids that the mapping has only with another (or no) version suffix mapped too.
+
+    ``ENSG00000141510.1`` in the table matches ``ENSG00000141510`` (or ``ENSG00000141510.16``) in the mapping when
+    that unversioned id has one new name there; logged with the count.
+    """
+    unmatched = [i for i, v in enumerate(new) if not (isinstance(v, str) and v.strip()) and ENSEMBL_ID.match(old[i])]
+    if not unmatched:
+        return new
+    keys = [str(k) for k in lookup.index]
+    by_base: dict[str, set] = {}
+    for k, v in zip(keys, lookup.to_numpy(dtype=object), strict=True):
+        if ENSEMBL_ID.match(k) and isinstance(v, str) and v.strip():
+            by_base.setdefault(strip_version(k), set()).add(v.strip())
+    new = new.copy()
+    matched = []
+    for i in unmatched:
+        names = by_base.get(strip_version(old[i]), set())
+        if len(names) == 1:
+            new[i] = next(iter(names))
+            matched.append(i)
+    if matched:
+        first = old[matched[0]]
+        logger.info(f"{len(matched):,} Ensembl ids of the {what} matched the mapping only without their version "
+                    f"suffix (e.g. {first!r} as {strip_version(first)!r}); mapped by the unversioned id.")
+    return new
 
 
 def _whole_numbers(X) -> bool:

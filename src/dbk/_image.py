@@ -69,7 +69,8 @@ def image_levels(sdata: SpatialData, image_key: str | None = None) -> list[Image
     """Pyramid levels of an image, finest first (a single-scale image gives one level).
 
     The levels are checked: dims ``(c, y, x)`` with 1, 3 or 4 channels, the same channels on every level, each
-    level smaller than the one before and downsampled equally in y and x (up to rounding).
+    level smaller than the one before and downsampled equally in y and x (up to rounding). A float image is read in
+    0..1: one in 0..255 is divided by 255 (with a warning), see :func:`float_image_white`.
 
     Parameters
     ----------
@@ -85,7 +86,8 @@ def image_levels(sdata: SpatialData, image_key: str | None = None) -> list[Image
     Raises
     ------
     ValueError
-        If the image has no level dbk can read as described above (e.g. swapped axes), naming the level.
+        If the image has no level dbk can read as described above (e.g. swapped axes), naming the level, or is a
+        float image in neither 0..1 nor 0..255 (see :func:`float_image_white`).
     """
     key = resolve_image_key(sdata, image_key)
     element = sdata.images[key]
@@ -95,8 +97,80 @@ def image_levels(sdata: SpatialData, image_key: str | None = None) -> list[Image
         names = sorted(element.children, key=_scale_index)
         arrays = [next(iter(element[name].values())) for name in names]
     _check_levels(key, names, arrays)
+    if np.issubdtype(arrays[0].dtype, np.floating):
+        white = float_image_white(arrays[-1].data, f"Image {key!r}")
+        if white != 1.0:  # read as 0..1 from here on, lazily (nothing is computed)
+            arrays = [a.copy(data=a.data / np.float32(white)) for a in arrays]
     h0, w0 = int(arrays[0].sizes["y"]), int(arrays[0].sizes["x"])
     return [ImageLevel(a, h0 / int(a.sizes["y"]), w0 / int(a.sizes["x"])) for a in arrays]
+
+
+# -- float images: 0..1 or 0..255 ---------------------------------------------------------------------------------
+
+FLOAT_01_MAX = 1.5  # a float image whose largest value is at most this is in 0..1 (a little over 1: resampling)
+FLOAT_255_MAX = 260.0  # ... at most this (and above FLOAT_01_MAX): in 0..255
+FLOAT_NEGATIVE_TOLERANCE = 0.02  # negative values down to -2% of white are resampling ringing; below: refused
+_FLOAT_SAMPLE_SIDE = 1024  # the range is measured on a strided sample of the coarsest level, at most this side
+_FLOAT_WHITE: dict[str, float] = {}  # dask name of a measured array -> its white: measured (and warned) once
+
+
+def float_image_white(data, what: str = "Image") -> float:
+    """The value of white of a float ``(c, y, x)`` image: ``1.0`` (values in 0..1) or ``255.0`` (values in 0..255).
+
+    H&E models read pixels in 0..1; a float image stored in 0..255 (e.g. ``img.astype(np.float32)`` of a uint8
+    image) would otherwise be clipped to 1, nearly white everywhere. The range is measured on the finite values of
+    a strided sample of ``data`` (dask arrays: once per array). A largest value of at most 1.5 is 0..1, of at most
+    260 is 0..255, said at WARNING with the observed range.
+
+    Parameters
+    ----------
+    data
+        The image (a numpy or dask array, or a DataArray), e.g. the coarsest level of a pyramid.
+    what
+        The image's name for the messages, e.g. ``"Image 'he'"``.
+
+    Returns
+    -------
+    ``1.0`` or ``255.0``: divide by it for values in 0..1.
+
+    Raises
+    ------
+    ValueError
+        If the image has no finite value, values above 260 (in neither range; 16-bit data belongs in a uint16
+        image) or values below -2% of white, naming the observed range.
+    """
+    arr = data.data if isinstance(data, xr.DataArray) else data
+    name = getattr(arr, "name", None) if hasattr(arr, "dask") else None
+    if name is not None and name in _FLOAT_WHITE:
+        return _FLOAT_WHITE[name]
+    shape = arr.shape[-2:]
+    step = max(1, -(-max(shape) // _FLOAT_SAMPLE_SIDE))
+    sample = arr[..., ::step, ::step]
+    sample = np.asarray(sample.compute() if hasattr(sample, "compute") else sample, dtype=np.float64)
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        raise ValueError(f"{what} is a float image with no finite value (all NaN or infinite); dbk needs pixel values "
+                         "in 0..1 or 0..255.")
+    lo, hi = float(finite.min()), float(finite.max())
+    seen = f"values from {lo:.4g} to {hi:.4g}" + (f", sampled every {step} px" if step > 1 else "")
+    if hi > FLOAT_255_MAX:
+        raise ValueError(f"{what} is a float image with {seen}: in neither 0..1 nor 0..255, the two ranges dbk reads "
+                         "float pixels in. Rescale it to 0..255 and store it as uint8 (16-bit scans: as uint16).")
+    white = 1.0 if hi <= FLOAT_01_MAX else 255.0
+    if lo < -FLOAT_NEGATIVE_TOLERANCE * white:
+        raise ValueError(f"{what} is a float image with {seen}: negative pixel values (below "
+                         f"{-FLOAT_NEGATIVE_TOLERANCE * white:g}) are not an RGB image in 0..{white:g}; was it "
+                         "normalised (e.g. mean/std)? Pass the un-normalised image, as uint8 0..255.")
+    if white == 255.0:
+        from ._logging import logger
+
+        logger.warning(f"{what} is a float image with {seen} (largest above {FLOAT_01_MAX:g}): read as 0..255, "
+                       "divided by 255, not as 0..1. Store it as uint8 (or scaled to 0..1) to silence this.")
+    if name is not None:
+        if len(_FLOAT_WHITE) > 256:
+            _FLOAT_WHITE.clear()
+        _FLOAT_WHITE[name] = white
+    return white
 
 
 _LEVEL_TOLERANCE_PX = 2  # a pyramid level may be off the isotropic shape by rounding (floor / ceil) this much

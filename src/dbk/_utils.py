@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy as _copy
 import functools
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,29 +111,262 @@ def renamed_kwargs(**renames: str):
     return decorate
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on one file system).
+# ---- atomic writes: temporary names that say who wrote them, leftovers of dead writers ------------------------------
 
-    Works for files and folders. If the body raises, the temporary is removed and ``path`` is left as it was.
+LEFTOVER_MAX_AGE_S = 24 * 3600.0  # a leftover this old is dead whoever wrote it (its writer's host cannot be asked)
+_TMP, _OLD = "dbk-tmp", "dbk-old"
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+
+
+def _stamp() -> str:
+    """``<host>-<pid>-<unix time>``: who writes a temporary name, and since when."""
+    return f"{_host()}-{os.getpid()}-{int(time.time())}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+@dataclass
+class Leftover:
+    """A temporary (``"tmp"``: a write not yet renamed into place) or previous (``"old"``) copy beside a path."""
+
+    path: Path
+    kind: str
+    host: str | None
+    pid: int | None
+    started: float
+    dead: bool
+    why: str
+
+    def describe(self) -> str:
+        what = "the new copy of an unfinished write" if self.kind == "tmp" else "the previous copy"
+        who = f"pid {self.pid} on {self.host}" if self.pid is not None else "an older dbk"
+        return f"{self.path} ({what}, by {who}, {self.why})"
+
+
+def leftovers(path: str | os.PathLike) -> list[Leftover]:
+    """Temporary and previous copies that dbk's atomic writes of ``path`` left beside it, newest first.
+
+    Names: ``.<name>.dbk-tmp-<host>-<pid>-<start>-<random>`` (a write in progress or killed; the new copy is inside
+    as ``<name>``) and ``.<name>.dbk-old-<host>-<pid>-<start>-<random>`` (the previous copy during a swap); names of
+    older dbk versions (``.<name>.<random>.tmp``, ``.<name>.old-<pid>``) too. A leftover is *dead* when its writer
+    ran on this host and its pid is gone, or when it is older than :data:`LEFTOVER_MAX_AGE_S`.
     """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    esc = re.escape(path.name)
+    new = re.compile(rf"^\.{esc}\.({_TMP}|{_OLD})-([A-Za-z0-9_]+)-(\d+)-(\d+)-\w+$")
+    legacy = re.compile(rf"^\.{esc}\.(?:(\w{{8}})\.tmp|old-(\d+))$")
+    host, now, out = _host(), time.time(), []
+    for entry in os.scandir(path.parent):
+        m = new.match(entry.name)
+        if m:
+            kind = "tmp" if m[1] == _TMP else "old"
+            h, pid, started = m[2], int(m[3]), float(m[4])
+        else:
+            m = legacy.match(entry.name)
+            if not m:
+                continue
+            kind, h, pid = ("tmp" if m[1] else "old"), None, (int(m[2]) if m[2] else None)
+            try:
+                started = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+        age = now - started
+        if age > LEFTOVER_MAX_AGE_S:
+            dead, why = True, f"{age / 3600:.0f} h old"
+        elif h == host and pid is not None and not pid_alive(pid):
+            dead, why = True, "its process has ended"
+        elif h == host:
+            dead, why = False, "its process is still running"
+        else:
+            dead, why = False, f"{age / 60:.0f} min old, from {'another host' if h else 'an older dbk'}"
+        out.append(Leftover(Path(entry.path), kind, h, pid, started, dead, why))
+    return sorted(out, key=lambda lo: lo.started, reverse=True)
+
+
+def rmtree(path: str | os.PathLike) -> bool:
+    """Remove a folder dbk wrote, read-only parts included; ``False`` (logged) when it could not."""
     import shutil
+    import stat
+
+    def make_writable(func, p, _exc):
+        for q in {os.path.dirname(p), p}:
+            try:
+                os.chmod(q, stat.S_IMODE(os.lstat(q).st_mode) | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+            except OSError:
+                pass
+        func(p)
 
     path = Path(path)
+    try:
+        if path.is_dir() and not path.is_symlink():
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=make_writable)
+            else:  # pragma: no cover
+                shutil.rmtree(path, onerror=make_writable)
+        else:
+            path.unlink(missing_ok=True)
+        return True
+    except OSError as err:
+        from ._logging import logger
+
+        logger.warning(f"Could not remove {path} ({err}); remove it yourself.")
+        return False
+
+
+def tidy(path: str | os.PathLike, *, verify: Callable[[Path], bool] | None = None,
+         clean: bool = True) -> list[Leftover]:
+    """Recover ``path`` from an interrupted swap and remove the dead leftovers of its writes; the ones kept.
+
+    When ``path`` is missing and a dead writer left copies, the newest new copy that ``verify`` accepts is renamed
+    into place, else the newest previous copy it accepts (nothing without ``verify``). With ``clean``, dead leftovers
+    are then removed (only while ``path`` exists: they are never the only copy). Leftovers of live writers, of other
+    hosts (less than a day old) or ones that could not be removed are returned and logged.
+    """
+    from ._logging import logger
+
+    path = Path(path)
+    found = leftovers(path)
+    if not found:
+        return []
+    if not (path.exists() or path.is_symlink()) and verify is not None:
+        news = [(lo, lo.path / path.name) for lo in found if lo.dead and lo.kind == "tmp"]
+        olds = [(lo, lo.path) for lo in found if lo.dead and lo.kind == "old"]
+        for lo, copy in [*news, *olds]:
+            try:
+                ok = copy.is_dir() and bool(verify(copy))
+            except Exception:  # a copy that does not verify is not recovered
+                ok = False
+            if ok:
+                try:
+                    os.rename(copy, path)
+                except OSError:
+                    break  # someone else recovered it or wrote a new copy meanwhile
+                logger.warning(f"Recovered {path} from an interrupted write: {lo.describe()}.")
+                break
+    kept = []
+    for lo in found:
+        if not lo.path.exists():
+            continue
+        if clean and lo.dead and (path.exists() or path.is_symlink()) and rmtree(lo.path):
+            logger.info(f"Removed {lo.describe()}.")
+            continue
+        kept.append(lo)
+    if kept:
+        logger.warning(f"{path}: leftovers of interrupted or running writes: "
+                       + "; ".join(lo.describe() for lo in kept) + ".")
+    return kept
+
+
+def safe_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` with ``~`` expanded; a clear error for the current folder or a folder above it."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    try:
+        here = Path.cwd().resolve()
+        target = path.resolve()
+    except OSError:
+        return path
+    if target == here or target in here.parents:
+        raise ValueError(f"Cannot write the {what} onto {os.fspath(path)!r}: it is the current folder (or one "
+                         f"above it, {target}). Give a new folder name, e.g. {os.fspath(path / 'model')!r}.")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, replace: bool = True,
+                verify: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on one file system).
+
+    Works for files and folders. The temporary is ``.<name>.dbk-tmp-<host>-<pid>-<start>-<random>/<name>``; if the
+    body raises, it is removed and ``path`` is left as it was. Dead leftovers of earlier writes of ``path`` are
+    recovered or removed first (:func:`tidy`, with ``verify``).
+
+    Parameters
+    ----------
+    path
+        The file or folder to write (``~`` is expanded).
+    replace
+        Replace an existing ``path``: a folder is swapped (moved to ``.<name>.dbk-old-...``, the new one renamed
+        into place, the old one removed; an error in between moves the old one back). ``False``: the final step is an
+        atomic create that raises :class:`FileExistsError` when ``path`` exists, so of two concurrent writers
+        exactly one wins.
+    verify
+        ``verify(copy) -> bool``: whether a copy left by an interrupted swap is complete (see :func:`tidy`).
+    """
+    path = Path(os.path.expanduser(os.fspath(path)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tidy(path, verify=verify)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}-{_stamp()}-", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(target, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(target, path)
+        _commit(target, path, replace)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        rmtree(tmp)
+
+
+def _commit(target: Path, path: Path, replace: bool) -> None:
+    import errno
+    import uuid
+
+    if not target.is_dir() or target.is_symlink():
+        if replace:
+            os.replace(target, path)
+            return
+        try:
+            os.link(target, path)  # fails when path exists: an atomic create
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists (another process wrote it first?); nothing was replaced.") from None
+        except OSError:  # a file system without hard links
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(f"{path} exists; nothing was replaced.") from None
+            os.replace(target, path)
+        return
+    for _ in range(100):  # overwriting writers racing each other: the last one wins
+        old = None
+        if path.exists() or path.is_symlink():
+            if not replace:
+                raise FileExistsError(f"{path} exists (another process wrote it first?); nothing was replaced.")
+            if not path.is_dir() or path.is_symlink():
+                raise FileExistsError(f"{path} exists and is not a folder; dbk does not replace it with one.")
+            old = path.with_name(f".{path.name}.{_OLD}-{_stamp()}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, old)
+            except FileNotFoundError:
+                continue  # another writer moved it meanwhile
+        try:
+            os.rename(target, path)  # fails on an existing non-empty folder: an atomic create
+        except BaseException as err:
+            if old is not None and not path.exists():
+                try:
+                    os.rename(old, path)  # put the previous copy back
+                except OSError:
+                    pass
+            if isinstance(err, OSError) and err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                if replace:
+                    continue
+                raise FileExistsError(f"{path} exists (another process wrote it first?); nothing was "
+                                      "replaced.") from None
+            raise
+        if old is not None:
+            rmtree(old)
+        return
+    raise FileExistsError(f"{path}: other processes kept replacing it; gave up.")
 
 
 def jsonable(v, none="None"):

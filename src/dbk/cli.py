@@ -167,9 +167,9 @@ def demo(
     figs = stage("figures", figures)
 
     def write():
-        paths = [dbk.io.write_zarr(sdata, out / "demo.zarr")]
+        paths = [dbk.io.write_zarr(sdata, out / "demo.zarr", overwrite=True)]  # dbk's own stores of an earlier demo
         if fitted is not None:
-            paths.append(dbk.io.write_zarr(fitted["held"], out / "heldout.zarr"))
+            paths.append(dbk.io.write_zarr(fitted["held"], out / "heldout.zarr", overwrite=True))
         return paths
 
     zarr_paths = stage("write zarr", write)
@@ -395,9 +395,45 @@ def _read_patients(value: str | None) -> dict[str, str] | None:
     return out
 
 
+def _refuse_overlap(out: str, inputs, *, replaces: bool = True) -> None:
+    """Exit before any work when ``--out`` is, contains (``replaces``: it would be replaced) or lies inside an input."""
+    import os
+
+    o = Path(os.path.expanduser(out)).resolve()
+    for given in inputs:
+        if not given:
+            continue
+        p = Path(os.path.expanduser(str(given))).resolve()
+        if not p.exists():
+            continue
+        if p == o or (replaces and o in p.parents):
+            n = sum(len(fs) for _, _, fs in os.walk(o)) if o.is_dir() else 1
+            raise SystemExit(f"--out {out} {'is' if p == o else 'contains'} the input {given}: writing there would "
+                             f"delete it ({n} files in {o}). Choose an --out outside the inputs.")
+        if p in o.parents:
+            raise SystemExit(f"--out {out} lies inside the input {given}; dbk does not write into its inputs. Choose "
+                             "an --out outside the inputs.")
+
+
+def _check_out(out: Path, overwrite: bool, check) -> None:
+    """Exit before any work when ``out`` exists without ``--overwrite``, or is not dbk's to replace."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
+        try:
+            check(out)
+        except FileExistsError as err:
+            raise SystemExit(str(err)) from None
+
+
 def cmd_fit(args) -> int:
     """``dbk fit``: fit DiffBulk on the given slides and save the model folder."""
+    from dbk.core._folder import check_replaceable
     from dbk.tl import fit_diffbulk
+
+    _refuse_overlap(args.out, [*args.data, args.hest_root, args.genes, args.patients])
+    out = Path(args.out).expanduser()
+    _check_out(out, args.overwrite, check_replaceable)
 
     slides = _read_slides(args.data, hest_root=args.hest_root, samples=args.sample, pixel_size_um=args.pixel_size_um)
     patients = _read_patients(args.patients)
@@ -409,9 +445,6 @@ def cmd_fit(args) -> int:
         for name, sd in zip(names, slides, strict=True):
             if name in patients:
                 sd.attrs["patient"] = patients[name]
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
     head = {k: v for k, v in (("max_epochs", args.max_epochs),) if v is not None}
     if args.fusion != "ridge" and (args.rank is not None or args.blend is not None):
         raise SystemExit("--rank and --blend are options of the ridge head: add --fusion ridge.")
@@ -453,18 +486,18 @@ def _one_slide(args) -> object:
 def cmd_predict(args) -> int:
     """``dbk predict``: predictions for one slide, written to a zarr store."""
     import dbk
+    from dbk.io._write import check_store_replaceable
 
-    out = Path(args.out)
-    if args.data and Path(args.data).resolve() == out.resolve():
-        raise SystemExit("--out must differ from DATA (the input is read lazily while writing).")
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it.")
+    # the input is read lazily while writing: --out must not be it, contain it or lie inside it
+    _refuse_overlap(args.out, [args.data, args.model, args.hest_root])
+    out = Path(args.out).expanduser()
+    _check_out(out, args.overwrite, check_store_replaceable)
     from dbk.tl import DiffBulk
 
     model = DiffBulk.load(args.model, device=args.device)
     sd = _one_slide(args)
     model.predict(sd, tiles_key=args.tiles_key)
-    dbk.io.write_zarr(sd, out, overwrite=True)
+    dbk.io.write_zarr(sd, out, overwrite=args.overwrite)
     pred = sd.tables["dbk_table"].obsm["dbk_pred"]
     print(f"{pred.shape[0]} tiles x {pred.shape[1]} genes predicted -> {out} (tables['dbk_table'].obsm['dbk_pred'])")
     return 0
@@ -514,6 +547,8 @@ def cmd_prepare(args) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise SystemExit("--workers must be at least 1")
+    # prepare never replaces --out itself, only <out>/<name>.zarr stores it marked (an input there is refused)
+    _refuse_overlap(args.out, args.slides, replaces=False)
     with contextlib.ExitStack() as stack:
         client, threads = None, None
         if args.scheduler == "local":

@@ -26,7 +26,7 @@ def fit_pretrainer(
     devices: int | str = "auto",
     random_state: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = True,
+    resume: bool | str = True,
     unlabeled_tiles_key: str | None = None,
     table_key: str = TILES_TABLE_KEY,
     tiles_key: str = TILES_KEY,
@@ -76,7 +76,12 @@ def fit_pretrainer(
         Folder for periodic checkpoints (atomic writes, the last two kept), also written at the end and when
         training is interrupted (Ctrl-C / SIGTERM).
     resume
-        Continue from the latest checkpoint in ``checkpoint_dir`` (same step, optimizer, EMA and history).
+        ``True``: continue from the latest checkpoint in ``checkpoint_dir`` (same step, optimizer, EMA and
+        history) when it is a run on the same data (same slide names, tile counts and genes: the data fingerprint,
+        the same in every process); a checkpoint of other data is refused with a ValueError naming the file, since
+        resuming it would return (or continue) the other data's stage-1 model. ``"force"``: resume it anyway,
+        continuing that run on this data (warned). ``False``: ignore the checkpoints and train from scratch (use an
+        empty ``checkpoint_dir``: the two newest checkpoints in the folder are kept, whichever run wrote them).
     unlabeled_tiles_key
         Shapes element of extra tiles without profiles (e.g. a dense overlapping grid) trained unconditionally.
     table_key

@@ -23,7 +23,7 @@ import torch
 from .._constants import TILES_KEY, TILES_TABLE_KEY
 from .._logging import logger
 from .._settings import settings
-from ._checkpoint import _CheckpointMixin, latest_checkpoint
+from ._checkpoint import _CheckpointMixin, data_values_fingerprint, latest_checkpoint
 from ._data import _as_list, _BalancedStepSampler, _build_sources, _panel, _Source, _StepSampler, _TileBatches
 from ._device import _accelerator, _batch_for_device, resolve_device, train_device
 from ._edm import EDM, edm_loss
@@ -174,7 +174,7 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         devices: int | str = "auto",
         random_state: int | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = True,
+        resume: bool | str = True,
         unlabeled_tiles_key: str | None = None,
         table_key: str = TILES_TABLE_KEY,
         tiles_key: str = TILES_KEY,
@@ -193,6 +193,8 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         from tqdm.auto import tqdm
 
         resolve_device(accelerator)  # a bad name, or CUDA where there is none, fails before any tile is read
+        if not (isinstance(resume, bool) or resume == "force"):
+            raise ValueError(f"resume must be True, False or 'force', got {resume!r}.")
         datas = _as_list(data)
         seed = self.random_state if random_state is None else int(random_state)
         new = self._grow_vocab([g for sd in datas for g in _panel(sd, table_key, genes)])
@@ -244,10 +246,13 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
                                       foreach=True)
         ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         fingerprint = dataset.fingerprint()
+        # the profiles' values too (names, counts and genes alike do not make the same data); written to checkpoints
+        self._values_fingerprint = None if ckpt_dir is None else data_values_fingerprint(dataset)
         if ckpt_dir is not None and resume:
             latest = latest_checkpoint(ckpt_dir)
             if latest is not None:
-                self._load_checkpoint(latest, optimizer, seed=seed, fingerprint=fingerprint)
+                self._load_checkpoint(latest, optimizer, seed=seed, fingerprint=fingerprint,
+                                      other_data=resume == "force")
         net, optimizer = acc.prepare(self.net, optimizer)
         # torch.compile shares the parameters, so the saved state keeps its names; DBK_COMPILE_BACKEND (e.g. "eager")
         # lets a CPU test run the same path
@@ -478,9 +483,11 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
             If the folder is not a saved pretrainer (or one from a newer dbk), a file is missing or corrupt
             (checksum), or the weights do not fit the configuration.
         """
-        path = Path(path)
-        config = read_model_folder(path, format=FORMAT, format_version=FORMAT_VERSION, what="DiffusionPretrainer")
+        path = Path(os.path.expanduser(os.fspath(path)))
+        config = read_model_folder(path, format=FORMAT, format_version=FORMAT_VERSION, what="DiffusionPretrainer",
+                                   required=(*_WEIGHTS, "history.json"))
         cfg_path = path / "config.json"
+        _check_config(path, config)
         try:
             model = cls(GeneVocab.from_dict(config["vocab"]), preset=PretrainerPreset.from_dict(config["preset"]),
                         tile_size_um=config.get("tile_size_um"), random_state=config.get("random_state", 0),
@@ -494,7 +501,52 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
                 raise ValueError(f"{path / fname} does not fit the model in {cfg_path}: {err}") from None
         model.step = int(config.get("step", 0))
         model.train_time = float(config.get("train_time_s", 0.0))
-        hist = path / "history.json"
-        model.history = json.loads(hist.read_text()) if hist.is_file() else []
+        history = json.loads((path / "history.json").read_text())
+        if not isinstance(history, list):
+            raise ValueError(f"{path / 'history.json'} is corrupt: expected a list of records.")
+        model.history = history
         return model.to(device)
 
+
+def _safetensors_data_bytes(file: Path) -> int:
+    """Bytes of tensor data in a safetensors file (its size less the 8-byte length and the JSON header)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return file.stat().st_size - 8 - n
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Types and sizes of a saved pretrainer's configuration, checked before any network is built.
+
+    The network the configuration describes is built on the ``meta`` device (no memory) and its size compared with
+    the tensor data of ``model.safetensors``: a configuration that would allocate more than the file holds is
+    refused before anything is allocated.
+    """
+    cfg_path = path / "config.json"
+    tile = config.get("tile_size_um")
+    if tile is not None and not (isinstance(tile, (int, float)) and not isinstance(tile, bool)
+                                 and math.isfinite(tile) and tile > 0):
+        raise ValueError(f"{cfg_path}: tile_size_um is {tile!r}; expected null or a finite number of µm > 0.")
+    vocab = config.get("vocab")
+    genes = vocab.get("genes") if isinstance(vocab, dict) else None
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
+        raise ValueError(f"{cfg_path}: vocab.genes is not a non-empty list of gene names (strings).")
+    for key in ("preset", "edm"):
+        if not isinstance(config.get(key), dict):
+            raise ValueError(f"{cfg_path}: {key} is {type(config.get(key)).__name__}; expected a mapping.")
+    try:
+        preset = PretrainerPreset.from_dict(config["preset"])
+        chans = [int(c) for c in preset.block_out_channels]
+        if preset.image_size > 4096 or any(c <= 0 for c in chans):
+            raise ValueError(f"image_size {preset.image_size} (at most 4096) or block_out_channels {chans}")
+        with torch.device("meta"):
+            encoder = GeneEncoder(GeneVocab.from_dict(vocab), dim=preset.gene_dim, n_layers=preset.gene_layers,
+                                  n_heads=preset.gene_heads, zscore=preset.zscore)
+            net = GeneToImageNet(encoder, preset, EDM(**config["edm"]))
+        need = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{cfg_path} does not describe a valid model: {err}") from None
+    have = _safetensors_data_bytes(path / _WEIGHTS[0])
+    if need > have * 1.01 + 4096:
+        raise ValueError(f"{cfg_path} describes a network of {need:,} bytes of weights, but {path / _WEIGHTS[0]} "
+                         f"holds {have:,}: the configuration was changed after saving.")

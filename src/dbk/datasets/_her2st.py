@@ -183,6 +183,9 @@ def read_gene_file(file: Path, *, suffix: str | None = None) -> list[str]:
     return genes
 
 
+_MAX_GENES = 1_000_000  # a gene list longer than this is no gene list
+
+
 def _read_npy_strings(file: Path) -> list[str]:
     """A 1-D ``.npy`` array of strings, read without running arbitrary pickled code.
 
@@ -196,13 +199,21 @@ def _read_npy_strings(file: Path) -> list[str]:
         try:
             version = npformat.read_magic(fh)
             if version == (1, 0):
-                _, _, dtype = npformat.read_array_header_1_0(fh)
+                shape, _, dtype = npformat.read_array_header_1_0(fh)
             elif version == (2, 0):
-                _, _, dtype = npformat.read_array_header_2_0(fh)
+                shape, _, dtype = npformat.read_array_header_2_0(fh)
             else:
-                _, _, dtype = npformat._read_array_header(fh, version)  # no public reader for version 3.0
+                shape, _, dtype = npformat._read_array_header(fh, version)  # no public reader for version 3.0
         except (ValueError, OSError) as err:
             raise ValueError(f"{file} is not a readable .npy file ({err}).") from err
+        # the header is checked before anything is allocated: a header may declare any size
+        if len(shape) != 1 or shape[0] > _MAX_GENES:
+            raise ValueError(f"{file} declares an array of shape {shape}; expected a 1-D array of at most "
+                             f"{_MAX_GENES:,} gene symbols.")
+        size = os.fstat(fh.fileno()).st_size
+        if not dtype.hasobject and shape[0] * dtype.itemsize > size:
+            raise ValueError(f"{file} declares {shape[0]:,} entries of {dtype.itemsize} bytes "
+                             f"({shape[0] * dtype.itemsize:,} bytes) but holds {size:,} bytes: truncated or corrupt.")
         if dtype.hasobject:
             try:
                 array = _SafeUnpickler(fh).load()

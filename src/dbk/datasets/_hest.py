@@ -73,8 +73,9 @@ def hest(
     ConnectionError
         If the hub cannot be reached or refuses the download (the same listing, plus the reason).
     """
-    if not sample_id or any(ch in str(sample_id) for ch in "/\\"):
-        raise ValueError(f"Invalid HEST sample id {sample_id!r}.")
+    from ..io._hest import check_hest_id
+
+    check_hest_id(sample_id)
     root = Path(root).expanduser() if root is not None else settings.datasetdir / "hest"
     kw = {"load_transcripts": load_transcripts, "load_cells": load_cells}
     missing = [f for f in _wanted_files(root, sample_id, **kw) if not f.present(root)]

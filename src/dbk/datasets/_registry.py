@@ -41,6 +41,9 @@ class RemoteFile:
     size: int | None
     check: Callable[[Path], object] | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        check_relative_path(self.path, f"file {self.path!r} of the registry (<- {self.url})")
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -51,6 +54,29 @@ class Dataset:
     source: str
     licence: str
     files: tuple[RemoteFile, ...]
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.name, f"dataset name {self.name!r} (its folder in dbk.settings.datasetdir)")
+        if "/" in self.name:
+            raise ValueError(f"Invalid dataset name {self.name!r}: one folder name, without '/'.")
+
+
+def check_relative_path(path: object, what: str) -> str:
+    r"""Return ``path`` if it is a plain relative path (``"B4/counts.tsv.gz"``) that stays inside its folder.
+
+    Refused (``ValueError`` naming ``what``): not a string, empty, absolute (``/x``, ``C:\x``), ``~``, ``\``, NUL,
+    or a ``.`` / ``..`` / empty component, any of which would read or write outside the data folder.
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"Invalid {what}: a path must be a non-empty string, got {path!r}.")
+    parts = path.split("/")
+    if (any(ch in path for ch in ("\x00", "\\", "~")) or PurePosixPath(path).is_absolute()
+            or PureWindowsPath(path).drive or any(p in ("", ".", "..") for p in parts)):
+        raise ValueError(f"Invalid {what}: {path!r} would point outside the data folder; registry paths are relative "
+                         "('B4/counts.tsv.gz'), without '..', '.', '~', '\\', NUL or a leading '/'.")
+    return path
 
 
 class ChecksumError(ValueError):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,31 @@ VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_DIAMETER_PER_PITCH = 0.55  # Visium: 55 µm spots on a 100 µm pitch
 _PIXEL_SIZE_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
 _TRANSCRIPT_XY = ("he_x", "he_y")  # HEST: transcript positions in H&E level-0 pixels
+
+
+_HEST_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def check_hest_id(name: object, what: str = "HEST sample id") -> str:
+    r"""Return ``name`` if it is a safe HEST name (a sample id such as ``"TENX95"``, a task such as ``"IDC"``).
+
+    Every HEST name dbk turns into a path goes through here: letters, digits, ``_``, ``-`` and ``.``, not starting
+    with ``.``; no ``/``, ``\``, ``~``, NUL or ``..``, so a name never leaves the folder it is looked up in.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is not a string.
+    ValueError
+        If it is empty or holds other characters, naming it and the rule.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string such as 'TENX95', got {type(name).__name__} {name!r}.")
+    if not _HEST_ID.fullmatch(name) or ".." in name:
+        raise ValueError(f"Invalid {what} {name!r}: HEST names (e.g. 'TENX95', 'NCBI783', 'LYMPH_IDC') are letters, "
+                         "digits, '_', '-' and '.', not starting with '.', without '..', '/', '\\', '~' or NUL; "
+                         "a name is never a path.")
+    return name
 
 
 def read_hest(
@@ -131,10 +157,12 @@ def read_hest(
     FileNotFoundError
         If the H&E image is missing, or the metadata json and ``pixel_size_um`` are.
     ValueError
-        If neither the metadata nor ``pixel_size_um`` gives a usable pixel size (naming the file and the keys), a
+        If ``sample_id`` is not a HEST name (see :func:`check_hest_id`: a name is never a path), if neither the
+        metadata nor ``pixel_size_um`` gives a usable pixel size (naming the file and the keys), a
         present file lacks required columns, or the spot centres fit the image in neither axis order (naming the
         file, the columns and the image's extent).
     """
+    check_hest_id(sample_id)
     root = Path(root)
     wsi_path = _find_wsi(root, sample_id)
     if pixel_size_um is not None and not (isinstance(pixel_size_um, (int, float)) and math.isfinite(pixel_size_um)

@@ -2,7 +2,8 @@
 
 :func:`prepare` reads each slide, finds its tissue, lays tiles, sums the pseudo-bulk table (:func:`prepare_slide`),
 embeds the tiles with a foundation model (``dbk.tl.embed_tiles``) and writes the slide atomically to
-``<out>/<name>.zarr`` with a small JSON marker written last inside the store. The work of one slide is one task of
+``<out>/<name>.zarr`` with a small JSON marker written into the store before it is renamed into place (a store
+without it is not dbk's and is never replaced). The work of one slide is one task of
 an existing engine (``distributed.Client.map`` / ``as_completed``), or a plain loop in this process; a rerun skips
 the slides whose marker says they are done with the same settings, so a killed run resumes where it stopped.
 """
@@ -131,10 +132,37 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _write_marker(dest: Path, record: dict) -> None:
-    tmp = dest / f".{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, dest / MARKER)
+def source_fingerprint(source) -> dict | None:
+    """What a slide's source is now: its path, file count, bytes and a digest of each file's name, size and mtime.
+
+    Cheap (``stat`` only, no file is read), so a rerun sees a source that changed under the same name. ``None`` for
+    a SpatialData object or a callable (nothing on disk to look at) or a source that cannot be listed.
+    """
+    import hashlib
+
+    kind = source[0]
+    try:
+        if kind == "path":
+            root = Path(source[1]).expanduser()
+            if root.is_dir():
+                files = [Path(d) / f for d, _, fs in os.walk(root) for f in fs]
+            else:
+                files = [root] if root.exists() else []
+        elif kind == "hest":
+            root, sid = Path(source[1]).expanduser(), source[2]
+            files = [f for sub in root.iterdir() if sub.is_dir() for f in sub.iterdir()
+                     if f.is_file() and (f.name.split(".")[0] == sid or f.name.startswith(f"{sid}_"))]
+        else:
+            return None
+        h, size = hashlib.sha256(), 0
+        for f in sorted(files):
+            st = f.stat()
+            size += st.st_size
+            rel = f.relative_to(root).as_posix() if f != root else f.name
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    return {"path": str(root.resolve()), "files": len(files), "bytes": size, "digest": h.hexdigest()[:16]}
 
 
 def prepare_one(
@@ -155,7 +183,7 @@ def prepare_one(
     with it); the seconds of each step are in the row as ``<step>_s``.
     """
     from .._utils import jsonable
-    from ..io import write_zarr
+    from ..io._write import write_store
     from ._prepare import check_training_table, prepare_slide
     from ._tissue import tissue_mask
 
@@ -176,6 +204,7 @@ def prepare_one(
     try:
         with _slide_context(threads):
             with step("read"):
+                fingerprint = source_fingerprint(source)  # before reading: a change while reading shows later
                 sdata = _read(source, reader)
             sdata.attrs["sample"] = name
             spot_tiles = SPOTS_KEY in sdata.shapes and TRANSCRIPTS_KEY not in sdata.points  # as prepare_slide
@@ -197,13 +226,14 @@ def prepare_one(
             table = sdata.tables[table_key]
             row.update(n_tiles=int(len(sdata.shapes[tiles_key])), n_genes=int(table.n_vars))
             with step("write"):
-                write_zarr(sdata, dest, overwrite=True)
+                # the marker goes into the temporary store, renamed into place with it: no marker, not dbk's
+                marker = jsonable({
+                    "dbk_prepare": 1, "name": name, "settings": settings, "source": fingerprint,
+                    "n_tiles": row["n_tiles"], "n_genes": row["n_genes"], "embedding_key": key,
+                    "seconds": round(time.perf_counter() - t0, 3), "steps": {s: row.get(f"{s}_s") for s in STEPS[:-1]},
+                    "dbk_version": _version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, none=None)
+                write_store(sdata, dest, overwrite=True, files={MARKER: json.dumps(marker, indent=1, sort_keys=True)})
                 row.update(status="done", seconds=round(time.perf_counter() - t0, 3))
-                _write_marker(dest, jsonable({
-                    "dbk_prepare": 1, "name": name, "settings": settings, "n_tiles": row["n_tiles"],
-                    "n_genes": row["n_genes"], "embedding_key": key, "seconds": row["seconds"],
-                    "steps": {s: row.get(f"{s}_s") for s in STEPS[:-1]}, "dbk_version": _version(),
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, none=None))
             del sdata, table
     except Exception as err:  # reported in the row; the other slides go on
         row.update(status="failed", error=f"{row['step']}: {type(err).__name__}: {err}",
@@ -286,11 +316,12 @@ def _jobs(data, names: Sequence[str] | None, reader: Callable | None) -> list[tu
 
 
 def read_marker(path: str | os.PathLike) -> dict | None:
-    """The done marker of a prepared store (``None`` when absent or unreadable: the store is incomplete)."""
+    """The done marker of a prepared store (``None`` when absent, unreadable or not a JSON object)."""
     try:
-        return json.loads((Path(path) / MARKER).read_text())
-    except (OSError, ValueError):
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def _row(name: str, dest: Path, status: str, **kw) -> dict:
@@ -299,19 +330,47 @@ def _row(name: str, dest: Path, status: str, **kw) -> dict:
 
 
 def _triage(name: str, source: tuple, dest: Path, settings: dict, overwrite: bool) -> dict | None:
-    """The report row of a slide not to run (skipped, or refused), else ``None``."""
+    """The report row of a slide not to run (skipped, or refused), else ``None``; never raises."""
+    try:
+        return _triage_or_raise(name, source, dest, settings, overwrite)
+    except Exception as err:  # that slide fails; the others go on
+        return _row(name, dest, "failed", error=f"{type(err).__name__}: {err}", traceback=_traceback_summary(err))
+
+
+def _triage_or_raise(name: str, source: tuple, dest: Path, settings: dict, overwrite: bool) -> dict | None:
+    from .._utils import tidy
+    from ..io._write import is_dbk_store
+
     if source[0] == "path" and Path(source[1]).resolve() == dest.resolve():
         marker = read_marker(dest)
         if marker is not None and marker.get("settings") == settings:
             return _row(name, dest, "skipped", n_tiles=marker.get("n_tiles"), n_genes=marker.get("n_genes"))
         return _row(name, dest, "failed", error=f"ValueError: the input {dest} is the output store; give another out.")
-    if not dest.exists() or overwrite:
+    tidy(dest, verify=is_dbk_store)  # a store left half-swapped; temporary stores of dead writers
+    if not (dest.exists() or dest.is_symlink()):
         return None
+    marker_file = dest / MARKER
+    if not dest.is_dir() or not (marker_file.is_file() or is_dbk_store(dest)):
+        n = sum(len(fs) for _, _, fs in os.walk(dest)) if dest.is_dir() else 1
+        return _row(name, dest, "failed", error=f"FileExistsError: {dest} exists and is not a store dbk prepare wrote "
+                    f"(no {MARKER}; it holds {n} files); dbk does not replace it. Move it away or choose another out.")
+    if not marker_file.is_file():  # a store dbk wrote otherwise (dbk.io.write_zarr)
+        return None if overwrite else _row(
+            name, dest, "failed", error=f"FileExistsError: {dest} is a store dbk wrote, but not prepare (no {MARKER}); "
+            "pass overwrite=True (dbk prepare --overwrite) to replace it, or choose another out.")
     marker = read_marker(dest)
     if marker is None:
-        logger.info(f"prepare: {name}: {dest} has no done marker (an interrupted run); preparing it again.")
+        return _row(name, dest, "failed", error=f"ValueError: {marker_file} is malformed (expected the JSON object "
+                    "dbk prepare writes); delete the store to prepare this slide again.")
+    if overwrite:
         return None
     if marker.get("settings") == settings:
+        now, then = source_fingerprint(source), marker.get("source")
+        if isinstance(now, dict) and isinstance(then, dict) and now.get("digest") != then.get("digest"):
+            logger.info(f"prepare: {name}: its source changed since {dest} was prepared ({then.get('files')} files, "
+                        f"{then.get('bytes')} bytes -> {now['files']} files, {now['bytes']} bytes); preparing it "
+                        "again.")
+            return None
         return _row(name, dest, "skipped", n_tiles=marker.get("n_tiles"), n_genes=marker.get("n_genes"))
     old = marker.get("settings") or {}
     diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
@@ -365,9 +424,12 @@ def prepare(
     Each slide is read, its tissue found (:func:`dbk.pp.tissue_mask`), tiled and summed into its pseudo-bulk table
     (:func:`dbk.pp.prepare_slide`, checked as for training), its tiles embedded with a foundation model
     (:func:`dbk.tl.embed_tiles`), and it is written atomically to ``<out>/<name>.zarr``
-    (:func:`dbk.io.write_zarr`). A small JSON marker, ``dbk_prepare.json`` with the settings, is written last
-    inside the store: a rerun skips the slides whose marker holds the same settings, so a killed run resumes. A
-    slide that fails is reported (in the log and the returned table, with a traceback summary) and the others go on.
+    (:func:`dbk.io.write_zarr`). A small JSON marker, ``dbk_prepare.json`` with the settings and a fingerprint of
+    the source (path, file sizes and times), is written into the store before it is renamed into place: a rerun
+    skips the slides whose marker holds the same settings and source, so a killed run resumes; a store without the
+    marker is not dbk's and is never replaced (that slide fails). The output folder is checked to be writable before
+    any slide is read. A slide that fails is reported (in the log and the returned table, with a traceback summary)
+    and the others go on.
 
     Parameters
     ----------
@@ -428,8 +490,8 @@ def prepare(
 
     if not isinstance(fm, str):
         raise TypeError(f"fm must be a model name (each worker loads its own), got {type(fm).__name__}.")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out).expanduser()
+    _check_writable(out)
     settings = {"tile_size_um": float(tile_size_um), "fm": fm, "fm_size_px": int(fm_size_px), "tiles_key": tiles_key,
                 "table_key": table_key}
     jobs = _jobs(paths_or_slides, names, reader)
@@ -474,6 +536,20 @@ def prepare(
     logger.info(f"prepare: {counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
                 f"{counts.get('failed', 0)} failed -> {out}")
     return report
+
+
+def _check_writable(out: Path) -> None:
+    """Make ``out`` and check that a file can be created in it, before any slide is read."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dbk-write-check-", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(f"prepare: cannot write into {out} ({type(err).__name__}: {err}); no slide was read. "
+                              "Choose a folder you can write to.") from None
 
 
 def _describe(client) -> str:

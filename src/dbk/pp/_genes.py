@@ -35,7 +35,8 @@ def map_gene_names(
     mapping
         Old name -> new name: a dict or a :class:`pandas.Series` indexed by the old names, or the name of a ``var``
         column holding the new names (as scanpy's ``gene_symbols``, e.g. ``"gene_symbols"``, ``"feature_name"``).
-        Missing, NaN or empty new names leave a gene unmapped.
+        Missing, NaN or empty new names leave a gene unmapped. Ensembl ids match with or without their version
+        suffix (``ENSG00000141510.1`` in the table finds ``ENSG00000141510`` in the mapping; logged with the count).
     table_key
         The table of a SpatialData to rename; ``None``: ``"table"`` (the readers' table) if present, else the only
         table.

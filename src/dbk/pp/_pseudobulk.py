@@ -141,13 +141,21 @@ def pseudobulk(
     - ``uns["dbk"]["um_per_px"]``: the image's pixel size, when it has one (so :func:`dbk.tl.spatial_context` can
       put the tile centres in µm).
 
+    Raises
+    ------
+    ValueError
+        If the filters leave no gene (every feature a control probe with ``keep_controls=False``): the table would
+        have 0 genes; the message names the filter. Also for tiles with NaN, inverted or off-image bounds
+        (:func:`dbk.pp.tile_bounds`).
+
     Warns
     -----
     Through the ``"dbk"`` logger, naming the numbers, the extent of the points and the likely causes (x and y
     swapped, a wrong pixel size, another coordinate system): when more than 5% of the counts lie off the image
     (off the image is always suspicious), and when more than half of the counts on the image lie outside every tile
     (some is expected: grid tiles cover the tissue only). Also when the genes look like Ensembl ids (dbk matches
-    genes by symbol; see :func:`dbk.pp.map_gene_names`).
+    genes by symbol; see :func:`dbk.pp.map_gene_names`), and when no transcript passing the filters lies in a tile
+    (an all-zero table). Tiles partly outside the image are said by :func:`dbk.pp.tile_bounds`.
     """
     if source not in ("transcripts", "cells", "spots"):
         raise ValueError(f"source must be 'transcripts', 'cells' or 'spots', got {source!r}.")
@@ -274,6 +282,17 @@ def _gene_filter(names, genes: list[str] | None, keep_controls: bool) -> list[st
     return [n for n in names if keep_controls or not is_control_probe(n)]
 
 
+def _no_gene_left(what: str, controls: list[str], keep_controls: bool) -> None:
+    """Raise: the genes were all filtered out (the table would have 0 genes), naming the filter."""
+    if controls and not keep_controls:
+        raise ValueError(f"pseudobulk: every feature of {what} is a control probe ({len(controls)} features, e.g. "
+                         f"{controls[:5]}: names starting with {CONTROL_PREFIXES[:4]}...), and keep_controls=False "
+                         "drops them all, so the table would have 0 genes. Pass keep_controls=True to keep them as "
+                         "features, or give the expression of the genes.")
+    raise ValueError(f"pseudobulk: {what} name no gene, so the table would have 0 genes; check that the expression "
+                     "has gene names (gene_key= for transcripts).")
+
+
 def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, direct,
                       shape):
     if points_key not in sdata.points:
@@ -304,7 +323,14 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
                        "they lie in no tile and were not counted.")
     names = list(genes) if genes is not None else sorted(counter.index)
+    if not names:
+        _no_gene_left(f"the points {points_key!r} (column {gene_key!r})", sorted(counter.controls), keep_controls)
     counts = counter.result(names)
+    if counts.nnz == 0 and counter.n_counted == 0:
+        qv = f" passing min_qv={min_qv:g} (column {qv_key!r})" if use_qv else ""
+        logger.warning(f"pseudobulk: no transcript of {points_key!r}{qv} lies in a tile: the table of {len(names)} "
+                       f"genes x {len(bounds)} tiles is all zeros. Check the quality filter (min_qv=None keeps all) "
+                       "and that the points are in the image's coordinates.")
     if genes is not None:
         unseen = [g for g in genes if g not in counter.index] if not counter.fixed else [
             g for g, total in zip(names, np.asarray(counts.sum(axis=0)).ravel(), strict=True) if total == 0]
@@ -341,6 +367,7 @@ class _Counter:
         self.keep_controls = keep_controls
         self.index: dict[str, int] = {g: i for i, g in enumerate(genes)} if genes is not None else {}
         self.allowed: frozenset | None = None  # gene names a categorical cast of the points keeps (others are NaN)
+        self.controls: set[str] = set()  # control probes left out (keep_controls=False): named if no gene is left
         self.counts = np.zeros((self.n_tiles, _round_up(max(len(self.index), 1))), dtype=np.int32)
         self.flushed: np.ndarray | None = None  # int64, only once the table has taken > _FLUSH_AT increments
         self.seen = 0
@@ -364,7 +391,11 @@ class _Counter:
                     continue
                 g = self.index.get(name)
                 if g is None:
-                    if self.fixed or (not self.keep_controls and is_control_probe(name)):
+                    if self.fixed:
+                        continue
+                    if not self.keep_controls and is_control_probe(name):
+                        if len(self.controls) < 1000:
+                            self.controls.add(str(name))
                         continue
                     g = self.index[name] = len(self.index)
                 lut[j] = g
@@ -484,6 +515,9 @@ def _table_counts(table: ad.AnnData, element_key: str, genes, keep_controls):
     X = sp.csr_matrix(X)
     check_gene_names(table.var_names, f"table annotating {element_key!r}")
     names = _gene_filter(table.var_names, genes, keep_controls)
+    if not names:
+        _no_gene_left(f"the table annotating {element_key!r}",
+                      [str(g) for g in table.var_names if is_control_probe(g)], keep_controls)
     missing = [g for g in names if g not in table.var_names]
     if missing:
         raise KeyError(f"Genes not in the table annotating {element_key!r}: {missing[:10]}.")

@@ -185,16 +185,85 @@ def make_tiles(
 
 
 def tile_bounds(sdata: SpatialData, tiles_key: str = TILES_KEY) -> np.ndarray:
-    """``(n, 4)`` int64 array of ``x0, y0, x1, y1`` pixel bounds of the tiles (from their columns or polygons)."""
+    """``(n, 4)`` int64 array of ``x0, y0, x1, y1`` pixel bounds of the tiles (from their columns or polygons).
+
+    Raises
+    ------
+    KeyError
+        If there are no tiles ``tiles_key``.
+    ValueError
+        If a tile's bounds are NaN or infinite, empty or inverted (``x1 <= x0`` or ``y1 <= y0``), or lie wholly
+        outside the image the tiles were laid on, naming the tiles.
+
+    Warns
+    -----
+    Through the ``"dbk"`` logger, when tiles extend past the image (read as white glass, no expression there), with
+    their number and the fraction of their pixels outside.
+    """
     if tiles_key not in sdata.shapes:
         raise KeyError(
             f"No tiles {tiles_key!r} in sdata.shapes (available: {list(sdata.shapes)}); run dbk.pp.make_tiles first."
         )
     gdf = sdata.shapes[tiles_key]
     if all(c in gdf.columns for c in TILE_COLUMNS):
-        return gdf[list(TILE_COLUMNS)].to_numpy(dtype=np.int64)
-    b = gdf.geometry.bounds.to_numpy()
-    return np.rint(b).astype(np.int64)
+        raw = gdf[list(TILE_COLUMNS)].to_numpy(dtype=np.float64)
+        where = f"columns {list(TILE_COLUMNS)}"
+    else:
+        raw = gdf.geometry.bounds.to_numpy(dtype=np.float64)
+        where = "polygon bounds"
+    ids = np.asarray(gdf.index)
+    bad = ~np.isfinite(raw).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of the {len(raw)} tiles of {tiles_key!r} have NaN or infinite bounds "
+                         f"({where}), e.g. tiles {ids[bad][:5].tolist()}; drop or recompute them (dbk.pp.make_tiles).")
+    if all(c in gdf.columns for c in TILE_COLUMNS):
+        b = raw.astype(np.int64)
+    else:
+        b = np.rint(raw).astype(np.int64)
+    inverted = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    if inverted.any():
+        i = int(np.flatnonzero(inverted)[0])
+        first = ids[i : i + 1].tolist()[0]
+        raise ValueError(f"{int(inverted.sum())} of the {len(b)} tiles of {tiles_key!r} are empty or inverted (x1 <= "
+                         f"x0 or y1 <= y0 in {where}), e.g. tiles {ids[inverted][:5].tolist()}; tile {first!r} has "
+                         f"(x0, y0, x1, y1) = {tuple(int(v) for v in b[i])}.")
+    _check_tiles_in_image(sdata, gdf, tiles_key, b, ids)
+    return b
+
+
+_WARNED_OUTSIDE: set[tuple] = set()  # tiles past the image, warned about once per session (tile_bounds runs often)
+
+
+def _check_tiles_in_image(sdata: SpatialData, gdf, tiles_key: str, b: np.ndarray, ids: np.ndarray) -> None:
+    """Refuse tiles wholly outside the image they were laid on; warn (once) about tiles partly outside it."""
+    key = gdf.attrs.get("dbk", {}).get("image_key")
+    if key not in sdata.images:
+        key = next(iter(sdata.images)) if len(sdata.images) == 1 else None
+    if key is None or not len(b):
+        return
+    try:
+        _, h, w = image_shape(sdata, key)
+    except (KeyError, TypeError, ValueError):  # an image dbk cannot read says so where it is read
+        return
+    cx = np.clip(b[:, [0, 2]], 0, w)
+    cy = np.clip(b[:, [1, 3]], 0, h)
+    inside = (cx[:, 1] - cx[:, 0]) * (cy[:, 1] - cy[:, 0])
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    gone = inside == 0
+    if gone.any():
+        raise ValueError(f"{int(gone.sum())} of the {len(b)} tiles of {tiles_key!r} lie wholly outside image {key!r} "
+                         f"({h} x {w} px), e.g. tiles {ids[gone][:5].tolist()} (first bounds x0, y0, x1, y1 = "
+                         f"{tuple(int(v) for v in b[gone][0])}); are the tiles in the image's level-0 pixels?")
+    part = inside < area
+    if part.any():
+        frac = 1.0 - float(inside[part].sum()) / float(area[part].sum())
+        seen = (tiles_key, key, h, w, int(part.sum()), round(frac, 6), len(b))
+        if seen not in _WARNED_OUTSIDE:
+            _WARNED_OUTSIDE.add(seen)
+            logger.warning(f"{int(part.sum())} of the {len(b)} tiles of {tiles_key!r} extend past image {key!r} "
+                           f"({h} x {w} px): {frac:.1%} of their pixels lie outside it (read as white glass, with no "
+                           f"expression), e.g. tiles {ids[part][:5].tolist()}. dbk.pp.make_tiles lays tiles inside "
+                           "the image only.")
 
 
 def _tissue_fraction(sdata: SpatialData, tissue_key: str, x0: np.ndarray, y0: np.ndarray, size: int) -> np.ndarray:
@@ -226,6 +295,13 @@ def table_rows_to_tiles(sdata: SpatialData, table_key: str, tiles_key: str, tile
     if table_key not in sdata.tables:
         raise KeyError(f"No table {table_key!r} in sdata.tables; available: {list(sdata.tables)}.")
     adata = sdata.tables[table_key]
+    if adata.obs_names.has_duplicates:
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()
+        slide = f" of slide {sdata.attrs['sample']!r}" if sdata.attrs.get("sample") is not None else ""
+        raise ValueError(f"Table {table_key!r}{slide} has duplicate obs_names: {len(dup)} names are used by several "
+                         f"rows (e.g. {dup[:5].tolist()}); each tile needs its own row name (predictions and metrics "
+                         "are indexed by them). Make them unique first, e.g. table.obs_names_make_unique(), or "
+                         f"table.obs_names = table.obs[{INSTANCE_COL!r}].astype(str).")
     attrs = adata.uns.get("spatialdata_attrs", {})
     inst_col = attrs.get("instance_key", INSTANCE_COL)
     region_col = attrs.get("region_key", REGION_COL)

@@ -209,6 +209,9 @@ def benchmark(
                    pretrain_kwargs=pretrain_kwargs, fm_size_px=fm_size_px)
     seed = resolve_seed(random_state)
     raw_slides, names = as_slides(data)
+    from .._keys import check_named_keys_of_slides
+
+    check_named_keys_of_slides(raw_slides, names, tiles_key=tiles_key, table_key=table_key, where="benchmark")
     split_name, fold_plan = _plan_folds(split, names, raw_slides, patients=patients, split_kwargs=split_kwargs)
 
     # ---- the slides, prepared once --------------------------------------------------------------------------------
@@ -415,16 +418,13 @@ class _FoundationModel:
         return self._net
 
     def embed(self, sd, name: str, *, fm_size_px: int, tiles_key: str, table_key: str, batch_size: int) -> None:
-        """FM embeddings of the slide into ``obsm[key]``, unless it has them from the same model, size and tiles."""
+        """FM embeddings of the slide into ``obsm[key]``.
+
+        :func:`dbk.tl.embed_tiles` keeps embeddings of the same weights (a fingerprint, not the model's name),
+        preprocessing and tiles.
+        """
         from ._embed import embed_tiles
 
-        table = sd.tables[table_key]
-        rec = table.uns.get(UNS_KEY, {}).get("embeddings", {}).get(self.key, {})
-        if (self.key in table.obsm and len(table.obsm[self.key]) == table.n_obs and rec.get("model") == self.id
-                and rec.get("size_px") == int(fm_size_px) and rec.get("tiles_key") == tiles_key
-                and rec.get("target_um_per_px") is None):
-            logger.info(f"benchmark: slide {name!r}: keeping obsm[{self.key!r}] ({self.id}, {fm_size_px} px).")
-            return
         embed_tiles(sd, fm=self(), tiles_key=tiles_key, table_key=table_key, fm_size_px=fm_size_px,
                     batch_size=batch_size, accelerator=self.accelerator, key_added=self.key)
 

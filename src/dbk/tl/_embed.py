@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from .._constants import TILES_KEY, TILES_TABLE_KEY, UNS_KEY
 from .._logging import logger
 from .._settings import settings
-from .._utils import copy_sdata, is_sdata, renamed_kwargs
+from .._utils import copy_sdata, is_sdata, jsonable, renamed_kwargs
 from ..core._device import resolve_device  # the one resolver of accelerator= / device= (imported from here by tl)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,6 +24,75 @@ DEFAULT_MODEL = "efficientnet_lite0"
 _LITE0_ARCH = "tf_efficientnet_lite0"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
+#: Values sampled from each weight tensor by :func:`fm_fingerprint` (evenly spaced, all of a smaller tensor).
+_FINGERPRINT_VALUES = 64
+#: Words for the fields of the feature records (``uns["dbk"]["embeddings"]``, ``["diffusion_features"]``) in messages.
+_FIELD_WORDS = {"model": "model", "weights_fingerprint": "weights fingerprint", "size_px": "input size (px)",
+                "mean": "normalisation mean", "std": "normalisation std",
+                "target_um_per_px": "input resolution (µm/px)", "tiles_key": "tiles", "tile_size_um": "tile size (µm)",
+                "pretrainer_fingerprint": "stage-1 weights fingerprint", "sigma": "noise level sigma",
+                "random_state": "noise seed random_state", "use_ema": "use_ema", "levels": "levels", "pool": "pool"}
+
+
+def fm_fingerprint(net: torch.nn.Module) -> str:
+    """A short hash naming a network's weights (and forward), cheap for any model size.
+
+    Hashed: the class, its pooling (``global_pool``), and for every ``state_dict`` entry its name, shape, dtype and
+    :data:`_FINGERPRINT_VALUES` evenly spaced values (all of a smaller tensor), read in logical order so that the
+    memory format and the device do not change it. Two trainings or random initialisations of one architecture
+    differ in practically every value, so they get other fingerprints; the bytes read are a few hundred per tensor,
+    not the gigabytes of a large model.
+    """
+    h = hashlib.sha256()
+    pool = getattr(net, "global_pool", None)
+    h.update(f"{type(net).__name__}|{pool if isinstance(pool, str) else type(pool).__name__}".encode())
+    for k, v in net.state_dict().items():
+        if not torch.is_tensor(v):
+            continue
+        h.update(f"|{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        n = v.numel()
+        if n:
+            idx = np.unique(np.linspace(0, n - 1, min(n, _FINGERPRINT_VALUES)).round().astype(np.int64))
+            vals = torch.take(v.detach(), torch.as_tensor(idx, device=v.device))
+            h.update(vals.to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def module_data_config(net: torch.nn.Module, data_config: dict | None = None) -> dict:
+    """The data config a module is embedded with: the one :func:`load_foundation_model` gave it, else timm's."""
+    import timm
+
+    cfg = getattr(net, "dbk_data_config", None)
+    cfg = dict(cfg) if cfg else dict(timm.data.resolve_model_data_config(net))
+    cfg.update(data_config or {})
+    return cfg
+
+
+def embedding_mismatches(rec: dict, want: dict) -> list[tuple[str, Any, Any]]:
+    """``(field, recorded, expected)`` for each entry of ``want`` on which an embeddings record disagrees.
+
+    A field missing from the record reads as ``None`` (``"None"`` as h5ad stores it); numbers (and lists of them)
+    are compared with a relative tolerance of 1e-5, so a record read back from h5ad or zarr compares equal.
+    """
+    out = []
+    for k, v in want.items():
+        r, w = jsonable(rec.get(k)), jsonable(v)
+        if r == w:
+            continue
+        try:
+            a, b = np.asarray(r, np.float64), np.asarray(w, np.float64)
+            if a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=0.0):
+                continue
+        except (TypeError, ValueError):
+            pass
+        out.append((k, r, w))
+    return out
+
+
+def describe_mismatches(diff: list[tuple[str, Any, Any]]) -> str:
+    """``"weights fingerprint 'a1b2' (expected 'c3d4'), input size (px) 224 (expected 32)"``."""
+    return ", ".join(f"{_FIELD_WORDS.get(k, k)} {'none recorded' if r == 'None' else repr(r)} (expected {w!r})"
+                     for k, r, w in diff)
 
 
 def model_key(model: str) -> str:
@@ -224,6 +294,7 @@ def load_foundation_model(
     net.to(resolve_device(device, what="device"))
     net.dbk_pretrained = pretrained
     net.dbk_model = model
+    net.dbk_data_config = dict(cfg)
     return net, cfg
 
 
@@ -235,8 +306,12 @@ def _table_rows_to_tiles(*args, **kwargs):
 
 def _image_only_table(sdata: SpatialData, tiles_key: str, table_key: str) -> None:
     """An obs-only table (tiles x 0 genes) annotating the tiles, for slides without expression."""
+    from .._keys import check_named_keys
     from ..pp._tile_table import empty_tile_table  # geopandas: imported only for SpatialData inputs
 
+    # only the default table is made on demand: a misspelt table_key must not get the embeddings in a new table
+    check_named_keys(sdata, str(sdata.attrs.get("sample", "slide")), tiles_key=None, table_key=table_key,
+                     where="embed_tiles")
     table = empty_tile_table(sdata, tiles_key, table_key)
     logger.info(f"embed_tiles: no table {table_key!r}; made one with the {table.n_obs} tiles and no genes.")
 
@@ -337,8 +412,11 @@ def embed_tiles(
     key_added
         ``obsm`` key; default ``X_<model name>`` (e.g. ``X_efficientnet_lite0``, ``X_uni``).
     overwrite
-        Embed again even when ``obsm[key_added]`` already holds one row per tile from the same model, input size,
-        resolution and tiles (its record in ``uns["dbk"]["embeddings"]``); without it those are kept.
+        Embed again even when ``obsm[key_added]`` already holds one row per tile made with the same weights (their
+        fingerprint, :func:`fm_fingerprint`, not the model's name), input size, normalisation (mean / std),
+        resolution and tiles (its record in ``uns["dbk"]["embeddings"]``); without it those are kept. Embeddings
+        under that key made otherwise, or with no record (from another tool), or recorded by a dbk that did not
+        fingerprint the weights, are replaced, and the log says why (WARNING when the same name had other weights).
     copy
         Return a modified copy instead of changing ``sdata`` in place.
 
@@ -347,8 +425,10 @@ def embed_tiles(
     ``None``, or the copy when ``copy=True``. Writes to ``sdata.tables[table_key]``:
 
     - ``obsm[key_added]``: float32 (tiles x dim) embeddings, rows aligned with the table;
-    - ``uns["dbk"]["embeddings"][key_added]``: ``model`` (the FM's id), ``dim``, ``size_px`` (the input side),
-      ``pretrained`` and the tile geometry used (``target_um_per_px`` when given).
+    - ``uns["dbk"]["embeddings"][key_added]``: ``model`` (the FM's id), ``weights_fingerprint``
+      (:func:`fm_fingerprint`), ``dim``, ``size_px`` (the input side), ``mean`` / ``std`` (the normalisation),
+      ``pretrained`` and the tile geometry used (``tiles_key``, ``tile_size_um`` when the slide has a pixel size,
+      ``target_um_per_px`` when given).
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -363,18 +443,10 @@ def embed_tiles(
         raise ValueError(f"batch_size must be positive, got {batch_size!r}.")
     if copy:
         sdata = copy_sdata(sdata)
-    # the record keeps its key "target_um_per_px" (data contract), so embeddings made before stay reusable
-    want = {"tiles_key": tiles_key, "target_um_per_px": target_pixel_size_um}
-    if not overwrite and isinstance(fm, str) and fm_size_px is not None and _kept(
-            sdata, table_key, key_added or model_key(fm), {"model": fm, "size_px": int(fm_size_px), **want}):
-        return sdata if copy else None
     device = resolve_device(accelerator)
     if isinstance(fm, torch.nn.Module):
-        import timm
-
         net = fm.eval().to(device)
-        cfg = dict(timm.data.resolve_model_data_config(net))
-        cfg.update(data_config or {})
+        cfg = module_data_config(net, data_config)
         fm_id = str(getattr(net, "dbk_model", None) or getattr(net, "default_cfg", {}).get("architecture")
                     or type(net).__name__)
         pretrained = getattr(net, "dbk_pretrained", None)
@@ -387,8 +459,15 @@ def embed_tiles(
     if cfg.get("fixed_input_size") and size != int(cfg["input_size"][-1]):
         raise ValueError(f"Model {fm_id!r} takes {cfg['input_size'][-1]} px inputs only; pass fm_size_px="
                          f"{cfg['input_size'][-1]} (or model_kwargs={{'dynamic_img_size': True}} for a ViT).")
-    if not overwrite and _kept(sdata, table_key, key_added or model_key(fm_id), {"model": fm_id, "size_px": size,
-                                                                                 **want}):
+    # what makes the features these: the weights (fingerprint, not the name) and the preprocessing; the record keeps
+    # its key "target_um_per_px" (data contract)
+    want = {"model": fm_id, "weights_fingerprint": fm_fingerprint(net), "size_px": size,
+            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]], "tiles_key": tiles_key,
+            "target_um_per_px": None if target_pixel_size_um is None else float(target_pixel_size_um)}
+    tile_um = _tile_um(sdata, tiles_key)
+    if tile_um is not None:
+        want["tile_size_um"] = tile_um
+    if not overwrite and _kept(sdata, table_key, key_added or model_key(fm_id), want):
         return sdata if copy else None
     if table_key not in sdata.tables:
         _image_only_table(sdata, tiles_key, table_key)
@@ -405,17 +484,20 @@ def embed_tiles(
     adata.obsm[key] = emb.astype(np.float32, copy=False)
     record = {
         "model": fm_id,
+        "weights_fingerprint": want["weights_fingerprint"],
         "dim": int(emb.shape[1]),
         "size_px": size,
         "pretrained": "unknown" if pretrained is None else bool(pretrained),
         "tiles_key": tiles_key,
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
+        "mean": want["mean"],
+        "std": want["std"],
     }
     if arch is not None:
         record["arch"] = arch
     if target_pixel_size_um is not None:
         record["target_um_per_px"] = float(target_pixel_size_um)
+    if tile_um is not None:
+        record["tile_size_um"] = tile_um
     uns = adata.uns.setdefault(UNS_KEY, {})
     uns.setdefault("embeddings", {})[key] = record
     logger.info(f"embed_tiles: {emb.shape[0]} tiles x {emb.shape[1]} ({fm_id}, {size} px) -> "
@@ -423,16 +505,46 @@ def embed_tiles(
     return sdata if copy else None
 
 
+def _tile_um(sdata, tiles_key: str) -> float | None:
+    """The tiles' median side in µm (rounded to 1e-4), ``None`` when the slide has no pixel size."""
+    from ..pp._prepare import tile_size_um  # geopandas: imported only for SpatialData inputs
+
+    size = tile_size_um(sdata, tiles_key)
+    return None if size is None or not np.isfinite(size) else round(float(size), 4)
+
+
 def _kept(data, table_key: str, key: str, want: dict) -> bool:
-    """Whether the table already has embeddings ``obsm[key]`` of every tile made as ``want`` says (logged if so)."""
+    """Whether the table already has embeddings ``obsm[key]`` of every tile made as ``want`` says.
+
+    Kept embeddings are logged (INFO); embeddings under ``key`` that are replaced are logged with the reason: at
+    WARNING when they carry this model's name but other weights (its fingerprint differs), else at INFO.
+    """
     if table_key not in data.tables:
         return False
     a = data.tables[table_key]
-    rec = a.uns.get(UNS_KEY, {}).get("embeddings", {}).get(key, {})
-    same = {k: rec.get(k) for k in want} == {k: (float(v) if k == "target_um_per_px" and v is not None else v)
-                                             for k, v in want.items()}
-    if key in a.obsm and len(a.obsm[key]) == a.n_obs and same:
-        logger.info(f"embed_tiles: slide {str(data.attrs.get('sample', 'slide'))!r}: keeping obsm[{key!r}] (same "
-                    f"model {want['model']!r}, {want['size_px']} px and tiles; overwrite=True embeds again).")
+    if key not in a.obsm:
+        return False
+    slide = str(data.attrs.get("sample", "slide"))
+    rec = a.uns.get(UNS_KEY, {}).get("embeddings", {}).get(key)
+    if rec is None:
+        logger.info(f"embed_tiles: slide {slide!r}: obsm[{key!r}] has no record in uns[{UNS_KEY!r}]['embeddings'] "
+                    f"(features from elsewhere); replacing them with {want['model']!r} embeddings.")
+        return False
+    diff = embedding_mismatches(rec, want)
+    if len(a.obsm[key]) != a.n_obs:
+        diff.append(("rows", len(a.obsm[key]), a.n_obs))
+    if not diff:
+        logger.info(f"embed_tiles: slide {slide!r}: keeping obsm[{key!r}] (same model {want['model']!r}: weights "
+                    f"fingerprint {want['weights_fingerprint']}, {want['size_px']} px, normalisation and tiles; "
+                    "overwrite=True embeds again).")
         return True
+    other_weights = any(k == "weights_fingerprint" and r != "None" for k, r, _ in diff)
+    if other_weights:
+        logger.warning(f"embed_tiles: slide {slide!r}: obsm[{key!r}] holds embeddings of other weights than this "
+                       f"{want['model']!r} (recorded model {str(rec.get('model'))!r}; {describe_mismatches(diff)}); "
+                       "they are not this model's features: embedding again.")
+    else:
+        why = "no weights fingerprint is recorded (made by an older dbk)" if not any(
+            k != "weights_fingerprint" for k, _, _ in diff) else describe_mismatches(diff)
+        logger.info(f"embed_tiles: slide {slide!r}: embedding again into obsm[{key!r}]: {why}.")
     return False

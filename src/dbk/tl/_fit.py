@@ -135,7 +135,8 @@ def fit_diffbulk(
         fitted once on the remaining training tiles and evaluated on the held-out ones, then refitted on all
         training tiles for the returned model.
     tiles_key, table_key
-        Tiles and their table.
+        Tiles and their table. The defaults are made where missing; a key given otherwise must exist on every slide
+        (a typo raises ``KeyError`` naming the slide and its keys, instead of making a second table).
     batch_size
         Tiles per forward pass of the feature extractors.
     accelerator
@@ -196,6 +197,10 @@ def fit_diffbulk(
                    batch_size=batch_size, pretrain_kwargs=pretrain_kwargs, tile_size_um=tile_size_um,
                    context_um=context_um, preset=preset if pretrainer is None else None, accelerator=accelerator,
                    patients=patients)
+    from .._keys import check_named_keys_of_slides
+    from ..pp._prepare import as_slides
+
+    check_named_keys_of_slides(*as_slides(data), tiles_key=tiles_key, table_key=table_key, where="fit_diffbulk")
     random_state = resolve_seed(random_state)
     timings: dict[str, float] = {}
     with _timed(timings, "prepare_s"):

@@ -430,7 +430,8 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
     """What a fit leaves behind: the model's ``config`` and the ``results`` for ``uns[key_added]``.
 
     ``results`` holds ``params`` (the settings), ``history`` (stage 1 and head curves) and ``training_metrics``
-    (:func:`training_metrics`); ``config`` the genes, tile geometry, feature layouts, head state and training
+    (:func:`training_metrics`); ``config`` the genes, tile geometry, feature layouts (the FM's weights
+    ``fingerprint`` and normalisation ``mean`` / ``std``: which features the head expects), head state and training
     statistics a saved model needs; ``slide_checks`` (:func:`dbk.tl._slide_checks.training_record`: the training
     slides' pixel sizes and tile colours, which :meth:`DiffBulk.predict` compares new slides with) joins
     ``config["train"]``.
@@ -440,9 +441,13 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
     from ..core._scaler import INPUT_CLIP
     from ._diffusion_features import pretrainer_fingerprint
     from ._effective_rank import effective_rank, rank_record
+    from ._embed import fm_fingerprint, module_data_config
     from ._head_base import targets
 
     head = fitted.head
+    fm_cfg = module_data_config(fm.net)  # the features the head expects: these weights, this preprocessing
+    fm_features = {"fingerprint": fm_fingerprint(fm.net), "mean": [float(v) for v in fm_cfg["mean"]],
+                   "std": [float(v) for v in fm_cfg["std"]]}
     mean, var = gene_stats(train, genes)
     hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
     metrics = training_metrics(train, genes, fitted, hvg, fm_key=fm.key, timings=timings)
@@ -458,7 +463,8 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
         "fusion": fusion,
         "context_um": context,
         "fm": {"id": fm.id, "key": fm.key, "size_px": fm.size_px, "dim": int(train.obsm[fm.key].shape[1])
-               // (1 if context is None else 2), "kwargs": fm.kwargs, "timm_arch": fm.timm_arch},
+               // (1 if context is None else 2), "kwargs": fm.kwargs, "timm_arch": fm.timm_arch,
+               **fm_features},
         "diffusion": {"key": DIFF_FEATURES_KEY, "dim": int(features["dim"]), "levels": list(features["levels"]),
                       "dims": list(features["dims"]), "pool": pool, "sigma": float(sigma),
                       "random_state": random_state, "use_ema": True,

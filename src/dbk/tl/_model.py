@@ -274,7 +274,11 @@ class DiffBulk:
         expression keeps its table; the predictions are added beside the truth, ready for :func:`dbk.tl.evaluate`.
 
         On an AnnData tile table that already holds both feature sets (``obsm`` keys :attr:`fm_key` and
-        :attr:`diff_key`, e.g. from :meth:`features`), only the head runs.
+        :attr:`diff_key`, e.g. from :meth:`features`), only the head runs. Their records in ``uns["dbk"]`` must
+        name this model's feature settings (FM weights fingerprint, input size, normalisation and resolution;
+        stage-1 weights, noise level, seed, levels, pooling): features made otherwise are refused with a ValueError
+        (the table has no images to recompute them from; a SpatialData recomputes them). Features without a record
+        (from another tool) are taken as given, and ``uns["dbk"]["predict"]["features"]`` says ``"user-supplied"``.
 
         Parameters
         ----------
@@ -300,9 +304,9 @@ class DiffBulk:
         DataFrame for a tile table (AnnData), as the heads' ``predict`` returns. Writes to
         the tile table ``obsm[key_added]``, a DataFrame (tiles x :attr:`genes`, float32, index the table's
         ``obs_names``), the features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model
-        summary and settings; ``slide_checks``: the slide's pixel size, tile colours and clipped features against the
-        training slides', each with its numbers and ``ok``; a slide unlike them is warned about, see
-        ``docs/reliability.md``).
+        summary and settings; ``features``: each feature key's source and weights fingerprint; ``slide_checks``:
+        the slide's pixel size, tile colours and clipped features against the training slides', each with its
+        numbers and ``ok``; a slide unlike them is warned about, see ``docs/reliability.md``).
         """
         check_batch_size(batch_size)
         if accelerator is not None:
@@ -316,9 +320,11 @@ class DiffBulk:
                 raise KeyError(f"The table lacks the features obsm{missing}; pass the SpatialData (with the H&E) so "
                                "that they are computed, or run model.features(sdata) first.")
             name = "the table"
+            sources = self._check_table_features(adata)  # no images here: features made otherwise are refused
             checks = self._check_slide(name, px=adata.uns.get(UNS_KEY, {}).get(UM_PER_PX_KEY))
             df = self._head_predict(adata, key_added, name=name, checks=checks)
             self._record(adata, key_added, tiles_key, checks)
+            adata.uns[UNS_KEY]["predict"]["features"] = sources
             return adata if copy else df
         if not is_sdata(data):
             raise TypeError(f"predict expects a SpatialData (or a tile table), got {type(data).__name__}.")
@@ -336,9 +342,89 @@ class DiffBulk:
         adata = sdata.tables[table_key]
         df = self._head_predict(adata, key_added, name=name, checks=checks)
         self._record(adata, key_added, tiles_key, checks)
+        adata.uns[UNS_KEY]["predict"]["features"] = self._feature_sources(adata)
         logger.info(f"predict: {df.shape[0]} tiles x {df.shape[1]} genes -> sdata.tables[{table_key!r}]"
                     f".obsm[{key_added!r}].")
         return sdata if copy else None
+
+    def _expected_features(self) -> tuple[dict, dict]:
+        """The record fields the FM embeddings and the diffusion features of this model's head must have.
+
+        The FM weights fingerprint and normalisation are those the model's config records (fit with dbk >= the
+        fingerprinting one), else those of the loaded :attr:`fm`; the diffusion settings are the config's.
+        """
+        from ._diffusion_features import pretrainer_fingerprint
+        from ._embed import fm_fingerprint, module_data_config
+
+        f, d = self.config["fm"], self.config["diffusion"]
+        cfg = module_data_config(self.fm) if f.get("mean") is None or f.get("std") is None else {}
+        fm_want = {"weights_fingerprint": f.get("fingerprint") or fm_fingerprint(self.fm),
+                   "size_px": int(f["size_px"]), "mean": list(f.get("mean") or cfg["mean"]),
+                   "std": list(f.get("std") or cfg["std"]), "target_um_per_px": None}
+        use_ema = bool(d.get("use_ema", True))
+        diff_want = {"pretrainer_fingerprint": d.get("pretrainer_fingerprint")
+                     or pretrainer_fingerprint(self.pretrainer, use_ema), "sigma": float(d["sigma"]),
+                     "random_state": int(d["random_state"]), "use_ema": use_ema, "levels": list(d["levels"]),
+                     "pool": str(d["pool"])}
+        return fm_want, diff_want
+
+    def _check_table_features(self, adata: ad.AnnData) -> dict:
+        """Refuse a tile table whose features were recorded as made otherwise than the model's; say their source.
+
+        The records ``uns["dbk"]["embeddings"][fm_key]`` and ``uns["dbk"]["diffusion_features"][diff_key]`` are
+        compared with :meth:`_expected_features`: any difference (other FM weights, input size, normalisation or
+        resolution; other stage-1 weights, noise level, seed, levels or pooling) raises a ValueError naming the key,
+        the recorded and the expected value. Features without a record (user-supplied) are taken as given and said
+        so (INFO); an FM record of a dbk that did not fingerprint weights is checked on the model name and settings
+        and its weights said to be unverified (WARNING). Returns ``{key: {"source": "dbk" | "user-supplied" |
+        "dbk, weights unverified", ...}}`` for ``uns["dbk"]["predict"]["features"]``.
+        """
+        from ._embed import describe_mismatches, embedding_mismatches
+
+        fm_want, diff_want = self._expected_features()
+        uns = adata.uns.get(UNS_KEY, {})
+        out = {}
+        for key, what, group, want in ((self.fm_key, "foundation-model embeddings", "embeddings", fm_want),
+                                       (self.diff_key, "diffusion features", "diffusion_features", diff_want)):
+            rec = (uns.get(group) or {}).get(key)
+            if rec is None:
+                logger.info(f"predict: obsm[{key!r}] has no record in uns[{UNS_KEY!r}][{group!r}]: user-supplied "
+                            f"{what}, taken as given; they must be made as the model's are "
+                            f"({', '.join(f'{k}={v!r}' for k, v in want.items())}).")
+                out[key] = {"source": "user-supplied"}
+                continue
+            want = dict(want)
+            source = "dbk"
+            if group == "embeddings" and rec.get("weights_fingerprint") is None:  # recorded by an older dbk
+                want.pop("weights_fingerprint")
+                want["model"] = self.fm_id
+                source = "dbk, weights unverified"
+            diff = embedding_mismatches(rec, want)
+            if diff:
+                raise ValueError(
+                    f"predict: the table's {what} obsm[{key!r}] were made otherwise than this model's: "
+                    f"{describe_mismatches(diff)}. The head would read other numbers than it was trained on; pass "
+                    "the SpatialData with the H&E image instead (predict then computes the model's own features), "
+                    "or run model.features(sdata) and predict on its table.")
+            if source != "dbk":
+                logger.warning(f"predict: obsm[{key!r}] was recorded by a dbk that did not fingerprint the foundation "
+                               f"model's weights: its model name {self.fm_id!r} and settings match, but whether its "
+                               "weights are this model's cannot be checked.")
+            tile = rec.get("tile_size_um")
+            if tile is not None and abs(float(tile) / self.tile_size_um - 1) > 0.02:
+                logger.warning(f"predict: obsm[{key!r}] was made from {float(tile):g} µm tiles, the model was trained "
+                               f"on {self.tile_size_um:g} µm tiles; predictions on other tile sizes are not what it "
+                               "learned.")
+            out[key] = {"source": source, **{k: v for k, v in want.items() if k.endswith("fingerprint")}}
+        return out
+
+    def _feature_sources(self, adata: ad.AnnData) -> dict:
+        """Provenance of the features :meth:`features` just made or kept (with the model's weights): their records."""
+        uns = adata.uns.get(UNS_KEY, {})
+        fm = (uns.get("embeddings") or {}).get(self.fm_key) or {}
+        diff = (uns.get("diffusion_features") or {}).get(self.diff_key) or {}
+        return {self.fm_key: {"source": "dbk", "weights_fingerprint": str(fm.get("weights_fingerprint"))},
+                self.diff_key: {"source": "dbk", "pretrainer_fingerprint": str(diff.get("pretrainer_fingerprint"))}}
 
     def _check_slide(self, name: str, *, px: float | None, sdata=None, tiles_key: str = TILES_KEY) -> dict:
         """The slide against the training slides: pixel size, and tile colours when ``sdata`` is given.
@@ -451,11 +537,15 @@ class DiffBulk:
         from ._diffusion_features import pretrainer_fingerprint
         from ._embed import resolve_device
 
-        path = Path(path)
+        path = Path(os.path.expanduser(os.fspath(path)))
         cfg_path = path / "config.json"
-        config = read_model_folder(path, format=FORMAT, format_version=FORMAT_VERSION, what="DiffBulk model")
-        if _HEAD_FILE not in config.get("sha256", {}):
-            raise ValueError(f"{cfg_path} lists no checksums; the folder is incomplete or was not written by save().")
+        needed = [_HEAD_FILE, _HISTORY_FILE, *(f"{_PRETRAINER_DIR}/{f}" for f in _PRETRAINER_FILES)]
+        config = read_model_folder(path, format=FORMAT, format_version=FORMAT_VERSION, what="DiffBulk model",
+                                   required=needed)
+        _check_config(cfg_path, config)
+        if config["fm"].get("weights_saved") and _FM_FILE not in config["sha256"]:
+            raise ValueError(f"{cfg_path} lists no checksum for {_FM_FILE}: every file a DiffBulk model needs must "
+                             "be listed (the folder is incomplete, was edited, or was not written by save()).")
         try:
             genes = [str(g) for g in config["genes"]]
             hcfg, fcfg, dcfg = config["head"], config["fm"], config["diffusion"]
@@ -501,7 +591,68 @@ class DiffBulk:
         return model
 
 
+_PRETRAINER_FILES = ("config.json", "model.safetensors", "ema.safetensors", "history.json")
+MAX_GENES = 1_000_000  # more genes than any panel or transcriptome: a corrupt config
+
+
+def _bad(cfg_path: Path, key: str, value, expected: str) -> ValueError:
+    shown = repr(value)
+    return ValueError(f"{cfg_path}: {key} is {shown[:80] + '...' if len(shown) > 80 else shown}; expected "
+                      f"{expected}.")
+
+
+def _positive_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_config(cfg_path: Path, config: dict) -> None:
+    """Types, ranges and sizes of what :meth:`DiffBulk.load` builds from, before anything is built."""
+    genes = config.get("genes")
+    if not isinstance(genes, list) or not all(isinstance(g, str) and g for g in genes):
+        raise _bad(cfg_path, "genes", genes, "a list of gene names (non-empty strings)")
+    if not 0 < len(genes) <= MAX_GENES:
+        raise _bad(cfg_path, "genes", f"<{len(genes)} genes>", f"1 to {MAX_GENES:,} genes")
+    if not _positive_number(config.get("tile_size_um")):
+        raise _bad(cfg_path, "tile_size_um", config.get("tile_size_um"), "a finite number of µm > 0")
+    if config.get("context_um") is not None and not _positive_number(config["context_um"]):
+        raise _bad(cfg_path, "context_um", config["context_um"], "null or a finite number of µm > 0")
+    for key in ("fm", "diffusion", "head"):
+        if not isinstance(config.get(key), dict):
+            raise _bad(cfg_path, key, config.get(key), "a mapping")
+    fm = config["fm"]
+    if not isinstance(fm.get("id"), str):
+        raise _bad(cfg_path, "fm.id", fm.get("id"), "the foundation model's name")
+    size = fm.get("size_px")
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+        raise _bad(cfg_path, "fm.size_px", size, "an integer from 8 to 4096")
+    dim = config["diffusion"].get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= 1 << 20:
+        raise _bad(cfg_path, "diffusion.dim", dim, "a positive integer")
+    dims = config["head"].get("dims")
+    if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20
+                                             for d in dims):
+        raise _bad(cfg_path, "head.dims", dims, "a list of positive integers (the feature widths)")
+
+
 def _load_fm(fcfg: dict, path: Path, device) -> torch.nn.Module:
+    net = _load_fm_weights(fcfg, path, device)
+    want = fcfg.get("fingerprint")
+    if want is not None:
+        from ._embed import fm_fingerprint
+
+        got = fm_fingerprint(net)
+        if got != want:
+            raise ValueError(
+                f"{path}: the foundation model {fcfg['id']!r} loaded here has other weights than the one the model "
+                f"was fitted on (weights fingerprint {got}, recorded {want}): another checkpoint or revision under "
+                "the same name, whose features the head was not trained on. Load the weights the model was fitted "
+                "with (the same hub revision or local checkpoint), or fit the model again on these.")
+    return net
+
+
+def _load_fm_weights(fcfg: dict, path: Path, device) -> torch.nn.Module:
     from ._embed import load_foundation_model
 
     kwargs = dict(fcfg.get("kwargs") or {})
@@ -519,6 +670,13 @@ def _load_fm(fcfg: dict, path: Path, device) -> torch.nn.Module:
         net.dbk_pretrained, net.dbk_model = False, fcfg["id"]
         return net
     net, _ = load_foundation_model(fcfg["id"], device=device, **kwargs)
+    if not getattr(net, "dbk_pretrained", True):
+        raise ValueError(
+            f"{path}: the model was fitted on the pretrained weights of the foundation model {fcfg['id']!r}, which "
+            "are not available here (offline, not in the timm / Hugging Face cache, or access not granted); with "
+            "random weights its predictions would be meaningless. Make the weights available (download them once "
+            "with network access, e.g. dbk.tl.load_foundation_model(" + repr(fcfg["id"]) + "), or copy the HF cache "
+            "to this machine) and load again.")
     return net
 
 
