@@ -218,6 +218,11 @@ def test_a_checkpoint_of_other_data_is_refused_unless_forced(tmp_path, dbk_log):
     fresh = dbk.tl.fit_pretrainer(_arrays("slideB", 1), max_steps=1, checkpoint_dir=tmp_path / "new", resume=False,
                                   **kw)
     assert fresh.step == 1
+    # resume=False into a folder holding an earlier run is refused: its newer checkpoints would outlive the new run's
+    kept = sorted(p.name for p in ck.iterdir())
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run .*needs an empty folder"):
+        dbk.tl.fit_pretrainer(_arrays("slideB", 1), max_steps=1, checkpoint_dir=ck, resume=False, **kw)
+    assert sorted(p.name for p in ck.iterdir()) == kept  # nothing deleted
     dbk_log.clear()
     forced = dbk.tl.fit_pretrainer(_arrays("slideB", 1), max_steps=4, checkpoint_dir=ck, resume="force", **kw)
     assert forced.step == 4 and "on other data than it was trained on" in dbk_log.text

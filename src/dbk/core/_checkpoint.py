@@ -75,7 +75,7 @@ def _read_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types on truncated or foreign files
         raise ValueError(f"Checkpoint {path} is unreadable or corrupt ({err}); delete it to resume from the "
-                         "previous one, or use resume=False.") from None
+                         "previous one, or train from scratch into another checkpoint_dir.") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a dbk pretrainer checkpoint.")
     return state
@@ -133,7 +133,7 @@ class _CheckpointMixin:
         if arch != mine:
             diff = sorted(k for k in mine if arch.get(k) != mine[k])
             raise ValueError(f"Checkpoint {path} was written by a different model (differs in {diff}); use another "
-                             "checkpoint_dir or resume=False.")
+                             "checkpoint_dir.")
         if state["seed"] != seed:
             logger.warning(f"Resuming {path} written with random_state={state['seed']} using {seed}.")
         values, mine = state.get("values_fingerprint", "None"), str(getattr(self, "_values_fingerprint", None))

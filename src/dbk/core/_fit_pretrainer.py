@@ -80,8 +80,9 @@ def fit_pretrainer(
         history) when it is a run on the same data (same slide names, tile counts and genes: the data fingerprint,
         the same in every process); a checkpoint of other data is refused with a ValueError naming the file, since
         resuming it would return (or continue) the other data's stage-1 model. ``"force"``: resume it anyway,
-        continuing that run on this data (warned). ``False``: ignore the checkpoints and train from scratch (use an
-        empty ``checkpoint_dir``: the two newest checkpoints in the folder are kept, whichever run wrote them).
+        continuing that run on this data (warned). ``False``: train from scratch, into an empty (or new)
+        ``checkpoint_dir``; a folder holding checkpoints of an earlier run is refused (its newest checkpoints by step
+        would be kept and the new run's dropped), and dbk does not delete them for you.
     unlabeled_tiles_key
         Shapes element of extra tiles without profiles (e.g. a dense overlapping grid) trained unconditionally.
     table_key

@@ -248,6 +248,12 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         fingerprint = dataset.fingerprint()
         # the profiles' values too (names, counts and genes alike do not make the same data); written to checkpoints
         self._values_fingerprint = None if ckpt_dir is None else data_values_fingerprint(dataset)
+        if ckpt_dir is not None and not resume and latest_checkpoint(ckpt_dir) is not None:
+            # the folder keeps its newest checkpoints by step: a new run's lower steps would be the ones dropped
+            raise ValueError(f"checkpoint_dir {ckpt_dir} holds checkpoints of an earlier run (the latest "
+                             f"{latest_checkpoint(ckpt_dir).name}); resume=False trains from scratch, which needs an "
+                             "empty folder: give another checkpoint_dir (dbk does not delete that run's checkpoints), "
+                             "or resume=True to continue it.")
         if ckpt_dir is not None and resume:
             latest = latest_checkpoint(ckpt_dir)
             if latest is not None:
