@@ -231,3 +231,27 @@ def test_fit_fusion_head_neural_inputs_are_scaled_once(slides):
     tr = fitted.split[0]
     z = fitted.scalers[0].transform(np.asarray(train.obsm["X_a"])[tr])
     np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-6)  # fitted on the head's own training split
+
+
+def test_cpu_default_does_not_train_stage1_and_says_so(slides, caplog):
+    from dbk.tl._fit_steps import CPU_DEFAULT_NOTE, cpu_default_untrained
+
+    s, _ = slides
+    genes = list(s[0].tables["dbk_table"].var_names[:8])
+    assert cpu_default_untrained("auto", None, "cpu")
+    assert not cpu_default_untrained("auto", 50, "cpu") and not cpu_default_untrained("cpu-small", None, "cpu")
+    with caplog.at_level(logging.INFO, logger="dbk"):
+        model = train_stage1(s, genes, preset="auto", steps=None, random_state=0, tiles_key="dbk_tiles",
+                             table_key="dbk_table", accelerator="cpu")
+    assert model.step == 0 and not model.history and model.preset.name == "cpu-small"  # not one step trained
+    assert "does not train stage 1" in caplog.text and "did not beat that untrained U-Net" in caplog.text
+    # the cpu-small U-Net at its seeded initialisation: the same weights the benchmark's untrained control uses
+    control = train_stage1(s, genes, preset="auto", steps=0, random_state=0, tiles_key="dbk_tiles",
+                           table_key="dbk_table", accelerator="cpu")
+    for (k, a), (_, b) in zip(model.net.state_dict().items(), control.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    # asking for steps trains them, also on a CPU
+    trained = train_stage1(s, genes, preset="auto", steps=2, random_state=0, tiles_key="dbk_tiles",
+                           table_key="dbk_table", accelerator="cpu")
+    assert trained.step == 2
+    assert "200 and 500 CPU steps" in CPU_DEFAULT_NOTE

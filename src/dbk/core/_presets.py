@@ -209,7 +209,9 @@ THROUGHPUT: dict[tuple[str, str], dict] = {
 _EAGER_PEAK_GIB = {"gpu": 47.0}
 
 
-AUTO_CPU_STEPS = 200  # preset="auto" on a CPU: cpu-small for about 4 min on 2 cores (THROUGHPUT)
+# fit_pretrainer(preset="auto") on a CPU: cpu-small for about 4 min on 2 cores (THROUGHPUT); fit_diffbulk's defaults
+# train no stage 1 on a CPU (tl._fit_steps.CPU_DEFAULT_NOTE: 200 and 500 steps did not beat the untrained U-Net)
+AUTO_CPU_STEPS = 200
 
 
 def auto_preset(accelerator: str = "auto") -> str:

@@ -124,7 +124,10 @@ def benchmark(
         value used is in ``attrs["info"]``).
     pretrain_steps, preset, pretrain_kwargs
         Stage-1 training of the DiffBulk methods (:func:`dbk.tl.fit_pretrainer`: ``max_steps``, ``preset`` and
-        its other arguments or preset overrides, e.g. ``{"image_size": 32}``).
+        its other arguments or preset overrides, e.g. ``{"image_size": 32}``). The benchmark trains stage 1 also on a
+        CPU (``preset="auto"``: ``cpu-small`` x 200 steps), where ``fit_diffbulk``'s default does not: there
+        ``diffbulk_untrained`` is what ``fit_diffbulk`` gives with its defaults, and ``diffbulk`` shows what training
+        adds.
     checkpoint_dir
         Stage-1 checkpoints of each fold under ``checkpoint_dir/<fold>`` (resumed when present; use a new folder
         when the slides, genes or stage-1 settings change).

@@ -83,9 +83,11 @@ def fit_diffbulk(
     fm_kwargs
         Extra arguments of :func:`dbk.tl.load_foundation_model` (``arch``, ``model_kwargs``, ``data_config``).
     preset
-        Stage-1 preset: ``"auto"`` (``"gpu"`` when training on CUDA, else ``"cpu-small"`` shortened to a few
-        minutes), ``"cpu-small"`` (64 px, a CPU), ``"gpu"`` (128 px, one GPU), ``"paper"`` (224 px), ``"tiny"``
-        (tests, demos).
+        Stage-1 preset: ``"auto"`` (``"gpu"`` when training on CUDA; on a CPU ``"cpu-small"`` *not trained*, unless
+        ``pretrain_steps`` is given: on her2st, 200 and 500 CPU steps did not beat the untrained U-Net, so the CPU
+        default spends no minutes on them; the fit's log and ``uns[key_added]["params"]["stage1_note"]`` say so),
+        ``"cpu-small"`` (64 px, a CPU: 1,000 steps when named), ``"gpu"`` (128 px, one GPU),
+        ``"paper"`` (224 px), ``"tiny"`` (tests, demos).
     fusion
         ``"auto"`` (default): the head chosen by inner cross-validation over the training slides (``head_cv``
         folds, grouped by slide) among reduced-rank ridge heads (``fusion="ridge", rank="auto"``, early- and
@@ -115,8 +117,9 @@ def fit_diffbulk(
         A fitted :class:`~dbk.tl.DiffusionPretrainer` (or its saved folder) to use instead of training stage 1,
         e.g. one shared by several methods of a benchmark. Train it on training slides only.
     pretrain_steps
-        Stage-1 optimizer steps (the preset's when ``None``); ``0``: no training, the diffusion features come from the
-        U-Net at its seeded initialisation (the ``diffbulk_untrained`` control of :func:`dbk.tl.benchmark`).
+        Stage-1 optimizer steps (the preset's when ``None``; with ``preset="auto"`` on a CPU, ``None`` means ``0``);
+        ``0``: no training, the diffusion features come from the U-Net at its seeded initialisation (the
+        ``diffbulk_untrained`` control of :func:`dbk.tl.benchmark`).
     pretrain_kwargs
         Other arguments of :func:`dbk.tl.fit_pretrainer` (``batch_size``, ``lr``, preset overrides such as
         ``image_size``).
@@ -176,8 +179,10 @@ def fit_diffbulk(
     """
     from ..pp._prepare import prepare_slides, train_view
     from ._fit_steps import (
+        CPU_DEFAULT_NOTE,
         add_diffusion_features,
         choose_genes,
+        cpu_default_untrained,
         embed_slides,
         fit_fusion_head,
         fit_record,
@@ -216,6 +221,8 @@ def fit_diffbulk(
                      device=device)
     if split_key is not None:  # the model sees the training tiles only; all tiles are predicted at the end
         full, slides = slides, [train_view(sd, split_key, tiles_key, table_key) for sd in slides]
+    stage1_note = CPU_DEFAULT_NOTE if pretrainer is None and cpu_default_untrained(preset, pretrain_steps,
+                                                                                 accelerator) else None
     with _timed(timings, "stage1_s"):
         pretrainer = train_stage1(slides, genes, pretrainer=pretrainer, preset=preset, steps=pretrain_steps,
                                   random_state=random_state, checkpoint_dir=checkpoint_dir, tiles_key=tiles_key,
@@ -246,7 +253,8 @@ def fit_diffbulk(
     record = fit_record(train, genes, names, fm=fm, pretrainer=pretrainer, features=drec, fitted=fitted,
                         timings=timings, fusion=head_fusion, context_um=context_um, sigma=sigma, pool=pool,
                         random_state=random_state, tile_size_um=tile_um, key_added=key_added, selection=selection,
-                        fusion_requested=fusion, slide_checks=training_record(slides, names, tiles_key=tiles_key))
+                        fusion_requested=fusion, slide_checks=training_record(slides, names, tiles_key=tiles_key),
+                        stage1_note=stage1_note)
     model = DiffBulk(pretrainer=pretrainer, head=fitted.head, fm=fm.net, config=record["config"],
                      scalers=fitted.scalers)
     write_back(slides, names, fitted.pred, table_key=table_key, key_added=key_added, results=record["results"])

@@ -91,6 +91,26 @@ def embed_slides(slides: list, fm: FoundationModel, *, tiles_key: str, table_key
                     batch_size=batch_size, accelerator=device, key_added=fm.key)
 
 
+CPU_DEFAULT_NOTE = (
+    "on a CPU, preset='auto' does not train stage 1: the diffusion features come from the cpu-small U-Net at its "
+    "seeded initialisation. On her2st (six held-out sections, 785 genes) 200 and 500 CPU steps of training did not "
+    "beat that untrained U-Net (the 95% interval of the paired difference over the sections includes 0; see the "
+    "benchmarks page of the docs), so the default spends no minutes on it. pretrain_steps=N trains N steps anyway "
+    "(cpu-small: about N x 16 / 14.6 s on 2 cores); on a GPU, preset='auto' trains the 'gpu' preset.")
+
+
+def cpu_default_untrained(preset, steps: int | None, accelerator: str = "auto") -> bool:
+    """Whether ``fit_diffbulk``'s defaults (``preset="auto"``, ``pretrain_steps=None``) skip stage-1 training here.
+
+    True on a CPU (:func:`dbk.core._presets.auto_preset` picks ``"cpu-small"``): see :data:`CPU_DEFAULT_NOTE`.
+    """
+    if not (isinstance(preset, str) and preset == "auto" and steps is None):
+        return False
+    from ..core._presets import auto_preset
+
+    return auto_preset(accelerator) == "cpu-small"
+
+
 def train_stage1(slides: list, genes: list[str], *, pretrainer=None, preset: str = "auto",
                  steps: int | None = None, random_state: int = 0,
                  checkpoint_dir: str | os.PathLike | None = None, tiles_key: str, table_key: str,
@@ -103,19 +123,14 @@ def train_stage1(slides: list, genes: list[str], *, pretrainer=None, preset: str
         pretrainer = _resolve_pretrainer(pretrainer)
         logger.info(f"fit_diffbulk: using the given stage-1 model ({pretrainer!r}); no stage-1 training.")
         return pretrainer
+    if cpu_default_untrained(preset, steps, accelerator):
+        logger.info(f"fit_diffbulk: {CPU_DEFAULT_NOTE}")
+        steps = 0
     if steps == 0:
         logger.info("fit_diffbulk: pretrain_steps=0: stage 1 is not trained; the diffusion features come from the "
                     "U-Net at its seeded initialisation (the 'untrained' control).")
         return untrained_pretrainer(slides, genes, preset=preset, random_state=random_state, tiles_key=tiles_key,
                                     table_key=table_key, accelerator=accelerator, pretrain_kwargs=pretrain_kwargs)
-    if preset == "auto" and steps is None:
-        from ..core._presets import AUTO_CPU_STEPS, auto_preset
-
-        if auto_preset(accelerator) == "cpu-small":
-            logger.info(f"fit_diffbulk: stage 1 on a CPU (preset='auto': cpu-small, {AUTO_CPU_STEPS} steps). At this "
-                        "length, training has not been shown to beat an untrained U-Net (her2st, six held-out "
-                        "sections: see the benchmarks page of the docs); pretrain_steps=0 skips it, longer training "
-                        "(e.g. pretrain_steps=500) gained on the sections tried.")
     pretrainer = fit_pretrainer(slides, genes=genes, preset=preset, max_steps=steps, random_state=random_state,
                                 checkpoint_dir=checkpoint_dir, tiles_key=tiles_key, table_key=table_key,
                                 accelerator=accelerator, **dict(pretrain_kwargs or {}))
@@ -426,7 +441,8 @@ def _nan_to_none(v):
 def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: FoundationModel, pretrainer,
                features: dict, fitted: FittedHead, timings: dict[str, float], fusion: str, context_um: float | None,
                sigma: float, pool: str, random_state: int, tile_size_um: float, key_added: str, selection=None,
-               fusion_requested: str | None = None, slide_checks: dict | None = None) -> dict:
+               fusion_requested: str | None = None, slide_checks: dict | None = None,
+               stage1_note: str | None = None) -> dict:
     """What a fit leaves behind: the model's ``config`` and the ``results`` for ``uns[key_added]``.
 
     ``results`` holds ``params`` (the settings), ``history`` (stage 1 and head curves) and ``training_metrics``
@@ -473,6 +489,7 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
         "train": {"samples": names, "n_tiles": int(train.n_obs), "gene_mean": mean.tolist(),
                   "gene_var": var.tolist(), "hvg_order": hvg, **(slide_checks or {})},
         "random_state": random_state,
+        "stage1_note": stage1_note,  # why stage 1 was not trained, when the defaults chose so
         "dbk_version": __version__,
         "cv_pearson": None if selection is None else [None if not np.isfinite(v) else float(v)
                                                       for v in selection.cv_pearson.reindex(genes).to_numpy()],
@@ -484,7 +501,7 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
     }
     params = {
         "fm": fm.id, "fm_key": fm.key, "fm_size_px": fm.size_px, "fusion": fusion,
-        "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step),
+        "preset": pretrainer.preset.name, "pretrain_steps": int(pretrainer.step), "stage1_note": stage1_note,
         "stage1_image_size": int(pretrainer.image_size), "sigma": float(sigma), "levels": list(features["levels"]),
         "fusion_requested": fusion_requested or fusion,
         "pool": pool, "context_um": context, "tile_size_um": tile_size_um, "genes": list(genes), "samples": names,

@@ -193,9 +193,10 @@ class DiffBulk:
 
     def __repr__(self) -> str:
         d = self.config["diffusion"]
+        steps = f"{self.pretrainer.step} steps" if self.pretrainer.step else "untrained"
         return (f"DiffBulk({len(self.genes)} genes, tile {self.tile_size_um:g} µm, FM {self.fm_id!r}, fusion "
                 f"{self.fusion!r}, stage 1 {self.pretrainer.preset.name!r} {self.pretrainer.image_size} px / "
-                f"{self.pretrainer.step} steps, z_diff {d['dim']} from {'+'.join(d['levels'])}{self._repr_trust()})")
+                f"{steps}, z_diff {d['dim']} from {'+'.join(d['levels'])}{self._repr_trust()})")
 
     def _repr_trust(self) -> str:
         out = ""
