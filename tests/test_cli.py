@@ -24,9 +24,12 @@ def run(*argv) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
+    import dbk
+
     old = torch.get_num_threads()
     yield
-    torch.set_num_threads(old)  # --threads sets it process-wide
+    dbk.settings.n_jobs = None  # --threads sets dbk.settings.n_jobs, process-wide
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

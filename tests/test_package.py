@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,3 +47,56 @@ def test_cli_help_and_version():
 
     assert main(["--version"]) == 0
     assert main([]) == 1
+
+
+def test_n_jobs_sets_torch_blas_and_openmp_threads(tmp_path):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from dbk._settings import available_cores
+
+    n = available_cores()
+    assert 1 <= n <= (os.cpu_count() or 1) and dbk.settings.n_jobs == n  # unset: the cores this process may use
+    # a cgroup v2 quota of 1.5 CPUs caps it at 1; "max" leaves the affinity; v1 quota files are read too
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(tmp_path) == n
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert available_cores(v1) == 1
+    old_torch = torch.get_num_threads()
+    old_omp = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        dbk.settings.n_jobs = 1
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert all(p["num_threads"] == 1 for p in threadpool_info())  # BLAS and OpenMP pools
+        assert "n_jobs=1" in repr(dbk.settings)
+        for bad in (0, -1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="n_jobs must be a positive integer"):
+                dbk.settings.n_jobs = bad
+        assert dbk.settings.n_jobs == 1
+        # unset: dbk's calls only lower torch to the available cores, never raise it
+        dbk.settings.n_jobs = None
+        torch.set_num_threads(n + 3)
+        assert dbk.settings.apply_threads() == n and torch.get_num_threads() == n
+        torch.set_num_threads(1)
+        assert dbk.settings.apply_threads() == 1
+        # None gives back the threads as they were before n_jobs was set
+        dbk.settings.n_jobs = 2
+        dbk.settings.n_jobs = None
+        assert torch.get_num_threads() == 1 and "OMP_NUM_THREADS" not in os.environ  # 1: set just before
+        torch.set_num_threads(old_torch)
+        before = {p["user_api"]: p["num_threads"] for p in threadpool_info()}
+        dbk.settings.n_jobs = 1
+        dbk.settings.n_jobs = None
+        assert {p["user_api"]: p["num_threads"] for p in threadpool_info()} == before
+        assert torch.get_num_threads() == old_torch
+    finally:
+        dbk.settings.n_jobs = None
+        torch.set_num_threads(old_torch)
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if old_omp is not None:
+            os.environ["OMP_NUM_THREADS"] = old_omp

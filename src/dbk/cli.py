@@ -597,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dbk", description="DiffBulk: spatial expression from H&E.")
     parser.add_argument("--version", action="store_true", help="print the dbk version and exit")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy, small machine)")
+                        help="CPU threads of torch, BLAS and OpenMP (dbk.settings.n_jobs; default: the cores this "
+                             "process may use; 1 is often fastest on a busy, small machine)")
     sub = parser.add_subparsers(dest="command")
 
     p_demo = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic slides (no download)")
@@ -690,9 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
-        import torch
+        import dbk
 
-        torch.set_num_threads(args.threads)
+        dbk.settings.n_jobs = args.threads  # torch, BLAS and OpenMP threads
     if args.command == "demo":
         if args.size < 512:
             parser.error("--size must be at least 512 pixels")

@@ -114,6 +114,9 @@ def fit_pretrainer(
     "data_wait"}`` records (mean loss since the previous record, seconds of training, share of time spent waiting
     for data).
     """
+    from .._settings import settings
+
+    settings.apply_threads()  # dbk.settings.n_jobs
     datas = _as_list(data)
     vocab = GeneVocab()
     for sd in datas:

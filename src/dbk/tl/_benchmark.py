@@ -202,6 +202,8 @@ def benchmark(
     from .._utils import resolve_seed
     from ..pp._prepare import as_slides, prepare_slides
 
+    settings.apply_threads()  # dbk.settings.n_jobs
+
     # ---- every argument checked before any work -------------------------------------------------------------------
     names_m = _check_methods(methods)
     specs = [get_method(n) for n in names_m]

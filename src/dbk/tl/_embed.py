@@ -430,6 +430,7 @@ def embed_tiles(
       ``pretrained`` and the tile geometry used (``tiles_key``, ``tile_size_um`` when the slide has a pixel size,
       ``target_um_per_px`` when given).
     """
+    settings.apply_threads()  # dbk.settings.n_jobs
     from torch.utils.data import DataLoader, Subset
 
     from ..pp._dataset import TileDataset

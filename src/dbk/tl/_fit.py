@@ -177,6 +177,7 @@ def fit_diffbulk(
     without the held-out tiles, as its ``note`` says, and ``head_inner_cv`` gives the chosen alpha and its inner-CV
     score).
     """
+    from .._settings import settings
     from ..pp._prepare import prepare_slides, train_view
     from ._fit_steps import (
         CPU_DEFAULT_NOTE,
@@ -197,6 +198,7 @@ def fit_diffbulk(
     from ._model import DiffBulk
     from ._slide_checks import training_record
 
+    settings.apply_threads()  # dbk.settings.n_jobs
     _check_options(fusion=fusion, head_cv=head_cv, head_kwargs=head_kwargs, val_fraction=val_fraction,
                    n_top_genes=n_top_genes,
                    batch_size=batch_size, pretrain_kwargs=pretrain_kwargs, tile_size_um=tile_size_um,

@@ -309,6 +309,9 @@ class DiffBulk:
         the slide's pixel size, tile colours and clipped features against the training slides', each with its
         numbers and ``ok``; a slide unlike them is warned about, see ``docs/reliability.md``).
         """
+        from .._settings import settings
+
+        settings.apply_threads()  # dbk.settings.n_jobs
         check_batch_size(batch_size)
         if accelerator is not None:
             from ._embed import resolve_device
