@@ -476,3 +476,24 @@ def test_a_gene_npy_declaring_a_huge_array_is_refused_before_allocating(tmp_path
         fh.write(b"\0" * 64)
     with pytest.raises(ValueError, match="truncated or corrupt"):
         _read_npy_strings(short)
+
+
+def test_names_of_older_dbk_temporaries_are_reported_never_removed(tmp_path, caplog):
+    import logging
+    import os
+    import time
+
+    from dbk._utils import tidy
+
+    target = tmp_path / "m"
+    target.mkdir()
+    old_style = [tmp_path / ".m.abcdefgh.tmp", tmp_path / ".m.old-12345"]  # could be a user's: no writer in the name
+    two_days = time.time() - 2 * 24 * 3600
+    for d in old_style:
+        d.mkdir()
+        (d / "notes.txt").write_text("mine")
+        os.utime(d, (two_days, two_days))
+    with caplog.at_level(logging.WARNING, logger="dbk"):
+        kept = tidy(target)
+    assert all(d.is_dir() and (d / "notes.txt").read_text() == "mine" for d in old_style)
+    assert {lo.path for lo in kept} == set(old_style) and "not removed" in caplog.text

@@ -162,8 +162,9 @@ def leftovers(path: str | os.PathLike) -> list[Leftover]:
 
     Names: ``.<name>.dbk-tmp-<host>-<pid>-<start>-<random>`` (a write in progress or killed; the new copy is inside
     as ``<name>``) and ``.<name>.dbk-old-<host>-<pid>-<start>-<random>`` (the previous copy during a swap); names of
-    older dbk versions (``.<name>.<random>.tmp``, ``.<name>.old-<pid>``) too. A leftover is *dead* when its writer
-    ran on this host and its pid is gone, or when it is older than :data:`LEFTOVER_MAX_AGE_S`.
+    older dbk versions (``.<name>.<random>.tmp``, ``.<name>.old-<pid>``) too, only reported: they name no writer and
+    could be a user's. A leftover is *dead* when its writer ran on this host and its pid is gone, or when it is older
+    than :data:`LEFTOVER_MAX_AGE_S`.
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -187,14 +188,16 @@ def leftovers(path: str | os.PathLike) -> list[Leftover]:
             except OSError:
                 continue
         age = now - started
-        if age > LEFTOVER_MAX_AGE_S:
+        if h is None:  # an older dbk's name carries no writer: it cannot be told from a user's file, so never removed
+            dead, why = False, f"{age / 3600:.0f} h old, named as an older dbk's temporary: not removed"
+        elif age > LEFTOVER_MAX_AGE_S:
             dead, why = True, f"{age / 3600:.0f} h old"
         elif h == host and pid is not None and not pid_alive(pid):
             dead, why = True, "its process has ended"
         elif h == host:
             dead, why = False, "its process is still running"
         else:
-            dead, why = False, f"{age / 60:.0f} min old, from {'another host' if h else 'an older dbk'}"
+            dead, why = False, f"{age / 60:.0f} min old, from another host"
         out.append(Leftover(Path(entry.path), kind, h, pid, started, dead, why))
     return sorted(out, key=lambda lo: lo.started, reverse=True)
 
