@@ -1,14 +1,18 @@
-"""dbk.datasets' registry of public data (fetch, available) and the her2st loaders; offline (file:// URLs only)."""
+"""dbk.datasets' registry of public data (fetch, available) and the her2st loaders; offline (a local HTTP server)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import http.server
 import logging
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +26,44 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; ``/partial/<name>`` announces 3000 bytes, sends 7 and drops the connection."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        if not self.path.startswith("/partial/"):
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Length", "3000")
+        self.end_headers()
+        self.wfile.write(b"partial")
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """``serve(folder)`` -> (base URL, list of request paths) of an HTTP server on 127.0.0.1 in a thread."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    servers = []
+
+    def start(folder: Path):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=folder))
+        server.requests = []
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server.requests
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def datasetdir(tmp_path, monkeypatch):
     """``dbk.settings.datasetdir`` in a fresh folder; downloads allowed (conftest sets HF_HUB_OFFLINE)."""
@@ -33,18 +75,22 @@ def datasetdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def toy(tmp_path, monkeypatch):
-    """A registered dataset ``toy`` of two files served by ``file://`` URLs, from seeded random bytes."""
+def toy(tmp_path, monkeypatch, serve):
+    """A registered dataset ``toy`` (``.ds``) of two files of seeded random bytes in ``.src``, served at ``.base``.
+
+    ``.requests`` lists the paths the server was asked for.
+    """
     rng = np.random.default_rng(0)
     src = tmp_path / "remote"
     (src / "sub").mkdir(parents=True)
+    base, requests = serve(src)
     files = []
     for rel, n in (("a.bin", 3000), ("sub/b.txt", 50)):
         (src / rel).write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-        files.append(RemoteFile(rel, (src / rel).as_uri(), _sha256(src / rel), n))
+        files.append(RemoteFile(rel, f"{base}/{rel}", _sha256(src / rel), n))
     ds = Dataset("toy", "a toy dataset", "here", "CC0", tuple(files))
     monkeypatch.setitem(_registry.REGISTRY, "toy", ds)
-    return ds
+    return SimpleNamespace(ds=ds, files=ds.files, src=src, base=base, requests=requests)
 
 
 def _set_files(monkeypatch, ds: Dataset, files) -> Dataset:
@@ -57,78 +103,112 @@ def _no_network(*args, **kwargs):
     raise AssertionError("the downloader was called")
 
 
+def _files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
 # ---- download -------------------------------------------------------------------------------------------------------
-def test_fetch_downloads_checks_and_does_not_download_again(toy, datasetdir, monkeypatch, dbk_log):
+def test_fetch_downloads_checks_and_does_not_download_again(toy, datasetdir, dbk_log, capsys):
     dbk_log.set_level(logging.INFO, logger="dbk")
     folder = dbk.datasets.fetch("toy")
     assert folder == datasetdir / "toy"
     for f in toy.files:
         assert _sha256(folder / f.path) == f.sha256
-    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["a.bin", "b.txt"]  # no temporary files left
-    assert "Downloading file://" in dbk_log.text
+    assert _files_in(folder) == ["a.bin", "sub/b.txt"]  # no temporary files left
+    assert sorted(toy.requests) == ["/a.bin", "/sub/b.txt"]
+    assert f"Downloading {toy.files[0].url} -> {folder / 'a.bin'}" in dbk_log.text
+    assert "Downloading file 'a.bin'" not in capsys.readouterr().err  # pooch's own log line is not printed
     row = dbk.datasets.available().set_index("name").loc["toy"]
     assert row["complete"] and row["n_files"] == 2 and row["folder"] == str(folder)
 
-    monkeypatch.setattr(_registry, "_transfer", _no_network)  # present with the right hash: not fetched again
-    assert dbk.datasets.fetch("toy") == folder
+    assert dbk.datasets.fetch("toy") == folder  # present with the right hash: not fetched again
+    assert len(toy.requests) == 2
 
 
-def test_fetch_replaces_a_corrupt_local_file(toy, datasetdir):
+def test_fetch_shows_a_progress_bar_per_file(toy, datasetdir, capsys):
+    dbk.settings.progress = True  # conftest restores it
+    dbk.datasets.fetch("toy")
+    err = capsys.readouterr().err
+    assert "a.bin" in err and "sub/b.txt" in err and "3.00k/3.00k" in err  # names and sizes (3000 B)
+
+
+def test_fetch_replaces_a_corrupt_local_file(toy, datasetdir, dbk_log):
     folder = dbk.datasets.fetch("toy")
     (folder / "a.bin").write_bytes(b"x" * 3000)  # right size, wrong bytes
     dbk.datasets.fetch("toy")
     assert _sha256(folder / "a.bin") == toy.files[0].sha256
+    assert toy.requests == ["/a.bin", "/sub/b.txt", "/a.bin"] and "downloading it again" in dbk_log.text
 
 
 def test_hash_mismatch_leaves_nothing_under_the_final_name(toy, datasetdir, monkeypatch):
     bad = dataclasses.replace(toy.files[0], sha256="0" * 64)
-    _set_files(monkeypatch, toy, [bad, toy.files[1]])
-    with pytest.raises(ValueError, match=r"a\.bin.*differs from the registered file.*sha256") as err:
-        dbk.datasets.fetch("toy")
-    assert str(datasetdir / "toy" / "a.bin") in str(err.value)
-    folder = datasetdir / "toy"
-    assert not (folder / "a.bin").exists()
-    assert [p for p in folder.rglob("*") if p.is_file()] == []  # no partial / temporary file
-
-
-def test_failed_transfer_leaves_no_partial_file(toy, datasetdir, monkeypatch):
-    def half_then_fail(url, out, *, size, desc):
-        Path(out).write_bytes(b"partial")
-        raise OSError("connection reset")
-
-    monkeypatch.setattr(_registry, "_transfer", half_then_fail)
-    with pytest.raises(ConnectionError, match="connection reset") as err:
+    _set_files(monkeypatch, toy.ds, [bad, toy.files[1]])
+    with pytest.raises(ValueError, match=r"a\.bin: the file downloaded from .* differs from the registered") as err:
         dbk.datasets.fetch("toy")
     msg = str(err.value)
-    assert "a.bin" in msg and "b.txt" in msg and toy.files[0].url in msg and str(datasetdir / "toy") in msg
-    assert [p for p in (datasetdir / "toy").rglob("*") if p.is_file()] == []
+    assert str(datasetdir / "toy" / "a.bin") in msg and bad.url in msg
+    assert "0" * 64 in msg and toy.files[0].sha256 in msg  # both hashes
+    assert _files_in(datasetdir / "toy") == []  # no partial / temporary file, nothing under the final name
 
 
-def test_unreachable_url_is_one_clear_error(toy, datasetdir, monkeypatch, tmp_path):
-    gone = dataclasses.replace(toy.files[0], url=(tmp_path / "nowhere" / "a.bin").as_uri())
-    _set_files(monkeypatch, toy, [gone, toy.files[1]])
-    with pytest.raises(ConnectionError, match=r"could not download a\.bin") as err:
+def test_hash_mismatch_keeps_the_file_that_was_there(toy, datasetdir, monkeypatch):
+    folder = dbk.datasets.fetch("toy")
+    (folder / "a.bin").write_bytes(b"old")
+    _set_files(monkeypatch, toy.ds, [dataclasses.replace(toy.files[0], sha256="0" * 64, size=None), toy.files[1]])
+    with pytest.raises(ValueError, match="differs from the registered file"):
+        dbk.datasets.fetch("toy")
+    assert (folder / "a.bin").read_bytes() == b"old" and _files_in(folder) == ["a.bin", "sub/b.txt"]
+
+
+def test_interrupted_download_leaves_no_partial_file(toy, datasetdir, monkeypatch):
+    cut = dataclasses.replace(toy.files[0], url=f"{toy.base}/partial/a.bin")
+    _set_files(monkeypatch, toy.ds, [cut, toy.files[1]])
+    with pytest.raises(ConnectionError, match=r"download a\.bin \(ChunkedEncodingError: .*IncompleteRead") as err:
+        dbk.datasets.fetch("toy")
+    msg = str(err.value)
+    assert "2 file(s) still missing" in msg and cut.url in msg and toy.files[1].url in msg
+    assert str(datasetdir / "toy") in msg
+    assert toy.requests == ["/partial/a.bin"]
+    assert _files_in(datasetdir / "toy") == []
+
+
+def test_unreachable_url_is_one_clear_error(toy, datasetdir, monkeypatch):
+    gone = dataclasses.replace(toy.files[0], url=f"{toy.base}/nowhere/a.bin")
+    _set_files(monkeypatch, toy.ds, [gone, toy.files[1]])
+    with pytest.raises(ConnectionError, match=r"could not download a\.bin \(HTTPError: 404") as err:
         dbk.datasets.fetch("toy")
     assert gone.url in str(err.value) and toy.files[1].url in str(err.value)
+    assert _files_in(datasetdir / "toy") == []
 
 
 # ---- offline ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("var", ["DBK_OFFLINE", "HF_HUB_OFFLINE"])
 def test_offline_fails_fast_naming_files_urls_and_folder(toy, datasetdir, monkeypatch, var):
     monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(_registry, "_transfer", _no_network)
     monkeypatch.setattr(_registry, "_download", _no_network)
-    with pytest.raises(FileNotFoundError, match=f"downloads are off \\({var}='1'\\)") as err:
+    with pytest.raises(FileNotFoundError, match=f"2 file\\(s\\) missing .* downloads are off \\({var}='1'\\)") as err:
         dbk.datasets.fetch("toy")
     msg = str(err.value)
     for f in toy.files:
         assert str(datasetdir / "toy" / f.path) in msg and f.url in msg and f.sha256 in msg
+    assert toy.requests == [] and not (datasetdir / "toy").exists()
+
+
+def test_offline_names_a_corrupt_file_too(toy, datasetdir, monkeypatch):
+    dbk.datasets.fetch("toy")
+    (datasetdir / "toy" / "a.bin").write_bytes(b"x" * 3000)
+    monkeypatch.setenv("DBK_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"1 file\(s\) missing or not the registered ones") as err:
+        dbk.datasets.fetch("toy")
+    assert f"a.bin differs from the registered file (sha256 {_sha256(datasetdir / 'toy' / 'a.bin')}" in str(err.value)
+    assert len(toy.requests) == 2  # only the first fetch's
 
 
 def test_download_false_fails_fast(toy, datasetdir, monkeypatch):
     monkeypatch.setattr(_registry, "_download", _no_network)
     with pytest.raises(FileNotFoundError, match=r"download=False.*\n.*\n.*a\.bin"):
         dbk.datasets.fetch("toy", download=False)
+    assert toy.requests == []
 
 
 def test_her2st_offline_names_the_section_files(datasetdir, monkeypatch):
@@ -145,16 +225,19 @@ def test_her2st_offline_names_the_section_files(datasetdir, monkeypatch):
 # ---- a local folder (path=) ---------------------------------------------------------------------------------------
 def test_fetch_path_checks_the_folder(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(_registry, "_download", _no_network)
-    local = Path(toy.files[0].url.removeprefix("file://")).parent  # the "remote" folder holds the right files
+    local = toy.src  # the "remote" folder holds the right files
     assert dbk.datasets.fetch("toy", path=local) == local
 
     (local / "sub" / "b.txt").write_bytes(b"y" * 50)  # corrupted, same size
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"b\.txt differs from the registered file \(sha256 [0-9a-f]{64}, expected"):
         dbk.datasets.fetch("toy", path=local)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in local.rglob("*") if p.is_file()} == before  # untouched
     (local / "sub" / "b.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 file\(s\) missing") as err:
         dbk.datasets.fetch("toy", path=local)
     assert str(local / "sub" / "b.txt") in str(err.value) and toy.files[1].url in str(err.value)
+    assert not (local / "sub" / "b.txt").exists() and toy.requests == []  # nothing fetched for a path= copy
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         dbk.datasets.fetch("toy", path=tmp_path / "absent")
 
@@ -200,12 +283,13 @@ def test_import_stays_light():
 GENES = [f"GENE{i}" for i in range(785)]
 
 
-def test_her2st_genes_download_is_not_checksum_verified(datasetdir, tmp_path, monkeypatch, dbk_log):
+def test_her2st_genes_download_is_not_checksum_verified(datasetdir, tmp_path, monkeypatch, dbk_log, serve):
     npy = tmp_path / "remote" / _registry.HER2ST_GENES_FILE
     npy.parent.mkdir()
     np.save(npy, np.array(GENES, dtype=object), allow_pickle=True)  # what Hist2ST's file is: an object array
+    base, _ = serve(npy.parent)
     ds = _registry.get("her2st_genes")
-    _set_files(monkeypatch, ds, [dataclasses.replace(ds.files[0], url=npy.as_uri())])
+    _set_files(monkeypatch, ds, [dataclasses.replace(ds.files[0], url=f"{base}/{npy.name}")])
     assert dbk.datasets.her2st_genes() == GENES
     assert "not checksum-verified" in dbk_log.text
     assert (datasetdir / "her2st_genes" / _registry.HER2ST_GENES_FILE).is_file()
@@ -214,7 +298,7 @@ def test_her2st_genes_download_is_not_checksum_verified(datasetdir, tmp_path, mo
     (datasetdir / "her2st_genes" / _registry.HER2ST_GENES_FILE).unlink()
     with pytest.raises(ValueError, match="785 unique gene symbols, found 700"):
         dbk.datasets.her2st_genes()
-    assert not (datasetdir / "her2st_genes" / _registry.HER2ST_GENES_FILE).exists()
+    assert _files_in(datasetdir / "her2st_genes") == []
 
 
 def test_her2st_genes_from_a_folder(tmp_path):
@@ -268,10 +352,11 @@ def test_her2st_from_the_local_copy(her2st_dir, monkeypatch):
     assert dbk.datasets.her2st_genes(path=her2st_dir)[:3] == ["HPS6", "TNC", "NR1H2"]
 
 
-def test_her2st_download_path_end_to_end(her2st_dir, datasetdir, monkeypatch):
-    """Section C6 "downloaded" from file:// copies of the shared data lands in datasetdir with the right hashes."""
+def test_her2st_download_path_end_to_end(her2st_dir, datasetdir, monkeypatch, serve):
+    """Section C6 "downloaded" over HTTP from the shared data lands in datasetdir with the right hashes."""
+    base, requests = serve(her2st_dir)
     ds = _registry.get("her2st")
-    files = [dataclasses.replace(f, url=(her2st_dir / f.path).as_uri()) for f in ds.files]
+    files = [dataclasses.replace(f, url=f"{base}/{f.path}") for f in ds.files]
     _set_files(monkeypatch, ds, files)
     c6 = [f for f in files if f.path.startswith("C6/")]
     folder = _registry.ensure("her2st", c6)
@@ -282,3 +367,4 @@ def test_her2st_download_path_end_to_end(her2st_dir, datasetdir, monkeypatch):
         "spot_selection.tsv",
     ]
     assert all(_sha256(folder / f.path) == f.sha256 for f in c6)
+    assert sorted(requests) == sorted(f"/{f.path}" for f in c6)

@@ -1,20 +1,17 @@
 """A registry of public data files (URL, sha256, size) and their download into ``dbk.settings.datasetdir``.
 
 Each dataset is a list of :class:`RemoteFile` entries. :func:`fetch` puts them into
-``dbk.settings.datasetdir / <dataset>`` (downloaded to a temporary file beside the final one, checked against the
-registered sha256 and size, then renamed into place, so a failed or corrupt download never leaves a file under
-its final name), or checks a folder that already holds them (``path=``). Downloads go through
-:class:`pooch.HTTPDownloader` for ``http(s)://`` URLs when pooch is installed, else through :mod:`urllib`
-(which also reads ``file://`` URLs). Nothing here imports more than the standard library at import time.
+``dbk.settings.datasetdir / <dataset>`` with :meth:`pooch.Pooch.fetch` (a temporary file beside the final one,
+checked against the registered sha256, then moved into place: a failed or corrupt download never leaves a file under
+its final name), or checks a folder that already holds them (``path=``). What pooch does not do is here: the
+offline / ``download=False`` error that lists every missing file with its folder and URL before any network access,
+the check of a ``path=`` copy (never modified), and a content check for files without a registered hash.
+Nothing here imports more than the standard library at import time (pooch is imported when needed).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,10 +214,10 @@ def available():
 def fetch(name: str, *, path: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Make sure a registered dataset's files are on disk, downloading the missing ones; return their folder.
 
-    Files go to ``dbk.settings.datasetdir / name`` (``$DBK_DATASETDIR``, default ``~/.cache/dbk``). Each file is
-    downloaded to a temporary file in that folder, checked against its registered sha256 and size, then renamed to
-    its final name; a file already there with the right hash is not downloaded again. Files without a registered
-    sha256 are not checksum-verified: their content is checked instead, and a warning says so.
+    Files go to ``dbk.settings.datasetdir / name`` (``$DBK_DATASETDIR``, default ``~/.cache/dbk``), downloaded by
+    :meth:`pooch.Pooch.fetch`: to a temporary file in that folder, checked against its registered sha256, then moved
+    to its final name; a file already there with the right size and hash is not downloaded again. Files without a
+    registered sha256 are not checksum-verified: their content is checked instead, and a warning says so.
 
     Parameters
     ----------
@@ -309,10 +306,10 @@ def ensure(
         logger.warning(f"Dataset {name!r}: {line}; downloading it again.")
     for i, f in enumerate(todo):
         try:
-            _download(f, root / f.path)
+            _download(f, root)
         except ChecksumError:
             raise
-        except Exception as err:  # network errors of requests / urllib, HTTP errors, disk errors
+        except Exception as err:  # network and HTTP errors of requests, disk errors
             raise ConnectionError(
                 f"Dataset {name!r}: could not download {f.path} ({type(err).__name__}: {err}). Retry, or copy the "
                 f"{len(todo) - i} file(s) still missing into {root} by hand:\n" + _listing(root, todo[i:])
@@ -326,14 +323,6 @@ def offline() -> str | None:
         if os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no", "off"):
             return var
     return None
-
-
-def sha256sum(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _looks_present(local: Path, f: RemoteFile) -> bool:
@@ -352,7 +341,9 @@ def _problem(local: Path, f: RemoteFile) -> str | None:
     if f.size is not None and size != f.size:
         return f"differs from the registered file (size {size} bytes, expected {f.size})"
     if f.sha256 is not None:
-        digest = sha256sum(local)
+        import pooch
+
+        digest = pooch.file_hash(str(local))
         if digest != f.sha256:
             return f"differs from the registered file (sha256 {digest}, expected {f.sha256})"
     elif f.check is not None:
@@ -396,53 +387,46 @@ def _listing(root: Path, files: list[RemoteFile]) -> str:
     return "\n".join(lines)
 
 
-def _download(f: RemoteFile, dest: Path) -> None:
-    """Download ``f`` to a temporary file beside ``dest``, check it, rename it to ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        size = f"{f.size / 2**20:.2f} MiB" if f.size is not None else "size not registered"
-        logger.info(f"Downloading {f.url} -> {dest} ({size}).")
-        _transfer(f.url, tmp, size=f.size, desc=f.path)
-        problem = _problem(tmp, f)
-        if problem is not None:
-            raise ChecksumError(
-                f"{f.path}: the file downloaded from {f.url} {problem}; it was not written to {dest}. Retry; if "
-                "this persists, the file at that URL has changed."
-            )
-        if f.sha256 is None:
-            logger.warning(
-                f"{f.path} is not checksum-verified (no sha256 is registered for it); its content was checked "
-                f"instead (sha256 of the downloaded file: {sha256sum(tmp)})."
-            )
-        os.replace(tmp, dest)
-        logger.info(f"{dest} is in place.")
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _transfer(url: str, out: Path, *, size: int | None, desc: str) -> None:
-    """Write the bytes at ``url`` to ``out`` (pooch for http(s) when installed, else urllib), with a tqdm bar."""
+def _download(f: RemoteFile, root: Path) -> None:
+    """Download ``f`` into ``root`` with :meth:`pooch.Pooch.fetch` (temporary file, sha256 check, move into place)."""
+    import pooch
     from tqdm.auto import tqdm
 
-    scheme = urllib.parse.urlparse(url).scheme
-    try:
-        import pooch
-    except ImportError:  # pragma: no cover - pooch comes with scanpy / squidpy
-        pooch = None
-    if pooch is not None and scheme in ("http", "https"):
-        bar = tqdm(total=size or 1, desc=desc, unit="B", unit_scale=True) if settings.progress else False
+    dest = root / f.path
+    size = f"{f.size / 2**20:.2f} MiB" if f.size is not None else "size not registered"
+    logger.info(f"Downloading {f.url} -> {dest} ({size}).")
+    downloaded = False
+
+    def download(url: str, tmp: str, pup: pooch.Pooch) -> None:  # pooch checks the hash, then moves tmp into place
+        nonlocal downloaded
+        # a total > 0: pooch tests the bar's truth, which tqdm refuses for total=None (it sets the real total)
+        bar = tqdm(total=f.size or 1, desc=f.path, unit="B", unit_scale=True) if settings.progress else False
         try:
-            pooch.HTTPDownloader(progressbar=bar, timeout=TIMEOUT_S)(url, str(out), None)
+            pooch.HTTPDownloader(progressbar=bar, timeout=TIMEOUT_S)(url, tmp, pup)
         finally:
             if bar is not False:
                 bar.close()
-        return
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp, open(out, "wb") as fh:
-        total = size or int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not settings.progress) as bar:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                fh.write(block)
-                bar.update(len(block))
+        if f.sha256 is None:
+            problem = _problem(Path(tmp), f)
+            if problem is not None:
+                raise ChecksumError(f"{f.path}: the file downloaded from {f.url} {problem}; it was not written to "
+                                    f"{dest}. Retry; if this persists, the file at that URL has changed.")
+            logger.warning(f"{f.path} is not checksum-verified (no sha256 is registered for it); its content was "
+                           f"checked instead (sha256 of the downloaded file: {pooch.file_hash(tmp)}).")
+        downloaded = True
+
+    pup = pooch.create(path=root, base_url="", registry={f.path: f.sha256}, urls={f.path: f.url})
+    log, level = pooch.get_logger(), pooch.get_logger().level
+    log.setLevel("WARNING")  # pooch prints its own INFO lines to stderr whatever dbk's verbosity; dbk logs instead
+    try:
+        pup.fetch(f.path, downloader=download)
+    except ValueError as err:
+        if not downloaded:
+            raise
+        raise ChecksumError(  # pooch's sha256 check of a complete download failed; it deleted the temporary file
+            f"{f.path}: the file downloaded from {f.url} differs from the registered file, so nothing was written "
+            f"to {dest} ({err})"
+        ) from err
+    finally:
+        log.setLevel(level)
+    logger.info(f"{dest} is in place.")
