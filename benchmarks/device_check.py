@@ -1,42 +1,42 @@
-"""The GPU check of dbk in one invocation: GPU tests, stage-1 throughput, and the fair trial of stage 1 on her2st.
+"""The GPU work of dbk, one call at a time: a cell of the stage-1 trial, GPU tests, stage-1 throughput.
 
-    python benchmarks/device_check.py --data .devcarry/her2st --out results/device      # on the GPU machine (~9 min)
-    python benchmarks/device_check.py --dry-run --out /tmp/dry                          # CPU, toy size, < 1 min
+    python benchmarks/device_check.py --data .devcarry/her2st --cell B4:0 --out results/cell   # on the GPU machine
+    python benchmarks/device_check.py --dry-run --out /tmp/dry                                  # CPU, toy size, ~1 min
+    python benchmarks/device_cells.py --data .devcarry/her2st benchmarks/device_results/cells/  # stage 2, on a CPU
 
 ``--data`` is the folder ``benchmarks/device_data.py`` writes (the six her2st JPEGs and ``tables.npz``: spot boxes,
 785-gene targets, EfficientNet-Lite0 embeddings, dense tile boxes). The GPU machine needs torch, timm, accelerate,
-numpy, pandas, scipy, scikit-learn and pillow, plus diffusers (stage 1) and anndata (the stage-2 ridge head); not
-spatialdata, dask or geopandas: everything here goes through the torch core (:class:`dbk.tl.TileArrays`, array
-inputs of :func:`dbk.tl.diffusion_features`). ``--dry-run`` runs the same code on the CPU on a synthetic folder of the
-same layout, with the tiny preset and seconds-long budgets (``tests/test_device_check.py`` runs it).
+numpy, pandas, scipy, scikit-learn, pillow and diffusers; not anndata, spatialdata, dask or geopandas: everything here
+goes through the torch core (:class:`dbk.tl.TileArrays`, array inputs of :func:`dbk.tl.diffusion_features`).
+``--dry-run`` runs the same code on the CPU on a synthetic folder of the same layout, with the tiny preset and a few
+steps (``tests/test_device_check.py`` runs it).
 
-Sections, each written to ``<out>/device_check.json`` and ``<out>/device_check.md`` as soon as it ends (a run cut
-short keeps what it finished), in this order:
+Sections (``--sections``, default ``env,cell``), each written to ``<out>/device_check.json`` and
+``<out>/device_check.md`` as soon as it ends (a run cut short keeps what it finished):
 
 1. ``env``: torch / CUDA / card, and the card's bf16 matrix rate measured now (median of 10 products of 8192^3
-   after 3 warm-ups, CUDA events): the ceiling for the achieved fractions below.
+   after 3 warm-ups, CUDA events): the ceiling for the achieved fractions of ``throughput``.
 2. ``tests``: ``pytest -m gpu tests/test_gpu.py`` (with ``DBK_GPU_TESTS_ON_CPU=1`` in a dry run).
-3. ``trial``: her2st patient split (train C2-C6, test B4). Three stage-1 models of the ``gpu`` preset's
-   architecture: (i) with genes (condition dropout 0.5), (ii) without (dropout 1.0: in-domain denoising only), trained
-   *at the same time* in two processes for the same wall budget on every labelled spot tile of the training sections
-   plus dense overlapping tiles (112 µm every 56 µm) over their tissue, half of each batch spot tiles (the
-   ``labeled_fraction=0.5`` sampler; spots are ~9% of the tiles); (iii) untrained (same seed, same initial weights).
-   Then the held-out conditioning gain on B4 (denoising loss with the tile's own profile, none, another tile's, at
-   sigma 0.2 / 0.5 / 1) and the stage-2 mean Pearson over the 785 genes on B4 with the reduced-rank + context ridge
-   head (``RidgeBaseline("cv", rank="auto")`` on ``[x, 300 µm neighbour mean of x]`` of each feature block, blocks
-   standardised and clipped as in ``fit_diffbulk(fusion="ridge")``), for the FM features alone and fused with each
-   model's diffusion features (sigma 0.01, all decoder levels, mean pool), early (one ridge on both blocks) and late
-   (``RidgeFusionRegressor(blend="late")``: one ridge per block, blended by inner CV), with paired differences and
-   95 % intervals from resampling the test tiles. Features are saved to
-   ``trial_features.npz`` so the stage-2 table can be recomputed anywhere (``--stage2-only``).
+3. ``cell``: one cell (``--cell FOLD:SEED``) of the three-way stage-1 trial on her2st, leave one section out (test
+   FOLD, train the other five). Three stage-1 models of the ``gpu`` preset (128 px, batch 128, compiled), all from
+   the same seeded initial weights: (i) with genes (condition dropout 0.5) and (ii) without (dropout 1.0: in-domain
+   denoising only), each trained the same fixed number of steps (``--steps``, default 250: steps, not seconds, so
+   cells from an H100 and an H200 compare) on every labelled spot tile of the training sections plus dense
+   overlapping tiles (112 µm every 56 µm) over their tissue, half of each batch spot tiles (the
+   ``labeled_fraction=0.5`` sampler); side by side where the card holds both (>= 120 GiB), else one after the other;
+   (iii) untrained. Then the held-out conditioning gain on FOLD (denoising loss with the tile's own profile, none,
+   another tile's, at sigma 0.2 / 0.5 / 1) and each model's diffusion features (sigma 0.01, all decoder levels, mean
+   pool) of every spot tile of every section, saved as ``cell_<FOLD>_s<SEED>.npz`` (float16, with the loss curves,
+   the conditioning table and the call's card, date, command, seconds and dbk commit: a few MiB, so it comes back).
+   Stage 2 is not run here: ``benchmarks/device_cells.py`` scores every cell with the same head code on a CPU.
 4. ``throughput``: stage-1 training throughput (bf16 autocast) of the ``gpu`` preset at 128 and 224 px and of the
    ``paper`` preset at 224 px, each plain and channels-last, and with ``torch.compile`` while time remains:
    images/s and step time (30 steps after 5 warm-up steps, synchronised before and after only, so loading overlaps
    queued GPU work as in training), model FLOPs per image (``torch.utils.flop_counter``, forward + backward of the
    denoiser) and the achieved fraction of the measured bf16 matrix rate, data-wait share, peak GPU memory.
 
-A global budget (``--budget-s``) keeps the call inside the machine's limit: a section that would not fit is
-recorded as skipped with the reason.
+A global budget (``--budget-s``) bounds the waits; the cell's order is B4 with seeds 0, 1, 2, then the other sections
+with seed 0 (see ``docs/benchmarks.md``); after any change to the training step, B4 / seed 0 is rerun first.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 T0 = time.perf_counter()
-TRAIN, TEST = ("C2", "C3", "C4", "C5", "C6"), "B4"
+TRAIN = ("C2", "C3", "C4", "C5", "C6")  # the dry-run data's training sections for B4
 SIGMAS = (0.2, 0.5, 1.0)
 CONTEXT_UM = 300.0
 
@@ -103,10 +103,9 @@ class Report:
                       "", "| test | outcome | s |", "| --- | --- | --- |"]
             lines += [f"| {t['name']} | {t['outcome']} | {t['seconds']} |" for t in tests.get("tests", [])]
             lines.append("")
-        trial = s.get("trial")
-        if trial:
-            lines += _trial_md(trial)
-        lines += _stage2_md(s.get("stage2") or {})
+        cell = s.get("cell")
+        if cell:
+            lines += _cell_md(cell)
         thr = s.get("throughput")
         if thr:
             lines += ["## Stage-1 training throughput (bf16 autocast)", "",
@@ -127,46 +126,28 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def _trial_md(t: dict) -> list[str]:
-    lines = ["## Fair trial: her2st patient split (train C2-C6, test B4)", ""]
+def _cell_md(t: dict) -> list[str]:
+    lines = [f"## Stage-1 trial cell: test {t.get('fold')}, seed {t.get('seed')}", ""]
     if "setup" in t:
         lines += [f"- {t['setup']}", ""]
     models = t.get("models", {})
     if models:
-        lines += ["| stage-1 model | cond_drop | steps | images seen | train s | final loss |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| stage-1 model | cond_drop | steps | images seen | fit s | images/s | final loss |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for k, v in models.items():
             lines.append(f"| {k} | {v.get('cond_drop')} | {v.get('steps')} | {v.get('images_seen')} | "
-                         f"{v.get('train_s')} | {v.get('final_loss')} |")
+                         f"{v.get('fit_wall_s', '-')} | {v.get('images_per_s', '-')} | {v.get('final_loss')} |")
         lines.append("")
     gain = t.get("conditioning", [])
     if gain:
-        lines += ["Held-out conditioning on B4 (mean per-pixel denoising MSE; gain = 1 - cond / uncond):", "",
-                  "| model | sigma | own profile | none | shuffled | gain | gain shuffled |",
+        lines += [f"Held-out conditioning on {t.get('fold')} (mean per-pixel denoising MSE; gain = 1 - cond / uncond):",
+                  "", "| model | sigma | own profile | none | shuffled | gain | gain shuffled |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['sigma']} | {r['loss_cond']:.5f} | {r['loss_uncond']:.5f} | "
                   f"{r['loss_shuffled']:.5f} | {r['gain']:+.4f} | {r['gain_shuffled']:+.4f} |" for r in gain]
         lines.append("")
-    return lines
-
-
-def _stage2_md(res: dict) -> list[str]:
-    lines, st2 = [], res.get("rows", [])
-    if st2:
-        lines += ["## Stage 2 on B4 (patient split), reduced-rank + context ridge head", "",
-                  "| features | pearson_mean_all | pearson_mean_top50_hvg | rank | alpha |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['features']} | {r['pearson_mean_all']:.4f} | {r['pearson_mean_top50_hvg']:.4f} | "
-                  f"{r['rank']} | " + (f"{r['alpha']:.3g}" if r["rank"] != "-" else f"FM weight {r['fm_weight']:.1f}")
-                  + " |" for r in st2]
-        lines.append("")
-    if res.get("paired"):
-        lines += ["Paired differences of pearson_mean_all on B4 (95% interval from 1000 resamples of the test tiles):",
-                  "", "| A | B | A - B | 95% interval | share of resamples with A <= B |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['a']} | {r['b']} | {r['diff']:+.4f} | [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
-                  f"{r['p_le_0']:.3f} |" for r in res["paired"]]
-        lines.append("")
+    if t.get("file"):
+        lines += [f"Features: `{t['file']}` (stage 2: `python benchmarks/device_cells.py`).", ""]
     return lines
 
 
@@ -317,8 +298,9 @@ def cut_section(args) -> np.ndarray:
     return out
 
 
-def cut_tiles(data: Path, tables: dict, size: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(spot tiles of all sections, dense tiles of the training sections) at ``size`` px."""
+def cut_tiles(data: Path, tables: dict, size: int, workers: int,
+              train: tuple[str, ...] = TRAIN) -> tuple[np.ndarray, np.ndarray]:
+    """(spot tiles of all sections, dense tiles of the training sections ``train``) at ``size`` px."""
     from concurrent.futures import ProcessPoolExecutor
 
     jobs, keys = [], []
@@ -326,7 +308,7 @@ def cut_tiles(data: Path, tables: dict, size: int, workers: int) -> tuple[np.nda
         sel = tables["spot_section"] == s
         jobs.append((data / f"{s}.jpg", tables["spot_box"][sel], size))
         keys.append(("spot", s))
-        if s in TRAIN:
+        if s in train:
             dsel = tables["dense_section"] == s
             jobs.append((data / f"{s}.jpg", tables["dense_box"][dsel], size))
             keys.append(("dense", s))
@@ -335,8 +317,17 @@ def cut_tiles(data: Path, tables: dict, size: int, workers: int) -> tuple[np.nda
     spots = np.empty((len(tables["spot_section"]), size, size, 3), np.uint8)
     for s in tables["sections"]:
         spots[tables["spot_section"] == s] = parts[("spot", s)]
-    dense = np.concatenate([parts[("dense", s)] for s in TRAIN if ("dense", s) in parts])
+    dense = np.concatenate([parts[("dense", s)] for s in train if ("dense", s) in parts])
     return spots, dense
+
+
+def parse_cell(text: str, sections) -> tuple[str, int, tuple[str, ...]]:
+    """``"B4:0"`` -> (test section, seed, training sections: all the others)."""
+    fold, _, seed = text.partition(":")
+    sections = [str(x) for x in sections]
+    if fold not in sections or not seed.strip().isdigit():
+        raise SystemExit(f"--cell must be FOLD:SEED with FOLD one of {sections} and SEED an integer, got {text!r}.")
+    return fold, int(seed), tuple(x for x in sections if x != fold)
 
 
 def load_tables(data: Path) -> dict:
@@ -357,7 +348,7 @@ def trial_preset(dry: bool):
 
 
 def worker(args) -> None:
-    """One stage-1 training of the trial (run as a subprocess): loads the cut tiles, trains, saves."""
+    """One stage-1 training of a cell (run as a subprocess): loads the cut tiles, trains ``--steps`` steps, saves."""
     import torch
 
     import dbk
@@ -365,76 +356,105 @@ def worker(args) -> None:
 
     work = Path(args.work)
     tables = load_tables(Path(args.data))
+    _, seed, train = parse_cell(args.cell, tables["sections"])
     spots = np.load(work / "spots.npy", mmap_mode="r")
     dense = np.load(work / "dense.npy", mmap_mode="r")
     genes = list(tables["genes"])
     dbk.settings.progress = False
     arrays = []
-    for s in TRAIN:
+    for s in train:
         sel = tables["spot_section"] == s
         arrays.append(TileArrays(np.ascontiguousarray(spots[sel]), X=tables["Y"][sel], genes=genes, name=s,
                                  tile_size_um=112.0))
     arrays.append(TileArrays(np.ascontiguousarray(dense), name="dense", tile_size_um=112.0))
     cond_drop = {"cond": 0.5, "nocond": 1.0}[args.worker]
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # two workers share the cores
-    model = DiffusionPretrainer(genes, preset=trial_preset(args.dry_run), random_state=0, cond_drop=cond_drop)
-    model.fit(arrays, labeled_fraction=0.5, max_time=args.trial_s, max_steps=10**7)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 if args.parallel else 1)))
+    model = DiffusionPretrainer(genes, preset=trial_preset(args.dry_run), random_state=seed, cond_drop=cond_drop)
+    t = time.perf_counter()
+    model.fit(arrays, labeled_fraction=0.5, max_steps=args.steps)
+    wall = time.perf_counter() - t
     model.save(work / f"model_{args.worker}", overwrite=True)
     info = {"cond_drop": cond_drop, "steps": model.step, "images_seen": model.step * model.preset.batch_size,
-            "train_s": round(model.train_time, 1), "final_loss": round(model.history[-1]["loss"], 5),
-            "stopped_by": model.stopped_by, "history": model.history,
+            "train_s": round(model.train_time, 1), "fit_wall_s": round(wall, 1),
+            "images_per_s": round(model.step * model.preset.batch_size / max(wall, 1e-9), 1),
+            "final_loss": round(model.history[-1]["loss"], 5), "stopped_by": model.stopped_by,
+            "history": [{"step": h["step"], "loss": h["loss"]} for h in model.history],
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
     (work / f"model_{args.worker}.json").write_text(json.dumps(info))
 
 
-def section_trial(args, report: Report, data: Path, out: Path, work: Path) -> dict:
+def _card_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def section_cell(args, report: Report, data: Path, out: Path, work: Path) -> dict:
+    """One cell of the three-way trial: (i) with genes, (ii) without, (iii) untrained, for one (fold, seed).
+
+    Brings back ``cell_<fold>_s<seed>.npz`` (float16 diffusion features of every spot tile of every section for each
+    model, loss curves, held-out conditioning gain, the call's facts); stage 2 runs elsewhere
+    (``benchmarks/device_cells.py``), so every cell is scored by the same head code.
+    """
     import torch
 
     from dbk.tl import DiffusionPretrainer, TileArrays, diffusion_features
 
     dry = args.dry_run
     tables = load_tables(data)
+    fold, seed, train = parse_cell(args.cell, tables["sections"])
     genes = list(tables["genes"])
     preset = trial_preset(dry)
     t = time.perf_counter()
-    spots, dense = cut_tiles(data, tables, preset.image_size, workers=os.cpu_count() or 2)
+    spots, dense = cut_tiles(data, tables, preset.image_size, workers=os.cpu_count() or 2, train=train)
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "spots.npy", spots)
     np.save(work / "dense.npy", dense)
-    n_lab = int(np.isin(tables["spot_section"], TRAIN).sum())
-    res: dict = {"setup": (
-        f"{n_lab} labelled spot tiles + {len(dense)} dense tiles (112 µm every 56 µm) of {', '.join(TRAIN)} at "
-        f"{preset.image_size} px, cut in {time.perf_counter() - t:.0f} s; preset {preset.name!r} "
-        f"({sum(preset.block_out_channels)} channels summed over levels), batch {preset.batch_size} with half spot "
-        f"tiles; (i) and (ii) trained side by side for {args.trial_s:g} s each; {len(genes)} genes.")}
+    n_lab = int(np.isin(tables["spot_section"], train).sum())
+    # two trainings side by side only where the card holds both (the gpu preset peaks at ~47 GiB eager on an H200)
+    args.parallel = dry or _card_gib() >= 120
+    res: dict = {"fold": fold, "seed": seed, "train": list(train), "setup": (
+        f"cell {fold}/seed {seed}: {n_lab} labelled spot tiles + {len(dense)} dense tiles (112 µm every 56 µm) of "
+        f"{', '.join(train)} at {preset.image_size} px, cut in {time.perf_counter() - t:.0f} s; preset "
+        f"{preset.name!r} (compile={preset.compile}), batch {preset.batch_size} with half spot tiles; (i) and (ii) "
+        f"trained {args.steps} steps each, {'side by side' if args.parallel else 'one after the other'}; "
+        f"{len(genes)} genes; test {fold}.")}
     log(res["setup"])
-    report.put("trial", res)
+    report.put("cell", res)
 
-    procs = {}
-    for name in ("cond", "nocond"):
+    def launch(name):
         cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--data", str(data),
-               "--trial-s", str(args.trial_s)] + (["--dry-run"] if dry else [])
-        logf = open(out / f"trial_{name}.log", "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT), logf)
-    for name, (p, logf) in procs.items():
-        p.wait(timeout=args.trial_s + 240)
+               "--cell", args.cell, "--steps", str(args.steps)] + (["--dry-run"] if dry else []) + \
+              (["--parallel"] if args.parallel else [])
+        logf = open(out / f"cell_{name}.log", "w")
+        return subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT), logf
+
+    def finish(name, p, logf):
+        p.wait(timeout=max(60.0, left(args.budget_s)))
         logf.close()
         if p.returncode != 0:
-            tail = (out / f"trial_{name}.log").read_text()[-3000:]
-            raise RuntimeError(f"trial worker {name!r} failed (exit {p.returncode}):\n{tail}")
+            tail = (out / f"cell_{name}.log").read_text()[-3000:]
+            raise RuntimeError(f"cell worker {name!r} failed (exit {p.returncode}):\n{tail}")
+
+    if args.parallel:
+        procs = {name: launch(name) for name in ("cond", "nocond")}
+        for name, (p, logf) in procs.items():
+            finish(name, p, logf)
+    else:
+        for name in ("cond", "nocond"):
+            finish(name, *launch(name))
     models, infos = {}, {}
     for name in ("cond", "nocond"):
         infos[name] = json.loads((work / f"model_{name}.json").read_text())
         models[name] = DiffusionPretrainer.load(work / f"model_{name}")
-    models["untrained"] = DiffusionPretrainer(genes, preset=preset, random_state=0)
+    models["untrained"] = DiffusionPretrainer(genes, preset=preset, random_state=seed)
     models["untrained"].to("cuda" if torch.cuda.is_available() else "cpu")
     infos["untrained"] = {"cond_drop": "-", "steps": 0, "images_seen": 0, "train_s": 0, "final_loss": "-"}
     res["models"] = {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in infos.items()}
-    res["history"] = {k: v.get("history", []) for k, v in infos.items()}
-    report.put("trial", res)
+    report.put("cell", res)
 
-    test = tables["spot_section"] == TEST
-    held = TileArrays(spots[test], X=tables["Y"][test], genes=genes, name=TEST, tile_size_um=112.0)
+    test = tables["spot_section"] == fold
+    held = TileArrays(spots[test], X=tables["Y"][test], genes=genes, name=fold, tile_size_um=112.0)
     rows, feats = [], {}
     for name, m in models.items():
         ev = m.evaluate(held, sigmas=SIGMAS, max_tiles=None)
@@ -443,121 +463,22 @@ def section_trial(args, report: Report, data: Path, out: Path, work: Path) -> di
         log(f"{name}: features {feats[name].shape}, conditioning gain at sigma 0.5: "
             f"{float(ev.loc[ev['sigma'] == 0.5, 'gain'].iloc[0]):+.4f}")
     res["conditioning"] = rows
-    np.savez_compressed(out / "trial_features.npz", spot_id=tables["spot_id"], spot_section=tables["spot_section"],
-                        **{k: v.astype(np.float16) for k, v in feats.items()})
+    meta = dict(report.data["meta"], card=(report.data["sections"].get("env") or {}).get("device"),
+                call_s=round(time.perf_counter() - T0, 1), fold=fold, seed=seed, steps=args.steps,
+                preset=preset.name, image_size=preset.image_size, batch_size=preset.batch_size,
+                compile=preset.compile, train=list(train))
+    curves = {f"loss_{k}": np.array([[h["step"], h["loss"]] for h in v.get("history", [])], np.float32).reshape(-1, 2)
+              for k, v in infos.items() if k != "untrained"}
+    path = out / f"cell_{fold}_s{seed}.npz"
+    tmp = out / f".{path.name}.tmp.npz"
+    np.savez_compressed(tmp, spot_id=tables["spot_id"], spot_section=tables["spot_section"],
+                        meta=np.array(json.dumps(meta | {"models": res["models"]})),
+                        conditioning=np.array(json.dumps(rows)), **curves,
+                        **{f"feat_{k}": v.astype(np.float16) for k, v in feats.items()})
+    tmp.replace(path)
+    res["file"] = path.name
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return res
-
-
-def section_stage2(out: Path, data: Path) -> dict:
-    """The stage-2 table from the saved trial features (CPU work; ``--stage2-only`` runs just this)."""
-    with np.load(out / "trial_features.npz") as z:
-        feats = {k: z[k].astype(np.float32) for k in z.files if k not in ("spot_id", "spot_section")}
-    rows, paired = stage2(load_tables(data), feats)
-    return {"rows": rows, "paired": paired}
-
-
-def _scaled(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from dbk.core import InputScaler
-
-    sc = InputScaler.fit(xtr)
-    return sc.transform(xtr), sc.transform(xte)
-
-
-def stage2(tables: dict, feats: dict) -> list[dict]:
-    """Reduced-rank + context ridge on B4 for FM alone and FM fused with each model's diffusion features."""
-    import anndata as ad
-
-    from dbk.tl import RidgeBaseline, nan_pearson, neighbor_mean
-
-    sec = tables["spot_section"]
-    tr, te = np.isin(sec, TRAIN), sec == TEST
-    um = dict(zip(tables["sections"], tables["um_per_px"], strict=True))
-    b = tables["spot_box"].astype(np.float64)
-    px = np.array([um[s] for s in sec])[:, None]
-    centres = np.column_stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2]) * px
-    y = tables["Y"].astype(np.float64)
-    var = y[tr].var(axis=0)
-    top = np.argsort(-var, kind="stable")[:50]
-
-    def block(x):
-        x = np.asarray(x, np.float64)
-        return np.hstack([x, neighbor_mean(centres, x, CONTEXT_UM, sec)])
-
-    blocks = {"fm": block(tables["fm"])} | {k: block(v) for k, v in feats.items()}
-    configs = [("FM (EfficientNet-Lite0)", ["fm"])] + [(f"FM + diffusion ({k})", ["fm", k]) for k in feats] + \
-        [(f"diffusion alone ({k})", [k]) for k in feats]
-    def fit_predict(keys, rows_tr, rows_te):
-        parts = [_scaled(blocks[k][rows_tr], blocks[k][rows_te]) for k in keys]
-        a_tr = ad.AnnData(X=y[rows_tr].astype(np.float32))
-        a_tr.obs["sample"] = sec[rows_tr]
-        a_tr.obsm["X"] = np.hstack([p[0] for p in parts])
-        a_te = ad.AnnData(X=y[rows_te].astype(np.float32))
-        a_te.obsm["X"] = np.hstack([p[1] for p in parts])
-        model = RidgeBaseline("cv", rank="auto", random_state=0).fit(a_tr, use_rep="X", groups="sample")
-        return model, model.predict(a_te).to_numpy(np.float64)
-
-    def record(label, pred, t, **extra):
-        preds[label] = pred
-        r = nan_pearson(y[te], pred, axis=0)
-        rows.append({"features": label, "pearson_mean_all": float(np.nanmean(r)),
-                     "pearson_mean_top50_hvg": float(np.nanmean(r[top])), **extra,
-                     "per_gene": [float(v) for v in r], "seconds": round(time.perf_counter() - t, 1)})
-        log(f"stage 2 {label}: pearson_mean_all {rows[-1]['pearson_mean_all']:.4f}")
-
-    rows, preds = [], {}
-    for label, keys in configs:
-        t = time.perf_counter()
-        model, pred = fit_predict(keys, tr, te)
-        record(label, pred, t, rank=model.rank_ or "full", alpha=float(model.alpha_))
-    # late fusion: dbk's RidgeFusionRegressor(blend="late"): one ridge per block (own alpha and rank), the FM
-    # weight of the blended prediction chosen by the same inner folds (training sections only)
-    from dbk.tl import RidgeFusionRegressor
-
-    for k in feats:
-        t = time.perf_counter()
-        fm_tr, fm_te = _scaled(blocks["fm"][tr], blocks["fm"][te])
-        d_tr, d_te = _scaled(blocks[k][tr], blocks[k][te])
-        a_tr = ad.AnnData(X=y[tr].astype(np.float32))
-        a_tr.obs["sample"] = sec[tr]
-        a_tr.obsm["X_fm"], a_tr.obsm["X_dbk_diff"] = fm_tr, d_tr
-        a_te = ad.AnnData(X=y[te].astype(np.float32))
-        a_te.obsm["X_fm"], a_te.obsm["X_dbk_diff"] = fm_te, d_te
-        head = RidgeFusionRegressor(rank="auto", blend="late", random_state=0).fit(a_tr, use_rep="X_fm",
-                                                                                  groups="sample")
-        record(f"late fusion FM & diffusion ({k})", head.predict(a_te).to_numpy(np.float64), t, rank="-",
-               alpha=float("nan"), fm_weight=head.blend_weight_)
-    return rows, paired_bootstrap(y[te], preds, _pairs(list(feats)))
-
-
-def _pairs(models: list[str]) -> list[tuple[str, str]]:
-    """The comparisons that decide the trial: with vs without genes, trained vs untrained, each vs FM alone."""
-    out = []
-    for prefix in ("diffusion alone", "FM + diffusion", "late fusion FM & diffusion"):
-        lab = {m: f"{prefix} ({m})" for m in models}
-        if "cond" in lab and "nocond" in lab:
-            out.append((lab["cond"], lab["nocond"]))
-        if "nocond" in lab and "untrained" in lab:
-            out.append((lab["nocond"], lab["untrained"]))
-        out += [(lab[m], "FM (EfficientNet-Lite0)") for m in models]
-    return out
-
-
-def paired_bootstrap(y: np.ndarray, preds: dict, pairs: list[tuple[str, str]], n_boot: int = 1000,
-                     seed: int = 0) -> list[dict]:
-    """Difference of mean Pearson (785 genes) between two predictions, with a 95% interval from resampling the test
-    tiles (the same resample for both, so the interval is of the paired difference)."""
-    from dbk.tl import nan_pearson
-
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
-    out = []
-    for a, b in pairs:
-        d = np.array([np.nanmean(nan_pearson(y[i], preds[a][i], axis=0)) - np.nanmean(nan_pearson(y[i], preds[b][i],
-                      axis=0)) for i in idx])
-        full = float(np.nanmean(nan_pearson(y, preds[a], axis=0)) - np.nanmean(nan_pearson(y, preds[b], axis=0)))
-        out.append({"a": a, "b": b, "diff": full, "ci_low": float(np.nanpercentile(d, 2.5)),
-                    "ci_high": float(np.nanpercentile(d, 97.5)), "p_le_0": float(np.mean(d <= 0))})
-    return out
 
 
 # ---- throughput ----------------------------------------------------------------------------------------------------
@@ -677,26 +598,38 @@ def section_throughput(args, report: Report, peak_tflops: float | None) -> dict:
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 
+def _commit() -> str:
+    """The dbk commit of this tree (``--commit`` where the tree travelled without its ``.git``)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except Exception:  # no git, or a copy of the tree without .git (the device machine)
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="folder written by benchmarks/device_data.py")
     ap.add_argument("--out", type=Path, default=Path("device_check_out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, synthetic data, tiny preset, seconds-long budgets")
     ap.add_argument("--budget-s", type=float, default=530.0, help="wall budget of the whole call")
-    ap.add_argument("--trial-s", type=float, default=None, help="training seconds of each trial model "
-                    "(default 200; dry run 8)")
-    ap.add_argument("--sections", default="env,tests,trial,throughput")
+    ap.add_argument("--cell", default="B4:0", help="the trial cell FOLD:SEED (test section, seed; default B4:0)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stage-1 steps of each trained model of the cell (default 250; dry run 6)")
+    ap.add_argument("--commit", default=None, help="dbk commit recorded in the cell (default: git rev-parse HEAD)")
+    ap.add_argument("--sections", default="env,cell", help="comma-separated: env, tests, cell, throughput")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default <out>/work)")
-    ap.add_argument("--stage2-only", action="store_true",
-                    help="recompute the stage-2 table from <out>/trial_features.npz and --data (needs anndata)")
     ap.add_argument("--configs", default=None,
                     help=f"throughput configurations, 'preset[:field=value,...];...' (default {DEFAULT_CONFIGS!r})")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dry_run:  # the compile path through dynamo, without minutes of CPU code generation
         os.environ.setdefault("DBK_COMPILE_BACKEND", "eager")
-    if args.trial_s is None:
-        args.trial_s = 8.0 if args.dry_run else 200.0
+    if args.steps is None:
+        args.steps = 6 if args.dry_run else 250
+    if args.steps < 1:
+        sys.exit(f"--steps must be >= 1, got {args.steps}.")
     sys.path.insert(0, str(REPO / "src"))
     if args.worker:
         worker(args)
@@ -708,37 +641,28 @@ def main() -> None:
         args.data = make_dry_data(work / "data")
     if args.data is None:
         sys.exit("--data is required (the folder benchmarks/device_data.py writes), or use --dry-run.")
-    if args.stage2_only:
-        res = section_stage2(out, args.data)
-        print("\n".join(_stage2_md(res)))
-        (out / "stage2.json").write_text(json.dumps(res, indent=1))
-        return
+    parse_cell(args.cell, load_tables(args.data)["sections"])  # a bad --cell fails before any work
     import torch
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": args.dry_run,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "commit": args.commit or _commit()}
     report = Report(out, meta)
     report.save()
     sections = args.sections.split(",")
+    unknown = set(sections) - {"env", "tests", "cell", "throughput"}
+    if unknown:
+        sys.exit(f"Unknown sections {sorted(unknown)}; choose from env, tests, cell, throughput.")
     env = run_section(report, "env", section_env, args.dry_run) if "env" in sections else None
     if "tests" in sections:
         # on the device the GPU tests take ~75 s and must fit the budget; a dry run on a busy CPU takes minutes
         run_section(report, "tests", section_tests, out, args.dry_run,
                     timeout=900.0 if args.dry_run else max(30.0, min(150.0, left(args.budget_s))))
-    if "trial" in sections:
-        need = args.trial_s + (60 if args.dry_run else 120)
-        if left(args.budget_s) < need:
-            report.put("trial", {"skipped": f"{left(args.budget_s):.0f} s left, {need:.0f} s needed"})
-        else:
-            run_section(report, "trial", section_trial, args, report, args.data, out, work)
+    if "cell" in sections:
+        run_section(report, "cell", section_cell, args, report, args.data, out, work)
     if "throughput" in sections:
         run_section(report, "throughput", section_throughput, args, report, (env or {}).get("matmul_tflops"))
-    if "trial" in sections and (out / "trial_features.npz").exists():
-        if left(args.budget_s) < 60 and not args.dry_run:
-            report.put("stage2", {"skipped": f"{left(args.budget_s):.0f} s left; run --stage2-only afterwards"})
-        else:
-            run_section(report, "stage2", section_stage2, out, args.data)
     log(f"done; results in {out}/device_check.md")
     print((out / "device_check.md").read_text(), flush=True)
 
