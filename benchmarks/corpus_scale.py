@@ -1,10 +1,10 @@
-"""Corpus preparation (dbk.pp.prepare): per-slide time and peak memory of each step, and 1 vs 2 dask workers.
+"""Corpus preparation (dbk.tl.prepare_corpus): per-slide time and peak memory of each step, and 1 vs 2 dask workers.
 
     python benchmarks/corpus_scale.py                                   # all three parts (~12 min on 2 cores)
     python benchmarks/corpus_scale.py --sizes 4096 8192 --full 40000 --scale-size 2048 --scale-slides 4
 
 Part 1 ("per slide"): a synthetic slide of each ``--sizes`` side (0.5 µm/px) is written to a zarr store first (not
-timed), then prepared from that store by the worker function of ``dbk.pp.prepare`` (``prepare_one``: read ->
+timed), then prepared from that store by the worker function of ``dbk.tl.prepare_corpus`` (``prepare_one``: read ->
 tissue -> tiles -> pseudo-bulk -> embeddings -> atomic write), in a fresh process, with 2 torch / dask threads,
 112 µm tiles and EfficientNet-Lite0 at 224 px. Peak RSS is sampled every 20 ms during each step (absolute RSS of
 the process, not a high-water mark carried over from earlier steps).
@@ -15,8 +15,8 @@ measured; embeddings and write are EXTRAPOLATED from the largest part-1 slide (p
 rendering and writing 1.6 G synthetic pixels takes far longer than this benchmark's budget on 2 cores.
 
 Part 3 ("workers"): ``--scale-slides`` slides of ``--scale-size`` px, from zarr stores, prepared by
-``dbk.pp.prepare`` in this process (``client=None``, 2 threads), on a LocalCluster of 1 worker (2 threads per slide)
-and of 2 workers (1 thread each); each configuration in a fresh process, cluster start-up timed apart.
+``dbk.tl.prepare_corpus`` in this process (``client=None``, 2 threads), on a LocalCluster of 1 worker (2 threads per
+slide) and of 2 workers (1 thread each); each configuration in a fresh process, cluster start-up timed apart.
 
 No assertions: the script prints tables (markdown) for docs/scale.md.
 """
@@ -110,7 +110,7 @@ def one_slide(size: int, src: str, dest: str, threads: int) -> None:
     import torch  # noqa: F401
 
     import dbk.tl._embed  # noqa: F401
-    from dbk.pp._corpus import prepare_one
+    from dbk.tl._corpus import prepare_one
 
     hook = PeakRSS()
     baseline = hook.proc.memory_info().rss / 2**20
@@ -153,7 +153,7 @@ def full_slide(size: int, threads: int) -> None:
 
 
 def scale_run(mode: str, inputs: list[str], out: str) -> None:
-    """``dbk.pp.prepare`` of the inputs: mode ``none`` (this process), ``1`` or ``2`` LocalCluster workers."""
+    """``dbk.tl.prepare_corpus`` of the inputs: mode ``none`` (this process), ``1`` or ``2`` LocalCluster workers."""
     dbk = _quiet()
     import resource
 
@@ -168,8 +168,8 @@ def scale_run(mode: str, inputs: list[str], out: str) -> None:
         client = Client(cluster)
         startup = time.perf_counter() - t
     t = time.perf_counter()
-    rep = dbk.pp.prepare(inputs, out=out, tile_size_um=TILE_UM, fm=FM, fm_size_px=FM_SIZE_PX, client=client,
-                         threads=threads, accelerator="cpu")
+    rep = dbk.tl.prepare_corpus(inputs, out=out, tile_size_um=TILE_UM, fm=FM, fm_size_px=FM_SIZE_PX,
+                                client=client, threads=threads, accelerator="cpu")
     wall = time.perf_counter() - t
     if client is None:
         peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]

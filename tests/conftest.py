@@ -32,8 +32,12 @@ def her2st_dir() -> Path:
 
 
 def _io_write_hest_sample(root: Path, sample_id: str = "TINY1"):
-    """Write wsis/, metadata/, st/, transcripts/ and xenium_seg/ for one tiny HEST sample; return what was written."""
-    import json
+    """Write wsis/, metadata/, st/, transcripts/ and xenium_seg/ for one tiny HEST sample; return what was written.
+
+    wsis/, st/ and metadata/ go through dbk's HEST writer (the one dbk.datasets.hest_from_her2st uses), with the
+    levels as given (level 1 is not a downsampled level 0: a reader that recomputes it is caught) and no
+    compression; transcripts/ and xenium_seg/ are written here.
+    """
     from types import SimpleNamespace
 
     import anndata as ad
@@ -43,18 +47,16 @@ def _io_write_hest_sample(root: Path, sample_id: str = "TINY1"):
     import pyarrow.parquet as pq
     import scipy.sparse as sp
     import shapely
-    import tifffile
+
+    from dbk.datasets._hest_local import write_hest_files
 
     h, w = 768, 1024
     yy, xx = np.mgrid[0:h, 0:w]
     level0 = np.stack([(xx // 4) % 256, (yy // 3) % 256, np.full_like(xx, 7)], axis=-1).astype(np.uint8)
     yy1, xx1 = np.mgrid[0 : h // 2, 0 : w // 2]
     level1 = np.stack([(xx1 * 7) % 256, (yy1 * 5) % 256, np.full_like(xx1, 200)], axis=-1).astype(np.uint8)
-    for sub in ("wsis", "metadata", "st", "transcripts", "xenium_seg"):
+    for sub in ("transcripts", "xenium_seg"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(root / "wsis" / f"{sample_id}.tif") as tw:
-        tw.write(level0, tile=(256, 256), photometric="rgb", subifds=1)
-        tw.write(level1, tile=(256, 256), photometric="rgb", subfiletype=1)
 
     metadata = {
         "pixel_size_um_estimated": 0.5,
@@ -64,7 +66,6 @@ def _io_write_hest_sample(root: Path, sample_id: str = "TINY1"):
         "st_technology": "Xenium",
         "not_a_number": float("nan"),
     }
-    (root / "metadata" / f"{sample_id}.json").write_text(json.dumps(metadata))
 
     spots_xy = np.array([[100.0, 120.0], [300.5, 120.0], [500.0, 400.25], [900.0, 700.0], [50.0, 600.0]])
     counts = np.array([[1, 0, 3, 0], [0, 2, 0, 0], [5, 5, 5, 5], [0, 0, 0, 9], [4, 0, 1, 0]], dtype=np.int64)
@@ -72,7 +73,8 @@ def _io_write_hest_sample(root: Path, sample_id: str = "TINY1"):
     barcodes = [f"spot{i}-1" for i in range(len(spots_xy))]
     st = ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=genes))
     st.obsm["spatial"] = spots_xy
-    st.write_h5ad(root / "st" / f"{sample_id}.h5ad")
+    write_hest_files(root, sample_id, levels=[level0, level1], spots=st, metadata=metadata, pixel_size_um=0.5,
+                     record={"builder": "tests/conftest.py"}, compression=None)
 
     rng = np.random.default_rng(0)
     n = 1000

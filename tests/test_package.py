@@ -29,7 +29,7 @@ def test_import_is_light_and_quick():
 def test_settings_validate():
     s = dbk.settings
     old = s.verbosity
-    s.verbosity = 3
+    s.verbosity = 4  # scanpy's scale: 3 is 'hint', 4 'debug'
     import logging
 
     assert logging.getLogger("dbk").level == logging.DEBUG

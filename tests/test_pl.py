@@ -117,7 +117,7 @@ def test_spatial_scale_of_a_rarely_detected_gene():
 def test_scatter_identity_and_r(predicted_sdata):
     a = predicted_sdata.tables["dbk_table"]
     fig, ax = plt.subplots()
-    assert dbk.pl.scatter(a, "A", ax=ax, show=False) is None
+    assert dbk.pl.scatter(a, "A", ax=ax, show=False) is ax  # scanpy's rule: not shown, the axes come back
     assert f"r = {_r(a, 'A'):.2f}" in ax.get_title()
     (line,) = [ln for ln in ax.lines if ln.get_label() == "_identity"]
     xs, ys = line.get_data()
@@ -254,7 +254,7 @@ def test_generated_arrays_axes_and_errors(pretrainer):
     rows = sdata.tables["dbk_table"][:2]
     real = np.zeros((2, 40, 40, 3), np.uint8)
     fig, axes = plt.subplots(2, 2)
-    assert dbk.pl.generated(model, rows, real, n_steps=2, ax=axes, show=False) is None
+    assert dbk.pl.generated(model, rows, real, n_steps=2, ax=axes, show=False) == list(axes.ravel())
     assert [ax.get_title() for ax in axes[0]] == ["real", "generated"]
     assert axes[1, 0].images[0].get_array().shape == (40, 40, 3)
     plt.close(fig)

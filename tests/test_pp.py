@@ -267,3 +267,111 @@ def test_pseudobulk_int32_flush_keeps_counts_exact(monkeypatch):
     adata = sdata.tables["dbk_table"]
     expected = brute_counts(df, dbk.pp.tile_bounds(sdata), list(adata.var_names))
     np.testing.assert_array_equal(adata.layers["counts"].toarray(), expected)
+
+
+# ---- what the tissue filter drops: make_tiles reads no points, pseudobulk counts them in its own pass ----------------
+
+
+def _counted_points(sdata, df, npartitions=5):
+    """Replace the transcripts by the same rows read through a function that records each partition it serves."""
+    import uuid
+
+    import dask.dataframe as dd
+    from spatialdata.models import PointsModel
+    from spatialdata.transformations import get_transformation
+
+    reads: list[int] = []
+    step = -(-len(df) // npartitions)
+
+    def part(i, _nonce):
+        reads.append(i)
+        return df.iloc[i * step : (i + 1) * step]
+
+    # a fresh argument: dask would otherwise reuse an earlier call's graph (same data, same function name)
+    ddf = dd.from_map(part, range(npartitions), args=[uuid.uuid4().hex], meta=df.iloc[:0])
+    tr = dict(get_transformation(sdata.points["transcripts"], get_all=True))
+    sdata.points["transcripts"] = PointsModel.parse(ddf, feature_key="feature_name", transformations=tr, sort=True)
+    reads.clear()
+    return reads
+
+
+@pytest.mark.parametrize("min_tissue_fraction", [0.0, 0.5])
+def test_make_tiles_reads_no_points(min_tissue_fraction):
+    sdata, df = make_sdata(20_000)
+    reads = _counted_points(sdata, df)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0, min_tissue_fraction=min_tissue_fraction)
+    assert reads == []  # not one partition of the transcripts read, whether tiles were dropped or not
+    filt = sdata.shapes["dbk_tiles"].attrs["dbk"]["tissue_filter"]
+    assert filt["n_tiles_in_grid"] == 8 * 12
+    assert filt["n_tiles_dropped"] == 8 * 12 - len(sdata.shapes["dbk_tiles"])
+    if min_tissue_fraction == 0.0:  # nothing dropped: nothing lost, said without reading anything
+        assert filt["n_tiles_dropped"] == 0 and filt["n_dropped"] == 0 and filt["fraction_dropped"] == 0.0
+        dbk.pp.pseudobulk(sdata)
+        assert "tissue_filter" not in sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]
+    else:
+        assert filt["n_tiles_dropped"] > 0 and "n_dropped" not in filt  # counted by pseudobulk, not sampled here
+        dbk.pp.pseudobulk(sdata)
+        assert "tissue_filter" in sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]
+    assert sorted(reads) == list(range(5))  # pseudobulk read each partition once, the report included
+
+
+def _in_tiles(x, y, bounds):
+    inside = np.zeros(len(x), bool)
+    for x0, y0, x1, y1 in bounds:
+        inside |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+    return inside
+
+
+@pytest.mark.parametrize("stride_um", [None, 28.0, 84.0])  # tiles side by side, overlapping, with gaps
+def test_pseudobulk_reports_the_transcripts_in_dropped_tiles_exactly(stride_um, dbk_log):
+    import logging
+
+    dbk_log.set_level(logging.INFO, logger="dbk")
+    sdata, df = make_sdata(30_000)  # transcripts only (no cells, no spots), points on tile edges included
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0, stride_um=stride_um)
+    meta = sdata.shapes["dbk_tiles"].attrs["dbk"]
+    stride, (n_rows, n_cols) = meta["grid"]["stride_px"], (meta["grid"]["n_rows"], meta["grid"]["n_cols"])
+    assert stride == (112 if stride_um is None else int(stride_um * 2))
+    dbk_log.clear()
+    dbk.pp.pseudobulk(sdata)  # min_qv=20, control probes left out: the report counts the transcripts the table counts
+    rec = sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]["tissue_filter"]
+    x, y = df["x"].to_numpy(np.float64), df["y"].to_numpy(np.float64)
+    ok = (df["qv"].to_numpy() >= 20) & df["feature_name"].isin(["A", "B", "C", "D"]).to_numpy()
+    grid = np.array([(c * stride, r * stride, c * stride + 112, r * stride + 112)
+                     for r in range(n_rows) for c in range(n_cols)])
+    in_grid = ok & _in_tiles(x, y, grid)
+    kept = ok & _in_tiles(x, y, dbk.pp.tile_bounds(sdata))
+    n_grid, n_dropped = int(in_grid.sum()), int((in_grid & ~kept).sum())
+    assert 0 < n_dropped < n_grid
+    assert rec["n_in_grid"] == n_grid and rec["n_dropped"] == n_dropped
+    assert rec["fraction_dropped"] == pytest.approx(n_dropped / n_grid)
+    assert rec["n_tiles_dropped"] == n_rows * n_cols - len(sdata.shapes["dbk_tiles"])
+    assert rec["min_tissue_fraction"] == 0.5
+    assert rec["objects"] == "transcripts of 'transcripts' passing the quality filter"
+    (msg,) = [r.getMessage() for r in dbk_log.records if "tissue fraction <" in r.getMessage()]
+    assert (f"pseudobulk: dropping the tiles with tissue fraction < 0.5 drops {n_dropped / n_grid:.1%} of the "
+            f"transcripts of 'transcripts' passing the quality filter in the grid ({n_dropped:,} of {n_grid:,}), "
+            "which were not counted") in msg
+
+
+def test_pseudobulk_dropped_tile_report_warns_and_skips_changed_tiles(dbk_log):
+    import logging
+
+    dbk_log.set_level(logging.INFO, logger="dbk")
+    sdata, _ = make_sdata(20_000)
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0, min_tissue_fraction=0.99)  # drops the tiles on the tissue's edges
+    dbk_log.clear()
+    dbk.pp.pseudobulk(sdata)
+    rec = sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]["tissue_filter"]
+    assert rec["fraction_dropped"] > 0.25
+    (msg,) = [r.getMessage() for r in dbk_log.records if r.levelno == logging.WARNING and "tissue fraction <" in
+              r.getMessage()]
+    assert f"drops {rec['fraction_dropped']:.1%} of the" in msg and "The tissue mask may miss tissue" in msg
+    # tiles removed by hand after make_tiles: their transcripts are not blamed on the tissue filter
+    tiles = sdata.shapes["dbk_tiles"]
+    sdata.shapes["dbk_tiles"] = tiles.iloc[: len(tiles) // 2]
+    assert sdata.shapes["dbk_tiles"].attrs["dbk"]["tissue_filter"]["n_tiles_dropped"] > 0
+    dbk_log.clear()
+    dbk.pp.pseudobulk(sdata)
+    assert "tissue_filter" not in sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]
+    assert any("are not the" in r.getMessage() and "not counted" in r.getMessage() for r in dbk_log.records)

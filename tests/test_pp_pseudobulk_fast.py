@@ -355,3 +355,27 @@ def test_sample_name_from_the_reader(transcripts):
     assert list(sdata.tables["dbk_table"].obs["sample"].unique()) == ["from_attrs"]
     dbk.pp.pseudobulk(sdata, sample="given")
     assert list(sdata.tables["dbk_table"].obs["sample"].unique()) == ["given"]
+
+
+def test_both_readers_count_the_transcripts_in_tiles_the_tissue_filter_dropped(transcripts, monkeypatch):
+    """The dropped tiles' transcripts are counted in pseudobulk's own pass, the same by both readers, exactly."""
+    from spatialdata.models import Labels2DModel
+
+    path, df = transcripts
+    sdata = _sdata(_read(path))
+    mask = np.zeros((W, W), np.uint8)
+    mask[:, : 3 * TILE + TILE // 3] = 1  # columns 0-2 of tiles are tissue; column 3 a third, 4 and 5 none
+    sdata.labels["my_tissue"] = Labels2DModel.parse(mask, dims=("y", "x"), transformations={"global": Identity()})
+    dbk.pp.make_tiles(sdata, tile_size_um=None, tile_size_px=TILE, tissue_key="my_tissue")
+    assert len(sdata.shapes["dbk_tiles"]) == 3 * SIDE
+    fast, slow = _both(sdata, monkeypatch)
+    assert fast.uns["dbk"]["pseudobulk"]["reader"] == "parquet"
+    rec = fast.uns["dbk"]["pseudobulk"]["tissue_filter"]
+    assert rec == slow.uns["dbk"]["pseudobulk"]["tissue_filter"]
+    x, y = df["he_x"].to_numpy(np.float64), df["he_y"].to_numpy(np.float64)
+    ok = (df["qv"].to_numpy(np.float64) >= 20) & df["feature_name"].isin(GENES).to_numpy()  # NaN qv, NaN x fail
+    in_grid = ok & (x >= 0) & (x < W) & (y >= 0) & (y < W)
+    in_kept = in_grid & (x < 3 * TILE)
+    assert rec["n_tiles_dropped"] == 3 * SIDE
+    assert rec["n_in_grid"] == in_grid.sum() and rec["n_dropped"] == (in_grid & ~in_kept).sum()
+    assert int(fast.layers["counts"].sum()) == in_kept.sum()

@@ -135,20 +135,21 @@ def test_make_tiles_reports_what_the_tissue_filter_drops(log):
     assert "The tissue mask may miss tissue" in msg
 
 
-def test_make_tiles_measures_the_loss_on_a_sample_of_the_transcripts():
+def test_pseudobulk_measures_the_loss_on_all_the_transcripts():
     from _builders import make_sdata
 
     sdata, df = make_sdata(20_000)  # no cells, no spots: transcripts, uniform over a 1000 x 1400 image
-    dbk.pp.make_tiles(sdata, tile_size_um=56.0)
-    meta = sdata.shapes["dbk_tiles"].attrs["dbk"]["tissue_filter"]
-    assert meta["objects"].startswith("transcripts (a sample of 20,000 from 5 of 5 partitions)")
+    dbk.pp.make_tiles(sdata, tile_size_um=56.0)  # reads no transcripts: pseudobulk counts those it dropped
+    dbk.pp.pseudobulk(sdata, min_qv=None, keep_controls=True)  # every transcript counts
+    meta = sdata.tables["dbk_table"].uns["dbk"]["pseudobulk"]["tissue_filter"]
+    assert meta["objects"] == "transcripts of 'transcripts'"
     b = dbk.pp.tile_bounds(sdata)
     x, y = df["x"].to_numpy(), df["y"].to_numpy()
     in_grid = (x < 1400 // 112 * 112) & (y < 1000 // 112 * 112)
     kept = np.zeros(len(x), bool)
     for x0, y0, x1, y1 in b:
         kept |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-    assert meta["n_in_grid"] == in_grid.sum()
+    assert meta["n_in_grid"] == in_grid.sum() and meta["n_dropped"] == in_grid.sum() - kept.sum()
     assert meta["fraction_dropped"] == pytest.approx(1 - kept.sum() / in_grid.sum())
 
 

@@ -429,7 +429,7 @@ def test_prepare_marker_is_inside_the_store_and_a_foreign_folder_fails_alone(tmp
     out = tmp_path / "out"
     (out / "a.zarr").mkdir(parents=True)
     (out / "a.zarr" / "thesis.tex").write_text("mine")
-    report = dbk.pp.prepare(slides, out=out, tile_size_um=56.0, fm_size_px=32, threads=1)
+    report = dbk.tl.prepare_corpus(slides, out=out, tile_size_um=56.0, fm_size_px=32, threads=1)
     assert report["status"].tolist() == ["failed", "done"]
     assert "is not a store dbk prepare wrote" in report["error"][0]
     assert (out / "a.zarr" / "thesis.tex").read_text() == "mine"
@@ -451,7 +451,7 @@ def test_prepare_checks_the_output_is_writable_before_reading(tmp_path, monkeypa
 
     monkeypatch.setattr(tempfile, "mkstemp", no_write)  # what a read-only folder gives (also to root)
     with pytest.raises(PermissionError, match=r"prepare: cannot write into .*out .*no slide was read"):
-        dbk.pp.prepare({"s": slide}, out=tmp_path / "out")
+        dbk.tl.prepare_corpus({"s": slide}, out=tmp_path / "out")
     assert read == []
 
 

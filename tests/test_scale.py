@@ -1,5 +1,5 @@
-"""Scale out on existing engines: stage 1 on several processes (torchrun / accelerate launch), and dbk.pp.prepare /
-``dbk prepare``, a corpus slide by slide on a dask.distributed LocalCluster.
+"""Scale out on existing engines: stage 1 on several processes (torchrun / accelerate launch), and
+dbk.tl.prepare_corpus / ``dbk prepare``, a corpus slide by slide on a dask.distributed LocalCluster.
 
 Tiny synthetic slides (512 x 512 px, 56 µm tiles, 32 px embeddings) keep the whole file to about a minute or two on
 two cores. The cluster run must give the very tables of an in-process run; a rerun skips what is done and redoes
@@ -77,7 +77,7 @@ def client():
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential")
-    return out, dbk.pp.prepare(_slides(), out=out, **KW)
+    return out, dbk.tl.prepare_corpus(_slides(), out=out, **KW)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def clustered(tmp_path_factory, client):
     out = tmp_path_factory.mktemp("clustered")
     bad = _garbage_zarr(tmp_path_factory.mktemp("inputs") / "broken.zarr")
     slides = [*_slides().values(), bad]
-    return out, dbk.pp.prepare(slides, names=[*NAMES, "broken"], out=out, client=client, **KW)
+    return out, dbk.tl.prepare_corpus(slides, names=[*NAMES, "broken"], out=out, client=client, **KW)
 
 
 def test_sequential_run_writes_complete_stores(sequential):
@@ -126,7 +126,7 @@ def test_a_killed_run_resumes(sequential, clustered, client, tmp_path):
     src, _ = clustered
     out = tmp_path / "corpus"
     shutil.copytree(src, out)
-    again = dbk.pp.prepare(_slides(), out=out, client=client, **KW)
+    again = dbk.tl.prepare_corpus(_slides(), out=out, client=client, **KW)
     assert (again["status"] == "skipped").all() and again["n_tiles"].tolist() == clustered[1]["n_tiles"][:3].tolist()
 
     # killed before s1's store landed (its marker is written inside it, so a store without one is not dbk's and is
@@ -135,7 +135,7 @@ def test_a_killed_run_resumes(sequential, clustered, client, tmp_path):
     shutil.rmtree(out / "s2.zarr")
     (out / ".s2.zarr.k1ll3d.tmp" / "s2.zarr" / "images").mkdir(parents=True)  # what the atomic writer leaves
     before = (out / "s0.zarr" / MARKER).stat().st_mtime_ns
-    resumed = dbk.pp.prepare(_slides(), out=out, client=client, **KW)
+    resumed = dbk.tl.prepare_corpus(_slides(), out=out, client=client, **KW)
     assert resumed.set_index("name")["status"].to_dict() == {"s0": "skipped", "s1": "done", "s2": "done"}
     assert (out / "s0.zarr" / MARKER).stat().st_mtime_ns == before
     for name in ("s1", "s2"):
@@ -147,10 +147,10 @@ def test_other_settings_need_overwrite(sequential, tmp_path):
     out = tmp_path / "corpus"
     shutil.copytree(src / "s0.zarr", out / "s0.zarr")
     slide = {"s0": _slides()["s0"]}
-    refused = dbk.pp.prepare(slide, out=out, **{**KW, "fm_size_px": 64})
+    refused = dbk.tl.prepare_corpus(slide, out=out, **{**KW, "fm_size_px": 64})
     assert refused["status"].tolist() == ["failed"]
     assert "other settings (fm_size_px: 32 -> 64)" in refused["error"][0] and "overwrite=True" in refused["error"][0]
-    redone = dbk.pp.prepare(slide, out=out, overwrite=True, **{**KW, "fm_size_px": 64})
+    redone = dbk.tl.prepare_corpus(slide, out=out, overwrite=True, **{**KW, "fm_size_px": 64})
     assert redone["status"].tolist() == ["done"]
     assert json.loads((out / "s0.zarr" / MARKER).read_text())["settings"]["fm_size_px"] == 64
 
@@ -159,7 +159,7 @@ def test_a_slide_that_raises_does_not_stop_the_others(tmp_path):
     def broken():
         raise RuntimeError("scanner file truncated")
 
-    report = dbk.pp.prepare({"broken": broken, "s2": _slides()["s2"]}, out=tmp_path, **KW)
+    report = dbk.tl.prepare_corpus({"broken": broken, "s2": _slides()["s2"]}, out=tmp_path, **KW)
     assert report["status"].tolist() == ["failed", "done"]
     assert report["error"][0] == "read: RuntimeError: scanner file truncated"
     assert "in broken" in report["traceback"][0]
@@ -168,12 +168,12 @@ def test_a_slide_that_raises_does_not_stop_the_others(tmp_path):
 def test_a_hest_folder_gives_one_slide_per_sample(io_hest_sample, tmp_path):
     root = io_hest_sample.root
     out = tmp_path / "corpus"
-    report = dbk.pp.prepare(root, out=out, **KW)  # every sample of the HEST download
+    report = dbk.tl.prepare_corpus(root, out=out, **KW)  # every sample of the HEST download
     assert report["name"].tolist() == ["TINY1"] and report["status"].tolist() == ["done"], report["error"].tolist()
     assert (_table(out / "TINY1.zarr").obs["sample"] == "TINY1").all()
-    again = dbk.pp.prepare(root / "TINY1", out=out, **KW)  # <hest root>/<sample id>
+    again = dbk.tl.prepare_corpus(root / "TINY1", out=out, **KW)  # <hest root>/<sample id>
     assert again["status"].tolist() == ["skipped"]
-    missing = dbk.pp.prepare([tmp_path / "nowhere.zarr"], out=out, **KW)
+    missing = dbk.tl.prepare_corpus([tmp_path / "nowhere.zarr"], out=out, **KW)
     assert missing["status"].tolist() == ["failed"] and "read: FileNotFoundError" in missing["error"][0]
 
 

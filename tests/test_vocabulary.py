@@ -242,7 +242,7 @@ def _trains_or_infers():
         "tl.MLPBaseline": MLPBaseline,  # trains and predicts where its constructor says
         "tl.FusionRegressor (TorchRegressor)": TorchRegressor,  # FusionRegressor(fusion=..., **TorchRegressor options)
         "pl.generated": dbk.pl.generated,
-        "pp.prepare": dbk.pp.prepare,  # a corpus up to the FM embeddings
+        "tl.prepare_corpus": dbk.tl.prepare_corpus,  # a corpus up to the FM embeddings
     }
 
 

@@ -8,10 +8,14 @@
 
 Each notebook runs in a fresh kernel of this Python, with the working directory ``tutorials/``, offline
 (``HF_HUB_OFFLINE=1``, unless ``--download``) and with ``DBK_TUTORIAL_QUICK=1`` under ``--quick`` (the notebooks
-read it). Notebooks that need the her2st data (``../shared/data/her2st`` beside the repository, or
-``$DBK_HER2ST``) are skipped, with a note, when it is absent, unless ``--download`` lets ``dbk.datasets`` fetch it.
-Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a ``--quick --write`` run,
-which the docs render). Exit status 1 if any notebook fails.
+read it). The her2st notebooks (02, 04) read the six her2st sections as HEST-1k samples (SPA137-SPA145) with
+``dbk.datasets.hest``; offline they first build them with ``dbk.datasets.hest_from_her2st`` into
+``dbk.settings.datasetdir / "hest"`` (once: a later run finds them there) from the her2st files in
+``$DBK_HER2ST``, which this script sets to ``../shared/data/her2st`` beside the repository when that folder exists
+and the variable is unset. Without those files they are skipped, with a note, unless ``--download``: the notebooks
+then run online, fetching the HEST samples from the hub (gated: accept HEST's terms and set ``HF_TOKEN``) and the
+gene list from GitHub. Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a
+``--quick --write`` run, which the docs render). Exit status 1 if any notebook fails.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ NEEDS_HER2ST = ("02_", "04_")  # notebooks that read the her2st sections
 
 
 def her2st_dir() -> Path:
-    """Where the her2st sections are expected."""
+    """Where the her2st sections are expected: ``$DBK_HER2ST``, else ``../shared/data/her2st`` beside the repo."""
     return Path(os.environ.get("DBK_HER2ST", REPO.parent / "shared" / "data" / "her2st"))
 
 
@@ -40,8 +44,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small settings (DBK_TUTORIAL_QUICK=1)")
     ap.add_argument("--write", action="store_true", help="save the executed notebooks (with outputs) in place")
     ap.add_argument("--download", action="store_true",
-                    help="run the her2st notebooks without a local copy: dbk.datasets.her2st downloads the sections "
-                         "into dbk.settings.datasetdir (needs internet the first time)")
+                    help="run online: the her2st notebooks fetch the HEST samples from the hub (gated: HF_TOKEN) "
+                         "into dbk.settings.datasetdir, and the gene list from GitHub")
     ap.add_argument("--out", type=Path, default=None, help="save the executed notebooks (with outputs) in this folder")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     ap.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: this Python's ipykernel)")
@@ -66,6 +70,8 @@ def main() -> int:
         print("No notebook selected.", file=sys.stderr)
         return 1
     has_her2st = her2st_dir().is_dir() or args.download
+    if her2st_dir().is_dir():  # the notebooks find the local copy through the variable (they name no path)
+        os.environ.setdefault("DBK_HER2ST", str(her2st_dir()))
 
     results: list[tuple[str, str, float]] = []
     failed = False

@@ -219,6 +219,18 @@ def image_shape(sdata: SpatialData, image_key: str | None = None) -> tuple[int, 
 def get_pixel_size(sdata: SpatialData, image_key: str | None = None) -> float:
     """Pixel size of the image's level 0 in µm, read from its transform to the ``"um"`` coordinate system.
 
+    Parameters
+    ----------
+    sdata
+        SpatialData with the image.
+    image_key
+        The H&E image; the only image when ``None``.
+
+    Returns
+    -------
+    float
+        Micrometres per level-0 pixel (as :func:`set_pixel_size` records it and the readers set it).
+
     Raises
     ------
     ValueError

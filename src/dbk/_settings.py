@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import re
 from pathlib import Path
 
-from ._logging import logger
+from ._logging import HINT, logger
 
-_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
+# scanpy's verbosity scale: the logger level of each verbosity, and the names settings.verbosity accepts
+_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: HINT, 4: logging.DEBUG}
+VERBOSITY_NAMES = {"error": 0, "warning": 1, "info": 2, "hint": 3, "debug": 4}
 # the device names dbk accepts, for ``settings.device`` and every ``accelerator=`` (dbk.core._device.resolve_device)
 DEVICE_NAMES = re.compile(r"auto|cpu|gpu|mps|cuda(:\d+)?")
 DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:<i>', 'gpu' or 'mps'"
@@ -51,11 +54,18 @@ class DbkSettings:
     Attributes
     ----------
     verbosity
-        0 errors, 1 warnings, 2 info (default), 3 debug; sets the level of the ``"dbk"`` logger.
+        scanpy's scale: ``0`` / ``"error"``, ``1`` / ``"warning"``, ``2`` / ``"info"`` (default), ``3`` /
+        ``"hint"`` (also hints: e.g. how many repeated messages a call did not show), ``4`` / ``"debug"`` (everything,
+        repeats and the lines of inner fits included); sets the level of the ``"dbk"`` logger. Reads back as the
+        integer. Within one call of :func:`~dbk.tl.fit_diffbulk`, :func:`~dbk.tl.benchmark`,
+        :meth:`~dbk.tl.DiffBulk.predict` or :func:`~dbk.tl.prepare_corpus`, a message is shown once below ``4``.
     seed
         Default random seed used where a function's ``random_state`` is ``None``.
     datasetdir
         Where :mod:`dbk.datasets` stores downloads (default ``$DBK_DATASETDIR`` or ``~/.cache/dbk``).
+    figdir
+        Where :mod:`dbk.pl` saves a figure whose ``save=`` is a suffix or ``True`` (default ``figures``, relative to the
+        working folder, as scanpy's ``settings.figdir``).
     device
         ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` …: what ``accelerator="auto"``
         means wherever dbk trains or infers.
@@ -74,6 +84,7 @@ class DbkSettings:
         self._verbosity = 2
         self.seed: int = 0
         self._datasetdir = Path(os.environ.get("DBK_DATASETDIR", Path.home() / ".cache" / "dbk"))
+        self._figdir = Path("figures")
         self._device = "auto"
         self.progress: bool = True
         self._n_jobs: int | None = None
@@ -84,11 +95,14 @@ class DbkSettings:
         return self._verbosity
 
     @verbosity.setter
-    def verbosity(self, value: int) -> None:
-        if value not in _LEVELS:
-            raise ValueError(f"verbosity must be one of {sorted(_LEVELS)}, got {value!r}.")
-        self._verbosity = value
-        logger.setLevel(_LEVELS[value])
+    def verbosity(self, value: int | str) -> None:
+        level = VERBOSITY_NAMES.get(value.lower()) if isinstance(value, str) else (
+            int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None)
+        if level not in _LEVELS:
+            names = ", ".join(f"{i} / {n!r}" for n, i in VERBOSITY_NAMES.items())
+            raise ValueError(f"verbosity must be one of {names}, got {value!r}.")
+        self._verbosity = level
+        logger.setLevel(_LEVELS[level])
 
     @property
     def datasetdir(self) -> Path:
@@ -97,6 +111,14 @@ class DbkSettings:
     @datasetdir.setter
     def datasetdir(self, value: str | os.PathLike) -> None:
         self._datasetdir = Path(value).expanduser()
+
+    @property
+    def figdir(self) -> Path:
+        return self._figdir
+
+    @figdir.setter
+    def figdir(self, value: str | os.PathLike) -> None:
+        self._figdir = Path(value).expanduser()
 
     @property
     def device(self) -> str:

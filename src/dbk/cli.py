@@ -1,4 +1,10 @@
-"""The ``dbk`` command: ``dbk demo``, ``dbk fit``, ``dbk predict``, ``dbk benchmark``."""
+"""The ``dbk`` command: ``dbk demo``, ``fit``, ``predict``, ``evaluate``, ``benchmark`` and ``prepare``.
+
+One vocabulary across the subcommands, the Python API's: ``--accelerator`` (as ``fit_diffbulk``, ``DiffBulk.predict``,
+``embed_tiles`` and ``benchmark`` name it), ``--out`` for what a command writes, and one reader of slides
+(:func:`_read_slides`: zarr stores, HEST samples, ST folders). Old spellings (:data:`RENAMED`, the old form of
+``dbk benchmark``) still work for one release and warn.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from dbk._constants import PRED_KEY
 # (the top-k name is filled in with the k actually used)
 METRICS = ("pearson_mean_all", "pearson_mean_top{k}_hvg", "spearman_mean_all", "mse_mean_all", "mae_mean_all",
            "spearman_per_tile_mean", "pearson_flattened")
+
+# dbk.tl.benchmark's default methods (dbk.tl._benchmark.DEFAULT_METHODS, listed here for `dbk benchmark --help`)
+BENCHMARK_DEFAULT_METHODS = ("mean", "ridge_cv", "ridge_rr_ctx", "diffbulk", "diffbulk_untrained")
 
 # the stage-1 presets (dbk.core._presets.PRESETS, listed here so that `dbk --help` imports nothing heavy)
 PRESET_CHOICES = ("auto", "tiny", "cpu-small", "gpu", "paper")
@@ -327,30 +336,61 @@ def _demo_model_figures(fitted: dict, out: Path) -> list[Path]:
     return paths
 
 
-# ---- fit / predict / benchmark ---------------------------------------------------------------------------------------
+# ---- fit / predict / evaluate / benchmark ----------------------------------------------------------------------------
 
 
-def _read_slides(paths, *, hest_root=None, samples=(), pixel_size_um=None) -> list:
-    """SpatialData objects from zarr stores, image files (H&E only) and HEST samples; ``attrs["sample"]`` set."""
+def _is_model_folder(path) -> bool:
+    """Whether ``path`` is a folder dbk wrote as a model (``config.json`` with a ``dbk.*`` format and checksums)."""
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        return False
+    from dbk.core._folder import _dbk_config
+
+    return _dbk_config(p) is not None
+
+
+def _read_slides(paths, *, hest_root=None, samples=(), pixel_size_um=None, images: bool = True) -> list:
+    """SpatialData objects of the slides named on the command line, each with ``attrs["sample"]`` set.
+
+    The one reader of ``dbk fit``, ``predict``, ``evaluate`` and ``benchmark``. A path is a SpatialData ``.zarr``
+    store, a HEST folder (every sample in it) or ``HEST_ROOT/SAMPLE_ID``, a legacy ST folder
+    (:func:`dbk.io.read_st_folder`: counts table, spot file and H&E image), told apart by the rules of
+    :func:`dbk.tl.prepare_corpus` (``dbk prepare``), or, with ``images``, an H&E image file (``pixel_size_um`` needed).
+    ``--hest-root`` with ``--sample`` adds HEST samples.
+    """
     import dbk
+    from dbk.pp._corpus import _is_zarr, _read, _sources
 
     slides = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            import spatialdata
-
-            sd = spatialdata.read_zarr(p)
-            if "sample" not in sd.attrs:
-                sd.attrs["sample"] = p.name.removesuffix(".zarr")
-        elif p.is_file():
+    for given in paths:
+        p = Path(given).expanduser()
+        if p.is_file():
+            if not images:
+                raise SystemExit(f"{given} is a file: this command needs slides with expression (SpatialData .zarr "
+                                 "stores, HEST folders or HEST_ROOT/SAMPLE_ID, ST folders), not an image.")
             if pixel_size_um is None:
-                raise SystemExit(f"{p} is an image file: give its pixel size with --pixel-size-um.")
+                raise SystemExit(f"{given} is an image file: give its pixel size with --pixel-size-um.")
             sd = dbk.io.read_image(p, pixel_size_um=pixel_size_um)
             sd.attrs["sample"] = p.stem
-        else:
-            raise SystemExit(f"{p} does not exist (expected a SpatialData .zarr folder or an image file).")
-        slides.append(sd)
+            slides.append(sd)
+            continue
+        if p.is_dir() and _is_model_folder(p):
+            raise SystemExit(f"{given} is a dbk model folder, not a slide.")
+        for name, source in _sources(str(p), len(slides), None):
+            if source[0] == "path" and not p.exists():
+                raise SystemExit(f"{given} does not exist (expected a SpatialData .zarr store, a HEST folder or "
+                                 f"HEST_ROOT/SAMPLE_ID, an ST folder{' or an image file' if images else ''}).")
+            try:
+                sd = _read(source, None)
+            except FileNotFoundError as err:
+                if source[0] != "path" or _is_zarr(p):
+                    raise
+                # a folder that is neither a store nor a HEST folder is read as an ST folder: say what was looked for
+                raise SystemExit(f"{given} is not a SpatialData .zarr store, a HEST folder or an ST folder: "
+                                 f"{err}") from None
+            if source[0] == "hest" or "sample" not in sd.attrs:
+                sd.attrs["sample"] = name
+            slides.append(sd)
     for s in samples:
         if hest_root is None:
             raise SystemExit("--sample needs --hest-root (the HEST download folder).")
@@ -358,7 +398,8 @@ def _read_slides(paths, *, hest_root=None, samples=(), pixel_size_um=None) -> li
         sd.attrs["sample"] = s
         slides.append(sd)
     if not slides:
-        raise SystemExit("No data: give SpatialData .zarr folders, or --hest-root with --sample.")
+        raise SystemExit("No data: give SpatialData .zarr stores, HEST folders (or HEST_ROOT/SAMPLE_ID) or ST folders, "
+                         "or --hest-root with --sample.")
     return slides
 
 
@@ -426,6 +467,27 @@ def _check_out(out: Path, overwrite: bool, check) -> None:
             raise SystemExit(str(err)) from None
 
 
+def _check_csv(out: Path) -> None:
+    """``check`` of :func:`_check_out` for a CSV file: a folder (or a link) is never replaced by one."""
+    if out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out} is a {'link' if out.is_symlink() else 'folder'}, not a CSV file; dbk does not "
+                              "replace it. Choose another --out.")
+
+
+def _apply_patients(slides: list, value: str | None) -> None:
+    """``--patients``: set ``attrs["patient"]`` of the slides it names; exit when it names a slide not given."""
+    patients = _read_patients(value)
+    if patients is None:
+        return
+    names = [str(sd.attrs.get("sample")) for sd in slides]
+    unknown = sorted(set(patients) - set(names))
+    if unknown:
+        raise SystemExit(f"--patients names samples {unknown} that are not among the slides {names}.")
+    for name, sd in zip(names, slides, strict=True):
+        if name in patients:
+            sd.attrs["patient"] = patients[name]
+
+
 def cmd_fit(args) -> int:
     """``dbk fit``: fit DiffBulk on the given slides and save the model folder."""
     from dbk.core._folder import check_replaceable
@@ -436,15 +498,7 @@ def cmd_fit(args) -> int:
     _check_out(out, args.overwrite, check_replaceable)
 
     slides = _read_slides(args.data, hest_root=args.hest_root, samples=args.sample, pixel_size_um=args.pixel_size_um)
-    patients = _read_patients(args.patients)
-    if patients is not None:
-        names = [str(sd.attrs.get("sample")) for sd in slides]
-        unknown = sorted(set(patients) - set(names))
-        if unknown:
-            raise SystemExit(f"--patients names samples {unknown} that are not among the slides {names}.")
-        for name, sd in zip(names, slides, strict=True):
-            if name in patients:
-                sd.attrs["patient"] = patients[name]
+    _apply_patients(slides, args.patients)
     head = {k: v for k, v in (("max_epochs", args.max_epochs),) if v is not None}
     if args.fusion != "ridge" and (args.rank is not None or args.blend is not None):
         raise SystemExit("--rank and --blend are options of the ridge head: add --fusion ridge.")
@@ -475,11 +529,13 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _one_slide(args) -> object:
+def _one_slide(args, *, images: bool = True) -> object:
     slides = _read_slides([args.data] if args.data else [], hest_root=args.hest_root,
-                          samples=[args.sample] if args.sample else [], pixel_size_um=args.pixel_size_um)
+                          samples=[args.sample] if args.sample else [], pixel_size_um=args.pixel_size_um,
+                          images=images)
     if len(slides) != 1:
-        raise SystemExit("Give one slide: DATA, or --hest-root with one --sample.")
+        raise SystemExit(f"Give one slide (got {len(slides)}): DATA (of a HEST folder, one sample: "
+                         "HEST_ROOT/SAMPLE_ID), or --hest-root with one --sample.")
     return slides[0]
 
 
@@ -494,7 +550,7 @@ def cmd_predict(args) -> int:
     _check_out(out, args.overwrite, check_store_replaceable)
     from dbk.tl import DiffBulk
 
-    model = DiffBulk.load(args.model, device=args.device)
+    model = DiffBulk.load(args.model, device=args.accelerator)
     sd = _one_slide(args)
     model.predict(sd, tiles_key=args.tiles_key)
     dbk.io.write_zarr(sd, out, overwrite=args.overwrite)
@@ -503,15 +559,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_benchmark(args) -> int:
-    """``dbk benchmark``: metrics of a saved model (and the training-mean predictor) on one labelled slide."""
+def cmd_evaluate(args) -> int:
+    """``dbk evaluate``: metrics of a saved model (and the training-mean predictor) on one labelled slide."""
     import pandas as pd
 
     from dbk.pp._prepare import prepare_slide
     from dbk.tl import DiffBulk
 
-    model = DiffBulk.load(args.model, device=args.device)
-    sd = _one_slide(args)
+    out = None
+    if args.out is not None:
+        _refuse_overlap(args.out, [args.data, args.model, args.hest_root])
+        out = Path(args.out).expanduser()
+        _check_out(out, args.overwrite, _check_csv)
+    model = DiffBulk.load(args.model, device=args.accelerator)
+    sd = _one_slide(args, images=False)
     name = str(sd.attrs.get("sample", "slide"))
     if name in model.config["train"]["samples"]:
         print(f"WARNING: slide {name!r} has the name of a training slide; metrics on training tiles are optimistic.")
@@ -529,9 +590,61 @@ def cmd_benchmark(args) -> int:
     print(f"\n{model!r}\nslide {name!r}: {truth.n_obs} tiles, {len(genes)} of the model's {len(model.genes)} genes "
           "measured; top-k most variable genes chosen on the training slides.")
     print(metrics_table(summaries))
-    if args.csv:
-        pd.DataFrame(summaries).T.to_csv(args.csv)
-        print(f"metrics -> {args.csv}")
+    if out is not None:
+        pd.DataFrame(summaries).T.to_csv(out)
+        print(f"metrics -> {out}")
+    return 0
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_benchmark(args) -> int:
+    """``dbk benchmark``: :func:`dbk.tl.benchmark` on the slides given; prints the summary, writes the tidy table."""
+    import pandas as pd
+
+    import dbk
+
+    if args.list_methods:
+        table = dbk.tl.benchmark_methods()
+        print(_table(list(table.itertuples(index=False)), tuple(table.columns)))
+        return 0
+    if args.csv is not None or args.pixel_size_um is not None:
+        raise SystemExit("--csv and --pixel-size-um belong to `dbk evaluate MODEL SLIDE` (the old form of "
+                         "`dbk benchmark`); `dbk benchmark SLIDE ...` writes its table with --out.")
+    methods = _split_list(args.methods)
+    if methods is not None:
+        known = list(dbk.tl.benchmark_methods()["name"])
+        unknown = [m for m in methods if m not in known]
+        if unknown or not methods:
+            raise SystemExit(f"--methods: unknown method(s) {unknown}; the methods are {', '.join(known)} "
+                             "(dbk benchmark --list-methods describes them).")
+    out = None
+    if args.out is not None:
+        _refuse_overlap(args.out, [*args.slides, args.hest_root, args.genes, args.patients])
+        out = Path(args.out).expanduser()
+        _check_out(out, args.overwrite, _check_csv)
+    slides = _read_slides(args.slides, hest_root=args.hest_root, samples=args.sample, images=False)
+    _apply_patients(slides, args.patients)
+    t = time.perf_counter()
+    res = dbk.tl.benchmark(
+        slides, **({} if methods is None else {"methods": methods}), split=args.split,
+        genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes, top_k=args.top_k,
+        tile_size_um=args.tile_um, fm=args.fm, fm_size_px=args.fm_size_px, context_um=args.context_um,
+        pretrain_steps=args.pretrain_steps, preset=args.preset, checkpoint_dir=args.checkpoint_dir,
+        accelerator=args.accelerator, random_state=args.seed, errors=args.errors, batch_size=args.batch_size)
+    folds = res.attrs["folds"]
+    print(f"\nbenchmark: {len(slides)} slides, split {args.split!r} ({len(folds)} folds), "
+          f"{len(res.attrs['genes'])} candidate genes, {time.perf_counter() - t:.0f} s. Mean and std over the folds:")
+    summary = dbk.tl.benchmark_summary(res)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    for f in res.attrs.get("failed", []):
+        print(f"FAILED: {f.get('method')} on fold {f.get('fold')}: {f.get('error')}")
+    if out is not None:
+        res.to_csv(out, index=False)
+        print(f"results ({len(res)} rows: split, fold, method, metric, value, seconds) -> {out}")
     return 0
 
 
@@ -568,9 +681,9 @@ def cmd_prepare(args) -> int:
             client = args.scheduler  # a scheduler address; prepare connects to it
             if args.workers is not None:
                 print(f"--workers is ignored with --scheduler {args.scheduler} (the cluster has its own workers)")
-        report = dbk.pp.prepare(args.slides, out=args.out, tile_size_um=args.tile_um, fm=args.fm,
-                                fm_size_px=args.fm_size_px, client=client, overwrite=args.overwrite, threads=threads,
-                                accelerator=args.device)
+        report = dbk.tl.prepare_corpus(args.slides, out=args.out, tile_size_um=args.tile_um, fm=args.fm,
+                                       fm_size_px=args.fm_size_px, client=client, overwrite=args.overwrite,
+                                       threads=threads, accelerator=args.accelerator)
     shown = report[["name", "status", "n_tiles", "n_genes", "seconds", "path", "error"]].astype(object)
     shown = shown.where(shown.notna(), "")
     rows = [(n, st, t, g, f"{sec:.1f}", p, e if len(e) <= 100 else e[:97] + "...")
@@ -585,23 +698,86 @@ def cmd_prepare(args) -> int:
 # ---- entry point -----------------------------------------------------------------------------------------------------
 
 
-def _add_data_args(p, *, many: bool) -> None:
-    p.add_argument("--hest-root", default=None, help="HEST download folder (with wsis/, metadata/, st/ ...)")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth showing, once.
+
+    ``argparse.ArgumentDefaultsHelpFormatter`` appends ``(default: None)`` to options without a default, a default to
+    required options, and a second default to help that already says it. Here the default is appended only to an
+    optional option whose default is a value (not ``None``, ``False`` or an empty list) and whose help does not say
+    ``default:`` itself.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or action.required or "default:" in text or "%(default)" in text
+                or d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+# options renamed: {old option: (new option, why)}; the old one is accepted, hidden, for one release and warns
+RENAMED = {"--device": ("--accelerator", "the name of the Python API's argument"),
+           "--csv": ("--out", "the option of every command for what it writes")}
+ACCELERATOR_HELP = "auto (CUDA if available), cpu, cuda, cuda:1 ... (default: auto)"
+
+
+def _deprecated(message: str) -> None:
+    """Warn (FutureWarning) about a command-line form that goes.
+
+    Python's default filters show it on stderr as ``dbk:0: FutureWarning: ...``, without a line of dbk's source.
+    """
+    import warnings
+
+    warnings.warn_explicit(message, FutureWarning, "dbk", 0, module="dbk.cli")
+
+
+def _add_accelerator(p, where: str) -> None:
+    p.add_argument("--accelerator", default=None, help=f"{where}: {ACCELERATOR_HELP}")
+    p.add_argument("--device", dest="old_device", default=None, help=argparse.SUPPRESS)  # RENAMED
+
+
+def _add_data_args(p, *, many: bool, images: bool = True) -> None:
+    p.add_argument("--hest-root", default=None, help="HEST download folder (with wsis/, metadata/, st/ ...), for "
+                   "--sample")
     p.add_argument("--sample", default=[] if many else None, action="append" if many else "store",
-                   help="HEST sample id" + (" (repeat for several)" if many else ""))
-    p.add_argument("--pixel-size-um", type=float, default=None, help="µm per pixel, for a plain image file")
+                   help="HEST sample id in --hest-root" + (" (repeat for several)" if many else ""))
+    p.add_argument("--pixel-size-um", type=float, default=None,
+                   help="µm per pixel, for a plain image file" if images else argparse.SUPPRESS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dbk`` command."""
-    parser = argparse.ArgumentParser(prog="dbk", description="DiffBulk: spatial expression from H&E.")
+def _resolve_renamed(args) -> None:
+    """The hidden old options of :data:`RENAMED`: warn, and use their value under the new name."""
+    for old, dest, new in (("--device", "old_device", "accelerator"), ("--csv", "csv", "out")):
+        value = getattr(args, dest, None)
+        if value is None or (dest == "csv" and getattr(args, "command", None) == "benchmark"):
+            continue
+        name, why = RENAMED[old]
+        _deprecated(f"{old} is now {name} ({why}); {old} goes in the next release.")
+        if getattr(args, new) is not None and getattr(args, new) != value:
+            raise SystemExit(f"{old} and {name} are one option ({old} its old name): give {name} only.")
+        setattr(args, new, value)
+        if dest == "csv":
+            args.overwrite = True  # as --csv did: the metrics file was replaced
+    if getattr(args, "accelerator", "") is None:
+        args.accelerator = "auto"
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``dbk`` parser and its subcommands' parsers by name (built without importing the scientific stack)."""
+    fmt = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="dbk", description="DiffBulk: spatial expression from H&E.",
+                                     formatter_class=fmt)
     parser.add_argument("--version", action="store_true", help="print the dbk version and exit")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch, BLAS and OpenMP (dbk.settings.n_jobs; default: the cores this "
                              "process may use; 1 is often fastest on a busy, small machine)")
     sub = parser.add_subparsers(dest="command")
+    slides_help = ("slides: SpatialData .zarr stores, HEST folders (every sample) or HEST_ROOT/SAMPLE_ID, ST folders "
+                   "(counts table, spot file and H&E image, as dbk.io.read_st_folder reads them)")
 
-    p_demo = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic slides (no download)")
+    p_demo = sub.add_parser("demo", help="run the whole pipeline on built-in synthetic slides (no download)",
+                            formatter_class=fmt)
     p_demo.add_argument("--out", default="dbk_demo_output", help="output folder (figures, model, zarr stores)")
     p_demo.add_argument("--size", type=int, default=4096, help="synthetic slide side in pixels (0.5 µm/px)")
     p_demo.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm")
@@ -609,8 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--quick", action="store_true", help="a smoke-test model (seconds, not minutes)")
 
     p_fit = sub.add_parser("fit", help="fit DiffBulk on slides with H&E and expression; save the model folder",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p_fit.add_argument("data", nargs="*", help="SpatialData .zarr folders")
+                           formatter_class=fmt)
+    p_fit.add_argument("data", nargs="*", help=slides_help)
     _add_data_args(p_fit, many=True)
     p_fit.add_argument("--out", required=True, help="model folder to write")
     p_fit.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
@@ -646,29 +822,74 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("--max-epochs", type=int, default=None, help="fusion-head epochs (early stopping)")
     p_fit.add_argument("--checkpoint-dir", default=None, help="stage-1 checkpoints (resumed when present)")
     p_fit.add_argument("--seed", type=int, default=0, help="random seed of both stages")
-    p_fit.add_argument("--accelerator", default="auto",
-                       help="where to train: auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    p_fit.add_argument("--overwrite", action="store_true")
+    _add_accelerator(p_fit, "where to train")
+    p_fit.add_argument("--overwrite", action="store_true", help="replace --out when it is a dbk model folder")
 
-    p_pred = sub.add_parser("predict", help="predict expression on a slide (H&E only is enough); write zarr")
+    p_pred = sub.add_parser("predict", help="predict expression on a slide (H&E only is enough); write zarr",
+                            formatter_class=fmt)
     p_pred.add_argument("model", help="model folder (dbk fit --out)")
-    p_pred.add_argument("data", nargs="?", default=None, help="SpatialData .zarr folder or an H&E image file")
+    p_pred.add_argument("data", nargs="?", default=None,
+                        help="the slide: a SpatialData .zarr store, HEST_ROOT/SAMPLE_ID, an ST folder or an H&E image "
+                             "file (with --pixel-size-um)")
     _add_data_args(p_pred, many=False)
     p_pred.add_argument("--out", required=True, help="SpatialData .zarr to write")
-    p_pred.add_argument("--tiles-key", default="dbk_tiles")
-    p_pred.add_argument("--device", default="auto")
-    p_pred.add_argument("--overwrite", action="store_true")
+    p_pred.add_argument("--tiles-key", default="dbk_tiles",
+                        help="shapes element of the tiles to predict (made over the tissue when missing)")
+    _add_accelerator(p_pred, "where the model runs")
+    p_pred.add_argument("--overwrite", action="store_true", help="replace --out when it is a store dbk wrote")
 
-    p_bench = sub.add_parser("benchmark", help="evaluate a fitted model on a labelled slide; print the metrics")
-    p_bench.add_argument("model", help="model folder (dbk fit --out)")
-    p_bench.add_argument("data", nargs="?", default=None, help="SpatialData .zarr folder with expression")
-    _add_data_args(p_bench, many=False)
-    p_bench.add_argument("--top-k", type=int, default=50)
-    p_bench.add_argument("--csv", default=None, help="write the metrics table to this CSV")
-    p_bench.add_argument("--device", default="auto")
+    p_eval = sub.add_parser("evaluate", help="metrics of a saved model (and the training-mean predictor) on one "
+                            "slide with expression", formatter_class=fmt)
+    _add_evaluate_args(p_eval)
+
+    p_bench = sub.add_parser(
+        "benchmark", formatter_class=fmt,
+        help="benchmark methods on held-out slides (dbk.tl.benchmark): fit each method on each fold's training slides,"
+             " score it on its test slides; print the summary",
+        description="Runs dbk.tl.benchmark. The old form `dbk benchmark MODEL SLIDE` (a model on one slide) is now "
+                    "`dbk evaluate MODEL SLIDE`; it still works, with a warning, until the next release.")
+    p_bench.add_argument("slides", nargs="*", help=slides_help + "; all with expression")
+    _add_data_args(p_bench, many=True, images=False)
+    p_bench.add_argument("--methods", default=None,
+                         help="comma-separated method names (default: dbk.tl.benchmark's: "
+                              f"{','.join(BENCHMARK_DEFAULT_METHODS)}; --list-methods lists them all)")
+    p_bench.add_argument("--split", default="loso", choices=["loso", "patient", "blocks"],
+                         help="loso: each slide is the test once; patient: each patient's slides (--patients or "
+                              "attrs['patient']); blocks: spatial blocks within each slide (for one slide)")
+    p_bench.add_argument("--genes", default=None, help="file with the genes to predict, one per line (default: those "
+                         "measured on every slide)")
+    p_bench.add_argument("--n-top-genes", type=int, default=None,
+                         help="keep the N most variable genes, chosen on each fold's training tiles")
+    p_bench.add_argument("--top-k", type=int, default=50, help="k of the top-k most variable genes' metrics")
+    p_bench.add_argument("--patients", default=None,
+                         help="the patient of each slide, SAMPLE=PATIENT pairs or a file of 'sample,patient' lines "
+                              "(for --split patient; default: each slide's attrs['patient'])")
+    p_bench.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
+    p_bench.add_argument("--fm", default="efficientnet_lite0",
+                         help="foundation model of every method's features (a name dbk fit --fm takes)")
+    p_bench.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
+    p_bench.add_argument("--context-um", type=float, default=None,
+                         help="spatial-context radius in µm of the context methods (default: 1.5 x the median "
+                              "distance between neighbouring tiles of each fold's training slides)")
+    p_bench.add_argument("--preset", default="auto", choices=PRESET_CHOICES,
+                         help="stage-1 preset of the DiffBulk methods (auto: gpu on CUDA, else cpu-small)")
+    p_bench.add_argument("--pretrain-steps", type=int, default=None,
+                         help="stage-1 steps of the DiffBulk methods (default: the preset's)")
+    p_bench.add_argument("--checkpoint-dir", default=None, help="stage-1 checkpoints, one folder per fold")
+    p_bench.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass of the feature extractors")
+    p_bench.add_argument("--errors", default="raise", choices=["raise", "warn"],
+                         help="a method that fails: stop (raise) or record it and go on (warn)")
+    p_bench.add_argument("--seed", type=int, default=0, help="random seed of every method")
+    _add_accelerator(p_bench, "where the methods train and run")
+    p_bench.add_argument("--out", default=None, help="CSV file of the tidy results (split, fold, method, metric, "
+                         "value, seconds)")
+    p_bench.add_argument("--overwrite", action="store_true", help="replace --out")
+    p_bench.add_argument("--list-methods", action="store_true", help="list the methods and exit")
+    # the old form's options (`dbk benchmark MODEL SLIDE --csv FILE`, now dbk evaluate), hidden
+    p_bench.add_argument("--csv", default=None, help=argparse.SUPPRESS)
 
     p_prep = sub.add_parser("prepare", help="prepare a corpus for training (tiles, pseudo-bulk, embeddings), "
-                            "one slide per task on a dask cluster; reruns skip finished slides")
+                            "one slide per task on a dask cluster; reruns skip finished slides", formatter_class=fmt)
     p_prep.add_argument("slides", nargs="+",
                         help="SpatialData .zarr stores, HEST folders (or HEST_ROOT/SAMPLE_ID), ST folders")
     p_prep.add_argument("--out", required=True, help="output folder, one <name>.zarr per slide")
@@ -679,9 +900,33 @@ def main(argv: list[str] | None = None) -> int:
     p_prep.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm")
     p_prep.add_argument("--fm", default="efficientnet_lite0", help="foundation model of the embeddings")
     p_prep.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
-    p_prep.add_argument("--device", default="auto", help="device of the embeddings on each worker")
+    _add_accelerator(p_prep, "where each worker embeds the tiles")
     p_prep.add_argument("--overwrite", action="store_true", help="prepare every slide again")
+    return parser, dict(sub.choices)
 
+
+def _add_evaluate_args(p) -> None:
+    p.add_argument("model", help="model folder (dbk fit --out)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="the slide, with expression: a SpatialData .zarr store, HEST_ROOT/SAMPLE_ID or an ST folder")
+    _add_data_args(p, many=False, images=False)  # --pixel-size-um: hidden, old form
+    p.add_argument("--top-k", type=int, default=50,
+                   help="k of the top-k metrics: the most variable genes of the training slides")
+    p.add_argument("--out", default=None, help="CSV file of the metrics table (one row per method)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out")
+    _add_accelerator(p, "where the model runs")
+    p.add_argument("--csv", default=None, help=argparse.SUPPRESS)  # RENAMED: --out
+
+
+def _after(argv: list[str], command: str) -> list[str]:
+    """The arguments of ``command`` in ``argv`` (those after its name; the global options take no such word)."""
+    return argv[argv.index(command) + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dbk`` command."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser, commands = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         import dbk
@@ -694,21 +939,24 @@ def main(argv: list[str] | None = None) -> int:
         import dbk
 
         dbk.settings.n_jobs = args.threads  # torch, BLAS and OpenMP threads
+    if args.command == "benchmark" and args.slides and _is_model_folder(args.slides[0]):
+        # the old form, `dbk benchmark MODEL SLIDE`: dbk evaluate, with a warning, for one release
+        _deprecated("`dbk benchmark MODEL SLIDE` evaluates one model on one slide: use `dbk evaluate MODEL SLIDE`; "
+                    "this form goes in the next release (`dbk benchmark SLIDE ...` runs dbk.tl.benchmark).")
+        args = commands["evaluate"].parse_args(_after(argv, "benchmark"))
+        args.command = "evaluate"
+    _resolve_renamed(args)
     if args.command == "demo":
         if args.size < 512:
             parser.error("--size must be at least 512 pixels")
         demo(args.out, size=args.size, random_state=args.seed, tile_size_um=args.tile_um, quick=args.quick)
         return 0
-    if args.command == "fit":
-        return cmd_fit(args)
-    if args.command == "predict":
-        return cmd_predict(args)
-    if args.command == "benchmark":
-        return cmd_benchmark(args)
-    if args.command == "prepare":
-        return cmd_prepare(args)
-    parser.print_help()
-    return 1
+    run = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
+           "prepare": cmd_prepare}.get(args.command)
+    if run is None:
+        parser.print_help()
+        return 1
+    return run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,7 +36,18 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint with the highest step in ``checkpoint_dir`` (``None`` when there is none)."""
+    """The checkpoint with the highest step in ``checkpoint_dir`` (``None`` when there is none).
+
+    Parameters
+    ----------
+    checkpoint_dir
+        A stage-1 checkpoint folder (``fit_pretrainer(checkpoint_dir=...)``); it need not exist.
+
+    Returns
+    -------
+    pathlib.Path | None
+        The ``checkpoint-<step>.pt`` file of the highest step, or ``None`` when the folder is missing or holds none.
+    """
     d = Path(checkpoint_dir)
     if not d.is_dir():
         return None

@@ -1,8 +1,9 @@
 """Stage-1 training data in the torch core: tiles as arrays, batches over several slides, step-seeded samplers.
 
-Slides held as :class:`TileArrays` become :class:`_Source` objects here; SpatialData slides are turned into sources
-by the scverse layer (:mod:`dbk.pp._tile_sources`), imported only when such a slide is handed in, so training from
-arrays never loads the SpatialData stack.
+Slides held as :class:`TileArrays` become :class:`_Source` objects here. Any other slide (a SpatialData) is read by the
+:class:`~dbk.core._slides.SlideReader` that a layer above registered for its kind (:mod:`dbk.tl` registers the
+SpatialData reader of :mod:`dbk.pp._tile_sources` when it is imported): the core imports no such layer, so training
+from arrays never loads the SpatialData stack.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from .._logging import logger
+from ._slides import slide_reader
 from ._vocab import GeneVocab
 
 PRELOAD_MAX_BYTES = 2 * 1024**3
@@ -207,6 +209,23 @@ class TileArrays:
 
         Reads ``images`` and, when the file has them, ``X`` with ``genes`` (the training targets), ``measured``,
         ``tile_size_um`` and the slide ``name``: what the core trains on, with no SpatialData stack installed.
+
+        Parameters
+        ----------
+        path
+            The exported file: ``.h5`` / ``.hdf5`` (read with h5py), anything else a zarr store.
+
+        Returns
+        -------
+        TileArrays
+            The slide's tiles (and targets, when the export had a table), in memory.
+
+        Raises
+        ------
+        FileNotFoundError
+            If nothing is at ``path``.
+        ValueError
+            If the file holds no ``images`` dataset.
         """
         from pathlib import Path
 
@@ -275,17 +294,36 @@ class _BalancedStepSampler(torch.utils.data.Sampler):
             yield np.concatenate([self._draw(0, step), self._draw(1, step)])
 
 
-def _as_list(data) -> list:
+def _is_slide(data) -> bool:
+    return isinstance(data, TileArrays) or slide_reader(data) is not None
+
+
+def _not_a_slide(data, i: int) -> str:
     from .._utils import is_sdata
 
-    if is_sdata(data) or isinstance(data, TileArrays):
+    if is_sdata(data):
+        return (f"slide {i} is a SpatialData, which the torch core does not read itself: a layer above registers its "
+                "reader. Import dbk.tl first (dbk.tl.fit_pretrainer and dbk.tl.DiffusionPretrainer are the core's own "
+                "objects, with the SpatialData reader registered), or export the tiles with dbk.pp.export_tiles and "
+                "pass dbk.core.TileArrays.read(path).")
+    return (f"slide {i} is a {type(data).__name__}; data must be a dbk.tl.TileArrays or a SpatialData (with dbk.tl "
+            "imported), or a non-empty list (or dict) of them.")
+
+
+def _as_list(data) -> list:
+    """The slides of ``data`` (one, or a list / tuple / dict of them): TileArrays, or of a kind a reader reads."""
+    if _is_slide(data):
         return [data]
     if isinstance(data, dict):
         data = list(data.values())
-    data = list(data) if isinstance(data, (list, tuple)) else None
-    if not data or not all(is_sdata(d) or isinstance(d, TileArrays) for d in data):
-        raise TypeError("data must be a SpatialData or a dbk.tl.TileArrays, or a non-empty list of them.")
-    return data
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not items:
+        raise TypeError("data must be a dbk.tl.TileArrays or a SpatialData, or a non-empty list of them; got an empty "
+                        f"{type(data).__name__}.")
+    for i, d in enumerate(items):
+        if not _is_slide(d):
+            raise TypeError(_not_a_slide(d, i))
+    return items
 
 
 def _resample(images: np.ndarray, size: int) -> np.ndarray:
@@ -304,9 +342,10 @@ def _resample(images: np.ndarray, size: int) -> np.ndarray:
 def _panel(data, table_key: str, genes: Sequence[str] | None) -> list[str]:
     """The genes of ``data`` (a slide) to condition on: its profile columns, restricted to ``genes`` when given."""
     if not isinstance(data, TileArrays):
-        from ..pp._tile_sources import slide_panel  # the scverse layer, only for SpatialData inputs
-
-        return slide_panel(data, table_key, genes)
+        reader = slide_reader(data)
+        if reader is None:
+            raise TypeError(_not_a_slide(data, 0))
+        return reader.panel(data, table_key, genes)
     names = [] if data.genes is None else list(data.genes)
     if genes is None:
         return names
@@ -316,10 +355,11 @@ def _panel(data, table_key: str, genes: Sequence[str] | None) -> list[str]:
 
 def _build_sources(datas, *, vocab: GeneVocab, image_size: int, genes, table_key, tiles_key, unlabeled_tiles_key,
                    labeled_only: bool = False, preload_max_bytes: int | None = None) -> list[_Source]:
-    """One source per (slide, tiles element): the :class:`TileArrays` first, then the SpatialData slides.
+    """One source per (slide, tiles element): the :class:`TileArrays` first, then the other slides, by their readers.
 
-    ``preload_max_bytes`` (default :data:`PRELOAD_MAX_BYTES`): the SpatialData tiles are read into memory when they
-    total at most this many bytes, and streamed by DataLoader workers otherwise (0: always streamed).
+    ``datas`` as :func:`_as_list` returns them. ``preload_max_bytes`` (default :data:`PRELOAD_MAX_BYTES`) goes to the
+    readers: the SpatialData reader reads the tiles into memory when they total at most this many bytes, and leaves
+    them to DataLoader workers otherwise (0: always streamed).
     """
     arrays = []
     for a in datas:
@@ -331,12 +371,19 @@ def _build_sources(datas, *, vocab: GeneVocab, image_size: int, genes, table_key
                            "unconditioned.")
         if panel or not labeled_only:
             arrays.append((a, panel))
+    by_reader = [None if isinstance(d, TileArrays) else slide_reader(d) for d in datas]
+    for i, (d, reader) in enumerate(zip(datas, by_reader, strict=True)):
+        if reader is None and not isinstance(d, TileArrays):
+            raise TypeError(_not_a_slide(d, i))
+    readers = []  # each reader once, in the order of the first slide it reads
+    for reader in by_reader:
+        if reader is not None and all(r is not reader for r in readers):
+            readers.append(reader)
     slides = []
-    if any(not isinstance(d, TileArrays) for d in datas):
-        from ..pp._tile_sources import spatialdata_sources  # the SpatialData stack, only for SpatialData inputs
-
-        slides = spatialdata_sources(
-            datas, vocab=vocab, image_size=image_size, genes=genes, table_key=table_key, tiles_key=tiles_key,
+    for reader in readers:  # its slides, None elsewhere: positions are kept (they name unnamed slides)
+        slides += reader.sources(
+            [d if r is reader else None for d, r in zip(datas, by_reader, strict=True)], vocab=vocab,
+            image_size=image_size, genes=genes, table_key=table_key, tiles_key=tiles_key,
             unlabeled_tiles_key=unlabeled_tiles_key, labeled_only=labeled_only,
             preload_max_bytes=PRELOAD_MAX_BYTES if preload_max_bytes is None else int(preload_max_bytes))
     if not slides and not arrays:

@@ -31,11 +31,30 @@ class EDM:
     rho: float = 7.0
 
     def to_dict(self) -> dict:
-        """JSON-ready form."""
+        """JSON-ready form.
+
+        Returns
+        -------
+        dict
+            The six constants by name; ``EDM(**d)`` rebuilds the object.
+        """
         return asdict(self)
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``c_skip, c_out, c_in, c_noise`` for noise levels ``sigma`` (any shape)."""
+        """``c_skip, c_out, c_in, c_noise`` for noise levels ``sigma`` (any shape).
+
+        Parameters
+        ----------
+        sigma
+            Noise levels (> 0), any shape.
+
+        Returns
+        -------
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+            The EDM preconditioning, each shaped like ``sigma``: ``c_skip = sigma_data^2 / (sigma^2 +
+            sigma_data^2)``, ``c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)``, ``c_in = 1 / sqrt(sigma^2 +
+            sigma_data^2)``, ``c_noise = ln(sigma) / 4``.
+        """
         sd2 = self.sigma_data**2
         s2 = sigma**2
         c_skip = sd2 / (s2 + sd2)
@@ -45,15 +64,54 @@ class EDM:
         return c_skip, c_out, c_in, c_noise
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``: unit loss at every noise level."""
+        """``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``: unit loss at every noise level.
+
+        Parameters
+        ----------
+        sigma
+            Noise levels (> 0), any shape.
+
+        Returns
+        -------
+        torch.Tensor
+            The weight of each noise level, shaped like ``sigma``.
+        """
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def sample_sigma(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Training noise levels, log-normal."""
+        """Training noise levels, log-normal: ``ln(sigma) ~ N(p_mean, p_std^2)``.
+
+        Parameters
+        ----------
+        n
+            Number of levels (one per sample of the batch).
+        generator
+            The seeded random generator to draw from (on ``device``).
+        device
+            Where the levels are made.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` float32 noise levels.
+        """
         return (torch.randn(n, generator=generator, device=device) * self.p_std + self.p_mean).exp()
 
     def schedule(self, n_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``n_steps`` decreasing noise levels (Karras schedule) followed by 0."""
+        """``n_steps`` decreasing noise levels (Karras schedule) followed by 0.
+
+        Parameters
+        ----------
+        n_steps
+            Number of sampling steps (>= 1).
+        device
+            Where the levels are made.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n_steps + 1,)`` float32: ``sigma_max`` down to ``sigma_min`` (the class's schedule), then 0.
+        """
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps!r}.")
         i = torch.arange(n_steps, dtype=torch.float64, device=device)
@@ -108,6 +166,11 @@ def heun_sample(
         Stochasticity of EDM (``s_churn=0``: deterministic).
     randn_like
         Fresh noise for the churn (default ``torch.randn_like``).
+
+    Returns
+    -------
+    torch.Tensor
+        The samples, float32, shaped like ``noise`` (images in the denoiser's range, [-1, 1] for dbk's).
     """
     n = len(sigmas) - 1
     randn_like = torch.randn_like if randn_like is None else randn_like

@@ -198,7 +198,14 @@ class GeneEncoder(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
 
     def config(self) -> dict:
-        """Architecture arguments (without the vocabulary), JSON-ready."""
+        """Architecture arguments (without the vocabulary), JSON-ready.
+
+        Returns
+        -------
+        dict
+            ``dim``, ``n_layers``, ``n_heads``, ``mlp_ratio``, ``dropout`` and ``zscore``: with the vocabulary, what
+            rebuilds the encoder.
+        """
         return {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads, "mlp_ratio": self.mlp_ratio,
                 "dropout": self.dropout, "zscore": self.zscore}
 
@@ -209,6 +216,16 @@ class GeneEncoder(nn.Module):
 
         Parameters created before (e.g. in an optimizer) are replaced for the embedding: build optimizers after
         growing.
+
+        Parameters
+        ----------
+        genes
+            Gene names; those already in the vocabulary are skipped.
+
+        Returns
+        -------
+        list[str]
+            The genes added, in order (their embedding rows start random).
         """
         new = self.vocab.add(genes)
         self.sync_vocab()
@@ -233,7 +250,17 @@ class GeneEncoder(nn.Module):
         self.value_std = torch.cat([self.value_std, self.value_std.new_ones(pad)])
 
     def set_value_stats(self, genes: Sequence[str], mean: np.ndarray, std: np.ndarray) -> None:
-        """Store per-gene mean and standard deviation (of training values) used when ``zscore=True``."""
+        """Store per-gene mean and standard deviation (of training values) used when ``zscore=True``.
+
+        Parameters
+        ----------
+        genes
+            Genes of the vocabulary (an unknown one raises ``KeyError``).
+        mean
+            Training mean of each gene's values, in ``genes`` order.
+        std
+            Training standard deviation of each gene's values (below 1e-6 stored as 1).
+        """
         ids = self.vocab.ids(genes)
         if (ids < 0).any():
             missing = [g for g, i in zip(genes, ids, strict=True) if i < 0]
@@ -250,9 +277,24 @@ class GeneEncoder(nn.Module):
     def tokenize(self, profiles, *, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Pad profiles into a batch: ``ids`` (B, L), ``values`` (B, L), ``mask`` (B, L) and ``has_genes`` (B,).
 
-        ``profiles`` is anything :func:`as_profiles` accepts; ``None`` entries give empty rows (``has_genes``
-        False). Genes not in the vocabulary are dropped with one warning naming them; a profile with no known gene
-        raises ``ValueError``.
+        Genes not in the vocabulary are dropped with one warning naming them; a profile with no known gene raises
+        ``ValueError``.
+
+        Parameters
+        ----------
+        profiles
+            An AnnData (rows are profiles, masked by its ``measured`` layer), a DataFrame (rows; NaN = not
+            measured), a Series or ``{gene: value}`` dict (one profile), a ``(genes, values)`` pair (1-D or 2-D
+            values), or a list of Series / dicts / pairs / ``None``; ``None`` entries give empty rows
+            (``has_genes`` False). Non-finite values count as not measured.
+        device
+            Where the tensors go (``None``: the CPU).
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            ``ids`` (B, L) int64, ``values`` (B, L) float32, ``mask`` (B, L) bool and ``has_genes`` (B,) bool,
+            with ``L`` the longest profile (at least 1).
         """
         self.sync_vocab()
         plist = as_profiles(profiles)
@@ -289,7 +331,24 @@ class GeneEncoder(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, return_tokens: bool = False):
-        """Condition vectors (B, dim) of a padded batch (see the class notes)."""
+        """Condition vectors (B, dim) of a padded batch (see the class notes).
+
+        Parameters
+        ----------
+        ids
+            Gene ids (B, L), from :meth:`tokenize`.
+        values
+            The genes' values (B, L), log1p-normalised (standardised per gene here when ``zscore``).
+        mask
+            (B, L), true where a slot holds a gene; a row with none gives a zero vector.
+        return_tokens
+            Also return the token states and the mask.
+
+        Returns
+        -------
+        torch.Tensor or tuple
+            The condition vectors (B, dim); with ``return_tokens``, ``(cond, tokens (B, L, dim), mask)``.
+        """
         if ids.numel() and int(ids.max()) >= self.embedding.num_embeddings:
             raise IndexError("Gene id beyond the embedding table: call encoder.sync_vocab() after growing the vocab.")
         mask = mask.bool()
@@ -317,6 +376,18 @@ class GeneEncoder(nn.Module):
         """Encode one profile: ``genes`` and their ``values`` (log1p-normalised) -> a (dim,) tensor.
 
         Genes not in the vocabulary are dropped with a warning; none known raises ``ValueError``.
+
+        Parameters
+        ----------
+        genes
+            Gene names of the profile.
+        values
+            Their values, one per gene (log1p-normalised, as the tile tables' ``X``).
+
+        Returns
+        -------
+        torch.Tensor
+            The condition vector, (dim,), on the encoder's device.
         """
         device = self.embedding.weight.device
         batch = self.tokenize((list(genes), np.asarray(values, dtype=np.float32)), device=device)

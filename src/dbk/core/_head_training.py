@@ -29,6 +29,20 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
 
     Masked entries contribute nothing, whatever they hold (NaN included), to the loss or its gradient; the mean is
     over the unmasked entries (0 when there are none). ``mask=None`` is the plain MSE.
+
+    Parameters
+    ----------
+    pred
+        Predictions, e.g. (tiles, genes).
+    target
+        Targets, the same shape.
+    mask
+        The same shape, 1 where the target was measured and 0 where not; ``None``: every entry counts.
+
+    Returns
+    -------
+    torch.Tensor
+        The scalar loss.
     """
     if mask is None:
         return torch.mean((pred - target) ** 2)

@@ -88,7 +88,25 @@ class FusionHead(nn.Module):
         self.decoder = gene_decoder(dim, n_genes, hidden, dropout)
 
     def fuse(self, z_fm: torch.Tensor, z_diff: torch.Tensor) -> torch.Tensor:
-        """The fused representation ``z`` (before the decoder)."""
+        """The fused representation ``z`` (before the decoder).
+
+        Parameters
+        ----------
+        z_fm
+            Foundation-model features, ``(..., dim_fm)`` (standardised, as the head was trained on).
+        z_diff
+            Diffusion features, ``(..., dim_diff)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., dim_fm)``, or ``(..., dim_fm + dim_diff)`` for ``"concat"``.
+
+        Raises
+        ------
+        ValueError
+            If the feature widths are not ``dim_fm`` and ``dim_diff``.
+        """
         if z_fm.shape[-1] != self.dim_fm or z_diff.shape[-1] != self.dim_diff:
             raise ValueError(f"Expected z_fm (..., {self.dim_fm}) and z_diff (..., {self.dim_diff}), got "
                              f"{tuple(z_fm.shape)} and {tuple(z_diff.shape)}.")
@@ -103,14 +121,45 @@ class FusionHead(nn.Module):
         return torch.cat([z_fm, z_diff], dim=-1)
 
     def forward(self, z_fm: torch.Tensor, z_diff: torch.Tensor) -> torch.Tensor:
-        """Predicted genes, (batch, n_genes)."""
+        """Predicted genes, (batch, n_genes).
+
+        Parameters
+        ----------
+        z_fm
+            Foundation-model features, ``(..., dim_fm)`` (standardised, as the head was trained on).
+        z_diff
+            Diffusion features, ``(..., dim_diff)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., n_genes)``: the decoder on :meth:`fuse`'s output (standardised targets).
+        """
         return self.decoder(self.fuse(z_fm, z_diff))
 
     def forward_fm(self, z_fm: torch.Tensor) -> torch.Tensor:
-        """The FM path alone, ``decoder(z_fm)`` (not defined for ``"concat"``)."""
+        """The FM path alone, ``decoder(z_fm)`` (not defined for ``"concat"``).
+
+        Parameters
+        ----------
+        z_fm
+            Foundation-model features, ``(..., dim_fm)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(..., n_genes)``: what the head predicts without the diffusion features.
+        """
         if self.fusion == "concat":
             raise ValueError("fusion='concat' has no FM-only path.")
         return self.decoder(z_fm)
 
     def extra_repr(self) -> str:
+        """The settings torch's module repr shows: fusion and widths.
+
+        Returns
+        -------
+        str
+            ``"fusion=..., dim_fm=..., dim_diff=..., n_genes=..."``.
+        """
         return f"fusion={self.fusion!r}, dim_fm={self.dim_fm}, dim_diff={self.dim_diff}, n_genes={self.n_genes}"

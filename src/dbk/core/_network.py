@@ -18,6 +18,15 @@ class GeneToImageNet(nn.Module):
     The gene encoder's vector is projected to the U-Net's time-embedding width and passed as ``class_labels`` of a
     ``UNet2DModel(class_embed_type="identity")``, which adds it to the embedding of ``c_noise`` that modulates every
     residual block. A learned null vector stands in for the condition of unconditioned samples.
+
+    Parameters
+    ----------
+    encoder
+        The gene encoder (:class:`~dbk.tl.GeneEncoder`) that turns a profile into the condition vector.
+    preset
+        The architecture (:class:`~dbk.tl.PretrainerPreset`: image size, channels, block types, attention).
+    edm
+        The EDM constants (:class:`~dbk.tl.EDM`) of the preconditioning around the U-Net.
     """
 
     def __init__(self, encoder: GeneEncoder, preset: PretrainerPreset, edm: EDM) -> None:
@@ -54,7 +63,24 @@ class GeneToImageNet(nn.Module):
         self.null_cond = nn.Parameter(torch.randn(temb) / math.sqrt(temb))
 
     def condition(self, batch_size: int, ids=None, values=None, mask=None, drop=None) -> torch.Tensor:
-        """(B, temb) vectors added to the noise embedding; the null vector where ``drop`` or a row has no gene."""
+        """(B, temb) vectors added to the noise embedding; the null vector where ``drop`` or a row has no gene.
+
+        Parameters
+        ----------
+        batch_size
+            B, the number of rows (used when ``ids`` is ``None``).
+        ids, values, mask
+            The genes' padded batch (B, L) from :meth:`GeneEncoder.tokenize`; ``None``: no genes (every row gets the
+            null vector).
+        drop
+            (B,) bool, true for the rows whose condition is dropped (classifier-free guidance training); ``None``:
+            none.
+
+        Returns
+        -------
+        torch.Tensor
+            (B, temb), ``temb`` the U-Net's time-embedding width.
+        """
         null = self.null_cond.unsqueeze(0).expand(batch_size, -1)
         if ids is None:
             return null
@@ -65,7 +91,26 @@ class GeneToImageNet(nn.Module):
         return torch.where(use_null.unsqueeze(1), null.to(cond.dtype), cond)
 
     def forward(self, x, sigma, ids=None, values=None, mask=None, drop=None) -> torch.Tensor:
-        """Denoised images ``D(x; sigma)`` (images in [-1, 1]); unconditioned when ``ids`` is ``None``."""
+        """Denoised images ``D(x; sigma)`` (images in [-1, 1]); unconditioned when ``ids`` is ``None``.
+
+        Parameters
+        ----------
+        x
+            Noisy images (B, 3, H, W).
+        sigma
+            Their noise levels, (B,).
+        ids, values, mask
+            The genes' padded batch (B, L) from :meth:`GeneEncoder.tokenize`; ``None``: no genes (every row gets the
+            null vector).
+        drop
+            (B,) bool, true for the rows whose condition is dropped (classifier-free guidance training); ``None``:
+            none.
+
+        Returns
+        -------
+        torch.Tensor
+            The denoised estimate, float32, shaped like ``x``.
+        """
         emb = self.condition(x.shape[0], ids, values, mask, drop)
         return precondition(self.edm, lambda x_in, c_noise: self.unet(x_in, c_noise, class_labels=emb).sample, x,
                             sigma)

@@ -83,13 +83,30 @@ class PretrainerPreset:
                              "have the same, non-zero length.")
 
     def to_dict(self) -> dict:
-        """JSON-ready form."""
+        """JSON-ready form.
+
+        Returns
+        -------
+        dict
+            Every field by name, tuples as lists; :meth:`from_dict` restores the preset.
+        """
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainerPreset:
-        """Inverse of :meth:`to_dict` (unknown keys raise)."""
+        """Inverse of :meth:`to_dict` (unknown keys raise).
+
+        Parameters
+        ----------
+        d
+            Preset fields by name (lists are turned back into tuples); an unknown field raises ``ValueError``.
+
+        Returns
+        -------
+        PretrainerPreset
+            The preset (checked as at construction).
+        """
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -218,7 +235,18 @@ AUTO_CPU_STEPS = 200
 def auto_preset(accelerator: str = "auto") -> str:
     """The preset ``preset="auto"`` picks: ``"gpu"`` when training runs on CUDA, ``"cpu-small"`` otherwise.
 
-    On a CPU ``get_preset("auto")`` also shortens cpu-small to :data:`AUTO_CPU_STEPS` steps (a few minutes).
+    On a CPU ``get_preset("auto")`` also shortens cpu-small to ``AUTO_CPU_STEPS`` (200) steps (a few minutes).
+
+    Parameters
+    ----------
+    accelerator
+        Where training runs: ``"auto"`` (``dbk.settings.device``, then CUDA if available), ``"cpu"``, ``"gpu"``,
+        ``"cuda"``, ``"cuda:1"`` ...
+
+    Returns
+    -------
+    str
+        ``"gpu"`` or ``"cpu-small"``.
     """
     import torch
 
@@ -279,6 +307,18 @@ def get_preset(preset: str | PretrainerPreset | dict = "cpu-small", **overrides)
     Names: ``"tiny"`` (tests), ``"cpu-small"`` (CPUs), ``"gpu"`` (one GPU), ``"paper"`` (the reference 224 px
     setting), or ``"auto"`` (``"gpu"`` where CUDA is available, else ``"cpu-small"``; see :func:`auto_preset`).
     Overrides of architecture fields rename the result ``"<name>+custom"``.
+
+    Parameters
+    ----------
+    preset
+        A name (above), a :class:`PretrainerPreset`, or a dict of its fields (named ``"custom"`` unless it says).
+    **overrides
+        Fields to change (``None`` values are ignored; an unknown field raises ``ValueError``).
+
+    Returns
+    -------
+    PretrainerPreset
+        The preset, with the overrides (the named preset itself when there are none).
     """
     if preset == "auto":
         return get_preset(auto_preset_for(), **overrides)

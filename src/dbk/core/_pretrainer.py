@@ -35,6 +35,13 @@ from ._sampling import _dihedral, _SamplingMixin, _seed
 from ._vocab import GeneVocab
 
 LOG_INTERVAL_S = 60.0  # seconds between the progress lines of fit in the log (they do not depend on tqdm)
+# fit re-measures its rate once, early, and logs the time left from it (the preset table's estimate can be far off on
+# another machine): after REMEASURE_FRACTION of the steps (at most REMEASURE_STEPS) or REMEASURE_S seconds, whichever
+# comes first, over at least REMEASURE_MIN_STEPS steps after the first (the first step carries the warm-up)
+REMEASURE_FRACTION = 0.1
+REMEASURE_STEPS = 50
+REMEASURE_S = 30.0
+REMEASURE_MIN_STEPS = 3
 FORMAT = "dbk.DiffusionPretrainer"
 FORMAT_VERSION = 1
 _WEIGHTS = ("model.safetensors", "ema.safetensors")  # net, ema_net
@@ -126,7 +133,18 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         return self.vocab.genes
 
     def to(self, device: str | torch.device) -> DiffusionPretrainer:
-        """Move the networks to ``device`` (``"auto"``: CUDA if available); returns self."""
+        """Move the networks to ``device`` (``"auto"``: CUDA if available); returns self.
+
+        Parameters
+        ----------
+        device
+            ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... or a :class:`torch.device` (checked first).
+
+        Returns
+        -------
+        DiffusionPretrainer
+            ``self``, its network and EMA network on ``device``.
+        """
         device = resolve_device(device, what="device")
         self.net.to(device)
         self.ema_net.to(device)
@@ -139,7 +157,15 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
                 f"genes, {n / 1e6:.2f} M parameters, {self.step} steps trained)")
 
     def config(self) -> dict:
-        """Everything needed to rebuild the model (JSON-ready)."""
+        """Everything needed to rebuild the model (JSON-ready).
+
+        Returns
+        -------
+        dict
+            ``format``, ``format_version``, ``dbk_version``, ``preset``, ``edm``, ``image_size``, ``tile_size_um``,
+            ``um_per_px``, ``vocab``, ``encoder``, ``random_state``, ``step`` and ``train_time_s``: the
+            ``config.json`` of :meth:`save`.
+        """
         from .. import __version__
 
         return {
@@ -186,8 +212,27 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
     ) -> DiffusionPretrainer:
         """Train (or continue training) on tiles and their profiles; see :func:`dbk.tl.fit_pretrainer`.
 
-        Genes of ``data`` not yet in the vocabulary are added (their embeddings start random). ``max_steps`` counts
-        all steps of the model, so a resumed run stops where the uninterrupted one would have.
+        Genes of ``data`` not yet in the vocabulary are added (their embeddings start random).
+
+        Parameters
+        ----------
+        data
+            A SpatialData with tiles and their table, a :class:`~dbk.tl.TileArrays`, or a list of them (as
+            :func:`dbk.tl.fit_pretrainer`).
+        genes
+            Genes to condition on (all genes of the tables when ``None``).
+        max_steps
+            Total optimizer steps of the model, counting those it already made, so a resumed run stops where the
+            uninterrupted one would have (the preset's when neither this nor ``max_epochs`` is given).
+        max_epochs, batch_size, lr, accelerator, devices, random_state, checkpoint_dir, resume, unlabeled_tiles_key, \
+table_key, tiles_key, num_workers, callbacks, labeled_fraction, max_time, preload_max_bytes
+            As in :func:`dbk.tl.fit_pretrainer`.
+
+        Returns
+        -------
+        DiffusionPretrainer
+            ``self``, trained; :attr:`history` gets the new ``{"step", "loss", "lr", "time", "data_wait"}``
+            records and :attr:`stopped_by` says what ended the run.
         """
         from accelerate.utils import set_seed  # noqa: F401 - imported to fail early if accelerate is missing
         from tqdm.auto import tqdm
@@ -307,6 +352,10 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
                     not acc.is_main_process, dynamic_ncols=True)
         t_start, t_wait, t_logged = time.perf_counter(), 0.0, self.train_time
         t_line, first_step = t_start, self.step
+        t_warm, warm_step = None, None  # the end of the first step: rates are measured from there
+        remeasure_at = first_step + max(REMEASURE_MIN_STEPS + 1,
+                                        min(REMEASURE_STEPS, math.ceil(REMEASURE_FRACTION * (stop - first_step))))
+        images_per_step = bsz * acc.num_processes
         self.stopped_by = "max_steps"
         try:
             t0 = time.perf_counter()
@@ -322,10 +371,24 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
                 if self.step % p.log_every == 0 or self.step == stop or out_of_time:
                     self._log(base_lr, t_wait / max(t0 - t_start, 1e-9))
                     pbar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+                if t_warm is None:
+                    t_warm, warm_step = t0, self.step
+                measured = self.step - warm_step
+                # seconds per step after the first (warm-up, compilation); over all steps until a second one is done
+                per_step = (t0 - t_warm) / measured if measured else (t0 - t_start) / max(self.step - first_step, 1)
+                left = (stop - self.step) * per_step
+                if max_time is not None:
+                    left = min(left, max(0.0, max_time - (t0 - t_start)))
+                if remeasure_at is not None and self.step < stop and measured >= REMEASURE_MIN_STEPS \
+                        and (self.step >= remeasure_at or t0 - t_warm >= REMEASURE_S):
+                    remeasure_at = None  # once per fit
+                    table = (f"; the preset table expected {eta[0] / 60:.1f} min in all ({eta[1]})"
+                             if eta is not None else "")
+                    logger.info(f"fit: step {self.step}/{stop} at {images_per_step / per_step:.3g} img/s "
+                                f"(measured over steps {warm_step}-{self.step}), about {left / 60:.1f} min left"
+                                f"{table}.")
                 if t0 - t_line >= LOG_INTERVAL_S or self.step == stop:  # a line now and then, progress bars or not
                     t_line = t0
-                    done = self.step - first_step
-                    left = (stop - self.step) * (t0 - t_start) / max(done, 1)
                     last = f", loss {self.history[-1]['loss']:.4f}" if self.history else ""
                     logger.info(f"fit: step {self.step}/{stop}{last}, {(t0 - t_start) / 60:.1f} min, about "
                                 f"{left / 60:.1f} min left.")
@@ -470,7 +533,20 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
         """Write the model to a folder: ``config.json``, ``model.safetensors``, ``ema.safetensors``, ``history.json``.
 
         The folder is written beside the target and renamed into place, so an interrupted save leaves no partial
-        model. Returns the path.
+        model.
+
+        Parameters
+        ----------
+        path
+            The folder to write.
+        overwrite
+            Replace a folder already at ``path``, once the new one is complete, and only a dbk model folder holding
+            nothing but what dbk wrote; without it an existing ``path`` raises :class:`FileExistsError`.
+
+        Returns
+        -------
+        pathlib.Path
+            The folder written.
         """
         return write_model_folder(
             path, format=FORMAT, format_version=FORMAT_VERSION, config=self.config(),
@@ -480,6 +556,18 @@ class DiffusionPretrainer(_SamplingMixin, _CheckpointMixin):
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> DiffusionPretrainer:
         """Load a model written by :meth:`save` onto ``device`` (``"auto"``: CUDA if available, else CPU).
+
+        Parameters
+        ----------
+        path
+            The folder :meth:`save` wrote (``~`` expanded).
+        device
+            Where the networks go: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... or a :class:`torch.device`.
+
+        Returns
+        -------
+        DiffusionPretrainer
+            The model with its weights, EMA weights, vocabulary and history, checked against the folder's checksums.
 
         Raises
         ------

@@ -34,7 +34,18 @@ class GeneVocab:
         self.add(genes)
 
     def add(self, genes: Iterable[str]) -> list[str]:
-        """Append the genes not in the vocabulary yet; returns the newly added ones, in order."""
+        """Append the genes not in the vocabulary yet; returns the newly added ones, in order.
+
+        Parameters
+        ----------
+        genes
+            Gene symbols (non-empty strings; a single string is refused).
+
+        Returns
+        -------
+        list[str]
+            The genes that were new, in order (their ids follow the existing ones).
+        """
         if isinstance(genes, str):
             raise TypeError("add() takes a list of gene symbols, not a single string.")
         new = []
@@ -69,7 +80,18 @@ class GeneVocab:
         return f"GeneVocab({len(self)} genes: {head})"
 
     def ids(self, genes: Iterable[str]) -> np.ndarray:
-        """Ids of ``genes`` (int64), ``-1`` where a gene is unknown."""
+        """Ids of ``genes`` (int64), ``-1`` where a gene is unknown.
+
+        Parameters
+        ----------
+        genes
+            Gene symbols.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64, one id per gene in input order, ``-1`` for genes not in the vocabulary.
+        """
         return np.fromiter((self._index.get(g, -1) for g in genes), dtype=np.int64)
 
     def lookup(self, genes: Iterable[str], *, what: str = "profile") -> tuple[np.ndarray, np.ndarray]:
@@ -77,9 +99,17 @@ class GeneVocab:
 
         Unknown genes are dropped with one warning naming them; a ``what`` with no known gene at all raises.
 
+        Parameters
+        ----------
+        genes
+            Gene symbols.
+        what
+            What the genes belong to, for the warning and the error (e.g. ``"profile 3"``).
+
         Returns
         -------
-        ``(ids, known)``: ids of the known genes in input order, and the mask over the input genes.
+        tuple[numpy.ndarray, numpy.ndarray]
+            ``(ids, known)``: ids of the known genes in input order, and the mask over the input genes.
         """
         genes = list(genes)
         ids = self.ids(genes)
@@ -95,12 +125,29 @@ class GeneVocab:
         return ids[known], known
 
     def to_dict(self) -> dict:
-        """JSON-ready form; :meth:`from_dict` restores it."""
+        """JSON-ready form; :meth:`from_dict` restores it.
+
+        Returns
+        -------
+        dict
+            ``{"genes": [...]}`` in id order.
+        """
         return {"genes": list(self._genes)}
 
     @classmethod
     def from_dict(cls, d: dict) -> GeneVocab:
-        """Restore a vocabulary written by :meth:`to_dict`."""
+        """Restore a vocabulary written by :meth:`to_dict`.
+
+        Parameters
+        ----------
+        d
+            ``{"genes": [...]}`` (distinct genes, in id order).
+
+        Returns
+        -------
+        GeneVocab
+            The vocabulary, with the same ids.
+        """
         if not isinstance(d, dict) or not isinstance(d.get("genes"), list):
             raise ValueError("Not a GeneVocab dict: expected {'genes': [...]}.")
         genes = d["genes"]

@@ -1,5 +1,8 @@
 """Datasets: synthetic slides (offline, seeded), HEST-1k samples (Hugging Face hub) and registered public data.
 
+:func:`hest_from_her2st` writes the her2st sections as HEST-1k samples (SPA137-SPA145) from the her2st files, for
+:func:`hest` to read without the hub.
+
 The registry (:func:`available`, :func:`fetch`) lists public files with their sha256; :func:`her2st` reads the six
 public her2st sections from it.
 
@@ -11,8 +14,8 @@ from ._her2st import her2st, her2st_genes
 from ._registry import available, fetch
 
 # these modules import spatialdata at import time: loaded on first attribute access
-_EXPORTS = {"hest": "._hest", "synthetic": "._synthetic"}
+_EXPORTS = {"hest": "._hest", "hest_from_her2st": "._hest_local", "synthetic": "._synthetic"}
 
-__all__ = ["available", "fetch", "her2st", "her2st_genes", "hest", "synthetic"]
+__all__ = ["available", "fetch", "her2st", "her2st_genes", "hest", "hest_from_her2st", "synthetic"]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,10 +1,11 @@
-"""``dbk.datasets.hest``: fetch one HEST-1k sample from the Hugging Face hub (``huggingface_hub``), then read it."""
+"""``dbk.datasets.hest``: fetch HEST-1k samples from the Hugging Face hub (``huggingface_hub``), then read them."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from spatialdata import SpatialData
@@ -21,15 +22,15 @@ _WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".jpeg", ".png")
 
 
 def hest(
-    sample_id: str,
+    sample_id: str | Sequence[str],
     *,
     root: str | os.PathLike | None = None,
     load_transcripts: bool = True,
     load_cells: bool = True,
     token: str | None = None,
     timeout: float = 30.0,
-) -> SpatialData:
-    """Download one HEST-1k sample (Jaume et al. 2024) if needed and read it with :func:`dbk.io.read_hest`.
+) -> SpatialData | dict[str, SpatialData]:
+    """Download HEST-1k samples (Jaume et al. 2024) if needed and read them with :func:`dbk.io.read_hest`.
 
     Files come from the Hugging Face dataset ``MahmoodLab/hest`` into ``root`` in HEST's layout, through
     :func:`huggingface_hub.hf_hub_download` (``local_dir=root``: tokens, resumed downloads and ``HF_HUB_OFFLINE``
@@ -45,10 +46,15 @@ def hest(
     HEST is a gated dataset: accept its terms on https://huggingface.co/datasets/MahmoodLab/hest and pass a token
     (``token=``, the environment variable ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``, or ``hf auth login``).
 
+    The six public her2st sections are HEST samples SPA137-SPA145 (B4 = SPA145, C2 = SPA141, C3 = SPA140,
+    C4 = SPA139, C5 = SPA138, C6 = SPA137). Without the hub, :func:`dbk.datasets.hest_from_her2st` writes them into
+    ``root`` from the her2st files; this function then reads them as it reads the hub's. It does not build them by
+    itself: files built locally are not the hub's (see that function), so building them is a step you take.
+
     Parameters
     ----------
     sample_id
-        HEST sample id, e.g. ``"TENX95"`` (Xenium, breast) or ``"MEND139"``.
+        HEST sample id, e.g. ``"TENX95"`` (Xenium, breast) or ``"MEND139"``; or a list of ids.
     root
         Folder of the HEST download; default ``dbk.settings.datasetdir / "hest"``.
     load_transcripts
@@ -63,30 +69,86 @@ def hest(
     Returns
     -------
     The sample as read by :func:`dbk.io.read_hest` (H&E image, spots table, transcripts and cells where present;
-    ``attrs["patient"]`` from the metadata's ``patient`` field where it has one).
+    ``attrs["patient"]`` from the metadata's ``patient`` field where it has one); for a list of ids,
+    ``{sample_id: SpatialData}`` in the order given (as :func:`dbk.datasets.her2st` returns its sections).
 
     Raises
     ------
     FileNotFoundError
         If files are missing and downloads are off (``HF_HUB_OFFLINE`` or ``DBK_OFFLINE`` set), at once, without
-        network; the message lists each missing file, where to put it and its URL.
+        network; the message lists each missing file, where to put it and its URL (and, for the her2st samples,
+        how to build them with :func:`dbk.datasets.hest_from_her2st`).
     ConnectionError
         If the hub cannot be reached or refuses the download (the same listing, plus the reason).
+    ValueError
+        If an id is not a HEST name, or the list is empty.
+
+    Examples
+    --------
+    >>> import dbk
+    >>> slides = dbk.datasets.hest(["SPA145", "SPA141"])  # doctest: +SKIP
+    >>> {sid: s.attrs["patient"] for sid, s in slides.items()}  # doctest: +SKIP
+    {'SPA145': 'Patient B', 'SPA141': 'Patient C'}
     """
     from ..io._hest import check_hest_id
 
-    check_hest_id(sample_id)
+    single = isinstance(sample_id, str)
+    ids = [sample_id] if single else list(dict.fromkeys(sample_id))
+    if not ids:
+        raise ValueError("hest() needs at least one HEST sample id, e.g. dbk.datasets.hest(['SPA145', 'SPA141']).")
+    for sid in ids:
+        check_hest_id(sid)
     root = Path(root).expanduser() if root is not None else settings.datasetdir / "hest"
     kw = {"load_transcripts": load_transcripts, "load_cells": load_cells}
-    missing = [f for f in _wanted_files(root, sample_id, **kw) if not f.present(root)]
-    if missing and _link_from_cache(root, missing):
-        missing = [f for f in _wanted_files(root, sample_id, **kw) if not f.present(root)]
-    if missing:
-        _fetch(root, sample_id, missing, token=token, timeout=timeout)
+
+    missing = {sid: [f for f in _wanted_files(root, sid, **kw) if not f.present(root)] for sid in ids}
+    if any(missing.values()) and _link_from_cache(root, [f for files in missing.values() for f in files]):
+        missing = {sid: [f for f in _wanted_files(root, sid, **kw) if not f.present(root)] for sid in ids}
+    wanting = [sid for sid in ids if missing[sid]]
+    hint = _builder_hint(wanting, root)
+    var = _offline()
+    if wanting and var is not None:  # one error for all samples, before any network call
+        files = [f for sid in wanting for f in missing[sid]]
+        which = f"HEST sample {wanting[0]!r}" if len(wanting) == 1 else f"HEST samples {wanting}"
+        raise FileNotFoundError(
+            f"{which}: {len(files)} file(s) missing in {root} and downloads are off ({var}={os.environ[var]!r}); "
+            f"nor does the Hugging Face cache hold them. Put these files into that folder, or unset {var}:\n"
+            + _listing(root, files) + hint
+        )
+    for sid in wanting:
+        _fetch(root, sid, missing[sid], token=token, timeout=timeout, hint=hint)
 
     from ..io import read_hest
 
-    return read_hest(root, sample_id, load_transcripts=load_transcripts, load_cells=load_cells)
+    slides = {sid: read_hest(root, sid, **_what_to_read(root, sid, **kw)) for sid in ids}
+    return slides[ids[0]] if single else slides
+
+
+def _what_to_read(root: Path, sample_id: str, *, load_transcripts: bool, load_cells: bool) -> dict[str, bool]:
+    """Transcripts and cells are read for Xenium samples; for others only if such a file is there anyway."""
+    if _is_xenium(root / "metadata" / f"{sample_id}.json") is False:
+        tx, cells = _layout(sample_id, load_transcripts=True, load_cells=True)[3:]
+        load_transcripts = load_transcripts and tx.present(root)
+        load_cells = load_cells and cells.present(root)
+    return {"load_transcripts": load_transcripts, "load_cells": load_cells}
+
+
+def _builder_hint(sample_ids: list[str], root: Path) -> str:
+    """For the her2st samples among ``sample_ids``: how to build them without the hub (else an empty string)."""
+    from ._hest_local import HER2ST_HEST_IDS
+
+    section_of = {sid: section for section, sid in HER2ST_HEST_IDS.items()}
+    ours = [sid for sid in sample_ids if sid in section_of]
+    if not ours:
+        return ""
+    sections = [section_of[sid] for sid in ours]
+    where = "" if root == settings.datasetdir / "hest" else f", root={str(root)!r}"
+    return (
+        f"\n{', '.join(f'{sid} = her2st {section_of[sid]}' for sid in ours)}: without the hub, "
+        f"dbk.datasets.hest_from_her2st({sections}{where}) writes these samples in HEST's layout from the her2st "
+        "files (path=, $DBK_HER2ST, or the copy dbk.datasets.fetch('her2st') keeps); then call this again. Its "
+        "docstring says what differs from the hub's files."
+    )
 
 
 class _File:
@@ -178,14 +240,8 @@ def _listing(root: Path, files: list[_File]) -> str:
     )
 
 
-def _fetch(root: Path, sample_id: str, missing: list[_File], *, token: str | None, timeout: float) -> None:
-    var = _offline()
-    if var is not None:
-        raise FileNotFoundError(
-            f"HEST sample {sample_id!r}: {len(missing)} file(s) missing in {root} and downloads are off "
-            f"({var}={os.environ[var]!r}); nor does the Hugging Face cache hold them. Put these files into that "
-            f"folder, or unset {var}:\n" + _listing(root, missing)
-        )
+def _fetch(root: Path, sample_id: str, missing: list[_File], *, token: str | None, timeout: float,
+           hint: str = "") -> None:
     token = token or next((os.environ[v] for v in _TOKEN_VARS if os.environ.get(v)), None)
     pending = list(missing)
     while pending:
@@ -211,7 +267,7 @@ def _fetch(root: Path, sample_id: str, missing: list[_File], *, token: str | Non
                 reason = f"{type(err).__name__}: {err}"
             raise ConnectionError(
                 f"HEST sample {sample_id!r}: could not download {f.path} ({reason}). "
-                f"Fetch these files into {root} by hand, or retry:\n" + _listing(root, [f, *pending])
+                f"Fetch these files into {root} by hand, or retry:\n" + _listing(root, [f, *pending]) + hint
             ) from err
         if f.path.startswith("metadata/") and _is_xenium(root / f.path) is False:
             pending = [p for p in pending if not p.xenium_only]

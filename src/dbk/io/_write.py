@@ -14,7 +14,7 @@ from spatialdata import SpatialData
 from .._logging import logger
 
 STORE_MARKER = "dbk_store.json"  # in the root of every store dbk writes: what may later be replaced
-PREPARE_MARKER = "dbk_prepare.json"  # dbk.pp.prepare's done marker (also dbk's)
+PREPARE_MARKER = "dbk_prepare.json"  # dbk.tl.prepare_corpus's done marker (also dbk's)
 
 
 def _marker_ok(file: Path, key: str) -> bool:

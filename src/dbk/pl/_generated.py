@@ -12,7 +12,7 @@ from .._utils import resolve_seed
 from ._utils import finish, new_axes, plot_docs
 
 
-@plot_docs
+@plot_docs(axes="a list of the ``rows x columns``\n    panels' axes, row by row (one axes for a single panel)")
 def generated(
     pretrainer,
     profiles,
@@ -65,13 +65,9 @@ def generated(
     image_key
         The H&E image (with a SpatialData ``real_tiles``); the tiles' own image when ``None``.
     ax
-        ``rows x columns`` axes to draw into (a flat sequence or a 2-D array, row by row).
-    show
-        Show the figure (default: when the backend is interactive).
-    return_fig
-        Return the figure.
-    save
-        Path to save the figure to.
+        ``rows x columns`` axes to draw into (a flat sequence or a 2-D array, row by row); the figure is then the
+        caller's: it is neither shown nor closed.
+    {plot_show_save}
 
     {plot_returns}
     """
@@ -109,7 +105,7 @@ def generated(
     if ax is None:
         g = "" if guidance == 1.0 else f", guidance {guidance:g}"
         fig.suptitle(f"tiles generated from {n} profiles ({n_steps} steps{g})", fontsize="medium")
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    return finish(fig, axes, name="generated", ax=ax, show=show, return_fig=return_fig, save=save)
 
 
 def _row_labels(profiles, n: int) -> list[str]:

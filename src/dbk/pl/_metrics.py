@@ -72,7 +72,7 @@ def gene_metrics(
     # the mean goes in the title: a legend inside the axes would sit on the bars
     axis.set_title(f"{metric}: {which} {len(shown)} of {len(values)} genes\n(dashed: mean over all {len(values)} "
                    f"genes = {mean:.3f})", fontsize="medium")
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    return finish(fig, [axis], name="gene_metrics", ax=ax, show=show, return_fig=return_fig, save=save)
 
 
 @plot_docs
@@ -153,7 +153,7 @@ def benchmark(
     better = "lower is better; " if lower_better else ""
     axis.set_title(f"{metric} ({better}{n_folds} folds; dots = folds)")
     axis.axhline(0, color="grey", linewidth=0.8)
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    return finish(fig, [axis], name="benchmark", ax=ax, show=show, return_fig=return_fig, save=save)
 
 
 @plot_docs
@@ -200,4 +200,4 @@ def training_history(
     axis.set_ylabel(", ".join(keys))
     axis.set_title(f"training history ({int(df['step'].max())} steps)")
     axis.legend(frameon=False)
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    return finish(fig, [axis], name="training_history", ax=ax, show=show, return_fig=return_fig, save=save)

@@ -7,7 +7,7 @@ import numpy as np
 from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_TABLE_KEY
-from ._data import get_table, measured, pearson, predicted
+from ._data import get_table, in_sample, measured, predicted, r_text
 from ._utils import finish, new_axes, plot_docs
 
 
@@ -26,6 +26,11 @@ def scatter(
     save: str | None = None,
 ):
     """Measured (x) vs predicted (y) expression of one gene over tiles, with the identity line and Pearson r.
+
+    The title gives the r and, where the predictions carry it, the gene's CV score (:func:`dbk.tl.cv_pearson`). On
+    tiles the model was trained on, the r is in-sample and the title says so (``r = 0.76, in-sample``; with a
+    :func:`dbk.pp.spatial_blocks` split, the held-out and in-sample tiles' r apart): the CV score is then the
+    honest estimate.
 
     Parameters
     ----------
@@ -66,5 +71,12 @@ def scatter(
     unit = layer or "log1p"
     axis.set_xlabel(f"measured {gene} ({unit})")
     axis.set_ylabel(f"predicted {gene}")
-    axis.set_title(f"{gene}: r = {pearson(x, y):.2f} (n = {int(ok.sum())} tiles)")
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    title = f"{gene}: {r_text(x, y, in_sample(adata, pred_key))} (n = {int(ok.sum())} tiles)"
+    from ..tl import cv_pearson
+
+    cv = cv_pearson(adata, pred_key=pred_key)
+    if cv is not None:
+        score = float(cv.get(gene, np.nan))
+        title += f"\nCV r = {score:.2f}" if np.isfinite(score) else "\nno CV score"
+    axis.set_title(title)
+    return finish(fig, [axis], name="scatter", ax=ax, show=show, return_fig=return_fig, save=save)

@@ -10,7 +10,7 @@ from spatialdata import SpatialData
 
 from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY
 from .._image import thumbnail
-from ._data import get_table, measured, pearson, predicted
+from ._data import get_table, in_sample, measured, predicted, r_text
 from ._utils import finish, new_axes, plot_docs, zoom_to_tiles
 
 
@@ -39,8 +39,15 @@ def spatial(
 
     Each row is a gene and each column a kind; the predicted panel's title carries the gene's Pearson r between
     measured and predicted over the tiles and, where the predictions carry them, the gene's CV score
-    (:func:`dbk.tl.cv_pearson`). A gene the model does not trust (:func:`dbk.tl.cv_trusted`; or, with a number
-    ``min_cv_pearson``, whose CV score is below it or undefined) is marked *untrusted* in red: the model did not
+    (:func:`dbk.tl.cv_pearson`). On a slide the model was trained on, that r is in-sample and the title says so
+    (``r = 0.76, in-sample``; with a :func:`dbk.pp.spatial_blocks` split, the held-out and in-sample tiles' r
+    apart): there the CV score is the honest estimate. dbk knows a training slide by the record
+    :func:`dbk.tl.fit_diffbulk` leaves in ``uns[pred_key]`` (with its ``fit_id``, which
+    :meth:`dbk.tl.DiffBulk.predict` copies into ``uns["dbk"]["predict"]``); predictions without such a record
+    (another tool's, or a model saved before dbk recorded it) are not marked.
+
+    A gene the model does not trust (:func:`dbk.tl.cv_trusted`; or, with a number ``min_cv_pearson``, whose CV
+    score is below it or undefined) is marked *untrusted* in red: the model did not
     predict it well on held-out training slides (or patients), so its map is not to be believed. When the
     predictions carry far fewer independent patterns than the training targets (:func:`dbk.tl.effective_rank`), a
     note under the figure says so.
@@ -86,6 +93,7 @@ def spatial(
     kinds = _kinds(adata, genes, kinds, pred_key)
     cv = _cv_scores(adata, pred_key)
     trusted = _trusted(adata, pred_key) if min_cv_pearson == "auto" else None
+    trained = in_sample(adata, pred_key) if "predicted" in kinds else None
     pred_table = pred_key not in adata.obsm and cv is not None  # a predicted table: its X holds predictions
     # a row per gene with its kinds side by side; one kind only: the genes side by side
     ncols = len(kinds) if len(kinds) > 1 else min(len(genes), 3)
@@ -109,7 +117,7 @@ def spatial(
         vmax = float(np.quantile(both, vmax_quantile)) if both.size else 1.0
         if vmax <= vmin:  # mostly one value (a gene detected on a few tiles): the quantile would collapse the scale
             vmax = float(both.max()) if both.size and both.max() > vmin else vmin + 1.0
-        r = pearson(values["measured"], values["predicted"]) if len(values) == 2 else None
+        r = r_text(values["measured"], values["predicted"], trained) if len(values) == 2 else None
         row = axes[gi * len(kinds) : (gi + 1) * len(kinds)]
         for kind, axis in zip(kinds, row, strict=True):
             v = values[kind]
@@ -122,7 +130,7 @@ def spatial(
                 axis.set_aspect("equal")
             title = f"{gene} {kind}"
             if kind == "predicted" and r is not None:
-                title += f" (r = {r:.2f})"
+                title += f" ({r})"
             color = None
             if cv is not None and (kind == "predicted" or pred_table):
                 score = float(cv.get(gene, np.nan))
@@ -141,7 +149,7 @@ def spatial(
     note = _rank_note(adata, pred_key) if "predicted" in kinds or pred_table else None
     if note:
         fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=9, color="tab:red", wrap=True)
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    return finish(fig, axes, name="spatial", ax=ax, show=show, return_fig=return_fig, save=save)
 
 
 def _trusted(adata, pred_key: str):

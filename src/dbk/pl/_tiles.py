@@ -87,7 +87,7 @@ def tiles(
         axis.set_title(label)
     zoom_to_tiles(axis, b, img.shape[:2])
     axis.set_axis_off()
-    return finish(fig, show=show, return_fig=return_fig, save=save)
+    return finish(fig, [axis], name="tiles", ax=ax, show=show, return_fig=return_fig, save=save)
 
 
 _NA_COLOR = "lightgray"

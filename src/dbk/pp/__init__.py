@@ -13,7 +13,9 @@ _EXPORTS = {
     "concat": "._concat",
     "measured_mask": "._concat",
     "select_genes": "._concat",
-    "prepare": "._corpus",
+    # a deprecated alias of dbk.tl.prepare_corpus (preparing a corpus runs a foundation model), defined there: the one
+    # name of dbk.pp that loads dbk.tl, and no code of dbk.pp calls it (tests/test_layers.py: DEPRECATED_ALIASES)
+    "prepare": "..tl._corpus",
     "TileDataset": "._dataset",
     "export_tiles": "._dataset",
     "read_tile": "._dataset",
@@ -33,7 +35,6 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._concat import concat, measured_mask, select_genes
-    from ._corpus import prepare
     from ._dataset import TileDataset, export_tiles, read_tile
     from ._genes import map_gene_names
     from ._normalize import normalize

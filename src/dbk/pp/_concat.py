@@ -165,7 +165,19 @@ def _stack_obsm(adatas: list[ad.AnnData], obs_names: pd.Index) -> dict:
 
 
 def measured_mask(adata: ad.AnnData) -> np.ndarray:
-    """Dense boolean tiles x genes mask of measured genes (all True when there is no ``measured`` layer)."""
+    """Dense boolean tiles x genes mask of measured genes (all True when there is no ``measured`` layer).
+
+    Parameters
+    ----------
+    adata
+        A tile table; its ``layers["measured"]`` (written by :func:`concat` for slides with other panels), dense or
+        sparse, says which genes each tile's slide measured.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, ``adata.shape``: ``True`` where the gene was measured (the layer's value > 0).
+    """
     if MEASURED_LAYER not in adata.layers:
         return np.ones(adata.shape, dtype=bool)
     m = adata.layers[MEASURED_LAYER]

@@ -1,11 +1,15 @@
 """A corpus of slides made ready for training, slide by slide, in parallel on a dask.distributed cluster.
 
-:func:`prepare` reads each slide, finds its tissue, lays tiles, sums the pseudo-bulk table (:func:`prepare_slide`),
-embeds the tiles with a foundation model (``dbk.tl.embed_tiles``) and writes the slide atomically to
-``<out>/<name>.zarr`` with a small JSON marker written into the store before it is renamed into place (a store
-without it is not dbk's and is never replaced). The work of one slide is one task of
-an existing engine (``distributed.Client.map`` / ``as_completed``), or a plain loop in this process; a rerun skips
-the slides whose marker says they are done with the same settings, so a killed run resumes where it stopped.
+:func:`run_corpus` reads each slide, finds its tissue, lays tiles, sums the pseudo-bulk table (:func:`prepare_slide`),
+runs the embedding step it is handed and writes the slide atomically to ``<out>/<name>.zarr`` with a small JSON
+marker written into the store before it is renamed into place (a store without it is not dbk's and is never
+replaced). The work of one slide is one task of an existing engine (``distributed.Client.map`` / ``as_completed``), or
+a plain loop in this process; a rerun skips the slides whose marker says they are done with the same settings, so a
+killed run resumes where it stopped.
+
+The embedding step runs a foundation model, which lives in the tools layer: the public function is
+:func:`dbk.tl.prepare_corpus` (``dbk prepare``), which hands :func:`run_corpus` its step (``dbk.tl.embed_tiles``).
+This module imports nothing from :mod:`dbk.tl`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._constants import SPOTS_KEY, TILES_KEY, TILES_TABLE_KEY, TISSUE_KEY, TRANSCRIPTS_KEY
-from .._logging import logger
+from .._logging import logger, once_per_call
 from .._settings import settings as dbk_settings
 from .._utils import is_sdata
 
@@ -72,20 +76,6 @@ def _read(source, reader: Callable | None) -> SpatialData:
     if not is_sdata(sdata):
         raise TypeError(f"the slide's reader returned a {type(sdata).__name__}, not a SpatialData.")
     return sdata
-
-
-def _embed(sdata, *, fm: str, fm_size_px: int, tiles_key: str, table_key: str, batch_size: int,
-           accelerator: str) -> str:
-    """``dbk.tl.embed_tiles`` of every tile; returns the ``obsm`` key written.
-
-    Imported here, on the worker, so that ``dbk.pp`` never loads the tools layer (and torch) on import.
-    """
-    from ..tl import embed_tiles, model_key
-
-    # embeddings already in the slide from the same model, input size and tiles are kept (embed_tiles' own check)
-    embed_tiles(sdata, fm=fm, fm_size_px=fm_size_px, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size,
-                accelerator=accelerator)
-    return model_key(fm)
 
 
 @contextmanager
@@ -171,6 +161,7 @@ def prepare_one(
     dest: str | os.PathLike,
     *,
     settings: dict,
+    embed: Callable[..., str],
     reader: Callable | None = None,
     batch_size: int = 64,
     accelerator: str = "auto",
@@ -179,8 +170,10 @@ def prepare_one(
 ) -> dict:
     """Read, tissue, tiles, pseudo-bulk, embeddings and atomic write of one slide; the report row (never raises).
 
-    ``step_hook(step)``, a context-manager factory, wraps each step of :data:`STEPS` (the benchmark measures memory
-    with it); the seconds of each step are in the row as ``<step>_s``.
+    ``embed(sdata, *, fm, fm_size_px, tiles_key, table_key, batch_size, accelerator) -> obsm key`` is the embedding
+    step (``dbk.tl._corpus.embed_step``; picklable, it travels to the workers). ``step_hook(step)``, a context-manager
+    factory, wraps each step of :data:`STEPS` (the benchmark measures memory with it); the seconds of each step are in
+    the row as ``<step>_s``.
     """
     from .._utils import jsonable
     from ..io._write import write_store
@@ -221,8 +214,8 @@ def prepare_one(
                               need_table=True, name=name)
                 check_training_table(sdata, name, tiles_key, table_key)
             with step("embed"):
-                key = _embed(sdata, fm=settings["fm"], fm_size_px=settings["fm_size_px"], tiles_key=tiles_key,
-                             table_key=table_key, batch_size=batch_size, accelerator=accelerator)
+                key = embed(sdata, fm=settings["fm"], fm_size_px=settings["fm_size_px"], tiles_key=tiles_key,
+                            table_key=table_key, batch_size=batch_size, accelerator=accelerator)
             table = sdata.tables[table_key]
             row.update(n_tiles=int(len(sdata.shapes[tiles_key])), n_genes=int(table.n_vars))
             with step("write"):
@@ -402,10 +395,12 @@ def _log(row: dict) -> None:
         logger.error(f"prepare: {name}: failed: {row['error']}{tb}")
 
 
-def prepare(
+@once_per_call
+def run_corpus(
     paths_or_slides,
     *,
     out: str | os.PathLike,
+    embed: Callable[..., str],
     tile_size_um: float = 112.0,
     fm: str = DEFAULT_FM,
     fm_size_px: int = 224,
@@ -419,70 +414,21 @@ def prepare(
     accelerator: str = "auto",
     threads: int | None = None,
 ) -> pd.DataFrame:
-    """Prepare a corpus of slides for training, slide by slide, in parallel on a dask.distributed cluster.
-
-    Each slide is read, its tissue found (:func:`dbk.pp.tissue_mask`), tiled and summed into its pseudo-bulk table
-    (:func:`dbk.pp.prepare_slide`, checked as for training), its tiles embedded with a foundation model
-    (:func:`dbk.tl.embed_tiles`), and it is written atomically to ``<out>/<name>.zarr``
-    (:func:`dbk.io.write_zarr`). A small JSON marker, ``dbk_prepare.json`` with the settings and a fingerprint of
-    the source (path, file sizes and times), is written into the store before it is renamed into place: a rerun
-    skips the slides whose marker holds the same settings and source, so a killed run resumes; a store without the
-    marker is not dbk's and is never replaced (that slide fails). The output folder is checked to be writable before
-    any slide is read. A slide that fails is reported (in the log and the returned table, with a traceback summary)
-    and the others go on.
+    """The driver of :func:`dbk.tl.prepare_corpus` (documented there), with the embedding step handed in.
 
     Parameters
     ----------
-    paths_or_slides
-        One slide or a list (or ``{name: slide}`` dict) of them. A slide is a path: a SpatialData ``.zarr`` store,
-        a HEST-1k folder (``wsis/``, ``metadata/`` ...; every sample in it, see :func:`dbk.io.read_hest`) or
-        ``<hest root>/<sample id>``, or a legacy ST folder (:func:`dbk.io.read_st_folder`); a SpatialData object,
-        used as is (changed in place with ``client=None``; a copy travels to a cluster); or a callable returning
-        one. Paths and callables are read on the worker, so only they travel to the cluster. Tiles, tables and
-        embeddings already in a slide are kept, as :func:`dbk.pp.prepare_slide` and :func:`dbk.tl.embed_tiles` do.
-    out
-        Folder of the prepared stores, one ``<name>.zarr`` per slide. Names: the dict keys or ``names``, else the
-        store or folder name, the HEST sample id, ``sdata.attrs["sample"]``, the callable's ``__name__``, else
-        ``slide<i>``.
-    tile_size_um
-        Side of the grid tiles in µm (slides with spots and no transcripts get one tile per spot).
-    fm
-        Foundation model of the embeddings (a name :func:`dbk.tl.embed_tiles` takes; the default is offline).
-    fm_size_px
-        Its input size in pixels.
-    client
-        A ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or ``None``: one slide after the
-        other in this process. One slide is one task (``client.map(..., pure=False)``, results by
-        ``as_completed``); give workers one thread each and memory for a whole slide.
-    overwrite
-        Prepare every slide again; without it, complete stores with the same settings are skipped and a store
-        prepared with other settings is reported as failed (with the settings that differ).
-    reader
-        ``reader(path) -> SpatialData`` for every path (e.g. ``functools.partial(dbk.io.read_image,
-        pixel_size_um=0.5)``); must be picklable to run on a cluster.
-    names
-        The slides' names, one per item of ``paths_or_slides`` (not with a HEST root of several samples).
-    tiles_key, table_key
-        The tiles and their table.
-    batch_size, accelerator
-        Of :func:`dbk.tl.embed_tiles` on each worker.
-    threads
-        Torch and dask threads per slide (on each worker); ``None`` leaves them as they are.
+    paths_or_slides, out, tile_size_um, fm, fm_size_px, client, overwrite, reader, names, tiles_key, table_key
+        As in :func:`dbk.tl.prepare_corpus`.
+    embed
+        ``embed(sdata, *, fm, fm_size_px, tiles_key, table_key, batch_size, accelerator) -> obsm key``: the embedding
+        step of each slide (picklable: it travels to the workers).
+    batch_size, accelerator, threads
+        As in :func:`dbk.tl.prepare_corpus`, handed to ``embed`` and to each slide's work.
 
     Returns
     -------
-    The report, one row per slide in input order: ``name``, ``status`` (``"done"``, ``"skipped"`` or
-    ``"failed"``), ``n_tiles``, ``n_genes``, ``seconds``, ``error`` (``"<step>: <exception>: <message>"``),
-    ``path``, then the seconds of each step
-    (``read_s``, ``tissue_s``, ``tiles_s``, ``pseudobulk_s``, ``embed_s``, ``write_s``), ``traceback`` and
-    ``worker`` (host:pid). ``report.attrs["settings"]`` holds the settings recorded in the markers.
-
-    Examples
-    --------
-    >>> from distributed import Client, LocalCluster
-    >>> client = Client(LocalCluster(n_workers=4, threads_per_worker=1))
-    >>> report = dbk.pp.prepare(["a.zarr", "b.zarr", "hest_data/TENX95"], out="corpus", client=client)
-    >>> report[report.status == "failed"]
+    The report of :func:`dbk.tl.prepare_corpus`.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -504,8 +450,8 @@ def prepare(
             todo.append((name, source, dest))
         else:
             rows[name] = row
-    opts = {"settings": settings, "reader": reader, "batch_size": batch_size, "accelerator": accelerator,
-            "threads": threads}
+    opts = {"settings": settings, "embed": embed, "reader": reader, "batch_size": batch_size,
+            "accelerator": accelerator, "threads": threads}
     client, opened = _open_client(client if todo else None)
     where = "in this process" if client is None else f"on {_describe(client)}"
     logger.info(f"prepare: {len(jobs)} slides ({len(todo)} to prepare, {len(jobs) - len(todo)} already decided) "

@@ -1,8 +1,10 @@
 """How much of a slide's expression the tiles hold: counts off the image or outside every tile never vanish silently.
 
 :func:`dbk.pp.pseudobulk` records the share of counts (transcripts, cell counts, spot counts) on the image and inside
-a tile and warns when it is suspiciously low; :func:`dbk.pp.make_tiles` records the share of cells / spots /
-transcripts that the tissue filter (``min_tissue_fraction``) dropped.
+a tile and warns when it is suspiciously low. What the tissue filter of :func:`dbk.pp.make_tiles`
+(``min_tissue_fraction``) dropped is measured where it costs no extra read: by ``make_tiles`` on the cells / spots
+(shapes, in memory), and by ``pseudobulk`` on the transcripts, exactly, in the pass that reads every point anyway; when
+the filter dropped no tile, nothing is measured (nothing was lost).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from spatialdata import SpatialData
 
-from .._constants import CELLS_KEY, SPOTS_KEY, TRANSCRIPTS_KEY
+from .._constants import CELLS_KEY, SPOTS_KEY
 from .._image import affine_to_image_pixels
 from .._logging import logger
 from ._binning import TileLookup
@@ -21,8 +23,6 @@ from ._binning import TileLookup
 OFF_IMAGE_WARN = 0.05  # counts off the image: always suspicious; warn above 5% of the counts
 OUTSIDE_TILES_WARN = 0.5  # counts on the image outside every tile: expected in part (tiles cover tissue); warn > 50%
 TISSUE_LOSS_WARN = 0.25  # cells / spots / transcripts in grid tiles the tissue filter dropped: warn above 25%
-SAMPLE_PARTITIONS = 8  # transcripts (no cells, no spots): make_tiles looks at up to this many evenly spaced partitions
-SAMPLE_ROWS = 50_000  # ... and up to this many rows of each
 
 _CAUSE_LIST = ("x and y swapped, a wrong pixel size (the scale between the points and the image), or the points in "
                "another coordinate system than the image (check their transformations)")
@@ -36,6 +36,7 @@ class Coverage:
     n_total: float = 0.0
     n_in_image: float = 0.0
     n_in_tiles: float = 0.0
+    n_in_dropped: float = 0.0  # in a grid tile the tissue filter dropped and in no kept tile (transcripts only)
     xmin: float = np.inf
     xmax: float = -np.inf
     ymin: float = np.inf
@@ -58,6 +59,7 @@ class Coverage:
         self.n_total += other.n_total
         self.n_in_image += other.n_in_image
         self.n_in_tiles += other.n_in_tiles
+        self.n_in_dropped += other.n_in_dropped
         self.xmin, self.xmax = min(self.xmin, other.xmin), max(self.xmax, other.xmax)
         self.ymin, self.ymax = min(self.ymin, other.ymin), max(self.ymax, other.ymax)
 
@@ -115,10 +117,11 @@ def tissue_filter_loss(
     sdata: SpatialData, image_key: str, x0: np.ndarray, y0: np.ndarray, size: int, keep: np.ndarray,
     min_tissue_fraction: float, spots_key: str | None,
 ) -> dict | None:
-    """Share of the cells (else spots, else a sample of the transcripts) of the grid that the tissue filter dropped.
+    """Share of the cells (else spots) of the grid that the tissue filter dropped, from the shapes in memory.
 
     Logs it and warns above :data:`TISSUE_LOSS_WARN`; returns the record for the tiles' attrs (``None`` when the
-    slide has none of these).
+    slide has neither: transcripts are measured by :func:`dbk.pp.pseudobulk`, which reads them anyway). Reads no
+    points.
     """
     found = _positions(sdata, image_key, spots_key)
     if found is None:
@@ -132,44 +135,85 @@ def tissue_filter_loss(
     n_kept = n_points_in_tiles(lookup, p[kept])
     rec = {"objects": what, "n_in_grid": int(n_grid), "n_dropped": int(n_grid - n_kept),
            "fraction_dropped": float((n_grid - n_kept) / n_grid) if n_grid else 0.0}
-    if not n_grid:
-        return rec
-    frac = rec["fraction_dropped"]
-    msg = (f"make_tiles: dropping the tiles with tissue fraction < {min_tissue_fraction:g} drops {frac:.1%} of the "
-           f"{what} in the grid ({rec['n_dropped']:,} of {int(n_grid):,})")
+    if n_grid:
+        say_tissue_loss("make_tiles", what, min_tissue_fraction, rec["n_in_grid"], rec["n_dropped"])
+    return rec
+
+
+def say_tissue_loss(who: str, what: str, min_tissue_fraction: float, n_grid: int, n_dropped: int,
+                    tail: str = "") -> None:
+    """Log what the tissue filter dropped (``n_dropped`` of the ``n_grid`` ``what`` in the grid); warn above 25%."""
+    frac = n_dropped / n_grid if n_grid else 0.0
+    msg = (f"{who}: dropping the tiles with tissue fraction < {min_tissue_fraction:g} drops {frac:.1%} of the "
+           f"{what} in the grid ({n_dropped:,} of {n_grid:,}){tail}")
     if frac > TISSUE_LOSS_WARN:
         logger.warning(f"{msg}. The tissue mask may miss tissue (faint staining, fat, ...): check it (sdata.labels), "
                        "lower min_tissue_fraction, or check that the points are aligned with the image.")
     else:
         logger.info(f"{msg}.")
+
+
+def dropped_grid_tiles(meta: dict, bounds: np.ndarray, tiles_key: str) -> np.ndarray | None:
+    """``(n, 4)`` bounds of the grid tiles :func:`dbk.pp.make_tiles` dropped for their tissue fraction, from its record.
+
+    ``None`` when there are none (spot tiles, a grid without dropped tiles, or tiles made otherwise) or when the tiles
+    are no longer the ones ``make_tiles`` kept (their number or positions changed since): then the points in the
+    dropped tiles could not be told apart from the points in tiles removed by hand.
+    """
+    grid, filt = meta.get("grid"), meta.get("tissue_filter")
+    if meta.get("mode") != "grid" or not isinstance(grid, dict) or not isinstance(filt, dict):
+        return None
+    n_dropped = int(filt.get("n_tiles_dropped", 0) or 0)
+    if n_dropped <= 0:
+        return None
+    try:
+        stride, size = int(grid["stride_px"]), int(meta["tile_size_px"])
+        n_rows, n_cols = int(grid["n_rows"]), int(grid["n_cols"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    b = np.asarray(bounds, dtype=np.int64)
+    col, row = b[:, 0] // stride, b[:, 1] // stride
+    on_grid = ((b[:, 0] % stride == 0) & (b[:, 1] % stride == 0) & (b[:, 2] - b[:, 0] == size)
+               & (b[:, 3] - b[:, 1] == size) & (col >= 0) & (col < n_cols) & (row >= 0) & (row < n_rows))
+    present = np.zeros((n_rows, n_cols), dtype=bool)
+    if on_grid.all():
+        present[row, col] = True
+    if not on_grid.all() or len(b) != n_rows * n_cols - n_dropped or int(present.sum()) != len(b):
+        logger.info(f"pseudobulk: the tiles of {tiles_key!r} are not the {n_rows * n_cols - n_dropped:,} grid tiles "
+                    f"make_tiles kept ({len(b):,} tiles now), so the transcripts in the {n_dropped:,} tiles its tissue "
+                    "filter dropped are not counted.")
+        return None
+    r, c = np.nonzero(~present)
+    x0, y0 = c.astype(np.int64) * stride, r.astype(np.int64) * stride
+    return np.column_stack([x0, y0, x0 + size, y0 + size])
+
+
+def report_tissue_filter(cov: Coverage, what: str, meta: dict) -> dict:
+    """Log (and warn about) the transcripts in the tiles the tissue filter dropped; return the record for ``uns``.
+
+    ``cov.n_in_dropped`` holds the points (passing the filters) in a dropped grid tile and in no kept one, so those in
+    the grid are ``cov.n_in_tiles + cov.n_in_dropped``.
+    """
+    filt = meta["tissue_filter"]
+    t = float(filt["min_tissue_fraction"])
+    n_dropped = int(round(cov.n_in_dropped))
+    n_grid = int(round(cov.n_in_tiles)) + n_dropped
+    rec = {"min_tissue_fraction": t, "n_tiles_dropped": int(filt["n_tiles_dropped"]), "objects": what,
+           "n_in_grid": n_grid, "n_dropped": n_dropped,
+           "fraction_dropped": float(n_dropped / n_grid) if n_grid else 0.0}
+    if n_grid:
+        say_tissue_loss("pseudobulk", what, t, n_grid, n_dropped, tail=", which were not counted")
     return rec
 
 
 def _positions(sdata: SpatialData, image_key: str, spots_key: str | None):
-    """``(what, x, y)``: cell centroids, else spot centres, else a sample of the transcripts, in image pixels."""
+    """``(what, x, y)``: cell centroids, else spot centres, in image pixels; ``None`` without either."""
     for key, what in ((CELLS_KEY, "cell centroids"), (spots_key or SPOTS_KEY, "spots")):
         if key in sdata.shapes and len(sdata.shapes[key]):
             c = sdata.shapes[key].geometry.centroid
             x, y = _to_image(sdata, key, image_key, c.x.to_numpy(), c.y.to_numpy())
             if x is not None:
                 return what, x, y
-    if TRANSCRIPTS_KEY in sdata.points:
-        points = sdata.points[TRANSCRIPTS_KEY]
-        if "x" not in points.columns or "y" not in points.columns:
-            return None
-        n = points.npartitions
-        parts = np.unique(np.linspace(0, n - 1, min(n, SAMPLE_PARTITIONS)).round().astype(int))
-        rng = np.random.default_rng(0)
-        xs, ys = [], []
-        for i in parts:
-            df = points.partitions[int(i)][["x", "y"]].compute()
-            if len(df) > SAMPLE_ROWS:
-                df = df.iloc[np.sort(rng.choice(len(df), SAMPLE_ROWS, replace=False))]
-            xs.append(df["x"].to_numpy(np.float64))
-            ys.append(df["y"].to_numpy(np.float64))
-        x, y = _to_image(sdata, TRANSCRIPTS_KEY, image_key, np.concatenate(xs), np.concatenate(ys))
-        if x is not None:
-            return f"transcripts (a sample of {len(x):,} from {len(parts)} of {n} partitions)", x, y
     return None
 
 

@@ -99,6 +99,28 @@ def read_tile(
 
     Parts of the box outside the image are filled with white (glass). With a :class:`ChunkCache`, image chunks are
     computed once and reused by neighbouring tiles.
+
+    Parameters
+    ----------
+    level
+        The pyramid level to read from (:func:`dbk.io.image_levels`); its downsample factors map level-0 pixels to
+        its own.
+    box0
+        ``(x0, y0, x1, y1)`` in level-0 pixels, half-open (as :func:`tile_bounds`); may extend past the image.
+    size_px
+        Side of the returned square in pixels (bilinear resampling of the box).
+    what
+        Name of the image, used in error messages (an image that is not grey, RGB or RGBA, or of another dtype).
+    cache
+        A :class:`ChunkCache` of decoded chunks shared by neighbouring tiles (``None``: read the region directly).
+    direct
+        A direct TIFF region reader of the level (``dbk.io._tiff.direct_reader``), which bypasses dask; ``None``:
+        read through dask.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size_px, size_px, 3)`` uint8 RGB (grey repeated, alpha dropped, uint16 and float in [0, 1] rescaled).
     """
     from PIL import Image
 
@@ -272,7 +294,18 @@ class TileDataset:
         return state
 
     def read(self, i: int) -> np.ndarray:
-        """The un-augmented tile ``i`` as (size_px, size_px, 3) uint8."""
+        """The un-augmented tile ``i`` as (size_px, size_px, 3) uint8.
+
+        Parameters
+        ----------
+        i
+            Position of the tile in the dataset (``0 <= i < len(self)``, the order of ``tiles_key``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(size_px, size_px, 3)`` uint8, from the tile cache when there is one, else read from the slide.
+        """
         if self._cache is not None:
             return np.asarray(self._cache[i])
         if self._chunks is None and self.chunk_cache_mb > 0:
@@ -368,8 +401,32 @@ def export_tiles(
     ``tile_size_um`` (NaN when the image has no pixel size), and with a table ``counts`` (n, genes; raw counts when
     present, else ``X``), ``X``, ``genes`` and ``measured`` (which genes each tile's slide measured); the slide's
     name in the attribute ``name``. Written to a temporary file and renamed, so an interrupted export leaves no
-    partial file. ``size_px`` and ``target_pixel_size_um`` as in :class:`TileDataset`. The torch core reads it back
-    with :meth:`dbk.core.TileArrays.read`, so a GPU node trains stage 1 on it without the SpatialData stack.
+    partial file. The torch core reads it back with :meth:`dbk.tl.TileArrays.read`, so a GPU node trains stage 1 on
+    it without the SpatialData stack.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the image and the tiles.
+    path
+        File to write: ``.h5`` / ``.hdf5`` for HDF5 (needs h5py), anything else for a zarr store.
+    tiles_key
+        Shapes element with the tiles.
+    table_key
+        Tile table whose expression is written beside the images; ``None``, or a key that is not in
+        ``sdata.tables``: images only.
+    size_px
+        Side of the exported tile images in pixels (as in :class:`TileDataset`).
+    target_pixel_size_um
+        Resolution of the exported images in µm per pixel (as in :class:`TileDataset`); ``None``: each tile
+        resampled to ``size_px``.
+    image_key
+        The H&E image; the only image when ``None``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
     """
     from .._utils import atomic_path
 

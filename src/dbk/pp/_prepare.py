@@ -172,8 +172,29 @@ def prepare_slides(
 ) -> tuple[list, list[str]]:
     """Training slides for a model: ``(slides, names)``, each with tiles and a checked pseudo-bulk table.
 
-    The first step of :func:`dbk.tl.fit_diffbulk`: :func:`prepare_slide` on each slide, then
-    :func:`check_training_table`. With ``copy`` the slides are copies and ``data`` is left untouched.
+    The first step of :func:`dbk.tl.fit_diffbulk`: :func:`prepare_slide` on each slide (tiles and the pseudo-bulk
+    table where missing), then checks that each table can be learnt from (distinct gene names, finite ``X``, every
+    row on a tile; a clear error naming the slide otherwise).
+
+    Parameters
+    ----------
+    data
+        A SpatialData, a non-empty list of them, or a ``{name: sdata}`` dict.
+    tile_size_um
+        Side in µm of the tiles made on slides without ``tiles_key``.
+    tiles_key
+        Shapes element with the tiles (made where missing).
+    table_key
+        The tile table (made by :func:`dbk.pp.pseudobulk` where missing).
+    copy
+        Work on copies of the slides and leave ``data`` untouched.
+
+    Returns
+    -------
+    tuple[list, list[str]]
+        The slides (``data``'s own, or their copies with ``copy=True``) and their names: the dict keys, else each
+        slide's ``attrs["sample"]``, else a one-valued ``obs["sample"]`` of its table, else ``slide<i>`` (repeated
+        names get their position appended).
     """
     from .._utils import copy_sdata
 

@@ -35,7 +35,7 @@ from .._utils import copy_sdata
 from ..io._parquet import plan_parquet_read
 from ..io._points import known_categories, stream_points
 from ._binning import TileLookup, apply_affine
-from ._coverage import Coverage, n_points_in_tiles, report_pseudobulk
+from ._coverage import Coverage, dropped_grid_tiles, n_points_in_tiles, report_pseudobulk, report_tissue_filter
 from ._tile_table import tile_table, write_tile_table
 from ._tiles import tile_bounds
 
@@ -43,7 +43,20 @@ _KERNEL_BYTES = 4 << 30  # the largest int32 tiles x genes table
 
 
 def is_control_probe(name: str) -> bool:
-    """Whether a feature name is a Xenium control / blank / unassigned probe rather than a gene."""
+    """Whether a feature name is a Xenium control / blank / unassigned probe rather than a gene.
+
+    Parameters
+    ----------
+    name
+        A feature (gene) name; converted with ``str``.
+
+    Returns
+    -------
+    bool
+        ``True`` when the name starts with one of Xenium's control prefixes (``NegControlProbe_``,
+        ``NegControlCodeword_``, ``BLANK_``, ``UnassignedCodeword_`` ...: ``dbk._constants.CONTROL_PREFIXES``),
+        which :func:`pseudobulk` leaves out of the table.
+    """
     return str(name).startswith(CONTROL_PREFIXES)
 
 
@@ -137,7 +150,11 @@ def pseudobulk(
     - ``uns["dbk"]["pseudobulk"]``: the parameters (and, from transcripts, the ``reader``), and how much of the
       expression the tiles hold: ``n_counts_source`` (the transcripts passing the filters, or the cells' / spots'
       counts of the genes kept), ``fraction_in_image`` (the share of them on the image) and ``fraction_in_tiles``
-      (the share inside a tile; ``"None"`` where unknown),
+      (the share inside a tile; ``"None"`` where unknown); from transcripts on grid tiles whose tissue filter
+      dropped tiles (:func:`dbk.pp.make_tiles`, which reads no points), also ``tissue_filter``: what it dropped,
+      counted exactly in this pass: ``min_tissue_fraction``, ``n_tiles_dropped``, ``objects``, ``n_in_grid`` (the
+      transcripts passing the filters in a tile of the full grid), ``n_dropped`` (those in no kept tile) and
+      ``fraction_dropped``; absent when the tiles are no longer the ones ``make_tiles`` kept,
     - ``uns["dbk"]["um_per_px"]``: the image's pixel size, when it has one (so :func:`dbk.tl.spatial_context` can
       put the tile centres in µm).
 
@@ -153,9 +170,11 @@ def pseudobulk(
     Through the ``"dbk"`` logger, naming the numbers, the extent of the points and the likely causes (x and y
     swapped, a wrong pixel size, another coordinate system): when more than 5% of the counts lie off the image
     (off the image is always suspicious), and when more than half of the counts on the image lie outside every tile
-    (some is expected: grid tiles cover the tissue only). Also when the genes look like Ensembl ids (dbk matches
-    genes by symbol; see :func:`dbk.pp.map_gene_names`), and when no transcript passing the filters lies in a tile
-    (an all-zero table). Tiles partly outside the image are said by :func:`dbk.pp.tile_bounds`.
+    (some is expected: grid tiles cover the tissue only), and when the tiles the tissue filter of
+    :func:`dbk.pp.make_tiles` dropped held more than 25% of the transcripts in the grid (logged below that). Also when
+    the genes look like Ensembl ids (dbk matches genes by symbol; see :func:`dbk.pp.map_gene_names`), and when no
+    transcript passing the filters lies in a tile (an all-zero table). Tiles partly outside the image are said by
+    :func:`dbk.pp.tile_bounds`.
     """
     if source not in ("transcripts", "cells", "spots"):
         raise ValueError(f"source must be 'transcripts', 'cells' or 'spots', got {source!r}.")
@@ -170,15 +189,19 @@ def pseudobulk(
         sdata = copy_sdata(sdata)
     bounds = tile_bounds(sdata, tiles_key)
     tiles = sdata.shapes[tiles_key]
+    meta = tiles.attrs.get("dbk", {})
     if image_key is None:
-        image_key = tiles.attrs.get("dbk", {}).get("image_key")
+        image_key = meta.get("image_key")
 
     shape = _image_extent(sdata, image_key)  # (h, w) of level 0; None when there is no one image to measure
     used = None  # the reader used for transcripts
+    dropped = None  # bounds of the grid tiles make_tiles' tissue filter dropped: their transcripts are counted too
     if source == "transcripts":
+        if image_key is not None and image_key == meta.get("image_key"):
+            dropped = dropped_grid_tiles(meta, bounds, tiles_key)
         counts, gene_names, used, cov = _from_transcripts(
             sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, reader == "auto",
-            shape,
+            shape, dropped,
         )
         what = f"transcripts of {points_key!r}" + (" passing the quality filter" if min_qv is not None else "")
     elif source == "cells":
@@ -196,6 +219,8 @@ def pseudobulk(
         "the name of a var column holding the symbols), or read the data with gene_symbols="))
     coverage = report_pseudobulk(cov, what, resolve_image_key(sdata, image_key) if shape else None, shape,
                                  tiles_key, len(tiles))
+    if dropped is not None:  # what make_tiles' tissue filter dropped, counted in this pass (make_tiles reads no points)
+        coverage["tissue_filter"] = report_tissue_filter(cov, what, meta)
     obs = {  # obs columns, in this order (then region and instance_id)
         SAMPLE_COL: pd.Categorical([sample if sample is not None else _sample_name(sdata, key_added)] * len(tiles)),
         N_TRANSCRIPTS_COL: np.asarray(counts.sum(axis=1)).ravel().astype(np.int64),
@@ -294,7 +319,7 @@ def _no_gene_left(what: str, controls: list[str], keep_controls: bool) -> None:
 
 
 def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_key, min_qv, keep_controls, direct,
-                      shape):
+                      shape, dropped=None):
     if points_key not in sdata.points:
         raise KeyError(f"No points {points_key!r} in sdata.points; available: {list(sdata.points)}.")
     points = sdata.points[points_key]
@@ -310,7 +335,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
         raise ValueError("genes contains duplicates.")
 
     counter = _Counter(TileLookup.build(bounds), m[:2].copy(), genes, keep_controls,
-                       float(min_qv) if use_qv else 0.0, shape)
+                       float(min_qv) if use_qv else 0.0, shape, None if dropped is None else TileLookup.build(dropped))
     plan = plan_parquet_read(points, cols) if direct else None  # None: not a plain parquet read, use dask
     if plan is not None:
         counter.allowed = plan.allowed
@@ -358,9 +383,10 @@ class _Counter:
     _FLUSH_AT = 2**31 - 1
 
     def __init__(self, lookup: TileLookup, affine: np.ndarray, genes, keep_controls: bool, min_qv: float,
-                 shape: tuple[int, int] | None = None) -> None:
+                 shape: tuple[int, int] | None = None, dropped: TileLookup | None = None) -> None:
         self.lookup, self.affine, self.min_qv = lookup, affine, np.float64(min_qv)
         self.shape = shape  # (h, w) of the image, to count the points on it
+        self.dropped = dropped  # the grid tiles the tissue filter dropped: the points in them are counted (cov)
         self.cov = Coverage()
         self.n_tiles = len(lookup.bounds)
         self.fixed = genes is not None
@@ -445,6 +471,8 @@ class _Counter:
         g = g[idx][p]
         cov = Coverage()
         cov.add(xf, yf, n_points_in_tiles(self.lookup, p), self.shape)
+        if self.dropped is not None:
+            cov.n_in_dropped = self._n_in_dropped(xf, yf, p)
         with self._lock:
             self.cov.merge(cov)
             self.n_bad += n_bad
@@ -455,6 +483,15 @@ class _Counter:
             flat = t * self.counts.shape[1]
             flat += g
             np.add.at(self.counts.reshape(-1), flat, np.int32(1))
+
+    def _n_in_dropped(self, xf: np.ndarray, yf: np.ndarray, p: np.ndarray) -> float:
+        """How many of the points in no kept tile (``p``: those in one) lie in a tile the tissue filter dropped."""
+        out = np.ones(len(xf), dtype=bool)
+        out[p] = False
+        if not out.any():
+            return 0.0
+        q, _ = self.dropped.assign(xf[out], yf[out])
+        return n_points_in_tiles(self.dropped, q)
 
     def _flush(self) -> None:
         if self.flushed is None:

@@ -1,20 +1,45 @@
 """SpatialData slides as stage-1 training sources: the scverse half of what the torch core trains on.
 
-The core (:mod:`dbk.core._data`) turns :class:`~dbk.tl.TileArrays` into sources itself and calls
-:func:`spatialdata_sources` (importing this module lazily) only when it is handed SpatialData slides, so training from
-arrays never loads the SpatialData stack.
+The core (:mod:`dbk.core._data`) turns :class:`~dbk.tl.TileArrays` into sources itself and reads any other slide
+through the reader registered for its kind (:mod:`dbk.core._slides`); :class:`SpatialDataReader` is that reader for
+SpatialData, registered by :mod:`dbk.tl` when it is imported. The core never imports this module, so training from
+arrays never loads the SpatialData stack. Importing it loads nothing heavy (not even numpy): ``dbk.tl`` imports it to
+register the reader.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .._logging import logger
 from .._settings import settings
-from ..core._data import TileArrays, _Source
-from ..core._vocab import GeneVocab
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core._data import _Source
+    from ..core._vocab import GeneVocab
+
+
+class SpatialDataReader:
+    """The :class:`~dbk.core._slides.SlideReader` of SpatialData slides (tiles, their table and its ``measured`` layer).
+
+    ``dbk.tl`` registers one with :func:`dbk.core._slides.register_slide_reader`; the core then reads every SpatialData
+    it is handed through :meth:`panel` and :meth:`sources`.
+    """
+
+    def accepts(self, slide) -> bool:
+        """Whether ``slide`` is a SpatialData."""
+        from .._utils import is_sdata
+
+        return is_sdata(slide)
+
+    def panel(self, slide, table_key: str, genes: Sequence[str] | None) -> list[str]:
+        """:func:`slide_panel`."""
+        return slide_panel(slide, table_key, genes)
+
+    def sources(self, slides: list, **kwargs) -> list[_Source]:
+        """:func:`spatialdata_sources` of the SpatialData slides of ``slides`` (keywords as there)."""
+        return spatialdata_sources(slides, **kwargs)
 
 
 def slide_panel(sdata, table_key: str, genes: Sequence[str] | None) -> list[str]:
@@ -29,6 +54,8 @@ def slide_panel(sdata, table_key: str, genes: Sequence[str] | None) -> list[str]
 
 
 def _tile_size_um(sdata, tiles_key: str, image_key: str | None) -> float | None:
+    import numpy as np
+
     from .._image import get_pixel_size
     from ._tiles import tile_bounds
 
@@ -42,7 +69,7 @@ def _tile_size_um(sdata, tiles_key: str, image_key: str | None) -> float | None:
 
 def spatialdata_sources(datas, *, vocab: GeneVocab, image_size: int, genes, table_key: str, tiles_key: str,
                         unlabeled_tiles_key: str | None, labeled_only: bool, preload_max_bytes: int) -> list[_Source]:
-    """One source per (SpatialData slide, tiles element) of ``datas`` (its :class:`TileArrays` are skipped).
+    """One source per (SpatialData slide, tiles element) of ``datas`` (anything else in it, e.g. None, is skipped).
 
     Tiles are read through :class:`dbk.pp.TileDataset` at ``image_size`` px: into memory when all of them together
     take at most ``preload_max_bytes``, otherwise the sources keep the readers and DataLoader workers stream them.
@@ -50,13 +77,16 @@ def spatialdata_sources(datas, *, vocab: GeneVocab, image_size: int, genes, tabl
     ``unlabeled_tiles_key`` tiles (when present and not ``labeled_only``) are a source ``"{name}:{key}"`` without
     profiles.
     """
+    import numpy as np
     from tqdm.auto import tqdm
 
+    from .._utils import is_sdata
+    from ..core._data import _Source
     from ._dataset import TileDataset
 
     plan = []
     for i, sdata in enumerate(datas):
-        if isinstance(sdata, TileArrays):
+        if not is_sdata(sdata):
             continue
         name = str(sdata.attrs.get("sample", f"slide{i}"))
         image_key = None

@@ -93,12 +93,16 @@ def make_tiles(
     ``None``, or the modified copy when ``copy=True``. Writes ``sdata.shapes[key_added]``: square polygons indexed by
     tile id (0..n-1) with columns ``x0, y0, x1, y1`` (pixel bounds), ``row``, ``col`` (grid) or ``spot_id``
     (spots), and ``tissue_fraction``; with the image's transformations. Its ``attrs["dbk"]`` holds ``image_key``,
-    ``tile_size_px``, ``mode`` (and ``spots_key``), and in grid mode ``tissue_filter``: what the tissue filter
-    dropped, measured on the cells' centroids (``sdata.shapes["cells"]``), else the spots (``spots_key``), else a
-    sample of the transcripts (``sdata.points["transcripts"]``: up to 50,000 rows from each of up to 8 evenly spaced
-    partitions): ``objects`` (which), ``n_in_grid`` (how many lie in a tile of the full grid), ``n_dropped`` and
-    ``fraction_dropped`` (how many of those lie in no kept tile). It is logged, and a warning (``"dbk"`` logger)
-    says when more than 25% were dropped: the tissue mask may miss tissue, or the points are not aligned.
+    ``tile_size_px``, ``mode`` (and ``spots_key``), and in grid mode ``grid`` (``stride_px``, ``n_rows``,
+    ``n_cols``: the full grid, from pixel (0, 0)) and ``tissue_filter``: what the tissue filter dropped, with
+    ``min_tissue_fraction``, ``n_tiles_in_grid`` and ``n_tiles_dropped``. When it dropped tiles and the slide has
+    cells (``sdata.shapes["cells"]``, their centroids) or spots (``spots_key``), it also holds ``objects`` (which),
+    ``n_in_grid`` (how many lie in a tile of the full grid), ``n_dropped`` and ``fraction_dropped`` (how many of those
+    lie in no kept tile); it is logged, and a warning (``"dbk"`` logger) says when more than 25% were dropped: the
+    tissue mask may miss tissue, or the points are not aligned. The transcripts are not read here:
+    :func:`dbk.pp.pseudobulk` counts those in the dropped tiles exactly, in its own pass over them, and says so the
+    same way (``uns["dbk"]["pseudobulk"]["tissue_filter"]``). When no tile was dropped, nothing was lost and nothing
+    is read: ``n_dropped`` is 0.
     """
     key = resolve_image_key(sdata, image_key)
     if mode not in ("grid", "spots"):
@@ -137,9 +141,21 @@ def make_tiles(
                 f"(max {frac.max() if frac.size else 0:.2f}); check sdata.labels[{tissue_key!r}] or lower "
                 "min_tissue_fraction."
             )
-        from ._coverage import tissue_filter_loss
+        n_tiles_dropped = int(len(keep) - np.count_nonzero(keep))
+        loss = {"min_tissue_fraction": float(min_tissue_fraction), "n_tiles_in_grid": int(len(keep)),
+                "n_tiles_dropped": n_tiles_dropped}
+        if n_tiles_dropped:  # cells / spots (shapes in memory) here; transcripts by pseudobulk, in its own pass
+            from ._coverage import tissue_filter_loss
 
-        loss = tissue_filter_loss(sdata, key, x0, y0, size, keep, min_tissue_fraction, spots_key)
+            shapes_loss = tissue_filter_loss(sdata, key, x0, y0, size, keep, min_tissue_fraction, spots_key)
+            loss.update(shapes_loss or {})
+            if shapes_loss is None:
+                logger.info(f"make_tiles: {n_tiles_dropped:,} of the {len(keep):,} grid tiles have tissue fraction < "
+                            f"{min_tissue_fraction:g} and were dropped; dbk.pp.pseudobulk counts the transcripts in "
+                            "them.")
+        else:  # no tile dropped: nothing lost, nothing to read
+            loss.update(n_dropped=0, fraction_dropped=0.0)
+        grid = {"stride_px": int(stride), "n_rows": int(len(ys)), "n_cols": int(len(xs))}
         x0, y0, frac = x0[keep], y0[keep], frac[keep]
         extra = {k: v[keep] for k, v in extra.items()}
     else:
@@ -177,8 +193,9 @@ def make_tiles(
     meta = {"image_key": key, "tile_size_px": size, "mode": mode}
     if mode == "spots":
         meta["spots_key"] = skey
-    elif loss is not None:
-        meta["tissue_filter"] = {"min_tissue_fraction": float(min_tissue_fraction), **loss}
+    else:
+        meta["grid"] = grid
+        meta["tissue_filter"] = loss
     sdata.shapes[key_added].attrs["dbk"] = meta
     logger.info(f"make_tiles: {len(gdf)} tiles of {size} px over image {key!r} -> sdata.shapes[{key_added!r}].")
     return sdata if copy else None
@@ -186,6 +203,20 @@ def make_tiles(
 
 def tile_bounds(sdata: SpatialData, tiles_key: str = TILES_KEY) -> np.ndarray:
     """``(n, 4)`` int64 array of ``x0, y0, x1, y1`` pixel bounds of the tiles (from their columns or polygons).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the tiles.
+    tiles_key
+        Shapes element with the tiles: their ``x0, y0, x1, y1`` columns (as :func:`make_tiles` writes them), else
+        the bounds of their polygons.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 4)`` int64, one row per tile in the element's order: half-open level-0 pixel bounds ``x0, y0, x1,
+        y1`` of the image the tiles were laid on.
 
     Raises
     ------
@@ -273,8 +304,9 @@ def _tissue_fraction(sdata: SpatialData, tissue_key: str, x0: np.ndarray, y0: np
     t = get_transformation(labels, PIXEL_CS)
     m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
     sx, sy = m[0, 0], m[1, 1]  # level-0 pixels per mask pixel
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    dtype = np.int32 if mask.size < 2**31 else np.int64  # no sum can exceed the mask's size: half the memory traffic
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
+    integral[1:, 1:] = mask.cumsum(0, dtype=dtype).cumsum(1, dtype=dtype)
 
     def clip(v, n):
         return np.clip(np.rint(v).astype(np.int64), 0, n)

@@ -24,6 +24,7 @@ _EXPORTS = {
     "auto_preset": "..core._presets",
     "get_preset": "..core._presets",
     "embed_tiles": "._embed",
+    "prepare_corpus": "._corpus",
     "load_foundation_model": "._embed",
     "fit_baseline": "._baselines",
     "MeanPredictor": "._baselines",
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._benchmark_methods import BenchmarkFold, benchmark_methods, register_method
     from ._benchmark_results import benchmark_summary, paired_differences
     from ._context import neighbor_mean, spatial_context
+    from ._corpus import prepare_corpus
     from ._diffusion_features import diffusion_features
     from ._effective_rank import effective_rank
     from ._embed import embed_tiles, load_foundation_model, model_key
@@ -85,3 +87,18 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def _register_spatialdata_reader() -> None:
+    """Register :mod:`dbk.pp`'s SpatialData reader with the torch core (neither module loads torch).
+
+    The core reads SpatialData slides (``fit_pretrainer``, ``DiffusionPretrainer.fit`` / ``evaluate``) through it; the
+    core itself imports no layer above it.
+    """
+    from ..core._slides import register_slide_reader
+    from ..pp._tile_sources import SpatialDataReader
+
+    register_slide_reader(SpatialDataReader())
+
+
+_register_spatialdata_reader()

@@ -87,6 +87,9 @@ class MLPBaseline(TorchRegressor):
         Standardised inputs are clipped to ``±input_clip``, and features constant on the training part (standard
         deviation below 1e-6 of the median one) are set to 0, so a feature that barely varies in training cannot
         explode on a new slide. ``None``: plain standardisation (only exactly constant features are zeroed).
+    scale_inputs
+        Standardise the inputs on the training part (default). ``False``: take them as they are, already
+        standardised upstream (DiffBulk's :class:`InputScaler` does it for its heads: one scaling, not two).
 
     Attributes
     ----------

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SAMPLE_COL, SPATIAL_KEY, TILES_KEY, TILES_TABLE_KEY, UM_PER_PX_KEY, UNS_KEY
-from .._logging import logger
+from .._logging import logger, once_per_call
 from ._benchmark_folds import (
     _block_folds,
     _pixel_size,
@@ -46,6 +46,7 @@ _NOT_METRICS = {"top_k", "n_tiles", "n_genes"}
 _PRED_TMP = "_dbk_benchmark_pred"
 
 
+@once_per_call
 def benchmark(
     data: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData],
     *,

@@ -78,6 +78,12 @@ class BenchmarkFold:
         The calling method's ``method_kwargs`` entry (set before each call).
     fm_size_px, tile_size_um, tiles_key, table_key, batch_size
         Settings of the run, for :func:`dbk.tl.fit_diffbulk`.
+    stage1_settings
+        How :meth:`stage1` makes the fold's stage-1 models: ``preset``, ``max_steps``, ``pretrain_kwargs`` and
+        ``checkpoint_dir`` of the :func:`dbk.tl.benchmark` call.
+    stage1_seconds
+        ``{kind: seconds}`` spent making each stage-1 model of the fold (filled by :meth:`stage1`; not counted in
+        the methods' times).
 
     Examples
     --------
@@ -197,6 +203,17 @@ class BenchmarkFold:
         """The spatial-context radius in µm: :attr:`context_um`, or 1.5 x the median nearest-neighbour distance.
 
         The distance is between tile centres of the same training slide (never the test slides).
+
+        Returns
+        -------
+        float
+            The radius in µm (computed once per fold).
+
+        Raises
+        ------
+        ValueError
+            If ``context_um`` is ``None`` and the training tiles have no spacing in µm (pixel sizes unknown, or one
+            tile per slide).
         """
         if self.context_um is not None:
             return float(self.context_um)
@@ -213,8 +230,23 @@ class BenchmarkFold:
     def with_context(self, adata: ad.AnnData, context_um: float, key: str | None = None) -> tuple[ad.AnnData, str]:
         """A copy of ``train`` / ``test`` with ``[FM features, their mean within context_um]`` per slide.
 
-        Returns the copy and the ``obsm`` key of the new features (``f"{fm_key}_ctx"``), the computation of
-        :func:`dbk.tl.spatial_context` and ``fit_diffbulk(..., context_um=)``.
+        The computation of :func:`dbk.tl.spatial_context` and ``fit_diffbulk(..., context_um=)``; the mean is over
+        the tiles of the same slide (``obs["sample"]``) whose centres (``obsm["spatial_um"]``) lie within
+        ``context_um``.
+
+        Parameters
+        ----------
+        adata
+            :attr:`train` or :attr:`test` (not changed).
+        context_um
+            Radius of the neighbourhood in µm (e.g. :meth:`context_radius`).
+        key
+            ``obsm`` key of the new features (``None``: ``f"{fm_key}_ctx"``).
+
+        Returns
+        -------
+        tuple[anndata.AnnData, str]
+            The copy and the ``obsm`` key of its new features (tiles x 2 x FM features, float32).
         """
         from ._context import context_features
 
@@ -226,7 +258,21 @@ class BenchmarkFold:
         return out, key
 
     def predict_test(self, model, *, key_added: str = "dbk_pred") -> pd.DataFrame:
-        """``model.predict`` on each test slide; the predictions indexed like :attr:`test` (``"<slide>:<tile>"``)."""
+        """``model.predict`` on each test slide; the predictions indexed like :attr:`test` (``"<slide>:<tile>"``).
+
+        Parameters
+        ----------
+        model
+            A fitted model with DiffBulk's ``predict(sdata, *, tiles_key, table_key, key_added, batch_size)``, e.g.
+            the :class:`~dbk.tl.DiffBulk` of :func:`dbk.tl.fit_diffbulk` on :attr:`train_slides`.
+        key_added
+            ``obsm`` key the predictions are written to in each test slide's tile table.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Test tiles x the model's genes, index ``"<slide>:<tile>"`` as :attr:`test`'s ``obs_names``.
+        """
         frames = []
         for name, sd in self.test_slides.items():
             model.predict(sd, tiles_key=self.tiles_key, table_key=self.table_key, key_added=key_added,

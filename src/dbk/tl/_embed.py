@@ -100,6 +100,17 @@ def model_key(model: str) -> str:
 
     ``"efficientnet_lite0"`` -> ``X_efficientnet_lite0``, ``"hf-hub:MahmoodLab/UNI"`` -> ``X_uni``,
     ``"/ckpt/uni2.safetensors"`` -> ``X_uni2``.
+
+    Parameters
+    ----------
+    model
+        A foundation-model id as :func:`load_foundation_model` takes it: a timm name, ``"hf-hub:org/name"``,
+        ``"local-dir:/path"`` or a checkpoint path (its file name, less the checkpoint suffix, names the key).
+
+    Returns
+    -------
+    str
+        ``"X_<name>"`` (``"X_embedding"`` when nothing alphanumeric is left).
     """
     name = str(model)
     if ":" in name and not Path(name).exists():  # hf-hub:org/name, local-dir:/path

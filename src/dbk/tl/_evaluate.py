@@ -41,6 +41,19 @@ def nan_pearson(a: np.ndarray, b: np.ndarray, axis: int = 0) -> np.ndarray:
     """Pearson correlation along ``axis`` over the positions where both ``a`` and ``b`` are finite.
 
     NaN where fewer than 2 positions are left or either side is constant there (a correlation is undefined, not 0).
+
+    Parameters
+    ----------
+    a, b
+        Arrays of the same shape (e.g. tiles x genes: measured and predicted); NaN or infinite entries are left out
+        pairwise.
+    axis
+        The axis correlated along (``0``: one r per column, e.g. per gene over tiles).
+
+    Returns
+    -------
+    numpy.ndarray
+        Pearson r per position of the other axes, float64 in [-1, 1], NaN where undefined.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

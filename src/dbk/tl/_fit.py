@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._constants import DIFF_FEATURES_KEY, PRED_KEY, TILES_KEY, TILES_TABLE_KEY
-from .._logging import logger
+from .._logging import logger, once_per_call
 from .._utils import check_batch_size, is_sdata, renamed_kwargs, resolve_seed
 from ._embed import resolve_device
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._model import DiffBulk
 
 
+@once_per_call
 @renamed_kwargs(validation="val_fraction")
 def fit_diffbulk(
     data: SpatialData | Sequence[SpatialData] | dict[str, SpatialData],

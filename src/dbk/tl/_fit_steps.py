@@ -428,6 +428,10 @@ def write_back(slides: list, names: list[str], pred: pd.DataFrame, *, table_key:
         df.index = a.obs_names.copy()
         a.obsm[key_added] = df
         a.uns[key_added] = jsonable(results)
+        rec = a.uns.get(UNS_KEY)
+        old = rec.get("predict") if isinstance(rec, dict) else None
+        if isinstance(old, dict) and old.get("pred_key") == key_added:
+            del rec["predict"]  # an earlier predict's record (CV scores, model): not of these predictions any more
 
 
 def _nan_to_none(v):
@@ -436,6 +440,22 @@ def _nan_to_none(v):
     if isinstance(v, list):
         return [_nan_to_none(x) for x in v]
     return None if isinstance(v, float) and not np.isfinite(v) else v
+
+
+def _fit_id(pred: pd.DataFrame, names: list[str]) -> str:
+    """Which fit this is: a hash of its training slides and training predictions (equal fits, equal ids).
+
+    :func:`fit_diffbulk` writes it to the training tables (``uns[key_added]["params"]["fit_id"]``) and the model's
+    ``config``; :meth:`DiffBulk.predict` copies it to ``uns["dbk"]["predict"]``, so that :mod:`dbk.pl` can tell
+    predictions of a model on its own training tiles (in-sample) from held-out ones.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (names, pred.index, pred.columns):
+        h.update("\x1f".join(map(str, part)).encode() + b"\x1e")
+    h.update(np.ascontiguousarray(pred.to_numpy(dtype=np.float32)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: FoundationModel, pretrainer,
@@ -472,6 +492,7 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
                        what="fit_diffbulk")
     trust = selection.trust if selection is not None else {}
     head_cfg = {**head.get_state()[0], "input_clip": INPUT_CLIP}
+    fit_id = _fit_id(fitted.pred, names)
     context = None if context_um is None else float(context_um)
     config = {
         "genes": list(genes),
@@ -489,6 +510,7 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
         "train": {"samples": names, "n_tiles": int(train.n_obs), "gene_mean": mean.tolist(),
                   "gene_var": var.tolist(), "hvg_order": hvg, **(slide_checks or {})},
         "random_state": random_state,
+        "fit_id": fit_id,  # also in uns[key_added]["params"] and predict's record: dbk.pl tells in-sample predictions
         "stage1_note": stage1_note,  # why stage 1 was not trained, when the defaults chose so
         "dbk_version": __version__,
         "cv_pearson": None if selection is None else [None if not np.isfinite(v) else float(v)
@@ -506,7 +528,7 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
         "fusion_requested": fusion_requested or fusion,
         "pool": pool, "context_um": context, "tile_size_um": tile_size_um, "genes": list(genes), "samples": names,
         "n_train_tiles": int(train.n_obs), "validation": head.validation_, "random_state": random_state,
-        "pred_key": key_added, "diff_key": DIFF_FEATURES_KEY,
+        "pred_key": key_added, "diff_key": DIFF_FEATURES_KEY, "fit_id": fit_id,
         "head": {k: head_cfg[k] for k in head.OPTIONS}, "dbk_version": __version__,
     }
     history = {"stage1": records_to_columns(pretrainer.history),

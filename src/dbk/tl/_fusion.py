@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from .._constants import DIFF_FEATURES_KEY, SPATIAL_KEY
-from .._logging import logger
+from .._logging import inner_fits, logger
 from .._utils import renamed_kwargs
 from ..core._heads import FUSIONS, FusionHead
 from ._head_base import resolve_use_rep
@@ -34,6 +34,16 @@ class FusionRegressor(TorchRegressor):
     Same options (``hidden``, ``dropout``, ``lr``, ..., ``val_fraction``, ``random_state``, ``accelerator``,
     ``input_clip``) plus ``fusion``: standardised inputs and targets, AdamW, masked MSE, early stopping on held-out
     training slides.
+
+    Parameters
+    ----------
+    fusion
+        How the two feature sets meet: ``"gated"``, ``"concat"``, ``"add"`` or ``"film"`` (see
+        :class:`~dbk.tl.FusionHead`).
+    **kwargs
+        The options of :class:`~dbk.tl.MLPBaseline` (``hidden``, ``dropout``, ``lr``, ``weight_decay``,
+        ``batch_size``, ``max_epochs``, ``patience``, ``val_fraction``, ``random_state``, ``accelerator``,
+        ``input_clip``, ``scale_inputs``).
     """
 
     name = "fusion_head"
@@ -57,7 +67,29 @@ class FusionRegressor(TorchRegressor):
     ) -> FusionRegressor:
         """Fit on FM features ``obsm[use_rep]`` and diffusion features ``obsm[diff_key]`` of training tiles.
 
-        Other parameters as :meth:`dbk.tl.MLPBaseline.fit`.
+        Early stopping on held-out training slides (``groups``), as :meth:`dbk.tl.MLPBaseline.fit`.
+
+        Parameters
+        ----------
+        adata
+            Training tiles: FM features in ``obsm[use_rep]``, diffusion features in ``obsm[diff_key]``, targets in
+            ``X`` (or ``layer``), optional ``layers["measured"]``.
+        use_rep
+            The FM features' ``obsm`` key (e.g. ``"X_efficientnet_lite0"``); default the only embedding in ``obsm``
+            besides ``diff_key``.
+        diff_key
+            The diffusion features' ``obsm`` key (:func:`dbk.tl.diffusion_features`).
+        genes
+            Genes to predict; default all of the table.
+        layer
+            Layer with the targets (``X``: log1p-normalised, when ``None``).
+        groups
+            Slide of each tile (``obs`` column name or array), for inner validation splits; default
+            ``obs["sample"]`` when it has several slides.
+
+        Returns
+        -------
+        self
         """
         if diff_key not in adata.obsm:
             raise KeyError(f"No diffusion features adata.obsm[{diff_key!r}] (obsm keys: {list(adata.obsm)}).")
@@ -175,7 +207,26 @@ class RidgeFusionRegressor(RidgeBaseline):
     ) -> RidgeFusionRegressor:
         """Fit on FM features ``obsm[use_rep]`` and diffusion features ``obsm[diff_key]`` of training tiles.
 
-        Other parameters as :meth:`dbk.tl.RidgeBaseline.fit`.
+        Alpha (and rank, and blend weight) by inner cross-validation grouped by ``groups``, as
+        :meth:`dbk.tl.RidgeBaseline.fit`.
+
+        Parameters
+        ----------
+        adata
+            Training tiles: FM features in ``obsm[use_rep]``, diffusion features in ``obsm[diff_key]``, targets in
+            ``X`` (or ``layer``), optional ``layers["measured"]``.
+        use_rep
+            The FM features' ``obsm`` key (e.g. ``"X_efficientnet_lite0"``); default the only embedding in ``obsm``
+            besides ``diff_key``.
+        diff_key
+            The diffusion features' ``obsm`` key (:func:`dbk.tl.diffusion_features`).
+        genes
+            Genes to predict; default all of the table.
+        layer
+            Layer with the targets (``X``: log1p-normalised, when ``None``).
+        groups
+            Slide of each tile (``obs`` column name or array), for inner validation splits; default
+            ``obs["sample"]`` when it has several slides.
 
         Returns
         -------
@@ -219,7 +270,8 @@ class RidgeFusionRegressor(RidgeBaseline):
             preds = []
             for x, b in zip(xs, blocks, strict=True):
                 fixed = self._block(alphas=[float(b.alpha_)], rank=b.rank_)
-                fixed._fit([x[tr]], y[tr], m[tr], None if groups is None else groups[tr], adata[tr])
+                with inner_fits():  # the fold refits' lines are details (DEBUG)
+                    fixed._fit([x[tr]], y[tr], m[tr], None if groups is None else groups[tr], adata[tr])
                 preds.append(fixed._predict([x[va]]))
             mv = m[va]
             for i, w in enumerate(weights):

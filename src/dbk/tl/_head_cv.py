@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SAMPLE_COL
-from .._logging import logger
+from .._logging import inner_fits, logger
 
 AUTO = "auto"
 #: Neural fusions ``fusion="auto"`` tries beside the ridge heads (the strongest neural head on her2st).
@@ -348,8 +348,9 @@ def _score_folds(table: ad.AnnData, y: np.ndarray, m: np.ndarray, genes: list[st
     """Per-fold, per-gene held-out Pearson r of ``cand`` (folds x genes)."""
     out = []
     for tr, va in folds.folds:
-        pred = _fit_predict(table[tr], table[va], genes, keys, cand, random_state=random_state,
-                            accelerator=accelerator)
+        with inner_fits():  # each fold's head fit logs its details at DEBUG; the candidate's score line says enough
+            pred = _fit_predict(table[tr], table[va], genes, keys, cand, random_state=random_state,
+                                accelerator=accelerator)
         out.append(gene_pearson(y[va], m[va], pred.reindex(columns=genes).to_numpy()))
     return np.vstack(out)
 

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from .._constants import PRED_KEY, TILES_KEY, TILES_TABLE_KEY, UM_PER_PX_KEY, UNS_KEY
-from .._logging import logger
+from .._logging import logger, once_per_call
 from .._utils import check_batch_size, copy_sdata, is_sdata, jsonable
 from ..core._scaler import InputScaler
 from ..pp._prepare import prepare_slide, record_pixel_size, slide_names, tile_size_um
@@ -40,6 +40,20 @@ class DiffBulk:
     Made by :func:`dbk.tl.fit_diffbulk` or :meth:`load`. :meth:`predict` writes predicted expression for the tiles of
     any slide with an H&E image (with or without measured expression); :meth:`save` writes a folder that
     :meth:`load` reads back on CPU or GPU.
+
+    Parameters
+    ----------
+    pretrainer
+        The stage-1 :class:`~dbk.tl.DiffusionPretrainer`.
+    head
+        The fitted head (:class:`~dbk.tl.FusionRegressor` or :class:`~dbk.tl.RidgeFusionRegressor`).
+    fm
+        The foundation-model image encoder (a torch module).
+    config
+        The model's settings and training statistics (see :attr:`config`), as :func:`dbk.tl.fit_diffbulk` writes
+        them.
+    scalers
+        One :class:`InputScaler` per feature set of the head, fitted on its training tiles.
 
     Attributes
     ----------
@@ -194,22 +208,56 @@ class DiffBulk:
     def __repr__(self) -> str:
         d = self.config["diffusion"]
         steps = f"{self.pretrainer.step} steps" if self.pretrainer.step else "untrained"
-        return (f"DiffBulk({len(self.genes)} genes, tile {self.tile_size_um:g} µm, FM {self.fm_id!r}, fusion "
-                f"{self.fusion!r}, stage 1 {self.pretrainer.preset.name!r} {self.pretrainer.image_size} px / "
+        return (f"DiffBulk({len(self.genes)} genes, tile {self.tile_size_um:g} µm, FM {self.fm_id!r}, "
+                f"{self._repr_head()}, stage 1 {self.pretrainer.preset.name!r} {self.pretrainer.image_size} px / "
                 f"{steps}, z_diff {d['dim']} from {'+'.join(d['levels'])}{self._repr_trust()})")
+
+    def _repr_head(self) -> str:
+        """The head in words: fusion, target rank (ridge), blend, spatial context, and whether inner CV chose it.
+
+        E.g. ``fusion 'ridge' target rank 8, context 150 µm (chosen from 7 heads by inner CV)`` or ``fusion 'ridge' late
+        (FM weight 0.6, ranks 8/full), no context`` or ``fusion 'gated', no context``.
+        """
+        out = f"fusion {self.fusion!r}"
+        head = self.head
+        if self.fusion == "ridge":
+            block_ranks = getattr(head, "block_rank_", None)
+            if getattr(head, "blend", "early") == "late" and block_ranks is not None:
+                ranks = "/".join("full" if r is None else str(r) for r in block_ranks)
+                out += f" late (FM weight {head.blend_weight_:g}, ranks {ranks})"
+            elif hasattr(head, "rank_"):
+                out += " full rank" if head.rank_ is None else f" target rank {head.rank_}"
+        ctx = self.context_um
+        out += ", no context" if ctx is None else f", context {ctx:g} µm"
+        names = ((self.config.get("head_selection") or {}).get("candidates") or {}).get("name") or []
+        if len(names) > 1:
+            out += f" (chosen from {len(names)} heads by inner CV)"
+        return out
 
     def _repr_trust(self) -> str:
         out = ""
         r = self.effective_rank
-        if r:
-            out += f", prediction rank {r['predictions']} (targets {r['targets']})"
+        if r:  # effective rank (dbk.tl.effective_rank) of the training predictions and of the measured targets
+            target = "" if r.get("targets") is None else f" (targets {r['targets']})"
+            out += f", effective prediction rank {r['predictions']}{target}"
         t = self.cv_trusted
         if t is not None:
             out += f", {int(t.sum())}/{len(t)} genes trusted"
         return out
 
     def to(self, device: str | torch.device) -> DiffBulk:
-        """Move every network to ``device`` (``"auto"``: CUDA if available); returns self."""
+        """Move every network to ``device`` (``"auto"``: CUDA if available); returns self.
+
+        Parameters
+        ----------
+        device
+            ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... or a :class:`torch.device` (checked first).
+
+        Returns
+        -------
+        DiffBulk
+            ``self``, on ``device`` (a ridge head stays numpy arrays on the CPU).
+        """
         from ._embed import resolve_device
 
         dev = resolve_device(device, what="device")
@@ -238,8 +286,24 @@ class DiffBulk:
         input size are kept when ``reuse_fm`` (:func:`dbk.tl.embed_tiles`); diffusion features when ``reuse_diff`` and
         their record in ``uns["dbk"]["diffusion_features"]`` names the same stage-1 weights (fingerprint), noise
         level, seed, levels, pooling, tiles and precision (:func:`dbk.tl.diffusion_features`; features are
-        deterministic, so reuse is exact). ``accelerator``: where the networks run, as in :meth:`predict` (``None``:
-        where the model is).
+        deterministic, so reuse is exact).
+
+        Parameters
+        ----------
+        sdata
+            SpatialData with the H&E image and the tiles.
+        tiles_key
+            Shapes element with the tiles.
+        table_key
+            Tile table the features are written to (made with no genes when missing).
+        batch_size
+            Tiles per forward pass of the networks.
+        reuse_fm
+            Keep FM embeddings already there from the same weights and input size.
+        reuse_diff
+            Keep diffusion features already there from the same stage-1 weights and settings.
+        accelerator
+            Where the networks run, as in :meth:`predict` (``None``: where the model is).
         """
         from ._diffusion_features import diffusion_features
         from ._embed import embed_tiles, resolve_device
@@ -256,6 +320,7 @@ class DiffBulk:
                            overwrite=not reuse_diff)
         record_pixel_size(sdata, tiles_key, table_key)
 
+    @once_per_call
     def predict(
         self,
         data: SpatialData | ad.AnnData,
@@ -266,7 +331,7 @@ class DiffBulk:
         batch_size: int = 32,
         accelerator: str | None = None,
         copy: bool = False,
-    ) -> SpatialData | ad.AnnData | pd.DataFrame | None:
+    ) -> SpatialData | ad.AnnData | pd.DataFrame:
         """Predict expression for every tile of a slide.
 
         On a SpatialData: tiles of the model's size are laid over the tissue when ``tiles_key`` is missing
@@ -301,13 +366,15 @@ class DiffBulk:
 
         Returns
         -------
-        With ``copy=True`` the modified copy of ``data``; otherwise ``None`` for a SpatialData and the predictions
-        DataFrame for a tile table (AnnData), as the heads' ``predict`` returns. Writes to
-        the tile table ``obsm[key_added]``, a DataFrame (tiles x :attr:`genes`, float32, index the table's
-        ``obs_names``), the features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model
-        summary and settings; ``features``: each feature key's source and weights fingerprint; ``slide_checks``:
-        the slide's pixel size, tile colours and clipped features against the training slides', each with its
-        numbers and ``ok``; a slide unlike them is warned about, see ``docs/reliability.md``).
+        SpatialData | AnnData | DataFrame
+            One rule for both inputs: the predictions, a DataFrame tiles x :attr:`genes` (float32, index the
+            table's ``obs_names``; what is written to ``obsm[key_added]``), as every ``predict`` of :mod:`dbk.tl`
+            returns (the baselines', the heads'); with ``copy=True``, the modified copy of ``data`` instead (its
+            table holds the predictions). Either way the tile table gets ``obsm[key_added]`` (the predictions), the
+            features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model summary and
+            settings; ``features``: each feature key's source and weights fingerprint; ``slide_checks``: the
+            slide's pixel size, tile colours and clipped features against the training slides', each with its
+            numbers and ``ok``; a slide unlike them is warned about, see ``docs/reliability.md``).
         """
         from .._settings import settings
 
@@ -349,7 +416,7 @@ class DiffBulk:
         adata.uns[UNS_KEY]["predict"]["features"] = self._feature_sources(adata)
         logger.info(f"predict: {df.shape[0]} tiles x {df.shape[1]} genes -> sdata.tables[{table_key!r}]"
                     f".obsm[{key_added!r}].")
-        return sdata if copy else None
+        return sdata if copy else df
 
     def _expected_features(self) -> tuple[dict, dict]:
         """The record fields the FM embeddings and the diffusion features of this model's head must have.
@@ -472,6 +539,8 @@ class DiffBulk:
             "n_genes": len(self.genes),
             "dbk_version": __version__,
         })
+        if self.config.get("fit_id"):  # the fit that made the model: dbk.pl marks predictions on its training tiles
+            uns["predict"]["fit_id"] = str(self.config["fit_id"])
         cv = self.cv_pearson
         if cv is not None:  # floats, NaN where undefined: h5ad stores them as arrays
             uns["predict"]["genes"] = list(self.genes)
@@ -501,6 +570,19 @@ class DiffBulk:
         (the stage-1 model, :meth:`dbk.tl.DiffusionPretrainer.save`) and, for a foundation model that cannot be
         reloaded by name (random weights), ``fm.safetensors``. Files get the permissions of anything else the user
         writes (the umask), so a lab folder can share them.
+
+        Parameters
+        ----------
+        path
+            The folder to write (``~`` expanded).
+        overwrite
+            Replace a folder already at ``path``, once the new one is complete, and only a dbk model folder holding
+            nothing but what dbk wrote; without it an existing ``path`` raises :class:`FileExistsError`.
+
+        Returns
+        -------
+        pathlib.Path
+            The folder written.
         """
         from ..core._folder import write_model_folder
 
@@ -527,6 +609,19 @@ class DiffBulk:
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> DiffBulk:
         """Load a model written by :meth:`save` onto ``device`` (``"auto"``: CUDA if available, else CPU).
+
+        Parameters
+        ----------
+        path
+            The folder :meth:`save` wrote.
+        device
+            Where the networks go: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... or a :class:`torch.device`.
+
+        Returns
+        -------
+        DiffBulk
+            The model, its stage-1 weights, head and foundation model checked against the folder's checksums and
+            against each other.
 
         Raises
         ------

@@ -214,6 +214,20 @@ def cv_trusted(data: SpatialData | ad.AnnData, *, pred_key: str = PRED_KEY,
 
     Read from where :func:`cv_pearson` reads the scores (``var["dbk_cv_trusted"]`` of a predicted table). ``None``
     for predictions of models fitted without the trust rule (``head_cv=0``, or saved by an older dbk).
+
+    Parameters
+    ----------
+    data
+        The tile table (or a predicted table), or a SpatialData holding it.
+    pred_key
+        The predictions' key.
+    table_key
+        Tile table in ``sdata.tables``.
+
+    Returns
+    -------
+    pandas.Series | None
+        Gene -> bool (the score's lower bound above chance and positive in every held-out group), or ``None``.
     """
     return _gene_record(data, pred_key, table_key, "cv_trusted", CV_TRUSTED_KEY, bool)
 

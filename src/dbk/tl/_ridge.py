@@ -55,6 +55,28 @@ def cv_folds(groups: np.ndarray | None, spatial: np.ndarray | None, n: int, n_sp
     return list(KFold(n_splits, shuffle=True, random_state=random_state).split(idx)), f"{n_splits}-fold random"
 
 
+def grid_edge(best: float, alphas: np.ndarray) -> str | None:
+    """``"lower"`` / ``"upper"`` when ``best`` is the smallest / largest of a grid of two or more alphas, else ``None``.
+
+    A grid of one alpha (a fixed alpha, as the late blend refits its blocks with) has no edge.
+    """
+    grid = np.unique(np.asarray(alphas, np.float64))
+    if len(grid) < 2:
+        return None
+    return "lower" if best <= grid[0] else "upper" if best >= grid[-1] else None
+
+
+def _log_grid_edge(best: float, alphas: np.ndarray) -> None:
+    edge = grid_edge(best, alphas)
+    if edge is None:
+        return
+    grid = np.unique(np.asarray(alphas, np.float64))
+    what = ("a smaller alpha (a weaker penalty) might score better" if edge == "lower" else
+            "a larger alpha (a stronger penalty) might score better")
+    logger.info(f"ridge CV: the best alpha {best:g} is the {edge} edge of the grid ({len(grid)} alphas, "
+                f"{grid[0]:g} .. {grid[-1]:g}); {what} (alphas= widens the grid).")
+
+
 def _check_rank(rank, ranks, flavor: str, alpha_per_gene: bool) -> tuple:
     """Validated ``(rank, ranks)`` of :class:`RidgeBaseline`."""
     if rank is None:
@@ -307,8 +329,7 @@ class RidgeBaseline(Baseline):
             self.cv_results_ = pd.DataFrame({"score": mean_score.reshape(-1)}, index=idx)
         self.cv_scheme_ = how
         best = float(a[i])
-        if best in (a.min(), a.max()):
-            logger.info(f"ridge CV: the best alpha {best:g} is at the edge of the grid.")
+        _log_grid_edge(best, a)
         if not self.alpha_per_gene:
             return best, ranks[q]
         per_gene = a[np.argmin(score[0], axis=0)]
