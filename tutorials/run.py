@@ -11,9 +11,9 @@ Each notebook runs in a fresh kernel of this Python, with the working directory 
 read it). The her2st notebooks (02, 04) read the six her2st sections as HEST-1k samples (SPA137-SPA145) with
 ``dbk.datasets.hest``; offline they first build them with ``dbk.datasets.hest_from_her2st`` into
 ``dbk.settings.datasetdir / "hest"`` (once: a later run finds them there) from the her2st files in
-``$DBK_HER2ST``, which this script sets to ``../shared/data/her2st`` beside the repository when that folder exists
-and the variable is unset. Without those files they are skipped, with a note, unless ``--download``: the notebooks
-then run online, fetching the HEST samples from the hub (gated: accept HEST's terms and set ``HF_TOKEN``) and the
+the folder named by ``$DBK_HER2ST`` (a local copy of the six section folders, each with ``counts.tsv.gz``,
+``spot_selection.tsv`` and the H&E ``.jpg``). Without it they are skipped, with a note, unless ``--download``: the
+notebooks then run online, fetching the HEST samples from the hub (gated: accept HEST's terms, set ``HF_TOKEN``) and
 gene list from GitHub. Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a
 ``--quick --write`` run, which the docs render). Exit status 1 if any notebook fails.
 """
@@ -32,9 +32,10 @@ REPO = HERE.parent
 NEEDS_HER2ST = ("02_", "04_")  # notebooks that read the her2st sections
 
 
-def her2st_dir() -> Path:
-    """Where the her2st sections are expected: ``$DBK_HER2ST``, else ``../shared/data/her2st`` beside the repo."""
-    return Path(os.environ.get("DBK_HER2ST", REPO.parent / "shared" / "data" / "her2st"))
+def her2st_dir() -> Path | None:
+    """The local copy of the her2st sections: the folder ``$DBK_HER2ST`` names (``None`` when unset)."""
+    value = os.environ.get("DBK_HER2ST")
+    return Path(value).expanduser() if value else None
 
 
 def main() -> int:
@@ -69,16 +70,16 @@ def main() -> int:
     if not notebooks:
         print("No notebook selected.", file=sys.stderr)
         return 1
-    has_her2st = her2st_dir().is_dir() or args.download
-    if her2st_dir().is_dir():  # the notebooks find the local copy through the variable (they name no path)
-        os.environ.setdefault("DBK_HER2ST", str(her2st_dir()))
+    local = her2st_dir()
+    has_her2st = (local is not None and local.is_dir()) or args.download
 
     results: list[tuple[str, str, float]] = []
     failed = False
     start = time.perf_counter()
     for path in notebooks:
         if path.name.startswith(NEEDS_HER2ST) and not has_her2st:
-            print(f"{path.name}: skipped (no her2st data at {her2st_dir()}; set DBK_HER2ST, or pass --download)",
+            why = f" ({local} is no folder)" if local else ""
+            print(f"{path.name}: skipped (no her2st data: set DBK_HER2ST to a local copy{why}, or pass --download)",
                   flush=True)
             results.append((path.name, "skipped", 0.0))
             continue
