@@ -14,7 +14,7 @@ read it). The her2st notebooks (02, 04) read the six her2st sections as HEST-1k 
 the folder named by ``$DBK_HER2ST`` (a local copy of the six section folders, each with ``counts.tsv.gz``,
 ``spot_selection.tsv`` and the H&E ``.jpg``). Without it they are skipped, with a note, unless ``--download``: the
 notebooks then run online, fetching the HEST samples from the hub (gated: accept HEST's terms, set ``HF_TOKEN``) and
-gene list from GitHub. Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a
+the gene list from GitHub. Without ``--write`` the notebooks on disk are left untouched (git keeps the outputs of a
 ``--quick --write`` run, which the docs render). Exit status 1 if any notebook fails.
 """
 
