@@ -102,6 +102,57 @@ def test_missing_files_offline_are_listed(tmp_path):
         dbk.datasets.hest_bench("BRCA", root=tmp_path)
 
 
+def test_online_fetches_only_missing_files_and_names_them_on_failure(tmp_path, monkeypatch):
+    """The hub route, with huggingface_hub's two calls replaced by copies from a task written here."""
+    import shutil
+
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    write_task(hub)
+    monkeypatch.delenv("DBK_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+
+    def snapshot_download(repo_id, *, repo_type, local_dir, allow_patterns, **kw):
+        assert repo_id == "MahmoodLab/hest-bench" and repo_type == "dataset"
+        asked.append(("snapshot", tuple(allow_patterns)))
+        for p in hub.rglob("*"):
+            rel = p.relative_to(hub).as_posix()
+            if p.is_file() and (rel == "IDC/var_50genes.json" or rel.startswith("IDC/splits/")):
+                (local_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, local_dir / rel)
+
+    def hf_hub_download(repo_id, filename, *, repo_type, local_dir, **kw):
+        asked.append(("file", filename))
+        if filename.endswith("SAMPB.h5ad"):  # the last file the split files name
+            raise huggingface_hub.utils.LocalEntryNotFoundError("no connection")
+        (local_dir / filename).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(hub / filename, local_dir / filename)
+        return str(local_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    root = tmp_path / "local"
+    (root / "IDC" / "patches").mkdir(parents=True)
+    shutil.copyfile(hub / "IDC" / "patches" / "SAMPA.h5", root / "IDC" / "patches" / "SAMPA.h5")  # already here
+    with pytest.raises(ConnectionError, match=r"(?s)cannot be reached.*adata/SAMPB\.h5ad"):
+        dbk.datasets.hest_bench("IDC", root=root)
+    assert asked[0] == ("snapshot", ("IDC/var_50genes.json", "IDC/splits/*"))
+    files = [f for kind, f in asked[1:]]
+    assert files == ["IDC/patches/SAMPC.h5", "IDC/adata/SAMPC.h5ad", "IDC/patches/SAMPD.h5", "IDC/adata/SAMPD.h5ad",
+                     "IDC/adata/SAMPA.h5ad", "IDC/patches/SAMPB.h5", "IDC/adata/SAMPB.h5ad"]  # SAMPA.h5 was here
+    asked.clear()
+
+    def fetch(repo_id, filename, *, repo_type, local_dir, **kw):
+        asked.append(filename)
+        shutil.copyfile(hub / filename, local_dir / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
+    task = dbk.datasets.hest_bench("IDC", root=root)  # the second call fetches what the first did not get
+    assert asked == ["IDC/adata/SAMPB.h5ad"] and task.genes == GENES
+
+
 def test_source_pixel_size_from_h5_metadata_or_given(tmp_path):
     write_task(tmp_path, pixel_size_um={"SAMPA": 0.25})  # only SAMPA's patches file says it
     hest_root = tmp_path / "hest"
