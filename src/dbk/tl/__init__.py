@@ -49,6 +49,7 @@ _EXPORTS = {
     "RidgeFusionRegressor": "._fusion",
     "benchmark": "._benchmark",
     "benchmark_summary": "._benchmark_results",
+    "hest_summary": "._benchmark_hest",
     "paired_differences": "._benchmark_results",
     "BenchmarkFold": "._benchmark_methods",
     "register_method": "._benchmark_methods",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ..core._vocab import GeneVocab
     from ._baselines import MeanPredictor, MLPBaseline, fit_baseline
     from ._benchmark import benchmark
+    from ._benchmark_hest import hest_summary
     from ._benchmark_methods import BenchmarkFold, benchmark_methods, register_method
     from ._benchmark_results import benchmark_summary, paired_differences
     from ._context import neighbor_mean, spatial_context

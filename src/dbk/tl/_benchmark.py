@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from spatialdata import SpatialData
 
+    from ..datasets._hest_bench import HestBenchTask
+
 DEFAULT_METHODS = ("mean", "ridge_cv", "ridge_rr_ctx", "diffbulk", "diffbulk_untrained")
 COLUMNS = ["split", "fold", "method", "metric", "value", "seconds"]
 # evaluate's per-gene metrics kept in attrs["gene_scores"] (their means over genes are the *_mean_all metrics)
@@ -48,10 +50,10 @@ _PRED_TMP = "_dbk_benchmark_pred"
 
 @once_per_call
 def benchmark(
-    data: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData],
+    data: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData] | HestBenchTask,
     *,
     methods: str | Sequence[str] = DEFAULT_METHODS,
-    split: str | Mapping[str, Sequence[str] | Mapping[str, Sequence[str]]] | Sequence[Sequence[str]] = "loso",
+    split: str | Mapping[str, Sequence[str] | Mapping[str, Sequence[str]]] | Sequence[Sequence[str]] | None = None,
     genes: Sequence[str] | None = None,
     n_top_genes: int | None = None,
     top_k: int = 50,
@@ -88,7 +90,8 @@ def benchmark(
     ----------
     data
         A list or ``{name: sdata}`` dict of slides with H&E and expression (names from ``sdata.attrs["sample"]``
-        for a list, as :func:`dbk.pp.prepare_slides` names them), or one slide for ``split="blocks"``.
+        for a list, as :func:`dbk.pp.prepare_slides` names them), or one slide for ``split="blocks"``. Or a
+        HEST-Benchmark task (:func:`dbk.datasets.hest_bench`): HEST's protocol, see below.
     methods
         Registered method names (:func:`dbk.tl.benchmark_methods`; add one with :func:`dbk.tl.register_method`).
         Unknown names fail before any work. Default: ``mean``, ``ridge_cv``, ``ridge_rr_ctx``, ``diffbulk`` and the
@@ -96,10 +99,12 @@ def benchmark(
         architecture, genes and seed: no stage-1 training, only its own head fit; ``diffbulk -
         diffbulk_untrained`` says whether training stage 1 helps at all). ``diffbulk_no_genes`` (a second stage-1
         training per fold, without genes) is the control of the gene conditioning; add it when that is the question.
+        For a HEST-Benchmark task the default also runs ``ridge_hest`` (HEST's own probe), after ``mean``.
     split
-        ``"loso"``: leave one slide out (each slide is the test once, the others train). ``"patient"``: each
-        patient's slides are the test once, the other patients' slides train (the patient of a slide from
-        ``patients`` or ``sdata.attrs["patient"]``). ``"blocks"``: spatial blocks within each slide
+        ``None`` (default): ``"loso"`` for slides, ``"hest"`` for a HEST-Benchmark task (its split files; the only
+        split a task takes). ``"loso"``: leave one slide out (each slide is the test once, the others train).
+        ``"patient"``: each patient's slides are the test once, the other patients' slides train (the patient of a
+        slide from ``patients`` or ``sdata.attrs["patient"]``). ``"blocks"``: spatial blocks within each slide
         (:func:`dbk.pp.spatial_blocks`): the blocks are dealt into ``n_folds`` folds, each fold's blocks are the
         test tiles and the other tiles of the same slides train (for a single slide). Or the folds themselves: a
         dict ``{"fold name": [test slides]}`` (the other slides train; or ``{"train": [...], "test": [...]}`` as the
@@ -180,6 +185,20 @@ def benchmark(
     that one fold alone can give.
     Summarise it with :func:`dbk.tl.benchmark_summary` and :func:`dbk.tl.paired_differences`, plot it with
     :func:`dbk.pl.benchmark`.
+
+    HEST-Benchmark (``data`` a :class:`dbk.datasets.HestBenchTask`): the task's samples become slides
+    (:meth:`~dbk.datasets.HestBenchTask.slides`: the patches are the tiles, ``X`` is HEST's target, log1p of the
+    raw counts of the task's 50 genes aligned by barcode), the folds are its split files (``"split{i}"`` from
+    ``splits/train_{i}.csv`` / ``test_{i}.csv``), the genes its ``var_50genes.json``. Every method then runs as
+    above (the foundation model ``fm`` embeds the patches at ``fm_size_px``; DiffBulk's stage 1 trains on them),
+    and each (fold, method) gets one more metric, ``pearson_mean_hest``: HEST's per-fold number, ``np.mean`` over
+    the genes of each gene's Pearson on the fold's test patches (NaN when a gene's correlation is undefined, as in
+    HEST). :func:`dbk.tl.hest_summary` averages it over folds as HEST does (mean, ``np.std`` with ddof 0) beside the
+    published numbers; the log ends with that table. ``pearson_flattened`` is the DiffBulk reference code's metric
+    (one Pearson over all test tiles and genes). Spatial context uses the patches' positions on their slides, which
+    need each sample's source pixel size (:class:`dbk.datasets.HestBenchTask`); without it the run uses no context
+    (the context methods leave the default list, with a warning). ``attrs["hest"]`` records the task, its folds,
+    genes and the pixel sizes used; ``attrs["split"]`` is ``"hest"``.
     Every ``attrs`` entry is plain Python (dicts, lists, numbers, strings), so the table merges and concatenates like
     any other DataFrame.
 
@@ -206,6 +225,19 @@ def benchmark(
     settings.apply_threads()  # dbk.settings.n_jobs
 
     # ---- every argument checked before any work -------------------------------------------------------------------
+    from ._benchmark_hest import hest_arguments, hest_task
+
+    task = hest_task(data)
+    if task is not None:
+        methods = hest_arguments(task, methods=_check_methods(methods), default_methods=methods is DEFAULT_METHODS,
+                                 split=split, genes=genes, n_top_genes=n_top_genes, patients=patients,
+                                 split_kwargs=split_kwargs, context_um=context_um)
+        split, genes = task.folds(), list(task.genes)
+    elif split is None:
+        split = "loso"
+    elif isinstance(split, str) and split == "hest":
+        raise ValueError("split='hest' runs a HEST-Benchmark task's split files: pass the task "
+                         "(dbk.datasets.hest_bench(...)) as data.")
     names_m = _check_methods(methods)
     specs = [get_method(n) for n in names_m]
     method_kwargs = _check_method_kwargs(method_kwargs, names_m)
@@ -214,11 +246,15 @@ def benchmark(
                    preset=preset if any(s.family == "diffbulk" for s in specs) else None, accelerator=accelerator,
                    pretrain_kwargs=pretrain_kwargs, fm_size_px=fm_size_px)
     seed = resolve_seed(random_state)
+    if task is not None:
+        data = task.slides()  # the patches as tiles, HEST's targets in the tables (made once per task)
     raw_slides, names = as_slides(data)
     from .._keys import check_named_keys_of_slides
 
     check_named_keys_of_slides(raw_slides, names, tiles_key=tiles_key, table_key=table_key, where="benchmark")
     split_name, fold_plan = _plan_folds(split, names, raw_slides, patients=patients, split_kwargs=split_kwargs)
+    if task is not None:
+        split_name = "hest"
 
     # ---- the slides, prepared once --------------------------------------------------------------------------------
     slides, names = prepare_slides(data, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key)
@@ -255,6 +291,10 @@ def benchmark(
         "gene_scores": {},
         "pred_keys": {n: f"{key_added}_{n}" for n in names_m},
     }
+    if task is not None:
+        from ._benchmark_hest import hest_record
+
+        attrs["hest"] = hest_record(task)
     store: dict[tuple[str, str], list[pd.DataFrame]] = {}
     bar = tqdm(total=n_tasks, desc="benchmark", unit="fit", disable=not settings.progress)
     try:
@@ -286,6 +326,10 @@ def benchmark(
                     truth.obsm[_PRED_TMP] = pred
                     cv = info.pop("cv_pearson", None)
                     summary, per_gene = _evaluate(truth, fold, k, cv=cv)
+                    if task is not None:  # HEST's per-fold number first
+                        from ._benchmark_hest import HEST_METRIC, pearson_mean_hest
+
+                        summary = {HEST_METRIC: pearson_mean_hest(per_gene["pearson"]), **summary}
                     if cv is not None:
                         attrs["cv_pearson"].setdefault(fold_name, {})[spec.name] = pd.Series(cv, dtype=np.float64)
                 except Exception as err:
@@ -318,6 +362,13 @@ def benchmark(
     if attrs["failed"]:
         logger.warning(f"benchmark: {len(attrs['failed'])} failed method run(s): "
                        f"{sorted({(f['fold'], f['method']) for f in attrs['failed']})}; see results.attrs['failed'].")
+    if task is not None and len(out):
+        from ._benchmark_hest import hest_summary
+
+        with pd.option_context("display.width", 250, "display.max_columns", 40):
+            table = hest_summary(out).to_string(float_format=lambda v: f"{v:.4f}")
+        logger.info(f"benchmark: HEST-Benchmark task {task.name!r} (dbk.tl.hest_summary: mean and np.std over "
+                    f"folds of pearson_mean_hest):\n{table}")
     return out
 
 
@@ -486,8 +537,12 @@ def _stack(views: dict, genes: list[str], table_key: str) -> ad.AnnData:
     for sd in views.values():
         table = sd.tables[table_key]
         px = _pixel_size(sd, table_key)
-        parts.append(tile_coords_um(table, px) if px is not None and SPATIAL_KEY in table.obsm
-                     else np.full((table.n_obs, 2), np.nan))
+        try:  # the table's own positions in µm where it has them (HEST-Benchmark patches), else pixels x size
+            xy = (tile_coords_um(table, px) if SPATIAL_UM_KEY in table.obsm
+                  or (px is not None and SPATIAL_KEY in table.obsm) else None)
+        except ValueError:  # positions unknown (NaN): no spatial context for these tiles
+            xy = None
+        parts.append(np.full((table.n_obs, 2), np.nan) if xy is None else xy)
         if px is not None:
             table.uns.setdefault(UNS_KEY, {})[UM_PER_PX_KEY] = px  # on the working copy: context needs it
     out.obsm[SPATIAL_UM_KEY] = np.vstack(parts)

@@ -22,12 +22,14 @@ import pandas as pd
 
 from .._constants import SAMPLE_COL, TILES_KEY, TILES_TABLE_KEY
 from .._logging import logger
+from ._context import SPATIAL_UM_KEY as _SPATIAL_UM_KEY
 from ._head_cv import AUTO_CONTEXT_STEPS
 
 FAMILIES = ("baseline", "diffbulk")
 STAGE1_KINDS = ("trained", "untrained", "no_genes")
-#: ``obsm`` key of the tile centres in µm in :attr:`BenchmarkFold.train` / :attr:`BenchmarkFold.test`
-SPATIAL_UM_KEY = "spatial_um"
+#: ``obsm`` key of the tile centres in µm in :attr:`BenchmarkFold.train` / :attr:`BenchmarkFold.test` (the key a tile
+#: table's own centres in µm have, :func:`dbk.tl._context.tile_coords_um`)
+SPATIAL_UM_KEY = _SPATIAL_UM_KEY
 #: spatial context radius when ``context_um`` is ``None``: this many times the median nearest-neighbour distance
 #: (the smaller radius ``fit_diffbulk(fusion="auto")`` tries: the 8 nearest tiles of a square grid)
 CONTEXT_SPACING_FACTOR = AUTO_CONTEXT_STEPS[0]

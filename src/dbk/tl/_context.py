@@ -55,8 +55,27 @@ def neighbor_mean(coords: np.ndarray, x: np.ndarray, radius: float, groups: np.n
     return out
 
 
+#: ``obsm`` key of tile centres in µm that a tile table may carry itself (where its image is not the tissue's layout,
+#: e.g. HEST-Benchmark patches laid out in a mosaic: :meth:`dbk.datasets.HestBenchTask.to_spatialdata`)
+SPATIAL_UM_KEY = "spatial_um"
+
+
 def tile_coords_um(adata: ad.AnnData, pixel_size_um: float | None = None) -> np.ndarray:
-    """Tile centres in µm: ``obsm["spatial"]`` (level-0 pixels) times the pixel size (given, or ``uns["dbk"]``)."""
+    """Tile centres in µm: ``obsm["spatial"]`` (level-0 pixels) times the pixel size (given, or ``uns["dbk"]``).
+
+    A table with its own centres in µm, ``obsm["spatial_um"]``, gives those instead (every spatial-context
+    computation of dbk goes through here); NaN there means the positions are unknown, a ``ValueError``.
+    """
+    if SPATIAL_UM_KEY in adata.obsm:
+        xy = np.asarray(adata.obsm[SPATIAL_UM_KEY], np.float64)
+        if xy.shape != (adata.n_obs, 2):
+            raise ValueError(f"obsm[{SPATIAL_UM_KEY!r}] must be (n_tiles, 2) = ({adata.n_obs}, 2), got {xy.shape}.")
+        bad = ~np.isfinite(xy).all(axis=1)
+        if bad.any():
+            raise ValueError(f"The positions in µm of {int(bad.sum())} of the {adata.n_obs} tiles are unknown (NaN in "
+                             f"obsm[{SPATIAL_UM_KEY!r}], e.g. patches whose slide's pixel size is unknown): no "
+                             "spatial context for them.")
+        return xy
     if SPATIAL_KEY not in adata.obsm:
         raise KeyError(f"The tile table has no obsm[{SPATIAL_KEY!r}] (tile centres); it comes from dbk.pp.pseudobulk "
                        "or DiffBulk.predict.")
