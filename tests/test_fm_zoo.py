@@ -56,7 +56,8 @@ def tiny_clip(tmp_path_factory):
         projection_dim=16)
     model = _quiet(transformers.CLIPModel, cfg).eval()
     model.save_pretrained(d)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(d)
     return d, model
 
 
@@ -95,9 +96,11 @@ def _tiles_as_read(sd, read_px: int) -> list:
 
 
 def _processors(path):
-    out = [transformers.AutoImageProcessor.from_pretrained(path)]  # the default (fast, torchvision) processor
-    out.append(transformers.AutoImageProcessor.from_pretrained(path, use_fast=False))  # the PIL one
-    assert type(out[0]) is not type(out[1])
+    """transformers' own processors of the model: the PIL one and, where transformers has it, the torchvision one."""
+    out = [transformers.AutoImageProcessor.from_pretrained(path, use_fast=False)]
+    fast = transformers.AutoImageProcessor.from_pretrained(path, use_fast=True)
+    if type(fast) is not type(out[0]):
+        out.append(fast)
     return out
 
 
@@ -296,6 +299,8 @@ def test_token_is_used_not_recorded(tiny_clip):
                  fm_kwargs={"token": "hf_secret", "pooling": "pooler"})
     assert "token" not in fm.kwargs and fm.kwargs == {"pooling": "pooler"} and fm.size_px == 32
     assert fm.net.pooling == "pooler"
+    again = load_fm(fm.net, size_px=None, device=torch.device("cpu"))  # a loaded module: its pooling is recorded
+    assert again.kwargs == {"pooling": "pooler"} and again.id == f"hf:{path}"
 
 
 # ------------------------------------------------------------------------------------------- gated models

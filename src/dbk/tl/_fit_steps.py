@@ -84,6 +84,9 @@ def load_fm(fm, *, size_px: int | None, device: torch.device, fm_kwargs: dict | 
         net = fm.eval().to(device)
         fm_id = str(getattr(net, "dbk_model", None) or getattr(net, "pretrained_cfg", {}).get("architecture")
                     or type(net).__name__)
+        pooling = getattr(net, "pooling", None)  # dbk's loaders' pooling: reloading by id must make it again
+        if isinstance(pooling, str) and getattr(net, "dbk_source", None) != "user-supplied":
+            kwargs.setdefault("pooling", pooling)
     else:
         net, _ = load_foundation_model(str(fm), device=device, token=token, **kwargs)
         fm_id = str(net.dbk_model)
