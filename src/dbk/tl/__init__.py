@@ -26,6 +26,8 @@ _EXPORTS = {
     "embed_tiles": "._embed",
     "prepare_corpus": "._corpus",
     "load_foundation_model": "._embed",
+    "list_fms": "._fm_zoo",
+    "wrap_fm": "._fm_zoo",
     "fit_baseline": "._baselines",
     "MeanPredictor": "._baselines",
     "RidgeBaseline": "._ridge",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._embed import embed_tiles, load_foundation_model, model_key
     from ._evaluate import evaluate, nan_pearson
     from ._fit import fit_diffbulk
+    from ._fm_zoo import list_fms, wrap_fm
     from ._fusion import FusionRegressor, RidgeFusionRegressor, fit_head
     from ._model import DiffBulk
     from ._predictions import cv_pearson, cv_trusted, predictions_to_adata

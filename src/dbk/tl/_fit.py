@@ -29,8 +29,8 @@ def fit_diffbulk(
     *,
     genes: Sequence[str] | None = None,
     n_top_genes: int | None = None,
-    fm: str | torch.nn.Module = "efficientnet_lite0",
-    fm_size_px: int = 224,
+    fm: str | torch.nn.Module | tuple = "efficientnet_lite0",
+    fm_size_px: int | None = None,
     fm_kwargs: dict | None = None,
     preset: str = "auto",
     fusion: str = "auto",
@@ -78,11 +78,15 @@ def fit_diffbulk(
         Keep the ``n`` most variable of those, measured on every slide (:func:`dbk.pp.select_genes`).
     fm
         Foundation model: any id :func:`dbk.tl.load_foundation_model` accepts (default the offline ImageNet
-        EfficientNet-Lite0; ``"hf-hub:MahmoodLab/UNI"`` ...) or a module it returned.
+        EfficientNet-Lite0; a name of :func:`dbk.tl.list_fms` such as ``"plip"``, DiffBulk's reference model, or
+        ``"uni2-h"``; ``"hf:<org>/<name>"``, ``"hf-hub:MahmoodLab/UNI"`` ...), a module it returned, or a loaded
+        module with its transform: ``(module, transform)`` / :func:`dbk.tl.wrap_fm` (recorded as user-supplied).
     fm_size_px
-        Input side of the foundation model in pixels (the tile is resampled to it).
+        Input side of the foundation model in pixels (the tile is resampled to it); ``None`` (default): the
+        model's own input size (224 for EfficientNet-Lite0).
     fm_kwargs
-        Extra arguments of :func:`dbk.tl.load_foundation_model` (``arch``, ``model_kwargs``, ``data_config``).
+        Extra arguments of :func:`dbk.tl.load_foundation_model` (``arch``, ``model_kwargs``, ``data_config``,
+        ``pooling``, ``token``; the token is not recorded).
     preset
         Stage-1 preset: ``"auto"`` (``"gpu"`` when training on CUDA; on a CPU ``"cpu-small"`` *not trained*, unless
         ``pretrain_steps`` is given: on her2st, 200 and 500 CPU steps did not beat the untrained U-Net, so the CPU

@@ -65,20 +65,33 @@ class FoundationModel:
             else None
 
 
-def load_fm(fm: str | torch.nn.Module, *, size_px: int, device: torch.device, fm_kwargs: dict | None = None
-            ) -> FoundationModel:
-    """The foundation model: a module as given (its id from ``dbk_model`` or timm's config), or loaded by id."""
-    from ._embed import load_foundation_model, model_key
+def load_fm(fm, *, size_px: int | None, device: torch.device, fm_kwargs: dict | None = None) -> FoundationModel:
+    """The foundation model: a module as given (its id from ``dbk_model`` or timm's config), or loaded by id.
+
+    ``fm`` may also be a loaded module with its transform (``(module, transform)`` or :func:`dbk.tl.wrap_fm`).
+    ``size_px=None`` takes the model's own input size. A ``token`` in ``fm_kwargs`` is used to load and not kept in
+    :attr:`FoundationModel.kwargs` (which a saved model records).
+    """
+    from ._embed import fm_input_plan, load_foundation_model, model_key, module_data_config
+    from ._fm_zoo import as_user_fm
 
     kwargs = dict(fm_kwargs or {})
+    token = kwargs.pop("token", None)
+    user = as_user_fm(fm)
+    if user is not None:
+        fm = user
     if isinstance(fm, torch.nn.Module):
         net = fm.eval().to(device)
         fm_id = str(getattr(net, "dbk_model", None) or getattr(net, "pretrained_cfg", {}).get("architecture")
                     or type(net).__name__)
+        pooling = getattr(net, "pooling", None)  # dbk's loaders' pooling: reloading by id must make it again
+        if isinstance(pooling, str) and getattr(net, "dbk_source", None) != "user-supplied":
+            kwargs.setdefault("pooling", pooling)
     else:
-        fm_id = str(fm)
-        net, _ = load_foundation_model(fm_id, device=device, **kwargs)
-    return FoundationModel(net=net, id=fm_id, key=model_key(fm_id), size_px=int(size_px), kwargs=kwargs)
+        net, _ = load_foundation_model(str(fm), device=device, token=token, **kwargs)
+        fm_id = str(net.dbk_model)
+    size, _, _ = fm_input_plan(module_data_config(net), size_px, fm_id)
+    return FoundationModel(net=net, id=fm_id, key=model_key(fm_id), size_px=int(size), kwargs=kwargs)
 
 
 def embed_slides(slides: list, fm: FoundationModel, *, tiles_key: str, table_key: str,
@@ -482,8 +495,9 @@ def fit_record(train: ad.AnnData, genes: list[str], names: list[str], *, fm: Fou
 
     head = fitted.head
     fm_cfg = module_data_config(fm.net)  # the features the head expects: these weights, this preprocessing
-    fm_features = {"fingerprint": fm_fingerprint(fm.net), "mean": [float(v) for v in fm_cfg["mean"]],
-                   "std": [float(v) for v in fm_cfg["std"]]}
+    fm_features = {"fingerprint": fm_fingerprint(fm.net),  # mean / std None: a user transform normalises
+                   "mean": None if fm_cfg.get("mean") is None else [float(v) for v in fm_cfg["mean"]],
+                   "std": None if fm_cfg.get("std") is None else [float(v) for v in fm_cfg["std"]]}
     mean, var = gene_stats(train, genes)
     hvg = [genes[j] for j in sorted(range(len(genes)), key=lambda j: (-var[j], genes[j]))]
     metrics = training_metrics(train, genes, fitted, hvg, fm_key=fm.key, timings=timings)

@@ -429,9 +429,10 @@ class DiffBulk:
 
         f, d = self.config["fm"], self.config["diffusion"]
         cfg = module_data_config(self.fm) if f.get("mean") is None or f.get("std") is None else {}
+        mean, std = f.get("mean") or cfg.get("mean"), f.get("std") or cfg.get("std")  # None: a user transform's
         fm_want = {"weights_fingerprint": f.get("fingerprint") or fm_fingerprint(self.fm),
-                   "size_px": int(f["size_px"]), "mean": list(f.get("mean") or cfg["mean"]),
-                   "std": list(f.get("std") or cfg["std"]), "target_um_per_px": None}
+                   "size_px": int(f["size_px"]), "mean": None if mean is None else list(mean),
+                   "std": None if std is None else list(std), "target_um_per_px": None}
         use_ema = bool(d.get("use_ema", True))
         diff_want = {"pretrainer_fingerprint": d.get("pretrainer_fingerprint")
                      or pretrainer_fingerprint(self.pretrainer, use_ema), "sigma": float(d["sigma"]),
@@ -587,7 +588,10 @@ class DiffBulk:
         from ..core._folder import write_model_folder
 
         fm_cfg = dict(self.config["fm"])
-        save_fm = not bool(getattr(self.fm, "dbk_pretrained", False))
+        user_supplied = getattr(self.fm, "dbk_source", None) == "user-supplied"
+        save_fm = not user_supplied and not bool(getattr(self.fm, "dbk_pretrained", False))
+        if user_supplied:  # its weights are the user's to load: DiffBulk.load(path, fm=...) checks their fingerprint
+            fm_cfg["user_supplied"] = True
         if save_fm and not fm_cfg.get("timm_arch"):
             raise ValueError(f"The foundation model {self.fm_id!r} has no pretrained weights to reload by name and is "
                              "not a timm architecture whose weights dbk can store; fit with fm=<timm model name or "
@@ -607,7 +611,7 @@ class DiffBulk:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> DiffBulk:
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto", fm=None) -> DiffBulk:
         """Load a model written by :meth:`save` onto ``device`` (``"auto"``: CUDA if available, else CPU).
 
         Parameters
@@ -616,6 +620,10 @@ class DiffBulk:
             The folder :meth:`save` wrote.
         device
             Where the networks go: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ... or a :class:`torch.device`.
+        fm
+            The foundation model, when the model was fitted on a user-supplied one (``(module, transform)`` or
+            :func:`dbk.tl.wrap_fm`, whose weights a folder does not hold); its weights fingerprint must be the
+            recorded one. ``None``: loaded by the recorded id.
 
         Returns
         -------
@@ -681,7 +689,7 @@ class DiffBulk:
         k = 2 if config.get("context_um") is not None else 1  # [features, neighbourhood mean]
         if dims[1] != k * int(dcfg["dim"]):
             raise ValueError(f"{cfg_path}: the head takes {dims[1]} diffusion features, the layout has {dcfg['dim']}.")
-        fm = _load_fm(fcfg, path, dev)
+        fm = _load_fm(fcfg, path, dev, given=fm)
         model = cls(pretrainer=pretrainer, head=head, fm=fm, config=config, scalers=scalers)
         out_dim = _fm_dim(fm, int(fcfg["size_px"]), dev)
         if k * out_dim != dims[0]:
@@ -735,8 +743,21 @@ def _check_config(cfg_path: Path, config: dict) -> None:
         raise _bad(cfg_path, "head.dims", dims, "a list of positive integers (the feature widths)")
 
 
-def _load_fm(fcfg: dict, path: Path, device) -> torch.nn.Module:
-    net = _load_fm_weights(fcfg, path, device)
+def _load_fm(fcfg: dict, path: Path, device, given=None) -> torch.nn.Module:
+    if given is not None:
+        from ._fm_zoo import as_user_fm
+
+        net = as_user_fm(given) or given
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"fm must be a loaded module ((module, transform) or dbk.tl.wrap_fm), got "
+                            f"{type(given).__name__}.")
+        net = net.eval().to(device)
+    elif fcfg.get("user_supplied"):
+        raise ValueError(f"{path}: the model was fitted on a user-supplied foundation model ({fcfg['id']!r}), whose "
+                         "weights the folder does not hold: load it as you did for the fit and pass it, "
+                         "DiffBulk.load(path, fm=dbk.tl.wrap_fm(module, transform, ...)).")
+    else:
+        net = _load_fm_weights(fcfg, path, device)
     want = fcfg.get("fingerprint")
     if want is not None:
         from ._embed import fm_fingerprint
