@@ -3,8 +3,8 @@
 A points element that is a plain ``dask.dataframe.read_parquet`` of local files (as :func:`dbk.io.read_hest` and
 ``spatialdata.read_zarr`` give them; column selection, renaming and casts allowed) is traced back through the dask
 expression to its files (:func:`plan_parquet_read`), and its row groups are read with pyarrow, the gene column
-dictionary-encoded, one row group per thread in flight (:func:`read_parquet_plan`). Anything else is left to dask
-(:func:`dbk.io._points.stream_points`).
+dictionary-encoded, one row group per thread in flight (:func:`read_parquet_plan`; :attr:`dbk.settings.n_jobs`
+threads). Anything else is left to dask (:func:`dbk.io._points.stream_points`).
 """
 
 from __future__ import annotations
@@ -298,5 +298,5 @@ def release_arrow_memory() -> None:
 
 
 def n_threads() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Threads that read points: :attr:`dbk.settings.n_jobs` (unset: the cores this process may use)."""
+    return max(1, int(settings.n_jobs))

@@ -43,17 +43,26 @@ class Coverage:
     ymax: float = -np.inf
 
     def add(self, x: np.ndarray, y: np.ndarray, in_tiles: float, shape: tuple[int, int] | None,
-            weights: np.ndarray | None = None) -> None:
-        """Add points at image pixels ``x, y`` (all finite), ``in_tiles`` of them (weighted) inside a tile."""
+            weights: np.ndarray | None = None) -> tuple[float, float, float, float] | None:
+        """Add points at image pixels ``x, y`` (all finite), ``in_tiles`` of them (weighted) inside a tile.
+
+        Returns their extent ``(xmin, xmax, ymin, ymax)`` (NaN where a coordinate is NaN), ``None`` for no point.
+        """
         w = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.n_total += float(len(x)) if w is None else float(w.sum())
         self.n_in_tiles += float(in_tiles)
-        if shape is not None and len(x):
-            inside = (x >= 0) & (x < shape[1]) & (y >= 0) & (y < shape[0])
-            self.n_in_image += float(np.count_nonzero(inside)) if w is None else float(w[inside].sum())
-        if len(x):
-            self.xmin, self.xmax = min(self.xmin, float(x.min())), max(self.xmax, float(x.max()))
-            self.ymin, self.ymax = min(self.ymin, float(y.min())), max(self.ymax, float(y.max()))
+        if not len(x):
+            return None
+        xmin, xmax, ymin, ymax = float(x.min()), float(x.max()), float(y.min()), float(y.max())
+        if shape is not None:
+            if xmin >= 0 and xmax < shape[1] and ymin >= 0 and ymax < shape[0]:  # all on the image: no per-point test
+                self.n_in_image += float(len(x)) if w is None else float(w.sum())
+            else:
+                inside = (x >= 0) & (x < shape[1]) & (y >= 0) & (y < shape[0])
+                self.n_in_image += float(np.count_nonzero(inside)) if w is None else float(w[inside].sum())
+        self.xmin, self.xmax = min(self.xmin, xmin), max(self.xmax, xmax)
+        self.ymin, self.ymax = min(self.ymin, ymin), max(self.ymax, ymax)
+        return xmin, xmax, ymin, ymax
 
     def merge(self, other: Coverage) -> None:
         self.n_total += other.n_total

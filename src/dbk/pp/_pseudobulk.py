@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import anndata as ad
@@ -32,7 +34,7 @@ from .._genes import check_gene_names, warn_if_ensembl
 from .._image import affine_to_image_pixels, get_pixel_size, image_shape, resolve_image_key
 from .._logging import logger
 from .._utils import copy_sdata
-from ..io._parquet import plan_parquet_read
+from ..io._parquet import n_threads, plan_parquet_read
 from ..io._points import known_categories, stream_points
 from ._binning import TileLookup, apply_affine
 from ._coverage import Coverage, dropped_grid_tiles, n_points_in_tiles, report_pseudobulk, report_tissue_filter
@@ -40,6 +42,11 @@ from ._tile_table import tile_table, write_tile_table
 from ._tiles import tile_bounds
 
 _KERNEL_BYTES = 4 << 30  # the largest int32 tiles x genes table
+
+try:  # scipy's in-place row scaling of CSR values (private, stable since scipy 1.8); np.repeat otherwise
+    from scipy.sparse._sparsetools import csr_scale_rows as _csr_scale_rows
+except ImportError:  # pragma: no cover
+    _csr_scale_rows = None
 
 
 def is_control_probe(name: str) -> bool:
@@ -87,10 +94,10 @@ def pseudobulk(
     whole. Points that are a plain ``dask.dataframe.read_parquet`` of local files (as :func:`dbk.io.read_hest` and
     ``spatialdata.read_zarr`` give them; column selection, renaming and casts allowed) are read row group by row
     group straight from the files with pyarrow, the gene column dictionary-encoded, one row group per thread in
-    flight; any other points (in memory, computed columns, parquet filters, ...) partition by partition through dask.
-    Both give the same table (``uns["dbk"]["pseudobulk"]["reader"]`` says which was used; ``reader="dask"`` forces the
-    general path). From cells, each cell
-    counts in the tile containing its centroid. From spots, a spot tile (``make_tiles(mode="spots")``) takes its
+    flight (:attr:`dbk.settings.n_jobs` threads); any other points (in memory, computed columns, parquet filters,
+    ...) partition by partition through dask. Both give the same table (``uns["dbk"]["pseudobulk"]["reader"]`` says
+    which was used; ``reader="dask"`` forces the general path). From cells, each cell counts in the tile containing
+    its centroid. From spots, a spot tile (``make_tiles(mode="spots")``) takes its
     spot's counts.
 
     Parameters
@@ -257,18 +264,71 @@ def _log1p_normalized(counts: sp.csr_matrix, target_sum: float | None) -> sp.csr
     """``X`` exactly as :func:`dbk.pp.normalize` (``log1p=True``) computes it from integer CSR counts.
 
     The same float64 operations in the same order (row totals, ``target_sum / total``, one product per count,
-    ``log1p``, then float32), but on the stored values only: no float64 copies of the whole matrix.
+    ``log1p``, then float32), but on the stored values only, a block of rows at a time: no float64 copy of the
+    whole matrix.
     """
     if target_sum is not None and target_sum <= 0:
         raise ValueError(f"target_sum must be positive, got {target_sum!r}.")
     counts = sp.csr_matrix(counts)
-    data = counts.data.astype(np.float64)
+    indptr = counts.indptr
+    scale = None
     if target_sum is not None:
         totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        data *= np.repeat(scale, np.diff(counts.indptr))
-    np.log1p(data, out=data)
-    return sp.csr_matrix((data.astype(np.float32), counts.indices.copy(), counts.indptr.copy()), shape=counts.shape)
+    out = np.empty(counts.nnz, dtype=np.float32)
+    indices = np.empty_like(counts.indices)  # X's own copy (in-place changes of one matrix never reach the other)
+    # row blocks of about _NORM_VALUES stored values (a row longer than that is a block of its own)
+    cuts = np.searchsorted(indptr, np.arange(0, counts.nnz, _NORM_VALUES), side="right") - 1
+    rows = np.unique(np.r_[0, cuts, counts.shape[0]]).tolist()
+    local = threading.local()  # a float64 buffer per thread, reused block after block (no fresh pages each time)
+
+    def norm(r0: int, r1: int) -> None:  # rows r0:r1 of out: blocks write apart, in threads
+        lo, hi = int(indptr[r0]), int(indptr[r1])
+        if hi == lo:
+            return
+        indices[lo:hi] = counts.indices[lo:hi]
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < hi - lo:
+            buf = local.buf = np.empty(max(hi - lo, min(counts.nnz, 2 * _NORM_VALUES)), dtype=np.float64)
+        data = buf[: hi - lo]
+        np.copyto(data, counts.data[lo:hi], casting="unsafe")
+        if scale is not None:
+            _scale_rows(indptr[r0 : r1 + 1] - lo, counts.indices[lo:hi], data, scale[r0:r1], counts.shape[1])
+        np.log1p(data, out=data)
+        out[lo:hi] = data
+
+    _in_threads(lambda r: norm(*r), itertools.pairwise(rows))
+    return sp.csr_matrix((out, indices, indptr.copy()), shape=counts.shape)
+
+
+def _in_threads(fn, items) -> None:
+    """``fn(item)`` for every item, in up to :func:`dbk.io._parquet.n_threads` threads (numpy lets go of the GIL)."""
+    items = list(items)
+    n = min(n_threads(), len(items))
+    if n <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        for f in [pool.submit(fn, item) for item in items]:
+            f.result()
+
+
+_NORM_VALUES = 1 << 18  # stored values normalised at a time (a float64 block that stays in cache)
+
+
+def _scale_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, scale: np.ndarray, n_cols: int) -> None:
+    """``data *= scale[row]`` for the stored values ``data`` of CSR rows ``indptr`` (one product each), in place.
+
+    scipy's C++ row scaling where it has one (several times faster than expanding ``scale`` with ``np.repeat``).
+    """
+    if _csr_scale_rows is not None and indptr.dtype == indices.dtype:
+        try:
+            _csr_scale_rows(len(indptr) - 1, n_cols, indptr, indices, data, scale)
+            return
+        except (TypeError, ValueError):  # pragma: no cover - another scipy signature: the numpy way below
+            pass
+    data *= np.repeat(scale, np.diff(indptr))
 
 
 def _sample_name(sdata: SpatialData, key_added: str) -> str:
@@ -294,9 +354,9 @@ def _sample_name(sdata: SpatialData, key_added: str) -> str:
 
 def _check_counts(counts: sp.spmatrix, what: str) -> None:
     data = counts.data if sp.issparse(counts) else np.asarray(counts)
-    if data.size and not np.isfinite(data).all():
+    if data.size and data.dtype.kind not in "iub" and not np.isfinite(data).all():  # integers are always finite
         raise ValueError(f"NaN or infinite counts in {what}; counts must be finite.")
-    if data.size and (data < 0).any():
+    if data.size and data.dtype.kind != "b" and data.min() < 0:  # one reduction, no temporary mask
         raise ValueError(f"Negative counts in {what}; counts must be >= 0.")
 
 
@@ -334,8 +394,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
     if genes is not None and len(set(genes)) != len(genes):
         raise ValueError("genes contains duplicates.")
 
-    counter = _Counter(TileLookup.build(bounds), m[:2].copy(), genes, keep_controls,
-                       float(min_qv) if use_qv else 0.0, shape, None if dropped is None else TileLookup.build(dropped))
+    counter = _Counter(bounds, m[:2].copy(), genes, keep_controls, float(min_qv) if use_qv else 0.0, shape, dropped)
     plan = plan_parquet_read(points, cols) if direct else None  # None: not a plain parquet read, use dask
     if plan is not None:
         counter.allowed = plan.allowed
@@ -343,6 +402,7 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
     if known is not None:  # every partition of a known categorical brings all its categories: so does every path
         counter.lut(known)
     reader = stream_points(points, cols, counter.count, plan=plan, desc="pseudobulk")
+    counter.finish()
     n_bad = counter.n_bad
     if n_bad:
         logger.warning(f"pseudobulk: {n_bad:,} transcripts of {points_key!r} have NaN/infinite coordinates; "
@@ -369,26 +429,41 @@ def _from_transcripts(sdata, bounds, points_key, image_key, genes, gene_key, qv_
 # -- counting -----------------------------------------------------------------------------------------------------
 
 _CHUNK = 1 << 16  # rows binned at a time (temporaries stay in cache)
-_MERGE_CELLS = 4 << 20  # table cells turned into sparse rows at a time
+_BATCH = 1 << 21  # binned points a thread gathers, sorts and adds to the table at once
+_SORT_ABOVE = 16 << 20  # sort a batch when the table is larger than this (bytes): smaller ones stay in cache anyway
+_MERGE_CELLS = 1 << 18  # table cells turned into sparse rows at a time (small temporaries, reused, not paged in)
+_FAST_GRID = True  # bin with int32 arithmetic on aligned square tiles (tests switch it off to compare)
 
 
 class _Counter:
     """One pass of counting, shared by the reading threads.
 
     Holds the gene index, the per-dictionary lookup tables and one tiles x genes table of ``int32`` counts. The
-    threads bin their points (vectorised, without the lock) and add them to the table under a lock. Before the
-    table has taken ``2**31 - 1`` increments it is flushed into an ``int64`` table, so no count can ever wrap.
+    threads bin their points (vectorised, without the lock), each gathering the table cells of its points in a
+    batch of its own; a full batch is added to the table under a lock, sorted first when the table is larger than
+    the caches (the table is then walked in order, not hit at random: fewer cache misses); :meth:`finish` adds what
+    the batches still hold. Before the table has taken ``2**31 - 1`` increments it is flushed into an ``int64``
+    table, so no count can ever wrap.
+
+    Tiles of a square grid (each tile exactly one bucket of its :class:`TileLookup`, as :func:`dbk.pp.make_tiles`
+    lays them) are binned by :class:`_Grid` in ``int32``; any other tiles by :meth:`TileLookup.assign`. Both give
+    the same tiles (half-open bounds; :class:`_Grid` says the one float64 corner where only it is exact) and the
+    same coverage.
     """
 
     _FLUSH_AT = 2**31 - 1
 
-    def __init__(self, lookup: TileLookup, affine: np.ndarray, genes, keep_controls: bool, min_qv: float,
-                 shape: tuple[int, int] | None = None, dropped: TileLookup | None = None) -> None:
-        self.lookup, self.affine, self.min_qv = lookup, affine, np.float64(min_qv)
+    def __init__(self, bounds: np.ndarray, affine: np.ndarray, genes, keep_controls: bool, min_qv: float,
+                 shape: tuple[int, int] | None = None, dropped: np.ndarray | None = None) -> None:
+        self.lookup, self.affine, self.min_qv = TileLookup.build(bounds), affine, np.float64(min_qv)
+        self.identity = bool(affine[0, 0] == 1 and affine[1, 1] == 1
+                             and not (affine[0, 1] or affine[0, 2] or affine[1, 0] or affine[1, 2]))
         self.shape = shape  # (h, w) of the image, to count the points on it
-        self.dropped = dropped  # the grid tiles the tissue filter dropped: the points in them are counted (cov)
+        # the grid tiles the tissue filter dropped: the points in them (and in no kept tile) are counted (cov)
+        self.dropped = None if dropped is None else TileLookup.build(dropped)
+        self.grid = _Grid.build(self.lookup, dropped) if _FAST_GRID else None
         self.cov = Coverage()
-        self.n_tiles = len(lookup.bounds)
+        self.n_tiles = len(self.lookup.bounds)
         self.fixed = genes is not None
         self.keep_controls = keep_controls
         self.index: dict[str, int] = {g: i for i, g in enumerate(genes)} if genes is not None else {}
@@ -400,10 +475,13 @@ class _Counter:
         self.n_counted = 0
         self.n_bad = 0
         self._luts: dict[tuple, np.ndarray] = {}
+        self._qv_min: dict[np.dtype, np.generic] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's batch
+        self._batches: list[_Batch] = []  # every thread's batch (a thread's local data goes with the thread)
 
     def lut(self, names: tuple) -> np.ndarray:
-        """Column of each name of a gene dictionary, cached per distinct dictionary.
+        """Column of each name of a gene dictionary (``int32``), cached per distinct dictionary.
 
         One entry more than ``names``: ``lut[-1] == -1``, so a missing gene (code ``-1``) is not counted either.
         """
@@ -411,7 +489,7 @@ class _Counter:
         if lut is not None:
             return lut
         with self._lock:
-            lut = np.full(len(names) + 1, -1, dtype=np.int64)
+            lut = np.full(len(names) + 1, -1, dtype=np.int32)
             for j, name in enumerate(names):
                 if name is None or (self.allowed is not None and name not in self.allowed):
                     continue
@@ -448,40 +526,101 @@ class _Counter:
             self.flushed = wide
 
     def count(self, x: np.ndarray, y: np.ndarray, qv: np.ndarray, codes: np.ndarray, names: tuple) -> None:
-        """Count one batch of points (gene ``codes`` index ``names``, ``-1``: none)."""
+        """Count one batch of points (gene ``codes`` index ``names``, ``-1``: none); :meth:`finish` when all are in."""
         lut = self.lut(names)
+        batch = getattr(self._local, "batch", None)
+        if batch is None:
+            batch = self._local.batch = _Batch()
+            with self._lock:
+                self._batches.append(batch)
         for s in range(0, len(x), _CHUNK):
             e = min(s + _CHUNK, len(x))
-            self._count_chunk(x[s:e], y[s:e], qv[s:e] if len(qv) else qv, codes[s:e], lut)
+            self._count_chunk(x[s:e], y[s:e], qv[s:e] if len(qv) else qv, codes[s:e], lut, batch)
 
-    def _count_chunk(self, x, y, qv, codes, lut) -> None:
-        g = lut[codes]
+    def finish(self) -> None:
+        """Add the points the threads' batches still hold to the table (after the last :meth:`count`)."""
+        for batch in self._batches:
+            self._add(batch)
+
+    def _qv_ok(self, qv: np.ndarray) -> np.ndarray:
+        """``qv >= min_qv`` as compared in float64 (NaN fails), in float32 where that is the same."""
+        thr = self._qv_min.get(qv.dtype)
+        if thr is None:
+            thr = self.min_qv  # a float64 scalar: compared in float64 whatever qv's dtype
+            if qv.dtype == np.float32 and np.isfinite(thr) and abs(thr) < 1e38:
+                # the least float32 >= min_qv: for every float32 q, q >= it exactly when float64(q) >= min_qv
+                t32 = np.float32(thr)
+                thr = np.nextafter(t32, np.float32(np.inf)) if float(t32) < thr else t32
+            self._qv_min[qv.dtype] = thr
+        return qv >= thr
+
+    def _count_chunk(self, x, y, qv, codes, lut, batch: _Batch) -> None:
+        g = lut.take(codes)
         keep = g >= 0
         if len(qv):
-            keep &= qv >= self.min_qv  # a float64 scalar: compared in float64 whatever qv's dtype; NaN fails
+            keep &= self._qv_ok(qv)
         n_bad = 0
         # a sum is finite only if every term is (a float overflow just sends us to the exact count below)
         if (x.dtype.kind == "f" or y.dtype.kind == "f") and not np.isfinite(x.sum() + y.sum()):
             finite = np.isfinite(x) & np.isfinite(y)
             n_bad = len(x) - int(np.count_nonzero(finite))
             keep &= finite
-        idx = np.flatnonzero(keep)
-        xf, yf = apply_affine(x[idx], y[idx], self.affine)
-        p, t = self.lookup.assign(xf, yf)  # half-open bounds; a point in several (overlapping) tiles counts in each
-        g = g[idx][p]
+        at = np.flatnonzero(keep)  # then takes: faster than compresses by a (random) mask
+        g = g.take(at)
+        if self.identity:
+            xf, yf = x.take(at), y.take(at)
+        else:
+            xf, yf = apply_affine(x.take(at), y.take(at), self.affine)
         cov = Coverage()
-        cov.add(xf, yf, n_points_in_tiles(self.lookup, p), self.shape)
-        if self.dropped is not None:
-            cov.n_in_dropped = self._n_in_dropped(xf, yf, p)
+        extent = cov.add(xf, yf, 0.0, self.shape)
+        if self.grid is not None and self.grid.takes(xf, yf):
+            t, g, cov.n_in_tiles, cov.n_in_dropped = self.grid.assign(xf, yf, g, extent)
+        else:
+            p, t = self.lookup.assign(xf, yf)  # half-open bounds; a point in several (overlapping) tiles counts in each
+            g = g[p]
+            cov.n_in_tiles = n_points_in_tiles(self.lookup, p)
+            if self.dropped is not None:
+                cov.n_in_dropped = self._n_in_dropped(xf, yf, p)
         with self._lock:
             self.cov.merge(cov)
             self.n_bad += n_bad
-            if self.seen + len(t) > self._FLUSH_AT:
+        # the table's width now (its lut's genes are in it); _add re-checks it under the lock: a dictionary read by
+        # another thread may widen the table before these cells are added
+        n_cols = self.counts.shape[1]
+        dtype = _flat_dtype(self.n_tiles, n_cols)
+        if batch.flat is None or batch.flat.dtype != dtype or batch.n + len(t) > len(batch.flat):
+            self._add(batch)
+            if batch.flat is None or batch.flat.dtype != dtype or len(t) > len(batch.flat):
+                # one buffer per thread, reused; small where the batches are not sorted (they only spare the lock)
+                size = _BATCH if self.counts.nbytes > _SORT_ABOVE else _BATCH // 8
+                batch.flat = np.empty(max(size, len(t)), dtype=dtype)
+        cells = batch.flat[batch.n : batch.n + len(t)]
+        np.multiply(t, n_cols, out=cells, dtype=dtype, casting="unsafe")  # t < n_tiles: no cell overflows dtype
+        cells += g
+        if not batch.widths or batch.widths[-1][1] != n_cols:
+            batch.widths.append((batch.n, n_cols))
+        batch.n += len(t)
+
+    def _add(self, batch: _Batch) -> None:
+        """Sort the cells of the points in ``batch`` and add them to the table; empty the batch."""
+        if not batch.n:
+            return
+        n_cols = self.counts.shape[1]
+        flat = batch.flat[: batch.n]
+        if any(c != n_cols for _, c in batch.widths):  # cells of a narrower table: a new array of the cells now
+            ends = [start for start, _ in batch.widths[1:]] + [batch.n]
+            flat = np.concatenate([_rebase(flat[start:end], c, n_cols, self.n_tiles)
+                                   for (start, c), end in zip(batch.widths, ends, strict=True)])
+        batch.n, batch.widths = 0, []
+        if self.counts.nbytes > _SORT_ABOVE:
+            flat.sort()  # in table order: neighbouring increments share cache lines and pages
+        with self._lock:
+            if self.counts.shape[1] != n_cols:  # widened meanwhile (the order stays sorted: a gene < n_cols)
+                flat = _rebase(flat, n_cols, self.counts.shape[1], self.n_tiles)
+            if self.seen + len(flat) > self._FLUSH_AT:
                 self._flush()
-            self.seen += len(t)
-            self.n_counted += len(t)
-            flat = t * self.counts.shape[1]
-            flat += g
+            self.seen += len(flat)
+            self.n_counted += len(flat)
             np.add.at(self.counts.reshape(-1), flat, np.int32(1))
 
     def _n_in_dropped(self, xf: np.ndarray, yf: np.ndarray, p: np.ndarray) -> float:
@@ -502,31 +641,137 @@ class _Counter:
 
     def result(self, names: list[str]) -> sp.csr_matrix:
         """The tiles x ``names`` int64 counts as CSR, built block by block (no dense int64 copy of the table)."""
-        cols = np.asarray([self.index[n] for n in names], dtype=np.int64)
-        ar = np.arange(len(cols), dtype=np.int32)
-        step = max(1, _MERGE_CELLS // max(len(cols), 1))
+        cols = np.asarray([self.index[n] for n in names], dtype=np.intp)
+        n_genes = len(cols)
+        step = max(1, _MERGE_CELLS // max(n_genes, 1))
 
         def block(r0: int) -> np.ndarray:
             b = self.counts[r0 : r0 + step].take(cols, axis=1)  # take: several times faster than [:, cols]
             return b if self.flushed is None else b + self.flushed[r0 : r0 + step].take(cols, axis=1)
 
-        indptr = np.zeros(self.n_tiles + 1, dtype=np.int64)
-        for r0 in range(0, self.n_tiles, step):  # every column of the table is a gene of names (or zero padding)
-            rows = self.counts[r0 : r0 + step] if self.flushed is None else block(r0)
-            indptr[r0 + 1 : r0 + step + 1] = np.count_nonzero(rows, axis=1)
-        np.cumsum(indptr, out=indptr)
-        data = np.empty(int(indptr[-1]), dtype=np.int64)
-        indices = np.empty(int(indptr[-1]), dtype=np.int32)
-        for r0 in range(0, self.n_tiles, step):
-            b = block(r0)
-            nz = b != 0
-            lo, hi = indptr[r0], indptr[min(r0 + step, self.n_tiles)]
-            data[lo:hi] = np.compress(nz.ravel(), b.ravel())
-            indices[lo:hi] = np.broadcast_to(ar, b.shape)[nz]
-        counts = sp.csr_matrix((data, indices, indptr), shape=(self.n_tiles, len(cols)))
-        if int(counts.sum()) != self.n_counted:  # every increment is one transcript in one tile
-            raise RuntimeError(f"pseudobulk: internal count mismatch ({int(counts.sum())} vs {self.n_counted}).")
+        if self.flushed is None:  # every column of the table is a gene of names, or zero padding
+            per_row = np.count_nonzero(self.counts, axis=1)
+        else:
+            per_row = np.concatenate([np.count_nonzero(block(r0), axis=1) for r0 in range(0, self.n_tiles, step)])
+        nnz = int(per_row.sum())
+        idx_dtype = np.int32 if max(nnz, n_genes) < 2**31 else np.int64
+        indptr = np.zeros(self.n_tiles + 1, dtype=idx_dtype)
+        np.cumsum(per_row, out=indptr[1:])
+        data = np.empty(nnz, dtype=np.int64)
+        indices = np.empty(nnz, dtype=idx_dtype)
+        col_of = np.tile(np.arange(n_genes, dtype=idx_dtype), min(step, self.n_tiles))  # one block's column indices
+
+        def fill(r0: int) -> None:  # rows r0 ... of data and indices: blocks write apart, in threads
+            b = block(r0).reshape(-1)
+            at = np.flatnonzero(b)  # then two takes: faster than two compresses by a (random) mask
+            lo, hi = int(indptr[r0]), int(indptr[min(r0 + step, self.n_tiles)])
+            data[lo:hi] = b.take(at)
+            col_of.take(at, out=indices[lo:hi])
+
+        _in_threads(fill, range(0, self.n_tiles, step))
+        counts = sp.csr_matrix((data, indices, indptr), shape=(self.n_tiles, n_genes))
+        if int(data.sum()) != self.n_counted:  # every increment is one transcript in one tile
+            raise RuntimeError(f"pseudobulk: internal count mismatch ({int(data.sum())} vs {self.n_counted}).")
         return counts
+
+
+class _Batch:
+    """The table cells (``tile * n_cols + gene``) of one thread's binned points, not yet added to the table.
+
+    ``flat[:n]`` holds them; ``widths`` the ``(start, n_cols)`` from which on they were computed with a table of
+    ``n_cols`` columns (a dictionary read meanwhile may have widened the table).
+    """
+
+    def __init__(self) -> None:
+        self.flat: np.ndarray | None = None
+        self.n = 0
+        self.widths: list[tuple[int, int]] = []
+
+
+def _flat_dtype(n_tiles: int, n_cols: int) -> type:
+    return np.int32 if n_tiles * n_cols < 2**31 else np.int64
+
+
+def _rebase(flat: np.ndarray, old: int, new: int, n_tiles: int) -> np.ndarray:
+    """Table cells ``tile * old + gene`` as ``tile * new + gene``."""
+    if old == new:
+        return flat
+    t, g = np.divmod(flat, old)
+    t = t.astype(_flat_dtype(n_tiles, new), copy=False)
+    t *= new
+    t += g
+    return t
+
+
+class _Grid:
+    """Binning on square tiles of one size laid on a grid, each tile exactly one bucket, with ``int32`` arithmetic.
+
+    A point is first compared with the grid's edges (exactly, in the coordinates' dtype), then its tile is
+    ``table[(int(y) - oy) // size, (int(x) - ox) // size]`` (``int`` truncates: the floor, as ``x >= ox >= 0``):
+    exactly the tile whose half-open bounds hold it. :meth:`TileLookup.assign` (float64 division) gives the same
+    tiles, but for float64 coordinates in ``(-size * 2**-1074, 0)``, whose quotient underflows to ``-0.0`` (it puts
+    them in the tile at 0). Also holds the tiles the tissue filter dropped (indices from ``n_kept`` on), so one
+    look-up tells kept, dropped and no tile apart.
+    """
+
+    def __init__(self, lookup: TileLookup, n_kept: int) -> None:
+        nby, nbx, _ = lookup.table.shape
+        self.table = lookup.table.reshape(-1)  # int32 tile per bucket, -1: none
+        self.n_kept, self.has_dropped = n_kept, len(lookup.bounds) > n_kept
+        self.ox, self.oy, self.size, self.nbx = lookup.ox, lookup.oy, lookup.size, nbx
+        self.lo = (self.ox, self.oy)
+        self.hi = (self.ox + nbx * self.size, self.oy + nby * self.size)  # the grid's far (excluded) edges
+        # the grid's edges as scalars of the coordinates' dtype: compared exactly (float32 only where representable)
+        self._limits = {np.dtype(np.float64): tuple(np.float64(v) for v in (*self.lo, *self.hi))}
+        if all(float(np.float32(v)) == v for v in (*self.lo, *self.hi)):
+            self._limits[np.dtype(np.float32)] = tuple(np.float32(v) for v in (*self.lo, *self.hi))
+
+    @classmethod
+    def build(cls, kept: TileLookup, dropped: np.ndarray | None) -> _Grid | None:
+        """The grid of the ``kept`` tiles and the ``dropped`` ones, or ``None`` when the tiles are not such a grid."""
+        n_kept = len(kept.bounds)
+        lookup = kept if dropped is None else TileLookup.build(np.concatenate([kept.bounds, np.asarray(dropped)]))
+        nby, nbx, _ = lookup.table.shape
+        if (not lookup.aligned or lookup.ox < 0 or lookup.oy < 0 or nby * nbx >= 2**31
+                or max(lookup.ox + nbx * lookup.size, lookup.oy + nby * lookup.size) >= 2**31):
+            return None
+        return cls(lookup, n_kept)
+
+    def takes(self, x: np.ndarray, y: np.ndarray) -> bool:
+        """Whether coordinates of these dtypes are binned here (float32 / float64)."""
+        return x.dtype == y.dtype and x.dtype in self._limits
+
+    def assign(self, x: np.ndarray, y: np.ndarray, g: np.ndarray, extent: tuple[float, float, float, float] | None):
+        """``(tile, gene, n_in_kept, n_in_dropped)`` of the points in a kept tile.
+
+        ``extent``: ``(xmin, xmax, ymin, ymax)`` of the points (NaN if one is NaN; ``None``: no point), as
+        :meth:`Coverage.add` returns it: when the grid holds it, no point is tested against the grid's edges.
+        """
+        (ox, oy), (ex, ey) = self.lo, self.hi
+        xmin, xmax, ymin, ymax = (0.0, -1.0, 0.0, -1.0) if extent is None else extent
+        if not (xmin >= ox and xmax < ex and ymin >= oy and ymax < ey):  # a NaN extent fails too
+            x0, y0, x1, y1 = self._limits[x.dtype]
+            inside = np.flatnonzero((x >= x0) & (x < x1) & (y >= y0) & (y < y1))  # NaN fails
+            x, y, g = x.take(inside), y.take(inside), g.take(inside)
+        # x >= ox >= 0 and x < 2**31: the int32 cast truncates, i.e. takes the floor
+        bx = x.astype(np.int32)
+        if self.ox:
+            bx -= self.ox
+        bx //= self.size
+        cell = y.astype(np.int32)
+        if self.oy:
+            cell -= self.oy
+        cell //= self.size
+        cell *= self.nbx
+        cell += bx
+        t = self.table.take(cell)
+        kept = t.view(np.uint32) < self.n_kept  # -1 (no tile) is the largest uint32
+        n_kept = int(np.count_nonzero(kept))
+        n_dropped = float(np.count_nonzero(t >= 0) - n_kept) if self.has_dropped else 0.0
+        if n_kept < len(t):
+            at = np.flatnonzero(kept)
+            t, g = t.take(at), g.take(at)
+        return t, g, float(n_kept), n_dropped
 
 
 def _round_up(n: int, step: int = 16) -> int:

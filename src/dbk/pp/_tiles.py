@@ -306,7 +306,11 @@ def _tissue_fraction(sdata: SpatialData, tissue_key: str, x0: np.ndarray, y0: np
     sx, sy = m[0, 0], m[1, 1]  # level-0 pixels per mask pixel
     dtype = np.int32 if mask.size < 2**31 else np.int64  # no sum can exceed the mask's size: half the memory traffic
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
-    integral[1:, 1:] = mask.cumsum(0, dtype=dtype).cumsum(1, dtype=dtype)
+    inner = integral[1:, 1:]
+    # along rows first (the bool -> int cast runs on contiguous rows), then down the columns, in place: several
+    # times faster than the other order, no temporary the size of the mask
+    np.cumsum(mask, axis=1, dtype=dtype, out=inner)
+    np.cumsum(inner, axis=0, out=inner)
 
     def clip(v, n):
         return np.clip(np.rint(v).astype(np.int64), 0, n)
