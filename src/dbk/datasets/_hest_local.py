@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,7 @@ import pandas as pd
 
 from .._logging import logger
 from .._settings import settings
+from .._utils import atomic_path
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -378,12 +377,12 @@ def write_hest_files(
     record = dict(record)
     spots = spots.copy()
     spots.uns[BUILT_KEY] = {k: v for k, v in _json_clean(record, nan=True).items() if v is not None}
-    with _atomic(paths["st"]) as tmp:
+    with atomic_path(paths["st"]) as tmp:
         spots.write_h5ad(tmp, compression="gzip")
-    with _atomic(paths["wsis"]) as tmp:
+    with atomic_path(paths["wsis"]) as tmp:
         write_pyramid_tiff(tmp, levels, pixel_size_um=pixel_size_um, software=_software(record),
                            compression=compression)
-    with _atomic(paths["metadata"]) as tmp:
+    with atomic_path(paths["metadata"]) as tmp:
         tmp.write_text(json.dumps({**metadata, BUILT_KEY: _json_clean(record)}, indent=2))
     return paths
 
@@ -489,23 +488,6 @@ def _owner(path: Path) -> str:
 
 def _software(record: Mapping[str, Any]) -> str:
     return f"{SOFTWARE_PREFIX}{record.get('dbk_version', '')} {record.get('builder', 'dbk')}".strip()
-
-
-@contextmanager
-def _atomic(dest: Path):
-    """Yield a temporary path beside ``dest``; rename it to ``dest`` on success, remove it on failure.
-
-    The temporary name (``.<name>.<random>.tmp``) is hidden and ends in ``.tmp``, so that nothing that lists a HEST
-    folder's ``wsis/`` or ``st/`` takes a file being written (or left by a killed process) for a sample.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():  # the temporary file is dbk's own: an interrupted write leaves nothing behind
-            tmp.unlink()
 
 
 def _json_clean(value: Any, *, nan: bool = False) -> Any:
