@@ -29,6 +29,7 @@ _EXPORTS = {
     "make_tiles": "._tiles",
     "tile_bounds": "._tiles",
     "tissue_mask": "._tissue",
+    "from_wsidata": "._wsidata",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._split import spatial_blocks
     from ._tiles import make_tiles, tile_bounds
     from ._tissue import tissue_mask
+    from ._wsidata import from_wsidata
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

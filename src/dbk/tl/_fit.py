@@ -71,7 +71,9 @@ def fit_diffbulk(
     ----------
     data
         A SpatialData, or a list (or ``{name: sdata}`` dict) of slides. Panels may differ (genes not measured on a
-        slide are masked out of the loss).
+        slide are masked out of the loss). LazySlide ``WSIData`` slides are read through their own readers
+        (:func:`dbk.pp.from_wsidata`): ``table_key`` then names each one's table of raw counts per tile annotating
+        its tiles, and the training predictions come back as its table ``f"{key_added}_{tiles_key}"`` (in-sample).
     genes
         Genes to predict (default: all genes of the tables, the union over slides).
     n_top_genes
@@ -144,7 +146,9 @@ def fit_diffbulk(
         training tiles for the returned model.
     tiles_key, table_key
         Tiles and their table. The defaults are made where missing; a key given otherwise must exist on every slide
-        (a typo raises ``KeyError`` naming the slide and its keys, instead of making a second table).
+        (a typo raises ``KeyError`` naming the slide and its keys, instead of making a second table). On a WSIData:
+        its tiles (LazySlide's ``"tiles"`` when ``tiles_key`` is left at its default) and its expression table, which
+        must exist.
     batch_size
         Tiles per forward pass of the feature extractors.
     accelerator
@@ -211,7 +215,11 @@ def fit_diffbulk(
                    patients=patients)
     from .._keys import check_named_keys_of_slides
     from ..pp._prepare import as_slides
+    from ._wsidata import write_fit_back, wsidata_views
 
+    data, wsi_back = wsidata_views(data, tiles_key=tiles_key, table_key=table_key)  # LazySlide's WSIData: dbk views
+    if wsi_back:
+        tiles_key, table_key = TILES_KEY, TILES_TABLE_KEY
     check_named_keys_of_slides(*as_slides(data), tiles_key=tiles_key, table_key=table_key, where="fit_diffbulk")
     random_state = resolve_seed(random_state)
     timings: dict[str, float] = {}
@@ -272,6 +280,8 @@ def fit_diffbulk(
         slides = full
     if copy:
         model.training_data = slides[0] if len(slides) == 1 and is_sdata(data) else slides
+    elif wsi_back:
+        write_fit_back(wsi_back, key_added=key_added, model=model)
     return model
 
 

@@ -305,20 +305,32 @@ class DiffBulk:
         accelerator
             Where the networks run, as in :meth:`predict` (``None``: where the model is).
         """
-        from ._diffusion_features import diffusion_features
-        from ._embed import embed_tiles, resolve_device
+        from ._embed import resolve_device
 
         if accelerator is not None:
             self.to(resolve_device(accelerator))
-        f, d = self.config["fm"], self.config["diffusion"]
+        self._embed(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, reuse=reuse_fm)
+        self._diffuse(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, reuse=reuse_diff)
+        record_pixel_size(sdata, tiles_key, table_key)
+
+    def _embed(self, sdata: SpatialData, *, tiles_key: str, table_key: str, batch_size: int, reuse: bool) -> None:
+        """The FM embeddings of :meth:`features`."""
+        from ._embed import embed_tiles, resolve_device
+
         device = resolve_device("auto") if self.fm is None else next(self.fm.parameters()).device
-        embed_tiles(sdata, fm=self.fm, tiles_key=tiles_key, table_key=table_key, fm_size_px=int(f["size_px"]),
-                    batch_size=batch_size, accelerator=device, key_added=self.fm_key, overwrite=not reuse_fm)
+        embed_tiles(sdata, fm=self.fm, tiles_key=tiles_key, table_key=table_key,
+                    fm_size_px=int(self.config["fm"]["size_px"]), batch_size=batch_size, accelerator=device,
+                    key_added=self.fm_key, overwrite=not reuse)
+
+    def _diffuse(self, sdata: SpatialData, *, tiles_key: str, table_key: str, batch_size: int, reuse: bool) -> None:
+        """The diffusion features of :meth:`features`."""
+        from ._diffusion_features import diffusion_features
+
+        d = self.config["diffusion"]
         diffusion_features(sdata, self.pretrainer, sigma=float(d["sigma"]), tiles_key=tiles_key, table_key=table_key,
                            levels=list(d["levels"]), pool=str(d["pool"]), use_ema=bool(d["use_ema"]),
                            batch_size=batch_size, random_state=int(d["random_state"]), key_added=self.diff_key,
-                           overwrite=not reuse_diff)
-        record_pixel_size(sdata, tiles_key, table_key)
+                           overwrite=not reuse)
 
     @once_per_call
     def predict(
@@ -328,6 +340,7 @@ class DiffBulk:
         tiles_key: str = TILES_KEY,
         table_key: str = TILES_TABLE_KEY,
         key_added: str = PRED_KEY,
+        features_key: str | None = None,
         batch_size: int = 32,
         accelerator: str | None = None,
         copy: bool = False,
@@ -346,16 +359,30 @@ class DiffBulk:
         (the table has no images to recompute them from; a SpatialData recomputes them). Features without a record
         (from another tool) are taken as given, and ``uns["dbk"]["predict"]["features"]`` says ``"user-supplied"``.
 
+        On a LazySlide ``WSIData`` (``wsidata.open_wsi``, tiled by ``zs.pp.tile_tissues``): its tiles are read through
+        its own reader (:func:`dbk.pp.from_wsidata`; the WSIData gains nothing but the predictions), and the
+        predictions come back as a table of the WSIData, ``wsi.tables[f"{key_added}_{tiles_key}"]`` (tiles x genes,
+        annotating the tiles as LazySlide's feature tables do; ``var`` the genes' CV scores), which
+        ``zs.pl.tiles(wsi, feature_key=key_added, color=gene)`` and spatialdata-plot draw. Tiles whose side is not
+        the model's tile size in µm are refused (ValueError with the ``zs.pp.tile_tissues`` call that makes matching
+        ones): the model learned nothing about other sizes.
+
         Parameters
         ----------
         data
-            SpatialData with the H&E image, or a tile table with the features.
+            SpatialData with the H&E image, a tile table with the features, or a LazySlide ``WSIData`` with tiles.
         tiles_key
-            Shapes element with the tiles (made when missing).
+            Shapes element with the tiles (made when missing). On a WSIData: LazySlide's ``"tiles"`` when this is
+            left at ``"dbk_tiles"`` and the WSIData has no such element.
         table_key
             Tile table the features and predictions are written to.
         key_added
-            ``obsm`` key of the predictions.
+            ``obsm`` key of the predictions (on a WSIData: the table ``f"{key_added}_{tiles_key}"``).
+        features_key
+            WSIData only: a LazySlide feature table to use as the FM embeddings instead of computing them, named
+            as LazySlide names it (``"uni"`` for ``wsi["uni_tiles"]``, or the table's full name). It must come from
+            the model's foundation model with its preprocessing: dbk checks its width against the model's and
+            records it as user-supplied, but cannot check its weights.
         batch_size
             Tiles per forward pass of the networks.
         accelerator
@@ -384,6 +411,16 @@ class DiffBulk:
             from ._embed import resolve_device
 
             self.to(resolve_device(accelerator))
+        from ..io._wsidata import is_wsidata
+
+        if is_wsidata(data):
+            from ._wsidata import predict_wsidata
+
+            return predict_wsidata(self, data, tiles_key=tiles_key, key_added=key_added, features_key=features_key,
+                                   batch_size=batch_size, copy=copy)
+        if features_key is not None:
+            raise ValueError("features_key names a LazySlide feature table of a WSIData; on a SpatialData or a tile "
+                             f"table put precomputed FM embeddings into the tile table's obsm[{self.fm_key!r}].")
         if isinstance(data, ad.AnnData):
             adata = data.copy() if copy else data
             missing = [k for k in (self.fm_key, self.diff_key) if k not in adata.obsm]
@@ -408,15 +445,33 @@ class DiffBulk:
             logger.warning(f"predict: the tiles {tiles_key!r} of slide {name!r} are {size:g} µm, the model was "
                            f"trained on {self.tile_size_um:g} µm tiles; predictions on other tile sizes are not what "
                            "it learned (use another tiles_key to let predict make matching tiles).")
-        checks = self._check_slide(name, px=slide_pixel_size(sdata, tiles_key), sdata=sdata, tiles_key=tiles_key)
-        self.features(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size)
-        adata = sdata.tables[table_key]
-        df = self._head_predict(adata, key_added, name=name, checks=checks)
-        self._record(adata, key_added, tiles_key, checks)
-        adata.uns[UNS_KEY]["predict"]["features"] = self._feature_sources(adata)
+        df = self._predict_slide(sdata, name, tiles_key=tiles_key, table_key=table_key, key_added=key_added,
+                                 batch_size=batch_size)
         logger.info(f"predict: {df.shape[0]} tiles x {df.shape[1]} genes -> sdata.tables[{table_key!r}]"
                     f".obsm[{key_added!r}].")
         return sdata if copy else df
+
+    def _predict_slide(self, sdata: SpatialData, name: str, *, tiles_key: str, table_key: str, key_added: str,
+                       batch_size: int, fm_source: dict | None = None) -> pd.DataFrame:
+        """Checks, features, head and record of :meth:`predict` on a prepared slide (tiles and table there).
+
+        ``fm_source`` (a record such as ``{"source": "user-supplied", "table": ...}``): the FM embeddings are
+        already in the table's ``obsm[fm_key]`` and are used as they are; only the diffusion features are made.
+        """
+        checks = self._check_slide(name, px=slide_pixel_size(sdata, tiles_key), sdata=sdata, tiles_key=tiles_key)
+        if fm_source is None:
+            self.features(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size)
+        else:
+            self._diffuse(sdata, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, reuse=True)
+            record_pixel_size(sdata, tiles_key, table_key)
+        adata = sdata.tables[table_key]
+        df = self._head_predict(adata, key_added, name=name, checks=checks)
+        self._record(adata, key_added, tiles_key, checks)
+        sources = self._feature_sources(adata)
+        if fm_source is not None:
+            sources[self.fm_key] = dict(fm_source)
+        adata.uns[UNS_KEY]["predict"]["features"] = sources
+        return df
 
     def _expected_features(self) -> tuple[dict, dict]:
         """The record fields the FM embeddings and the diffusion features of this model's head must have.
