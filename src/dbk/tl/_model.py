@@ -401,7 +401,9 @@ class DiffBulk:
             features ``obsm[fm_key]``, ``obsm[diff_key]`` and ``uns["dbk"]["predict"]`` (model summary and
             settings; ``features``: each feature key's source and weights fingerprint; ``slide_checks``: the
             slide's pixel size, tile colours and clipped features against the training slides', each with its
-            numbers and ``ok``; a slide unlike them is warned about, see ``docs/reliability.md``).
+            numbers and ``ok``; a slide unlike them is warned about, see ``docs/reliability.md``). On a WSIData
+            the DataFrame's rows are named by ``tile_id`` (its copy with ``copy=True``), and the WSIData gets only
+            the table ``f"{key_added}_{tiles_key}"`` (the predictions, ``uns["dbk"]["predict"]`` as above).
         """
         from .._settings import settings
 
