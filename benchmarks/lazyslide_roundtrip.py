@@ -1,7 +1,8 @@
 """A LazySlide round trip, measured: a slide opened and tiled by LazySlide, DiffBulk's predictions back as its table.
 
-A synthetic slide (H&E and transcripts, ``dbk.datasets.synthetic``) is written as a tiled TIFF (one level); LazySlide opens
-it (``wsidata.open_wsi``), finds the tissue and lays 112 µm tiles (``zs.pp.tile_tissues(wsi, 224, mpp=0.5)``). A
+A synthetic slide (H&E and transcripts, ``dbk.datasets.synthetic``) is written as a tiled TIFF (one level);
+LazySlide opens it (``wsidata.open_wsi``), finds the tissue and lays 112 µm tiles
+(``zs.pp.tile_tissues(wsi, 224, mpp=0.5)``). A
 DiffBulk model fitted with dbk's CPU defaults on a *second* synthetic slide (another seed: held out) predicts every
 LazySlide tile through the WSIData's reader; the same tiles are then predicted from the same TIFF read by dbk itself
 (``dbk.io.read_image``), and the table gives both times, the largest difference between the two answers and the

@@ -405,6 +405,105 @@ def test_blocks_split_on_one_slide(slides):
     assert set(res["fold"]) == {"fold0", "fold1", "fold2"} and set(res["method"]) == {"ridge_cv", "rec"}
 
 
+# ---- the foundation model and its input size -------------------------------------------------------------------------
+
+# RUN without its 32 px FM input: the size is the model's own unless given
+OWN = {k: v for k, v in RUN.items() if k != "fm_size_px"}
+
+
+def _tiny_timm(side: int = 48):
+    """A tiny random timm model whose own input (its data config) is ``side`` px, recording its batches' shapes."""
+    import timm
+
+    net = timm.create_model("test_efficientnet", pretrained=False, num_classes=0,
+                            pretrained_cfg_overlay={"input_size": (3, side, side)})
+    net.seen = []
+    net.register_forward_pre_hook(lambda m, args: m.seen.append(tuple(args[0].shape[-2:])))
+    return net
+
+
+def _record_folds(seen: list):
+    def rec(fold):
+        seen.append(fold)
+        return pd.DataFrame(0.0, index=fold.test.obs_names, columns=fold.genes)
+
+    dbk.tl.register_method("rec", rec, description="records the fold")
+
+
+def test_fm_size_defaults_to_the_models_own_input_size():
+    for fn in (dbk.tl.benchmark, dbk.tl.prepare_corpus, dbk.tl.embed_tiles, dbk.tl.fit_diffbulk):
+        assert inspect.signature(fn).parameters["fm_size_px"].default is None, fn.__name__
+    assert registry.BenchmarkFold.__dataclass_fields__["fm_size_px"].default is None
+    net = _tiny_timm(48)
+    seen: list = []
+    _record_folds(seen)
+    raw = [_raw(i) for i in range(2)]
+    res = dbk.tl.benchmark(raw, methods=["mean", "rec"], split={"a": ["s0"]}, fm=net, key_added="own", **OWN)
+    # the model's own 48 px: recorded in the settings, the fold and the embeddings, and what the model was fed
+    assert res.attrs["settings"]["fm_size_px"] == 48 and type(res.attrs["settings"]["fm_size_px"]) is int
+    assert res.attrs["settings"]["fm"] == "test_efficientnet" and res.attrs["settings"]["fm_user_supplied"] is False
+    assert seen[0].fm_size_px == 48
+    for sd in raw:
+        assert _table(sd).uns["dbk"]["embeddings"]["X_test_efficientnet"]["size_px"] == 48
+    assert net.seen and set(net.seen) == {(48, 48)}
+    # a size given is used as given (and recorded), the model's own or not
+    res = dbk.tl.benchmark(raw, methods=["mean"], split={"a": ["s0"]}, fm=net, key_added="given", **RUN)
+    assert res.attrs["settings"]["fm_size_px"] == 32 and net.seen[-1] == (32, 32)
+    with pytest.raises(ValueError, match="fm_size_px must be a positive integer or None"):
+        dbk.tl.benchmark(raw, methods=["mean"], fm=net, fm_size_px=0)
+
+
+def test_default_fm_is_embedded_and_recorded_at_224_as_before(monkeypatch):
+    raw = [_raw(i) for i in range(3)]
+    kw = {"methods": ["mean", "ridge_cv"], "split": {"a": ["s0"]}, **OWN, "tile_size_um": 56.0}  # 56 µm: few tiles
+    default = dbk.tl.benchmark(raw, key_added="default", **kw)
+    assert default.attrs["settings"]["fm"] == "efficientnet_lite0"
+    assert default.attrs["settings"]["fm_size_px"] == 224 and default.attrs["settings"]["fm_user_supplied"] is False
+    for sd in raw:
+        rec = _table(sd).uns["dbk"]["embeddings"]["X_efficientnet_lite0"]
+        assert rec["size_px"] == 224 and rec["model"] == "efficientnet_lite0"
+
+    # fm_size_px=224 given, as the old default: the embeddings made under the default are kept (the same model,
+    # size and preprocessing: nothing is embedded again), and the results and settings are the same
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded again: the default's embeddings are not those of fm_size_px=224")
+
+    monkeypatch.setattr(dbk.tl._embed, "encode_images", no_embedding)
+    given = dbk.tl.benchmark(raw, key_added="given", fm_size_px=224, **kw)
+    cols = ["split", "fold", "method", "metric", "value"]
+    pd.testing.assert_frame_equal(default[cols], given[cols])
+    assert {**default.attrs["settings"], "key_added": None} == {**given.attrs["settings"], "key_added": None}
+    for sd in raw:
+        if "default_ridge_cv" in _table(sd).obsm:
+            pd.testing.assert_frame_equal(_table(sd).obsm["default_ridge_cv"], _table(sd).obsm["given_ridge_cv"])
+
+
+def test_benchmark_takes_a_module_with_its_transform_as_fit_diffbulk_does():
+    from torchvision import transforms as T
+
+    net = _tiny_timm(48)
+    transform = T.Compose([T.Resize(40), T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])
+    raw = [_raw(i) for i in range(2)]
+    seen: list = []
+    _record_folds(seen)
+    res = dbk.tl.benchmark(raw, methods=["mean", "rec"], split={"a": ["s0"]}, fm=(net, transform), key_added="pair",
+                           **OWN)
+    s = res.attrs["settings"]
+    # the module's own size is its transform's (40 px, as wrap_fm reads it), not 224
+    assert s["fm_user_supplied"] is True and s["fm"] == "EfficientNet" and s["fm_size_px"] == 40
+    assert seen[0].fm_size_px == 40 and isinstance(seen[0].foundation_model(), dbk.tl._fm_zoo.UserFM)
+    rec = _table(raw[0]).uns["dbk"]["embeddings"][s["fm_key"]]
+    assert rec["source"] == "user-supplied" and rec["size_px"] == 40 and set(net.seen) == {(40, 40)}
+    assert np.isfinite(res.query("method == 'mean'")["value"].dropna()).all()
+    # wrap_fm's object is the same route, under its name
+    fm = dbk.tl.wrap_fm(net, transform, name="tiny_user")
+    res = dbk.tl.benchmark(raw, methods=["mean"], split={"a": ["s0"]}, fm=fm, key_added="wrapped", **OWN)
+    assert res.attrs["settings"]["fm"] == "tiny_user" and res.attrs["settings"]["fm_key"] == "X_tiny_user"
+    assert res.attrs["settings"]["fm_user_supplied"] is True and res.attrs["settings"]["fm_size_px"] == 40
+    with pytest.raises(TypeError, match=r"fm must be a model id, a torch module, or a module with its transform"):
+        dbk.tl.benchmark([_raw(0), _raw(1)], methods=["mean"], fm=3)
+
+
 # ---- summaries and the plot ------------------------------------------------------------------------------------------
 
 

@@ -248,6 +248,40 @@ def test_every_option_has_help_and_one_true_default():
     assert BENCHMARK_DEFAULT_METHODS == tuple(dbk.tl._benchmark.DEFAULT_METHODS)  # what --methods' help says
 
 
+def test_fm_size_px_defaults_to_the_models_own(monkeypatch, tmp_path):
+    """--fm-size-px of fit, benchmark and prepare: None (the model's own input size), passed on as None; demo keeps
+    its own sizes."""
+    import dbk
+
+    parser, commands = build_parser()
+    for argv in (["fit", "x", "--out", "o"], ["benchmark", "x"], ["prepare", "x", "--out", "o"]):
+        args = parser.parse_args(argv)
+        assert args.fm_size_px is None, argv
+        assert parser.parse_args([*argv, "--fm-size-px", "448"]).fm_size_px == 448
+        action = commands[argv[0]]._option_string_actions["--fm-size-px"]
+        assert action.help == "foundation-model input size (default: the model's own)", argv
+    assert "--fm-size-px" not in commands["demo"]._option_string_actions
+    seen = {}
+
+    def fake(name):
+        def fn(*args, **kwargs):
+            seen[name] = kwargs
+            raise SystemExit(0)
+        return fn
+
+    import dbk.cli
+
+    monkeypatch.setattr(dbk.cli, "_read_slides", lambda *a, **k: [object(), object()])
+    monkeypatch.setattr(dbk.tl, "prepare_corpus", fake("prepare"))
+    monkeypatch.setattr(dbk.tl, "benchmark", fake("benchmark"))
+    monkeypatch.setattr(dbk.tl, "fit_diffbulk", fake("fit"))
+    for argv in (["prepare", "a.zarr", "--out", str(tmp_path / "out"), "--scheduler", "none"],
+                 ["benchmark", "a.zarr", "b.zarr"], ["fit", "a.zarr", "--out", str(tmp_path / "m")]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert seen["prepare"]["fm_size_px"] is seen["benchmark"]["fm_size_px"] is seen["fit"]["fm_size_px"] is None
+
+
 @pytest.mark.parametrize("argv", [["fit", "x", "--out", "o"], ["predict", "m", "x", "--out", "o"],
                                   ["evaluate", "m", "x"], ["benchmark", "x"], ["prepare", "x", "--out", "o"]])
 def test_device_is_a_deprecated_alias_of_accelerator(argv):

@@ -215,6 +215,36 @@ def test_hf_model_input_size_and_pooling_checks(slide, tiny_clip):
         load_foundation_model(f"hf:{path.parent}", device="cpu")
 
 
+def test_benchmark_and_prepare_corpus_embed_at_the_models_own_input_size(tiny_clip, tmp_path):
+    """fm_size_px=None (their default): a model whose own input is not 224 (this CLIP takes 32 px only, as CONCH takes
+    448) is loaded once, embedded at its own size, and that integer is recorded."""
+    import functools
+    import json
+
+    from dbk.pp._corpus import MARKER
+
+    path, _ = tiny_clip
+    fm = f"hf:{path}"
+    slides = []
+    for i in range(2):
+        sd = dbk.datasets.synthetic(shape=(512, 512), n_genes=8, include_cells=False, random_state=i)
+        sd.attrs["sample"] = f"s{i}"
+        slides.append(sd)
+    res = dbk.tl.benchmark(slides, methods=["mean"], split={"a": ["s0"]}, fm=fm, tile_size_um=56.0, top_k=5,
+                           random_state=0, accelerator="cpu")
+    s = res.attrs["settings"]
+    assert s["fm"] == fm and s["fm_size_px"] == 32 and s["fm_user_supplied"] is False
+    for sd in slides:
+        assert sd.tables["dbk_table"].uns["dbk"]["embeddings"][s["fm_key"]]["size_px"] == 32
+    slide = functools.partial(dbk.datasets.synthetic, shape=(512, 512), n_genes=8, include_cells=False,
+                              random_state=0)
+    report = dbk.tl.prepare_corpus({"c0": slide}, out=tmp_path / "corpus", fm=fm, tile_size_um=56.0, threads=1,
+                                   accelerator="cpu")
+    assert report["status"].tolist() == ["done"], report["error"].tolist()
+    marker = json.loads((tmp_path / "corpus" / "c0.zarr" / MARKER).read_text())
+    assert marker["settings"]["fm_size_px"] == 32 == report.attrs["settings"]["fm_size_px"]
+
+
 # ---------------------------------------------------------------------------------- user-supplied modules
 
 class _Tiny(torch.nn.Module):

@@ -290,3 +290,24 @@ def test_without_pixel_sizes_no_context(tmp_path, dbk_log):
     res = dbk.tl.benchmark(task, methods=["ridge_hest"], **RUN)
     assert res.attrs["hest"]["context"] is False
     assert np.isfinite(res.query("metric == 'pearson_mean_hest'")["value"]).all()
+
+
+def test_hest_task_embeds_at_the_models_own_input_size_unless_given(tmp_path):
+    """A HEST-Benchmark run resolves fm_size_px as every benchmark does: the model's own, recorded as an integer."""
+    import timm
+
+    write_task(tmp_path, n_patches=(6,))
+    task = dbk.datasets.hest_bench("IDC", root=tmp_path)
+    run = {k: v for k, v in RUN.items() if k != "fm_size_px"}
+    res = dbk.tl.benchmark(task, methods=["mean"], **run)  # the default EfficientNet-Lite0: 224, as before
+    assert res.attrs["split"] == "hest" and res.attrs["settings"]["fm_size_px"] == 224
+    slides = task.slides()
+    assert {slides[s].tables["dbk_table"].uns["dbk"]["embeddings"]["X_efficientnet_lite0"]["size_px"]
+            for s in SAMPLES} == {224}
+    net = timm.create_model("test_efficientnet", pretrained=False, num_classes=0,
+                            pretrained_cfg_overlay={"input_size": (3, 48, 48)})
+    res = dbk.tl.benchmark(task, methods=["mean"], fm=net, **run)
+    assert res.attrs["settings"]["fm_size_px"] == 48
+    assert slides["SAMPA"].tables["dbk_table"].uns["dbk"]["embeddings"]["X_test_efficientnet"]["size_px"] == 48
+    res = dbk.tl.benchmark(task, methods=["mean"], fm=net, fm_size_px=32, **run)
+    assert res.attrs["settings"]["fm_size_px"] == 32

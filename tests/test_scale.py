@@ -155,6 +155,41 @@ def test_other_settings_need_overwrite(sequential, tmp_path):
     assert json.loads((out / "s0.zarr" / MARKER).read_text())["settings"]["fm_size_px"] == 64
 
 
+def test_default_size_is_the_models_own_and_corpora_of_224_resume(sequential, tmp_path, monkeypatch):
+    """fm_size_px=None is resolved once (the model's own: 224 for EfficientNet-Lite0) and recorded as that integer,
+    so a corpus prepared with fm_size_px=224 (the old default) is skipped, not refused, under the new default."""
+    import inspect
+
+    import dbk.tl._corpus as corpus
+
+    assert inspect.signature(dbk.tl.prepare_corpus).parameters["fm_size_px"].default is None
+    kw = {k: v for k, v in KW.items() if k != "fm_size_px"}
+    slides = {n: f for n, f in _slides().items() if n in ("s0", "s1")}
+    out = tmp_path / "corpus"
+    old = dbk.tl.prepare_corpus(slides, out=out, fm_size_px=224, **kw)  # as the old default recorded it
+    assert (old["status"] == "done").all() and old.attrs["settings"]["fm_size_px"] == 224
+    before = {n: (out / f"{n}.zarr" / MARKER).stat().st_mtime_ns for n in slides}
+    calls, own = [], corpus.model_input_size
+
+    def counted(fm):
+        calls.append(fm)
+        return own(fm)
+
+    monkeypatch.setattr(corpus, "model_input_size", counted)
+    again = dbk.tl.prepare_corpus(slides, out=out, **kw)
+    assert again["status"].tolist() == ["skipped", "skipped"] and calls == ["efficientnet_lite0"]  # resolved once
+    assert again.attrs["settings"] == old.attrs["settings"]
+    assert {n: (out / f"{n}.zarr" / MARKER).stat().st_mtime_ns for n in slides} == before
+    # a store of another size is refused under the default, which reads as the integer it resolved to
+    src, _ = sequential
+    other = tmp_path / "other"
+    shutil.copytree(src / "s0.zarr", other / "s0.zarr")  # prepared at 32 px
+    refused = dbk.tl.prepare_corpus({"s0": slides["s0"]}, out=other, **kw)
+    assert "other settings (fm_size_px: 32 -> 224)" in refused["error"][0]
+    with pytest.raises(ValueError, match="fm_size_px must be a positive integer or None"):
+        dbk.tl.prepare_corpus(slides, out=other, fm_size_px=0, **kw)
+
+
 def test_a_slide_that_raises_does_not_stop_the_others(tmp_path):
     def broken():
         raise RuntimeError("scanner file truncated")

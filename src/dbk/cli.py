@@ -796,7 +796,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                        help="foundation model: a timm name, an hf-hub: id, local-dir:/folder or a checkpoint file")
     p_fit.add_argument("--fm-arch", default=None,
                        help="timm architecture of a --fm checkpoint file (e.g. vit_large_patch16_224 for UNI)")
-    p_fit.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
+    p_fit.add_argument("--fm-size-px", type=int, default=None,
+                        help="foundation-model input size (default: the model's own)")
     p_fit.add_argument("--genes", default=None, help="file with the genes to predict, one per line")
     p_fit.add_argument("--n-top-genes", type=int, default=None, help="keep the N most variable genes")
     p_fit.add_argument("--fusion", default="auto", choices=["auto", "gated", "concat", "add", "film", "ridge"],
@@ -867,7 +868,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_bench.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
     p_bench.add_argument("--fm", default="efficientnet_lite0",
                          help="foundation model of every method's features (a name dbk fit --fm takes)")
-    p_bench.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
+    p_bench.add_argument("--fm-size-px", type=int, default=None,
+                         help="foundation-model input size (default: the model's own)")
     p_bench.add_argument("--context-um", type=float, default=None,
                          help="spatial-context radius in µm of the context methods (default: 1.5 x the median "
                               "distance between neighbouring tiles of each fold's training slides)")
@@ -899,7 +901,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_prep.add_argument("--workers", type=int, default=None, help="local workers (default: half the CPU cores)")
     p_prep.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm")
     p_prep.add_argument("--fm", default="efficientnet_lite0", help="foundation model of the embeddings")
-    p_prep.add_argument("--fm-size-px", type=int, default=224, help="foundation-model input size")
+    p_prep.add_argument("--fm-size-px", type=int, default=None,
+                        help="foundation-model input size (default: the model's own)")
     _add_accelerator(p_prep, "where each worker embeds the tiles")
     p_prep.add_argument("--overwrite", action="store_true", help="prepare every slide again")
     return parser, dict(sub.choices)

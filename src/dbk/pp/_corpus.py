@@ -403,7 +403,8 @@ def run_corpus(
     embed: Callable[..., str],
     tile_size_um: float = 112.0,
     fm: str = DEFAULT_FM,
-    fm_size_px: int = 224,
+    fm_size_px: int | None = None,
+    own_size: Callable[[str], int] | None = None,
     client=None,
     overwrite: bool = False,
     reader: Callable | None = None,
@@ -419,10 +420,15 @@ def run_corpus(
     Parameters
     ----------
     paths_or_slides, out, tile_size_um, fm, fm_size_px, client, overwrite, reader, names, tiles_key, table_key
-        As in :func:`dbk.tl.prepare_corpus`.
+        As in :func:`dbk.tl.prepare_corpus` (``fm_size_px=None``: the model's own input size, from ``own_size``).
     embed
         ``embed(sdata, *, fm, fm_size_px, tiles_key, table_key, batch_size, accelerator) -> obsm key``: the embedding
         step of each slide (picklable: it travels to the workers).
+    own_size
+        ``own_size(fm) -> int``: the model's own input size, called once (here, before any slide) when
+        ``fm_size_px`` is ``None`` (``dbk.tl._corpus.model_input_size``). The resolved integer is what the markers
+        record and what ``embed`` gets, so a corpus prepared with ``fm_size_px=224`` resumes under ``None`` when the
+        model's own size is 224.
     batch_size, accelerator, threads
         As in :func:`dbk.tl.prepare_corpus`, handed to ``embed`` and to each slide's work.
 
@@ -436,8 +442,18 @@ def run_corpus(
 
     if not isinstance(fm, str):
         raise TypeError(f"fm must be a model name (each worker loads its own), got {type(fm).__name__}.")
+    if fm_size_px is not None and (isinstance(fm_size_px, bool) or not isinstance(fm_size_px, int)
+                                   or fm_size_px <= 0):
+        raise ValueError(f"fm_size_px must be a positive integer or None (the model's own input size), got "
+                         f"{fm_size_px!r}.")
+    if fm_size_px is None and own_size is None:
+        raise ValueError("fm_size_px=None (the model's own input size) needs own_size, the function that reads it "
+                         "from the model (dbk.tl.prepare_corpus hands it in).")
     out = Path(out).expanduser()
     _check_writable(out)
+    if fm_size_px is None:  # once, on this process: every marker records the same integer, never None
+        fm_size_px = int(own_size(fm))
+        logger.info(f"prepare: fm_size_px: {fm_size_px} px, the input size of {fm!r}.")
     settings = {"tile_size_um": float(tile_size_um), "fm": fm, "fm_size_px": int(fm_size_px), "tiles_key": tiles_key,
                 "table_key": table_key}
     jobs = _jobs(paths_or_slides, names, reader)

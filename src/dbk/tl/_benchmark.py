@@ -58,8 +58,8 @@ def benchmark(
     n_top_genes: int | None = None,
     top_k: int = 50,
     tile_size_um: float = 112.0,
-    fm: str | torch.nn.Module = "efficientnet_lite0",
-    fm_size_px: int = 224,
+    fm: str | torch.nn.Module | tuple = "efficientnet_lite0",
+    fm_size_px: int | None = None,
     context_um: float | None = None,
     pretrain_steps: int | None = None,
     preset: str = "auto",
@@ -120,10 +120,13 @@ def benchmark(
     tile_size_um
         Side of the tiles made on slides without tiles.
     fm
-        Foundation model for the features of every method (an id of :func:`dbk.tl.load_foundation_model`, or a
-        module it returned); loaded once.
+        Foundation model for the features of every method (an id of :func:`dbk.tl.load_foundation_model`, a
+        module it returned, or a loaded module with its transform: ``(module, transform)`` or
+        :func:`dbk.tl.wrap_fm`, as :func:`dbk.tl.fit_diffbulk` takes it, recorded as user-supplied); loaded once.
     fm_size_px
-        Input side of the foundation model in pixels.
+        Input side of the foundation model in pixels. ``None`` (default): the model's own input size (224 for the
+        default EfficientNet-Lite0), read from the model when it is loaded; the size used is in
+        ``attrs["settings"]["fm_size_px"]``.
     context_um
         Spatial-context radius (µm) of the methods that use context (``ridge_rr_ctx``, ``diffbulk_ridge``);
         ``None``: 1.5 x the median distance between neighbouring tile centres of each fold's training slides (the
@@ -190,7 +193,8 @@ def benchmark(
     (:meth:`~dbk.datasets.HestBenchTask.slides`: the patches are the tiles, ``X`` is HEST's target, log1p of the
     raw counts of the task's 50 genes aligned by barcode), the folds are its split files (``"split{i}"`` from
     ``splits/train_{i}.csv`` / ``test_{i}.csv``), the genes its ``var_50genes.json``. Every method then runs as
-    above (the foundation model ``fm`` embeds the patches at ``fm_size_px``; DiffBulk's stage 1 trains on them),
+    above (the foundation model ``fm`` embeds the patches at ``fm_size_px``, by default its own input size;
+    DiffBulk's stage 1 trains on them),
     and each (fold, method) gets one more metric, ``pearson_mean_hest``: HEST's per-fold number, ``np.mean`` over
     the genes of each gene's Pearson on the fold's test patches (NaN when a gene's correlation is undefined, as in
     HEST). :func:`dbk.tl.hest_summary` averages it over folds as HEST does (mean, ``np.std`` with ddof 0) beside the
@@ -245,6 +249,7 @@ def benchmark(
                    context_um=context_um, pretrain_steps=pretrain_steps, batch_size=batch_size, key_added=key_added,
                    preset=preset if any(s.family == "diffbulk" for s in specs) else None, accelerator=accelerator,
                    pretrain_kwargs=pretrain_kwargs, fm_size_px=fm_size_px)
+    fm_holder = _FoundationModel(fm, accelerator, size_px=fm_size_px)  # a bad fm fails here; loaded when embedding
     seed = resolve_seed(random_state)
     if task is not None:
         data = task.slides()  # the patches as tiles, HEST's targets in the tables (made once per task)
@@ -256,10 +261,13 @@ def benchmark(
     if task is not None:
         split_name = "hest"
 
+    # the FM's input size: the one given, else the model's own (loads the model, once), checked against the model
+    # before the slides are touched; the resolved size is the one embedded at and recorded
+    fm_size_px = fm_holder.size_px()
+
     # ---- the slides, prepared once --------------------------------------------------------------------------------
     slides, names = prepare_slides(data, tile_size_um=tile_size_um, tiles_key=tiles_key, table_key=table_key)
     by_name = dict(zip(names, slides, strict=True))
-    fm_holder = _FoundationModel(fm, accelerator)
     for sd, name in zip(slides, names, strict=True):
         fm_holder.embed(sd, name, fm_size_px=fm_size_px, tiles_key=tiles_key, table_key=table_key,
                         batch_size=batch_size)
@@ -275,7 +283,8 @@ def benchmark(
         "split": split_name,
         "settings": {"methods": list(names_m), "n_top_genes": n_top_genes, "top_k": int(top_k),
                      "tile_size_um": float(tile_size_um), "fm": fm_holder.id, "fm_key": fm_holder.key,
-                     "fm_size_px": int(fm_size_px), "context_um": context_um, "preset": preset,
+                     "fm_user_supplied": fm_holder.user_supplied, "fm_size_px": int(fm_size_px),
+                     "context_um": context_um, "preset": preset,
                      "pretrain_steps": pretrain_steps, "pretrain_kwargs": dict(pretrain_kwargs or {}),
                      "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
                      "accelerator": accelerator, "random_state": seed, "errors": errors,
@@ -407,7 +416,7 @@ def _check_method_kwargs(method_kwargs, names: list[str]) -> dict[str, dict]:
 
 
 def _check_options(*, errors, top_k, n_top_genes, tile_size_um, context_um, pretrain_steps, batch_size, key_added,
-                   preset, accelerator, pretrain_kwargs=None, fm_size_px=224) -> None:
+                   preset, accelerator, pretrain_kwargs=None, fm_size_px=None) -> None:
     from ._embed import resolve_device
 
     if errors not in ("raise", "warn"):
@@ -418,8 +427,9 @@ def _check_options(*, errors, top_k, n_top_genes, tile_size_um, context_um, pret
         raise ValueError(f"n_top_genes must be a positive integer or None, got {n_top_genes!r}.")
     if pretrain_steps is not None and not _positive_int(pretrain_steps):
         raise ValueError(f"pretrain_steps must be a positive integer or None, got {pretrain_steps!r}.")
-    if not _positive_int(fm_size_px):
-        raise ValueError(f"fm_size_px must be a positive integer, got {fm_size_px!r}.")
+    if fm_size_px is not None and not _positive_int(fm_size_px):
+        raise ValueError(f"fm_size_px must be a positive integer or None (the model's own input size), got "
+                         f"{fm_size_px!r}.")
     if not _positive_int(batch_size):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not _positive_number(tile_size_um):
@@ -449,14 +459,25 @@ def _check_options(*, errors, top_k, n_top_genes, tile_size_um, context_um, pret
 
 
 class _FoundationModel:
-    """The run's foundation model: its id and ``obsm`` key now, the module loaded once when first needed."""
+    """The run's foundation model: its id and ``obsm`` key now, the module loaded once when first needed.
 
-    def __init__(self, fm, accelerator: str) -> None:
+    ``fm`` is what :func:`dbk.tl.fit_diffbulk` takes: an id, a module, or a module with its transform
+    (``(module, transform)`` / :func:`dbk.tl.wrap_fm`, user-supplied). :meth:`size_px` is the input size of the
+    run: the one given, else the loaded module's own (as :func:`dbk.tl._fit_steps.load_fm` resolves it).
+    """
+
+    def __init__(self, fm, accelerator: str, size_px: int | None = None) -> None:
         import torch
 
         from ._embed import model_key
+        from ._fm_zoo import as_user_fm
 
         self.accelerator = accelerator
+        self._size_given = size_px
+        self._size: int | None = None
+        user = as_user_fm(fm)
+        if user is not None:
+            fm = user
         if isinstance(fm, torch.nn.Module):
             self._net = fm
             self.id = str(getattr(fm, "dbk_model", None) or getattr(fm, "pretrained_cfg", {}).get("architecture")
@@ -464,7 +485,9 @@ class _FoundationModel:
         elif isinstance(fm, str):
             self._net, self.id = None, fm
         else:
-            raise TypeError(f"fm must be a model id or a torch module, got {type(fm).__name__}.")
+            raise TypeError(f"fm must be a model id, a torch module, or a module with its transform ((module, "
+                            f"transform) or dbk.tl.wrap_fm(module, transform)), got {type(fm).__name__}.")
+        self.user_supplied = getattr(fm, "dbk_source", None) == "user-supplied"
         self.key = model_key(self.id)
 
     def __call__(self):
@@ -473,6 +496,16 @@ class _FoundationModel:
 
             self._net, _ = load_foundation_model(self.id, device=resolve_device(self.accelerator))
         return self._net
+
+    def size_px(self) -> int:
+        """The input side of the run: the ``fm_size_px`` given, else the model's own (the model is loaded for it)."""
+        if self._size is None:
+            from ._embed import fm_input_plan, module_data_config
+
+            net = self()
+            fm_id = str(getattr(net, "dbk_model", None) or self.id)
+            self._size = int(fm_input_plan(module_data_config(net), self._size_given, fm_id)[0])
+        return self._size
 
     def embed(self, sd, name: str, *, fm_size_px: int, tiles_key: str, table_key: str, batch_size: int) -> None:
         """FM embeddings of the slide into ``obsm[key]``.

@@ -79,7 +79,8 @@ class BenchmarkFold:
     options
         The calling method's ``method_kwargs`` entry (set before each call).
     fm_size_px, tile_size_um, tiles_key, table_key, batch_size
-        Settings of the run, for :func:`dbk.tl.fit_diffbulk`.
+        Settings of the run, for :func:`dbk.tl.fit_diffbulk` (``fm_size_px``: the foundation model's input size,
+        which :func:`dbk.tl.benchmark` resolves once, the model's own unless given; ``None``: the model's own).
     stage1_settings
         How :meth:`stage1` makes the fold's stage-1 models: ``preset``, ``max_steps``, ``pretrain_kwargs`` and
         ``checkpoint_dir`` of the :func:`dbk.tl.benchmark` call.
@@ -110,7 +111,7 @@ class BenchmarkFold:
     accelerator: str = "auto"
     context_um: float | None = None
     options: dict = field(default_factory=dict)
-    fm_size_px: int = 224
+    fm_size_px: int | None = None
     tile_size_um: float = 112.0
     tiles_key: str = TILES_KEY
     table_key: str = TILES_TABLE_KEY

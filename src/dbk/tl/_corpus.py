@@ -46,6 +46,28 @@ def embed_step(sdata, *, fm: str, fm_size_px: int, tiles_key: str, table_key: st
     return model_key(fm)
 
 
+def model_input_size(fm: str) -> int:
+    """The model's own input size in pixels (224 for the default EfficientNet-Lite0): what ``fm_size_px=None`` means.
+
+    The model is loaded once, on the CPU of this process, as :func:`dbk.tl.fit_diffbulk` loads it, and its size
+    read from its data config (:func:`dbk.tl._embed.fm_input_plan`).
+
+    Parameters
+    ----------
+    fm
+        A model name :func:`dbk.tl.embed_tiles` takes.
+
+    Returns
+    -------
+    The input side in pixels.
+    """
+    import torch
+
+    from ._fit_steps import load_fm
+
+    return int(load_fm(fm, size_px=None, device=torch.device("cpu")).size_px)
+
+
 def prepare_one(source, name: str, dest: str | os.PathLike, **kwargs) -> dict:
     """:func:`dbk.pp._corpus.prepare_one` of one slide with :func:`embed_step` (the work of one task; never raises).
 
@@ -69,7 +91,7 @@ def prepare_corpus(
     out: str | os.PathLike,
     tile_size_um: float = 112.0,
     fm: str = DEFAULT_FM,
-    fm_size_px: int = 224,
+    fm_size_px: int | None = None,
     client=None,
     overwrite: bool = False,
     reader: Callable | None = None,
@@ -111,7 +133,10 @@ def prepare_corpus(
     fm
         Foundation model of the embeddings (a name :func:`dbk.tl.embed_tiles` takes; the default is offline).
     fm_size_px
-        Its input size in pixels.
+        Its input size in pixels. ``None`` (default): the model's own input size (224 for the default
+        EfficientNet-Lite0), read from the model, loaded once in this process before any slide. The markers record
+        the resolved size, so a corpus prepared with ``fm_size_px=224`` resumes under ``None`` when the model's own
+        size is 224.
     client
         A ``distributed.Client``, a scheduler address (``"tcp://host:8786"``), or ``None``: one slide after the
         other in this process. One slide is one task (``client.map(..., pure=False)``, results by
@@ -147,9 +172,9 @@ def prepare_corpus(
     >>> report[report.status == "failed"]
     """
     return run_corpus(paths_or_slides, out=out, embed=embed_step, tile_size_um=tile_size_um, fm=fm,
-                      fm_size_px=fm_size_px, client=client, overwrite=overwrite, reader=reader, names=names,
-                      tiles_key=tiles_key, table_key=table_key, batch_size=batch_size, accelerator=accelerator,
-                      threads=threads)
+                      fm_size_px=fm_size_px, own_size=model_input_size, client=client, overwrite=overwrite,
+                      reader=reader, names=names, tiles_key=tiles_key, table_key=table_key, batch_size=batch_size,
+                      accelerator=accelerator, threads=threads)
 
 
 def prepare(paths_or_slides, **kwargs) -> pd.DataFrame:
