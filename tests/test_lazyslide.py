@@ -258,3 +258,33 @@ def test_bad_wsidata_inputs_are_named(slide):
             dbk.pp.from_wsidata(wsi)
     finally:
         wsi.properties.mpp = old
+
+
+def test_pyramid_levels_of_the_file_are_read_through_the_reader(slide, tmp_path):
+    """A file whose pyramid the reader sees (levels as TIFF pages): dbk keeps the reader's levels and reads a coarse
+    tile from the right level straight from the reader, pixel-identical to wsidata's own (dask) reading of it."""
+    import tifffile
+
+    from dbk.datasets._hest_local import pyramid_levels
+
+    _, _, path = slide
+    levels = pyramid_levels(tifffile.imread(path), 128)
+    pages = tmp_path / "pages.tif"
+    ppcm = 1e4 / PX_UM
+    with tifffile.TiffWriter(pages) as tif:
+        for i, level in enumerate(levels):
+            s = level.shape[1] / levels[0].shape[1]
+            tif.write(level, photometric="rgb", tile=(128, 128), resolution=(ppcm * s, ppcm * s),
+                      resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1, metadata=None)
+    wsi = _open(pages, tile_px=2 * TILE_PX)
+    assert wsi.properties.n_level == len(levels) >= 3
+    view = dbk.pp.from_wsidata(wsi)
+    tree = view.images["he"]
+    assert [tree[f"scale{i}"]["image"].shape[1:] for i in range(len(tree.children))] == [lv.shape[:2] for lv in levels]
+    ds = dbk.pp.TileDataset(view, size_px=TILE_PX // 2)  # 224 px tiles read at 56 px: the level downsampled 4x
+    assert ds.level_index == 2 and ds._direct is not None
+    assert len(ds) >= 4 and (ds.bounds[:, :2] > 0).all(axis=1).any()  # tiles away from the origin
+    direct = [ds.read(i) for i in range(len(ds))]
+    ds._direct = None  # the same level through wsidata's dask graph
+    for i, tile in enumerate(direct):
+        np.testing.assert_array_equal(tile, ds.read(i))
