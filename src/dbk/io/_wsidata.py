@@ -81,6 +81,36 @@ def wsidata_tiles(wsi, tiles_key: str) -> pd.DataFrame:
     return pd.DataFrame(b, columns=["x0", "y0", "x1", "y1"], index=ids)
 
 
+def wsidata_table_rows(wsi, key: str, tiles_key: str, tile_ids, *, what: str, remedy: str) -> np.ndarray:
+    """For each of ``tile_ids``, its row in the WSIData's table ``key``, which must annotate the tiles ``tiles_key``.
+
+    As LazySlide's tables do: spatialdata's ``region`` names the tiles and the ``instance_key`` column holds their
+    ``tile_id``. A table that does not, repeats a tile or lacks one is refused (ValueError naming ``what`` and
+    ``key``, then ``remedy``).
+    """
+    name = wsidata_name(wsi)
+    table = wsi.tables[key]
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region, inst_key = attrs.get("region"), attrs.get("instance_key")
+    regions = [region] if isinstance(region, str) else list(region or [])
+    if tiles_key not in regions or inst_key not in table.obs:
+        raise ValueError(f"{what} {key!r} of WSIData {name!r} does not annotate the tiles {tiles_key!r} (its region: "
+                         f"{regions}, instance key: {inst_key!r}); {remedy}")
+    pos = np.arange(table.n_obs)
+    if len(regions) > 1:
+        pos = np.flatnonzero((table.obs[attrs["region_key"]].astype(str) == tiles_key).to_numpy())
+    inst = pd.Index(table.obs[inst_key].to_numpy()[pos])
+    if inst.has_duplicates:
+        raise ValueError(f"{what} {key!r} of WSIData {name!r} has several rows for tiles "
+                         f"{inst[inst.duplicated()].unique()[:5].tolist()}; each tile needs one.")
+    found = inst.get_indexer(pd.Index(tile_ids))
+    if (found < 0).any():
+        missing = pd.Index(tile_ids)[found < 0]
+        raise ValueError(f"{len(missing)} of the {len(found)} tiles {tiles_key!r} have no row in {what.lower()} "
+                         f"{key!r} of WSIData {name!r} (e.g. tile ids {missing[:5].tolist()}); {remedy}")
+    return pos[found]
+
+
 class WSIRegion:
     """Read a ``(c, y, x)`` region of one pyramid level straight from a WSIData's reader (dbk's direct tile reads).
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .._constants import COUNTS_LAYER, IMAGE_KEY, SAMPLE_COL, TILES_KEY, TILES_TABLE_KEY
 from .._logging import logger
-from ..io._wsidata import LAZYSLIDE_TILES_KEY, wsidata_name
+from ..io._wsidata import LAZYSLIDE_TILES_KEY, wsidata_name, wsidata_table_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -127,27 +127,11 @@ def _expression_table(wsi, sdata, *, table_key: str, tiles_key: str, layer: str 
     if table_key not in wsi.tables:
         raise KeyError(f"No table {table_key!r} in WSIData {name!r} (tables: {list(wsi.tables)}).")
     src = wsi.tables[table_key]
-    attrs = src.uns.get("spatialdata_attrs", {})
-    regions = attrs.get("region")
-    regions = [regions] if isinstance(regions, str) else list(regions or [])
-    if tiles_key not in regions or attrs.get("instance_key") not in src.obs:
-        raise ValueError(f"Table {table_key!r} of WSIData {name!r} does not annotate the tiles {tiles_key!r} (its "
-                         f"region: {regions}, instance key: {attrs.get('instance_key')!r}); dbk needs one row per "
-                         f"tile, linked by tile_id: spatialdata.models.TableModel.parse(adata, region={tiles_key!r}, "
-                         "region_key=..., instance_key='tile_id').")
-    inst = pd.Index(src.obs[attrs["instance_key"]].to_numpy())
-    if len(regions) > 1:
-        keep = (src.obs[attrs["region_key"]].astype(str) == tiles_key).to_numpy()
-        src, inst = src[keep], inst[keep]
-    if inst.has_duplicates:
-        raise ValueError(f"Table {table_key!r} of WSIData {name!r} has several rows for tiles "
-                         f"{inst[inst.duplicated()].unique()[:5].tolist()}; each tile needs one.")
     tiles = sdata.shapes[TILES_KEY]
-    rows = inst.get_indexer(tiles.index)
-    if (rows < 0).any():
-        missing = tiles.index[rows < 0]
-        raise ValueError(f"{len(missing)} of the {len(tiles)} tiles {tiles_key!r} have no row in table {table_key!r} "
-                         f"of WSIData {name!r} (e.g. tile ids {missing[:5].tolist()}).")
+    rows = wsidata_table_rows(wsi, table_key, tiles_key, tiles.index, what="Table",
+                              remedy="dbk needs one row per tile, linked by tile_id: "
+                                     f"spatialdata.models.TableModel.parse(adata, region={tiles_key!r}, "
+                                     "region_key=..., instance_key='tile_id').")
     x = src.layers[layer] if layer is not None else src.X
     x = x[rows]
     values = x.data if sp.issparse(x) else np.asarray(x)

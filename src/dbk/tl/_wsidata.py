@@ -18,9 +18,8 @@ from ..io._wsidata import (
     LAZYSLIDE_TILES_KEY,
     is_wsidata,
     wsidata_name,
-    wsidata_pixel_size,
     wsidata_table,
-    wsidata_tiles,
+    wsidata_table_rows,
 )
 from ..pp._wsidata import from_wsidata
 
@@ -34,21 +33,23 @@ def wsidata_tiles_key(wsi, tiles_key: str) -> str:
     return tiles_key
 
 
-def check_wsidata_tile_size(wsi, tiles_key: str, tile_size_um: float) -> None:
-    """Refuse tiles whose side is not ``tile_size_um`` (within 2%), with the LazySlide call that makes matching ones."""
-    px = wsidata_pixel_size(wsi)
-    b = wsidata_tiles(wsi, tiles_key).to_numpy()
-    if not len(b):
-        raise ValueError(f"WSIData {wsidata_name(wsi)!r} has no tiles in {tiles_key!r}.")
-    side = float(np.median(b[:, 2] - b[:, 0]))
+def check_wsidata_tile_size(view, tiles_key: str, tile_size_um: float) -> None:
+    """Refuse tiles whose side is not ``tile_size_um`` (within 2%), with the LazySlide call that makes matching ones.
+
+    ``view`` is the WSIData's :func:`from_wsidata` view; ``tiles_key`` names the WSIData's tiles in the message.
+    """
+    px = float(view.attrs["wsidata"]["um_per_px"])
+    side = view.shapes[TILES_KEY].attrs["dbk"]["tile_size_px"]  # the median side, as from_wsidata measured it
+    if not len(view.shapes[TILES_KEY]):
+        raise ValueError(f"WSIData {view.attrs['sample']!r} has no tiles in {tiles_key!r}.")
     um = side * px
     if abs(um / tile_size_um - 1) > TILE_SIZE_TOLERANCE:
         tile_px = round(tile_size_um / px)
         raise ValueError(
-            f"The tiles {tiles_key!r} of WSIData {wsidata_name(wsi)!r} are {um:.1f} µm ({side:g} px at {px:g} µm/px); "
-            f"the model was trained on {tile_size_um:g} µm tiles and learned nothing about other sizes. Tile again "
-            f"at its size: zs.pp.tile_tissues(wsi, {tile_px}, mpp={px:g}, key_added='tiles_{tile_size_um:g}um'), "
-            f"then pass tiles_key='tiles_{tile_size_um:g}um'.")
+            f"The tiles {tiles_key!r} of WSIData {view.attrs['sample']!r} are {um:.1f} µm ({side:g} px at {px:g} "
+            f"µm/px); the model was trained on {tile_size_um:g} µm tiles and learned nothing about other sizes. Tile "
+            f"again at its size: zs.pp.tile_tissues(wsi, {tile_px}, mpp={px:g}, key_added='tiles_{tile_size_um:g}um'"
+            f"), then pass tiles_key='tiles_{tile_size_um:g}um'.")
 
 
 def feature_table(wsi, features_key: str, tiles_key: str, tile_ids: pd.Index, width: int) -> tuple[np.ndarray, str]:
@@ -62,18 +63,9 @@ def feature_table(wsi, features_key: str, tiles_key: str, tile_ids: pd.Index, wi
         raise KeyError(f"No feature table {names[1]!r} (or {names[0]!r}) in WSIData {wsidata_name(wsi)!r}; tables: "
                        f"{list(wsi.tables)}. Make one with zs.tl.feature_extraction(wsi, {features_key!r}).")
     table = wsi.tables[key]
-    attrs = table.uns.get("spatialdata_attrs", {})
-    region = attrs.get("region")
-    regions = [region] if isinstance(region, str) else list(region or [])
-    inst = attrs.get("instance_key")
-    if tiles_key not in regions or inst not in table.obs:
-        raise ValueError(f"Feature table {key!r} does not annotate the tiles {tiles_key!r} (its region: {regions}); "
-                         "extract features on these tiles: zs.tl.feature_extraction(wsi, ..., "
-                         f"tile_key={tiles_key!r}).")
-    rows = pd.Index(table.obs[inst].to_numpy()).get_indexer(tile_ids)
-    if (rows < 0).any():
-        raise ValueError(f"{int((rows < 0).sum())} tiles of {tiles_key!r} have no row in feature table {key!r} (made "
-                         "before the tiles were laid again?); extract the features again.")
+    rows = wsidata_table_rows(wsi, key, tiles_key, tile_ids, what="Feature table",
+                              remedy=f"extract features on these tiles: zs.tl.feature_extraction(wsi, ..., "
+                                     f"tile_key={tiles_key!r}).")
     x = table.X[rows]
     x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
     if x.shape[1] != width:
@@ -87,24 +79,22 @@ def predict_wsidata(model, wsi, *, tiles_key: str, key_added: str, features_key:
     """:meth:`DiffBulk.predict` on a WSIData (see there): the predictions written as ``f"{key_added}_{tiles_key}"``."""
     from ..pp._tile_table import empty_tile_table
 
-    target = copy_wsidata(wsi) if copy else wsi
-    tiles_key = wsidata_tiles_key(target, tiles_key)
-    check_wsidata_tile_size(target, tiles_key, model.tile_size_um)
+    tiles_key = wsidata_tiles_key(wsi, tiles_key)
+    view = from_wsidata(wsi, tiles_key=tiles_key)  # reads nothing yet; the WSIData is not changed
+    check_wsidata_tile_size(view, tiles_key, model.tile_size_um)
+    target = copy_wsidata(wsi) if copy else wsi  # where the table goes; the view reads through the same reader
     out_key = f"{key_added}_{tiles_key}"
-    view = from_wsidata(target, tiles_key=tiles_key)
     name = str(view.attrs["sample"])
+    adata = empty_tile_table(view, TILES_KEY, TILES_TABLE_KEY)
     fm_source = None
     if features_key is not None:
-        adata = empty_tile_table(view, TILES_KEY, TILES_TABLE_KEY)
         width = int(model.config["fm"]["dim"])
-        x, key = feature_table(target, features_key, tiles_key, pd.Index(adata.obs["instance_id"]), width)
+        x, key = feature_table(wsi, features_key, tiles_key, pd.Index(adata.obs["instance_id"]), width)
         adata.obsm[model.fm_key] = x
         fm_source = {"source": "user-supplied", "table": key, "note": "a LazySlide feature table: its model and "
                      "preprocessing are taken to be the model's foundation model's (dbk checked the width only)"}
         logger.info(f"predict: FM embeddings from WSIData table {key!r} ({x.shape[1]} features per tile), taken as "
                     f"the model's {model.fm_id!r} features: dbk cannot check their weights or preprocessing.")
-    else:
-        empty_tile_table(view, TILES_KEY, TILES_TABLE_KEY)
     df = model._predict_slide(view, name, tiles_key=TILES_KEY, table_key=TILES_TABLE_KEY, key_added=key_added,
                               batch_size=batch_size, fm_source=fm_source)
     adata = view.tables[TILES_TABLE_KEY]
@@ -139,8 +129,7 @@ def copy_wsidata(wsi):
 
     from .._utils import copy_sdata
 
-    out = WSIData.from_spatialdata(copy_sdata(wsi), reader=wsi.reader)
-    return out
+    return WSIData.from_spatialdata(copy_sdata(wsi), reader=wsi.reader)
 
 
 def wsidata_views(data, *, tiles_key: str, table_key: str):
