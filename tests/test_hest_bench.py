@@ -311,3 +311,47 @@ def test_hest_task_embeds_at_the_models_own_input_size_unless_given(tmp_path):
     assert slides["SAMPA"].tables["dbk_table"].uns["dbk"]["embeddings"]["X_test_efficientnet"]["size_px"] == 48
     res = dbk.tl.benchmark(task, methods=["mean"], fm=net, fm_size_px=32, **run)
     assert res.attrs["settings"]["fm_size_px"] == 32
+
+
+# ---- the command line ------------------------------------------------------------------------------------------------
+
+
+def test_command_line_runs_tasks_and_prints_the_hest_summary(tmp_path, capsys):
+    """`dbk benchmark --hest-task IDC` is dbk.tl.benchmark on the task: the same numbers, hest_summary printed
+    beside the published averages, the tidy table with a task column; options the protocol fixes are refused."""
+    from dbk.cli import main
+
+    write_task(tmp_path / "bench", n_patches=(12, 14, 12, 14))
+    task = dbk.datasets.hest_bench("IDC", root=tmp_path / "bench")
+    kwargs = {"methods": ["mean", "ridge_cv"], "fm_size_px": 32, "top_k": 5, "random_state": 0,
+              "accelerator": "cpu"}
+    direct = dbk.tl.benchmark(task, **kwargs)
+    capsys.readouterr()
+    out = tmp_path / "res.csv"
+    assert main(["benchmark", "--hest-task", "idc", "--hest-bench-root", str(tmp_path / "bench"), "--methods",
+                 "mean,ridge_cv", "--fm-size-px", "32", "--top-k", "5", "--accelerator", "cpu", "--out",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "HEST-Benchmark task 'IDC', 2 folds (its split files), 50 genes" in text
+    assert "H-optimus-0 (published)" in text and "0.4146" in text and "ridge_cv" in text
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["task", "split", "fold", "method", "metric", "value", "seconds"]
+    assert set(table["task"]) == {"IDC"} and set(table["split"]) == {"hest"}
+    got = table.set_index(["fold", "method", "metric"])["value"]
+    want = direct.set_index(["fold", "method", "metric"])["value"]
+    assert got.index.sort_values().equals(want.index.sort_values())
+    np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), rtol=1e-6, equal_nan=True)
+    summary = dbk.tl.hest_summary(direct)
+    mean = summary.loc["ridge_cv", ("IDC", "pearson_mean")]
+    assert f"{mean:.4f}" in text
+
+    for extra, named in ((["a.zarr"], "SLIDE arguments"), (["--split", "loso"], "--split"),
+                         (["--n-top-genes", "3"], "--n-top-genes"), (["--tile-um", "56"], "--tile-um")):
+        with pytest.raises(SystemExit, match=f"so {named} cannot be given with it"):
+            main(["benchmark", *extra, "--hest-task", "IDC", "--hest-bench-root", str(tmp_path / "bench")])
+    with pytest.raises(SystemExit, match="--hest-task LUNG: .*'LUNG': its gene list or split files are missing"):
+        main(["benchmark", "--hest-task", "IDC,LUNG", "--hest-bench-root", str(tmp_path / "bench")])  # offline
+    with pytest.raises(SystemExit, match="--hest-task NOPE: Unknown HEST-Benchmark task 'NOPE'"):
+        main(["benchmark", "--hest-task", "NOPE", "--hest-bench-root", str(tmp_path / "bench")])
+    with pytest.raises(SystemExit, match="name the task"):
+        main(["benchmark", "a.zarr", "--hest-bench-root", str(tmp_path / "bench")])

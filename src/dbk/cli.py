@@ -620,22 +620,38 @@ def cmd_benchmark(args) -> int:
         if unknown or not methods:
             raise SystemExit(f"--methods: unknown method(s) {unknown}; the methods are {', '.join(known)} "
                              "(dbk benchmark --list-methods describes them).")
+    tasks = [t for given in args.hest_task for t in _split_list(given)]
+    if args.hest_bench_root is not None and not tasks:
+        raise SystemExit("--hest-bench-root is the folder of HEST-Benchmark task folders: name the task(s) with "
+                         "--hest-task.")
+    if tasks:
+        given = [opt for opt, value in (("SLIDE arguments", args.slides), ("--sample", args.sample),
+                                        ("--split", args.split), ("--genes", args.genes),
+                                        ("--n-top-genes", args.n_top_genes), ("--patients", args.patients),
+                                        ("--tile-um", args.tile_um)) if value is not None and value != []]
+        if given:
+            raise SystemExit(f"--hest-task runs HEST-Benchmark's protocol: the task's split files, its 50 genes and "
+                             f"its 112 µm patches as the tiles, so {', '.join(given)} cannot be given with it.")
     out = None
     if args.out is not None:
-        _refuse_overlap(args.out, [*args.slides, args.hest_root, args.genes, args.patients])
+        _refuse_overlap(args.out, [*args.slides, args.hest_root, args.hest_bench_root, args.genes, args.patients])
         out = Path(args.out).expanduser()
         _check_out(out, args.overwrite, _check_csv)
+    common = dict(**({} if methods is None else {"methods": methods}), top_k=args.top_k, fm=args.fm,
+                  fm_size_px=args.fm_size_px, context_um=args.context_um, pretrain_steps=args.pretrain_steps,
+                  preset=args.preset, checkpoint_dir=args.checkpoint_dir, accelerator=args.accelerator,
+                  random_state=args.seed, errors=args.errors, batch_size=args.batch_size)
+    if tasks:
+        return _benchmark_hest_tasks(tasks, args, common, out)
+    split = args.split or "loso"
     slides = _read_slides(args.slides, hest_root=args.hest_root, samples=args.sample, images=False)
     _apply_patients(slides, args.patients)
     t = time.perf_counter()
     res = dbk.tl.benchmark(
-        slides, **({} if methods is None else {"methods": methods}), split=args.split,
-        genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes, top_k=args.top_k,
-        tile_size_um=args.tile_um, fm=args.fm, fm_size_px=args.fm_size_px, context_um=args.context_um,
-        pretrain_steps=args.pretrain_steps, preset=args.preset, checkpoint_dir=args.checkpoint_dir,
-        accelerator=args.accelerator, random_state=args.seed, errors=args.errors, batch_size=args.batch_size)
+        slides, split=split, genes=_read_genes(args.genes) if args.genes else None, n_top_genes=args.n_top_genes,
+        tile_size_um=112.0 if args.tile_um is None else args.tile_um, **common)
     folds = res.attrs["folds"]
-    print(f"\nbenchmark: {len(slides)} slides, split {args.split!r} ({len(folds)} folds), "
+    print(f"\nbenchmark: {len(slides)} slides, split {split!r} ({len(folds)} folds), "
           f"{len(res.attrs['genes'])} candidate genes, {time.perf_counter() - t:.0f} s. Mean and std over the folds:")
     summary = dbk.tl.benchmark_summary(res)
     with pd.option_context("display.width", 250, "display.max_columns", 40):
@@ -645,6 +661,46 @@ def cmd_benchmark(args) -> int:
     if out is not None:
         res.to_csv(out, index=False)
         print(f"results ({len(res)} rows: split, fold, method, metric, value, seconds) -> {out}")
+    return 0
+
+
+def _benchmark_hest_tasks(tasks: list[str], args, common: dict, out: Path | None) -> int:
+    """``dbk benchmark --hest-task``: :func:`dbk.tl.benchmark` on each HEST-Benchmark task, then their summary.
+
+    :func:`dbk.tl.hest_summary` of them all is printed beside the published averages; ``out`` gets the tidy tables
+    with a ``task`` column.
+    """
+    import pandas as pd
+
+    import dbk
+
+    # every task found (or its missing files listed) before any is run
+    found = []
+    for name in tasks:
+        try:
+            found.append(dbk.datasets.hest_bench(name, root=args.hest_bench_root, hest_root=args.hest_root))
+        except (FileNotFoundError, ConnectionError, ValueError) as err:  # the listing of what is missing, and where
+            raise SystemExit(f"--hest-task {name}: {err}") from None
+    runs: dict[str, pd.DataFrame] = {}
+    for task in found:
+        t = time.perf_counter()
+        res = dbk.tl.benchmark(task, **common)
+        runs[task.name] = res
+        print(f"\nbenchmark: HEST-Benchmark task {task.name!r}, {len(res.attrs['folds'])} folds (its split files), "
+              f"{len(task.genes)} genes, {time.perf_counter() - t:.0f} s")
+        for f in res.attrs.get("failed", []):
+            print(f"FAILED: {f.get('method')} on fold {f.get('fold')}: {f.get('error')}")
+    print("\nHEST-Benchmark (dbk.tl.hest_summary): per task the mean and np.std (ddof 0) over folds of each fold's "
+          "mean over genes of the Pearson r; pearson_flattened is the DiffBulk reference code's metric, not HEST's. "
+          "The published averages are over HEST's nine tasks, each with its own foundation model:")
+    summary = dbk.tl.hest_summary(runs)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    if out is not None:
+        table = pd.concat([res.assign(task=name) for name, res in runs.items()], ignore_index=True)
+        table = table[["task", *[c for c in table.columns if c != "task"]]]
+        table.to_csv(out, index=False)
+        print(f"results ({len(table)} rows: task, split, fold, method, metric, value, seconds) -> {out}")
     return 0
 
 
@@ -854,9 +910,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_bench.add_argument("--methods", default=None,
                          help="comma-separated method names (default: dbk.tl.benchmark's: "
                               f"{','.join(BENCHMARK_DEFAULT_METHODS)}; --list-methods lists them all)")
-    p_bench.add_argument("--split", default="loso", choices=["loso", "patient", "blocks"],
+    p_bench.add_argument("--split", default=None, choices=["loso", "patient", "blocks"],
                          help="loso: each slide is the test once; patient: each patient's slides (--patients or "
-                              "attrs['patient']); blocks: spatial blocks within each slide (for one slide)")
+                              "attrs['patient']); blocks: spatial blocks within each slide (for one slide) "
+                              "(default: loso; a --hest-task runs on its own split files)")
+    p_bench.add_argument("--hest-task", default=[], action="append",
+                         help="a HEST-Benchmark task (IDC, PRAD, PAAD, SKCM, COAD, READ, CCRCC, LUNG, LYMPH_IDC; "
+                              "repeat or comma-separate for several) instead of slides: HEST's split files, 50 genes "
+                              "and targets, ridge_hest beside the default methods; prints dbk.tl.hest_summary beside "
+                              "the published averages (--hest-root: HEST-1k metadata for the pixel sizes)")
+    p_bench.add_argument("--hest-bench-root", default=None,
+                         help="folder of the HEST-Benchmark task folders (default: dbk.settings.datasetdir/hest_bench;"
+                              " missing files are fetched from the hub unless HF_HUB_OFFLINE or DBK_OFFLINE is set)")
     p_bench.add_argument("--genes", default=None, help="file with the genes to predict, one per line (default: those "
                          "measured on every slide)")
     p_bench.add_argument("--n-top-genes", type=int, default=None,
@@ -865,7 +930,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p_bench.add_argument("--patients", default=None,
                          help="the patient of each slide, SAMPLE=PATIENT pairs or a file of 'sample,patient' lines "
                               "(for --split patient; default: each slide's attrs['patient'])")
-    p_bench.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm for slides without tiles")
+    p_bench.add_argument("--tile-um", type=float, default=None,
+                         help="tile side in µm for slides without tiles (default: 112)")
     p_bench.add_argument("--fm", default="efficientnet_lite0",
                          help="foundation model of every method's features (a name dbk fit --fm takes)")
     p_bench.add_argument("--fm-size-px", type=int, default=None,
