@@ -352,6 +352,33 @@ def test_her2st_from_the_local_copy(her2st_dir, monkeypatch):
     assert dbk.datasets.her2st_genes(path=her2st_dir)[:3] == ["HPS6", "TNC", "NR1H2"]
 
 
+def test_her2st_reads_the_folder_in_dbk_her2st(her2st_dir, datasetdir, monkeypatch):
+    monkeypatch.setattr(_registry, "_download", _no_network)
+    monkeypatch.setenv("DBK_HER2ST", str(her2st_dir))
+    slides = dbk.datasets.her2st(["B4"])
+    assert slides["B4"].tables["table"].shape == (283, 15289)
+    assert not (datasetdir / "her2st").exists()  # read in place: nothing fetched into datasetdir
+
+
+def test_her2st_dbk_her2st_is_the_default_path_not_a_download(datasetdir, tmp_path, monkeypatch):
+    """$DBK_HER2ST is read as path= is (checked, never downloaded into); an explicit path= wins over it."""
+    monkeypatch.setattr(_registry, "_download", _no_network)
+    (tmp_path / "copy").mkdir()
+    monkeypatch.setenv("DBK_HER2ST", str(tmp_path / "copy"))
+    with pytest.raises(FileNotFoundError, match=r"3 file\(s\) missing") as err:
+        dbk.datasets.her2st(["C3"])
+    assert f"Dataset 'her2st' in {tmp_path / 'copy'} ($DBK_HER2ST):" in str(err.value)
+    assert str(tmp_path / "copy" / "C3" / "counts.tsv.gz") in str(err.value)
+    assert f"(or unset DBK_HER2ST to download them into {datasetdir / 'her2st'})" in str(err.value)
+    monkeypatch.setenv("DBK_HER2ST", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"\$DBK_HER2ST='.*absent' is not a folder. Point it at the folder"):
+        dbk.datasets.her2st(["C3"])
+    with pytest.raises(FileNotFoundError, match="path='.*elsewhere' is not a folder. Pass the folder") as err:
+        dbk.datasets.her2st(["C3"], path=tmp_path / "elsewhere")  # path= wins over $DBK_HER2ST
+    assert "absent" not in str(err.value) and "pass path=None to download" in str(err.value)
+    assert list(tmp_path.joinpath("copy").iterdir()) == []
+
+
 def test_her2st_download_path_end_to_end(her2st_dir, datasetdir, monkeypatch, serve):
     """Section C6 "downloaded" over HTTP from the shared data lands in datasetdir with the right hashes."""
     base, requests = serve(her2st_dir)

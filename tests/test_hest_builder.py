@@ -178,7 +178,8 @@ def test_builder_writes_reads_back_and_then_leaves_the_sample_alone(fake_her2st,
     assert list(built["status"]) == ["built", "built"]
     assert list(built["patient"]) == ["Patient B", "Patient C"]
     assert built.loc["SPA145", "pixel_size_um"] == pytest.approx(0.6888828977730672)  # HEST's, not the file's
-    assert fake_her2st == [(["B4"], str(tmp_path / "her2st_copy")), (["C2"], str(tmp_path / "her2st_copy"))]
+    # path=None: dbk.datasets.her2st itself reads $DBK_HER2ST (tests/test_datasets_registry.py)
+    assert fake_her2st == [(["B4"], None), (["C2"], None)]
     # (the tiny section is not B4: the builder says its spots, genes and size differ from HEST's table)
     assert any("HEST's table says 283 for SPA145" in r.getMessage() for r in dbk_log.records)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 HER2ST_SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 HER2ST_PATIENTS = {"B4": "B", "C2": "C", "C3": "C", "C4": "C", "C5": "C", "C6": "C"}  # Andersson et al.'s patient ids
 N_HER2ST_GENES = 785
+logger = logging.getLogger("dbk")
 GENES_TXT = "genes_785.txt"
 
 
@@ -45,7 +47,9 @@ def her2st(
     path
         A folder that already holds the sections, one subfolder each (``B4/counts.tsv.gz``,
         ``B4/spot_selection.tsv``, ``B4/BT10737_D2_HE.jpg``, ...): checked against the registry's hashes, nothing is
-        downloaded.
+        downloaded. Default: the folder in the environment variable ``DBK_HER2ST`` if set (as
+        :func:`dbk.datasets.hest_from_her2st` reads it), else ``dbk.settings.datasetdir / "her2st"``, downloading
+        what is missing there.
     download
         Download missing files (see :func:`dbk.datasets.fetch`; ``DBK_OFFLINE`` / ``HF_HUB_OFFLINE`` turn
         downloads off too).
@@ -78,8 +82,12 @@ def her2st(
     283
     """
     names = _sections(sections)
+    path_env = None
+    if path is None and os.environ.get("DBK_HER2ST"):
+        path, path_env = os.environ["DBK_HER2ST"], "DBK_HER2ST"
+        logger.info(f"her2st: reading the sections from $DBK_HER2ST ({path}); nothing is downloaded.")
     files = [f for f in _registry.get("her2st").files if f.path.split("/", 1)[0] in names]
-    root = _registry.ensure("her2st", files, path=path, download=download)
+    root = _registry.ensure("her2st", files, path=path, download=download, path_env=path_env)
 
     from ..io import read_st_folder
 

@@ -204,9 +204,8 @@ def hest_from_her2st(
     if todo:
         from ._her2st import her2st
 
-        source = path if path is not None else (os.environ.get("DBK_HER2ST") or None)
         for name in todo:  # one section at a time: a decoded H&E is about 280 MB
-            sdata = her2st([name], path=source)[name]
+            sdata = her2st([name], path=path)[name]  # path=None: $DBK_HER2ST if set, as her2st reads it
             # files of an interrupted earlier build are dbk's own (others raised above): written again
             info = _build_section(sdata, name, root, overwrite=True)
             rows[HER2ST_HEST_IDS[name]].update(status="built", **info)

@@ -275,12 +275,16 @@ def ensure(
     *,
     path: str | os.PathLike | None = None,
     download: bool = True,
+    path_env: str | None = None,
 ) -> Path:
-    """:func:`fetch` for some of a dataset's files (all by default)."""
+    """:func:`fetch` for some of a dataset's files (all by default).
+
+    ``path_env``: the environment variable ``path`` was read from, named in the messages instead of ``path=``.
+    """
     ds = get(name)
     files = list(ds.files if files is None else files)
     if path is not None:
-        return _check_folder(ds, files, Path(path).expanduser())
+        return _check_folder(ds, files, Path(path).expanduser(), path_env=path_env)
     root = settings.datasetdir / ds.name
     todo, wrong = [], []
     for f in files:
@@ -354,23 +358,26 @@ def _problem(local: Path, f: RemoteFile) -> str | None:
     return None
 
 
-def _check_folder(ds: Dataset, files: list[RemoteFile], root: Path) -> Path:
+def _check_folder(ds: Dataset, files: list[RemoteFile], root: Path, *, path_env: str | None = None) -> Path:
+    given = f"${path_env}=" if path_env else "path="
+    instead = (f"unset {path_env}" if path_env else "pass path=None") + " to download them into"
     if not root.is_dir():
         raise FileNotFoundError(
-            f"Dataset {ds.name!r}: path={str(root)!r} is not a folder. Pass the folder that holds these files, or "
-            f"path=None to download them into {settings.datasetdir / ds.name}:\n" + _listing(root, files)
+            f"Dataset {ds.name!r}: {given}{str(root)!r} is not a folder. "
+            f"{'Point it at' if path_env else 'Pass'} the folder that holds these files, or {instead} "
+            f"{settings.datasetdir / ds.name}:\n" + _listing(root, files)
         )
     problems = [(f, _problem(root / f.path, f)) for f in files]
     missing = [f for f, p in problems if p == "missing"]
     wrong = [(f, p) for f, p in problems if p not in (None, "missing")]
     if not missing and not wrong:
         return root
-    text = f"Dataset {ds.name!r} in {root}:"
+    text = f"Dataset {ds.name!r} in {root}" + (f" (${path_env})" if path_env else "") + ":"
     if wrong:
         text += "".join(f"\n  {root / f.path} {p}" for f, p in wrong)
     if missing:
         text += (
-            f"\n{len(missing)} file(s) missing; copy them there (or pass path=None to download them into "
+            f"\n{len(missing)} file(s) missing; copy them there (or {instead} "
             f"{settings.datasetdir / ds.name}):\n" + _listing(root, missing)
         )
     if wrong:
