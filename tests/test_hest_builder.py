@@ -115,10 +115,17 @@ def test_a_written_st_section_reads_back_as_the_st_folder(section, tmp_path):
     assert meta["dbk_built_from"]["builder"] == "tests/test_hest_builder.py"
     with tifffile.TiffFile(root / "wsis" / "TINYST1.tif") as tif:
         page = tif.pages[0]
-        assert page.is_tiled and page.tilewidth == 256 and len(page.pages) == 1  # one SubIFD: the halved level
+        assert page.is_tiled and page.tilewidth == 256
         assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
         assert page.resolution[0] == pytest.approx(1e4 / PIXEL_SIZE)  # pixels per cm, as HEST writes them
         assert page.software.startswith("dbk ")
+        # the halved level is a reduced-resolution page (libvips' pyramid layout), one series with two levels
+        assert len(tif.pages) == 2 and tif.pages[1].is_reduced and tif.pages[1].is_tiled
+        assert [lvl.shape[:2] for lvl in tif.series[0].levels] == [he.shape[:2], (he.shape[0] // 2, he.shape[1] // 2)]
+    openslide = pytest.importorskip("openslide", reason="OpenSlide (the lazyslide extra) reads the pyramid")
+    with openslide.OpenSlide(root / "wsis" / "TINYST1.tif") as slide:  # as LazySlide and HEST's readers open it
+        assert slide.level_count == 2 and slide.level_downsamples[1] == pytest.approx(2, rel=0.01)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(PIXEL_SIZE)
 
 
 def test_the_writer_never_replaces_a_file_it_did_not_write(section, tmp_path):

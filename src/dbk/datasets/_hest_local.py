@@ -115,7 +115,8 @@ def hest_from_her2st(
       from the spot file's ``pixel_y`` / ``pixel_x``), the same centres ``(x, y)`` in ``obsm["spatial"]``, and
       ``uns["spatial"]["ST"]`` with a 1000 px thumbnail and its scale factors (as HEST's files have);
     - ``wsis/<id>.tif``: the her2st H&E JPEG, decoded, as a pyramidal tiled TIFF (256 px tiles, lossless deflate,
-      each halved level a SubIFD of level 0) whose resolution tags hold HEST's pixel size;
+      each halved level a reduced-resolution page after level 0, the pyramid OpenSlide and tifffile read) whose
+      resolution tags hold HEST's pixel size;
     - ``metadata/<id>.json``: HEST's metadata of the sample, the values of its row in HEST's metadata table
       (``id``, ``patient`` "Patient B" / "Patient C", ``st_technology`` "Spatial Transcriptomics",
       ``pixel_size_um_estimated``, ``spot_diameter`` 100, ``inter_spot_dist`` 200, ``species``, ``organ``,
@@ -337,7 +338,7 @@ def write_hest_files(
     sample_id
         The sample's id (a HEST name, see :func:`dbk.io._hest.check_hest_id`).
     levels
-        The H&E's pyramid, finest first: ``(h, w, 3)`` uint8 arrays, each level a SubIFD of level 0.
+        The H&E's pyramid, finest first: ``(h, w, 3)`` uint8 arrays, each level a page of the file.
     spots
         The spot table, written as it is (plus the record in ``uns``).
     metadata
@@ -394,7 +395,12 @@ def write_pyramid_tiff(
     software: str,
     compression: str | None = "zlib",
 ) -> None:
-    """A tiled RGB TIFF: level 0 with the others as its SubIFDs, resolution tags in pixels per centimetre."""
+    """A tiled RGB TIFF pyramid: level 0, then each halved level as a reduced-resolution page (NewSubfileType 1).
+
+    The layout of libvips' ``tiffsave(pyramid=True)``, which OpenSlide reads as a generic tiled TIFF with all its
+    levels (LazySlide, HEST's readers) and tifffile as one series with ``levels``; SubIFDs (the OME layout) would be
+    seen by tifffile only. Resolution tags in pixels per centimetre.
+    """
     import tifffile
 
     ppcm = 1e4 / pixel_size_um
@@ -406,7 +412,7 @@ def write_pyramid_tiff(
     with tifffile.TiffWriter(path, bigtiff=big) as tif:
         for i, level in enumerate(levels):
             scale = level.shape[1] / levels[0].shape[1]
-            extra = {"subifds": len(levels) - 1, "software": software} if i == 0 else {"subfiletype": 1}
+            extra = {"software": software} if i == 0 else {"subfiletype": 1}
             tif.write(level, resolution=(ppcm * scale, ppcm * scale), **options, **extra)
 
 
