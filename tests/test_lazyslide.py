@@ -54,16 +54,19 @@ def model(slide):
 
 
 def _tiles_on_sdata(sd, image_key, view, path):
-    """``sd`` with the TIFF's level 0 as its H&E (dbk's own pyramid of it) and the WSIData's tile boxes (from its
-    dbk view) as ``"ls_tiles"``: the same pixels, tiles and transcripts, read by dbk without the WSIData's reader."""
+    """``sd`` with the TIFF's pyramid (its own levels, as OpenSlide sees them) as its H&E and the WSIData's tile boxes
+    (from its dbk view) as ``"ls_tiles"``: the same pixels, tiles and transcripts, read by dbk without the WSIData's
+    reader."""
     import dask.array as da
     import tifffile
 
     from dbk._utils import copy_sdata
 
     out = copy_sdata(sd)
-    level0 = np.moveaxis(tifffile.imread(path), -1, 0)
-    out.images[image_key] = dbk.io.image_element([da.from_array(level0, chunks=(3, 512, 512))])
+    with tifffile.TiffFile(path) as tif:
+        levels = [np.moveaxis(level.asarray(), -1, 0) for level in tif.series[0].levels]
+    assert len(levels) == 3  # 1024, 512, 256 px: the pages OpenSlide reads as the slide's levels
+    out.images[image_key] = dbk.io.image_element([da.from_array(level, chunks=(3, 512, 512)) for level in levels])
     dbk.io.set_pixel_size(out, image_key, pixel_size_um=PX_UM)
     tiles = view.shapes["dbk_tiles"].copy()
     tiles.attrs = {**view.shapes["dbk_tiles"].attrs, "dbk": {**view.shapes["dbk_tiles"].attrs["dbk"],
