@@ -246,6 +246,71 @@ def test_tiff_pyramid_with_ceil_level_shapes_is_cropped_not_recomputed(tmp_path)
     assert dbk.io.get_pixel_size(sdata) == pytest.approx(0.25)
 
 
+def test_direct_tiff_readers_release_their_files_with_the_slides(tmp_path):
+    """A slide's direct TIFF reader lives as long as its arrays: slides read one after the other keep no file open
+    once dropped (it was one open file per slide, for the whole session: 'Too many open files' past the limit)."""
+    import gc
+    import os
+
+    from dbk.io._tiff import _DIRECT, TiffLevel
+
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        pytest.skip("needs /proc/self/fd to list the open files")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"slide{i}.tif")
+        tifffile.imwrite(paths[-1], rng.integers(0, 256, (512, 512, 3), dtype=np.uint8), photometric="rgb",
+                         tile=(128, 128))
+    ours = {os.path.realpath(p) for p in paths}
+
+    def open_files() -> set[str]:
+        found = set()
+        for f in fd_dir.iterdir():
+            try:
+                found.add(os.readlink(f))
+            except OSError:
+                continue
+        return found & ours
+
+    def registered() -> set[str]:
+        return {os.path.realpath(src.path) for ref, _ in list(_DIRECT.values())
+                if isinstance(src := ref(), TiffLevel)} & ours
+
+    def dataset(path):
+        sdata = dbk.io.read_image(path, pixel_size_um=0.5)
+        dbk.pp.make_tiles(sdata, tile_size_um=112, min_tissue_fraction=0)
+        return sdata, dbk.pp.TileDataset(sdata, size_px=224)
+
+    kept = None
+    for i, path in enumerate(paths):
+        sdata, ds = dataset(path)
+        assert ds._direct is not None  # read straight from the file
+        ds.read(0)
+        if i == 0:
+            kept = sdata
+        del sdata, ds
+    gc.collect()
+    assert open_files() == {os.path.realpath(paths[0])}  # only the slide still held
+    assert registered() == {os.path.realpath(paths[0])}
+
+    # the kept slide still reads directly, the same pixels as through its dask array
+    ds = dbk.pp.TileDataset(kept, size_px=224)
+    assert ds._direct is not None
+    direct = ds.read(3)
+    ds._direct = None
+    np.testing.assert_array_equal(direct, ds.read(3))
+    # the same file read again while its reader lives: the one reader, one open file
+    again, ds2 = dataset(paths[0])
+    ds2.read(1)
+    assert len([f for f in fd_dir.iterdir() if os.path.realpath(f) in ours]) == 1
+    del kept, again, ds, ds2
+    gc.collect()
+    assert open_files() == set()
+    assert registered() == set()
+
+
 @pytest.mark.parametrize(
     ("array", "kwargs", "expected"),
     [

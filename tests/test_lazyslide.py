@@ -91,6 +91,29 @@ def test_tiles_read_through_the_reader_are_lazyslides_pixels(slide):
     assert view.attrs["sample"] == "slide"
 
 
+def test_dbk_keeps_no_wsidata_reader_alive(slide):
+    """dbk's direct tile reads hold a WSIData's reader weakly: once the WSIData and dbk's view of it are gone, the
+    reader (and its open slide file) is freed, and dbk's registry forgets it."""
+    import gc
+    import weakref
+
+    from dbk.io._tiff import _DIRECT
+
+    _, _, path = slide
+    wsi = _open(path)
+    view = dbk.pp.from_wsidata(wsi)
+    ds = dbk.pp.TileDataset(view, size_px=TILE_PX)
+    assert ds._direct is not None
+    ds.read(0)
+    reader = weakref.ref(wsi.reader)
+    names = [n for n, (ref, _) in _DIRECT.items() if ref() is wsi.reader]
+    assert names  # registered while the slide is used
+    del wsi, view, ds
+    gc.collect()
+    assert reader() is None
+    assert not [n for n in names if n in _DIRECT and _DIRECT[n][0]() is not None]
+
+
 def test_predict_on_wsidata_equals_predict_on_the_same_tiles(slide, model):
     sd, image_key, path = slide
     wsi = _open(path)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -51,11 +55,13 @@ def read_tiff_levels(path: str | Path) -> list[da.Array]:
                          f"{size:,} bytes (an interrupted copy or download?).")
     levels = []
     for i, (shape, dtype, axes, chunks) in enumerate(meta):
-        reader = TiffLevel(str(path), i, shape, dtype)
-        arr = da.from_array(reader, chunks=chunks, asarray=True, fancy=False, name=f"tiff-{Path(path).name}-{i}-"
-                            f"{abs(hash((str(Path(path).resolve()), i, Path(path).stat().st_mtime_ns)))}")
+        name = (f"tiff-{Path(path).name}-{i}-"
+                f"{abs(hash((str(Path(path).resolve()), i, Path(path).stat().st_mtime_ns)))}")
+        # the same file, level and modification time read again while its reader lives: one reader, one open file
+        reader = _live_source(name, TiffLevel) or TiffLevel(str(path), i, shape, dtype)
+        arr = da.from_array(reader, chunks=chunks, asarray=True, fancy=False, name=name)
         out = _to_cyx(arr, axes, path)
-        _DIRECT[out.name] = DirectRegion(reader, axes)
+        register_direct(out.name, reader, partial(DirectRegion, axes=axes), source_name=name)
         levels.append(out)
     logger.debug(f"{path}: {len(levels)} pyramid level(s), shapes {[lvl.shape for lvl in levels]}")
     return levels
@@ -91,6 +97,19 @@ class TiffLevel:
         state["_array"] = state["_tif"] = state["_pid"] = None
         return state
 
+    def close(self) -> None:
+        """Close the file if this process opened it (it is opened again on the next read)."""
+        tif, pid = self._tif, self._pid
+        self._array = self._tif = self._pid = None
+        if tif is not None and pid == os.getpid():
+            tif.close()
+
+    def __del__(self) -> None:  # the arrays that read through this reader are gone: release the file now
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown: nothing left to release
+            pass
+
 
 class DirectRegion:
     """Read a ``(c, y, x)`` region of a TIFF level straight from the file, without a dask graph.
@@ -122,13 +141,42 @@ class DirectRegion:
         return arr.transpose(kept.index("C"), kept.index("Y"), kept.index("X"))
 
 
-# dask array name -> direct reader, for the arrays read_tiff_levels returns (looked up by dbk.pp.TileDataset)
-_DIRECT: dict[str, DirectRegion] = {}
+# dask array name -> (weak reference to the object the array reads through, which makes its direct region reader).
+# Weak, so that the registry keeps no file open: the array's dask graph holds that object, and when the last array
+# (and so the slide) is gone, the object is freed, its file closed and its entry removed. Looked up by
+# dbk.pp.TileDataset for the arrays of read_tiff_levels and of WSIData readers (dbk.io._wsidata).
+_DIRECT: dict[str, tuple[weakref.ref, Callable[[Any], Any]]] = {}
+# the name of each source's own array (a level's array may be registered under its (c, y, x) view's name too)
+_SOURCES: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
-def direct_reader(arr) -> DirectRegion | None:
-    """The direct file reader behind a dask array from :func:`read_tiff_levels`, if it is one of them."""
-    return _DIRECT.get(getattr(arr, "name", None))
+def register_direct(name: str, source: Any, make: Callable[[Any], Any], *, source_name: str | None = None) -> None:
+    """Register ``make(source)`` as the direct region reader of the dask array ``name``, as long as ``source`` lives.
+
+    ``source`` must be held by the array's graph (the object :func:`dask.array.from_array` wraps, or the reader its
+    tasks call): the registry holds it weakly. ``source_name`` (default ``name``) lets :func:`_live_source` find it.
+    """
+    def _gone(ref, n=name) -> None:
+        if _DIRECT.get(n, (None,))[0] is ref:  # not an entry registered again since, for a newer source
+            del _DIRECT[n]
+
+    _DIRECT[name] = (weakref.ref(source, _gone), make)
+    _SOURCES[source_name or name] = source
+
+
+def _live_source(name: str, kind: type):
+    """The live source registered under ``name`` if it is a ``kind``, else ``None``."""
+    source = _SOURCES.get(name)
+    return source if isinstance(source, kind) else None
+
+
+def direct_reader(arr):
+    """The direct region reader behind a dask array of :func:`read_tiff_levels` or a WSIData, if it is one."""
+    entry = _DIRECT.get(getattr(arr, "name", None))
+    if entry is None:
+        return None
+    source = entry[0]()
+    return None if source is None else entry[1](source)
 
 
 def _data_end(series) -> int:

@@ -13,6 +13,7 @@ installs both packages; nothing here imports them before a WSIData is handed ove
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +136,7 @@ def wsidata_image(wsi, *, source: str = "WSIData"):
     from wsidata.reader import to_datatree
 
     from ._image import image_element
-    from ._tiff import _DIRECT
+    from ._tiff import register_direct
 
     tree = to_datatree(wsi.reader)
     names = sorted(tree.children, key=lambda s: int(s.removeprefix("scale")))
@@ -145,7 +146,8 @@ def wsidata_image(wsi, *, source: str = "WSIData"):
                                                                 for i in range(len(element.children))]
     for i, (arr, level) in enumerate(zip(kept, levels, strict=False)):
         if getattr(arr.data, "name", None) == level.name:  # the reader's own level (not resampled nor padded)
-            _DIRECT[level.name] = WSIRegion(wsi.reader, i)
+            # held weakly: the level's dask graph reads through wsi.reader, so it lives as long as the level
+            register_direct(level.name, wsi.reader, partial(WSIRegion, level=i))
     return element
 
 
