@@ -128,7 +128,7 @@ def full_slide(size: int, threads: int) -> None:
     import spatialdata  # noqa: F401 - not timed in "read"
     import torch
 
-    from dbk.pp._prepare import prepare_slide
+    from dbk.pp import prepare_slide
 
     torch.set_num_threads(threads)
     hook = PeakRSS()
@@ -191,6 +191,40 @@ def _md(header, rows) -> str:
     return "\n".join(lines)
 
 
+MARKER = ".dbk_corpus_scale"  # written into the scratch folder: the folder's contents are this script's
+
+
+def _scratch(given: str | None) -> tuple[Path, bool]:
+    """The scratch folder and whether it is the script's own (made by it, or marked by an earlier run).
+
+    A folder that holds anything this script did not write is refused, never emptied.
+    """
+    import tempfile
+
+    if given is None:
+        work, owned = Path(tempfile.mkdtemp(prefix="dbk_corpus_scale_")), True
+    else:
+        work = Path(given).expanduser()
+        owned = (work / MARKER).is_file() or not work.exists()
+        if not owned and (not work.is_dir() or any(work.iterdir())):
+            raise SystemExit(f"--work {work} exists and holds files this benchmark did not write: give a new or an "
+                             "empty folder (nothing in it is deleted).")
+        if (work / MARKER).is_file():  # an earlier run's (--keep) files: the script's own, written again
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("scratch folder of benchmarks/corpus_scale.py; removed at the end unless --keep\n")
+    return work, owned
+
+
+def _clean(work: Path, owned: bool) -> None:
+    """Remove what the script wrote: the folder when it is its own, else (a user's empty folder) its contents."""
+    if owned:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for child in work.iterdir():  # the folder was empty when the run began: everything in it is the script's
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192], help="part 1 slide sides (px)")
@@ -198,7 +232,9 @@ def main() -> None:
     ap.add_argument("--scale-size", type=int, default=2048, help="part 3 slide side (px)")
     ap.add_argument("--scale-slides", type=int, default=4, help="part 3 slides; 0 skips part 3")
     ap.add_argument("--threads", type=int, default=2, help="torch / dask threads of a slide in parts 1 and 2")
-    ap.add_argument("--work", default="/tmp/dbk_corpus_scale", help="scratch folder (removed at the end)")
+    ap.add_argument("--work", default=None,
+                    help="scratch folder: a new one, an empty one or one this script made (default: a new temporary "
+                         "folder); what the script writes there is removed at the end unless --keep")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -215,9 +251,7 @@ def main() -> None:
             scale_run(rest[0], rest[2:], rest[1])
         return
 
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work, owned = _scratch(args.work)
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)", flush=True)
     t_all = time.perf_counter()
 
@@ -296,7 +330,7 @@ def main() -> None:
     print(f"\nbenchmark wall time {time.perf_counter() - t_all:.0f} s; load average at end: "
           f"{os.getloadavg()[0]:.2f}")
     if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        _clean(work, owned)
 
 
 if __name__ == "__main__":
