@@ -54,9 +54,9 @@ def read_tiff_levels(path: str | Path) -> list[da.Array]:
         raise ValueError(f"TIFF image {path} is truncated: its pixel data runs to byte {data_end:,}, the file has "
                          f"{size:,} bytes (an interrupted copy or download?).")
     levels = []
+    resolved, mtime = str(Path(path).resolve()), Path(path).stat().st_mtime_ns  # once per file, not per level
     for i, (shape, dtype, axes, chunks) in enumerate(meta):
-        name = (f"tiff-{Path(path).name}-{i}-"
-                f"{abs(hash((str(Path(path).resolve()), i, Path(path).stat().st_mtime_ns)))}")
+        name = f"tiff-{Path(path).name}-{i}-{abs(hash((resolved, i, mtime)))}"
         # the same file, level and modification time read again while its reader lives: one reader, one open file
         reader = _live_source(name, TiffLevel) or TiffLevel(str(path), i, shape, dtype)
         arr = da.from_array(reader, chunks=chunks, asarray=True, fancy=False, name=name)
